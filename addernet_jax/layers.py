@@ -1,0 +1,168 @@
+"""Adder layers for Flax Linen and NNX.
+
+Every adder filter is stored under the parameter name `ADDER_KERNEL`
+("adder_kernel"), so optimisers can select adder filters by parameter path
+(`addernet_jax.optim.adder_mask`) whatever the module is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from addernet_jax import ops
+
+ADDER_KERNEL = "adder_kernel"
+Dtype = Any
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+  return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+def _dense_as_conv(x: jax.Array, kernel: jax.Array,
+                   implementation: str | None) -> jax.Array:
+  """A 1x1 adder on a 1x1 map: y[n, o] = -sum_c |x[n, c] - kernel[c, o]|."""
+  if x.ndim < 2:
+    raise ValueError(f"AdderDense: input must have a feature axis, got shape "
+                     f"{tuple(x.shape)}")
+  batch_shape = x.shape[:-1]
+  x2 = x.reshape((-1, 1, 1, x.shape[-1]))
+  y = ops.adder_conv(x2, kernel[None, None], padding="VALID",
+                     implementation=implementation)
+  return y.reshape(batch_shape + (kernel.shape[-1],))
+
+
+class AdderConv(nn.Module):
+  """2-D adder convolution (NHWC in, NHWC out), Linen.
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: filter height and width.
+    strides: an int or a pair.
+    padding: "SAME", "VALID", an int (symmetric, as PyTorch's `padding=`) or
+      `((top, bottom), (left, right))`.
+    use_bias: add a learned bias (the official layers have none).
+    dtype: computation dtype (None: from the inputs); accumulation is float32.
+    param_dtype: dtype of the filters.
+    kernel_init: filter initialiser; N(0, 1) as in the official release.
+    implementation: None, "xla" or "pallas" (see `ops.adder_conv`).
+  """
+  features: int
+  kernel_size: int | Sequence[int] = (3, 3)
+  strides: int | Sequence[int] = 1
+  padding: Any = "SAME"
+  use_bias: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.normal(stddev=1.0)
+  bias_init: Any = nn.initializers.zeros
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"AdderConv: input must be NHWC (rank 4), got shape "
+                       f"{tuple(x.shape)}")
+    kh, kw = _pair(self.kernel_size)
+    kernel = self.param(ADDER_KERNEL, self.kernel_init,
+                        (kh, kw, x.shape[-1], self.features), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    padding = self.padding
+    if isinstance(padding, int):
+      padding = ((padding, padding), (padding, padding))
+    y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
+                       strides=_pair(self.strides), padding=padding,
+                       implementation=self.implementation)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class AdderDense(nn.Module):
+  """Fully connected adder layer: y[..., o] = -sum_c |x[..., c] - w[c, o]|."""
+  features: int
+  use_bias: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.normal(stddev=1.0)
+  bias_init: Any = nn.initializers.zeros
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(ADDER_KERNEL, self.kernel_init,
+                        (x.shape[-1], self.features), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = _dense_as_conv(x.astype(dtype), kernel.astype(dtype),
+                       self.implementation)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class AdderConvNNX(nnx.Module):
+  """NNX twin of `AdderConv`: `AdderConvNNX(in_features, out_features, ...,
+  rngs=nnx.Rngs(0))`. The filter lives in `self.adder_kernel`."""
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: int | Sequence[int] = 3, *,
+               strides: int | Sequence[int] = 1, padding: Any = "SAME",
+               use_bias: bool = False, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32,
+               kernel_init: Any = nnx.initializers.normal(stddev=1.0),
+               implementation: str | None = None, rngs: nnx.Rngs):
+    kh, kw = _pair(kernel_size)
+    self.adder_kernel = nnx.Param(kernel_init(
+        rngs.params(), (kh, kw, in_features, out_features), param_dtype))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
+                 if use_bias else None)
+    self.strides = _pair(strides)
+    self.padding = (((padding, padding), (padding, padding))
+                    if isinstance(padding, int) else padding)
+    self.dtype = dtype
+    self.implementation = implementation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.adder_kernel[...]
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
+                       strides=self.strides, padding=self.padding,
+                       implementation=self.implementation)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class AdderDenseNNX(nnx.Module):
+  """NNX twin of `AdderDense`."""
+
+  def __init__(self, in_features: int, out_features: int, *,
+               use_bias: bool = False, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32,
+               kernel_init: Any = nnx.initializers.normal(stddev=1.0),
+               implementation: str | None = None, rngs: nnx.Rngs):
+    self.adder_kernel = nnx.Param(kernel_init(
+        rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
+                 if use_bias else None)
+    self.dtype = dtype
+    self.implementation = implementation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.adder_kernel[...]
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = _dense_as_conv(x.astype(dtype), kernel.astype(dtype),
+                       self.implementation)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y

@@ -1,0 +1,220 @@
+"""The adder convolution: a `jax.custom_vjp` with the official AdderNet backward.
+
+Forward:  y[n,p,q,o] = -sum_{i,j,c} |xp[n, p*s+i, q*s+j, c] - w[i,j,c,o]|
+Backward: dw = sum (xp - w) g  (full-precision gradient, returned raw)
+          dx = sum clip(w - xp, -1, 1) g  (HardTanh-clipped), padding cropped.
+
+`implementation` selects who computes the forward and the input gradient:
+"xla" (pure jnp, `addernet_jax.reference`) or "pallas" (`kernels/`); None
+picks Pallas on GPU/TPU and XLA elsewhere. The filter gradient always uses the
+convolution weight-gradient identity (see `reference.filter_grad`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+
+from addernet_jax import reference
+
+Padding = Union[str, Sequence[tuple[int, int]]]
+IMPLEMENTATIONS = ("xla", "pallas")
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+log = logging.getLogger(__name__)
+
+
+class Backend(NamedTuple):
+  """The two L1-specific computations an implementation provides."""
+  forward: Callable[[jax.Array, jax.Array, tuple[int, int]], jax.Array]
+  input_grad: Callable[[jax.Array, jax.Array, jax.Array, tuple[int, int]],
+                       jax.Array]
+
+
+XLA_BACKEND = Backend(reference.forward, reference.input_grad)
+
+
+def _pallas_backend(xp_shape, w_shape, strides) -> Backend | None:
+  """The Pallas backend for these shapes, or None where it does not apply."""
+  try:
+    from kernels import dispatch as kernel_dispatch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return kernel_dispatch.backend_for(xp_shape, w_shape, strides)
+
+
+_warned: set[tuple[Any, ...]] = set()
+
+
+def _select_backend(implementation: str | None, xp_shape, w_shape,
+                    strides) -> Backend:
+  if implementation == "xla":
+    return XLA_BACKEND
+  if implementation is None and jax.default_backend() not in ("gpu", "tpu"):
+    return XLA_BACKEND
+  backend = _pallas_backend(xp_shape, w_shape, strides)
+  if backend is None:
+    key = (implementation, tuple(xp_shape), tuple(w_shape), tuple(strides))
+    if key not in _warned:
+      _warned.add(key)
+      log.warning("adder_conv: no Pallas kernel for input %s, filters %s, "
+                  "strides %s; using the XLA implementation.",
+                  tuple(xp_shape), tuple(w_shape), tuple(strides))
+    return XLA_BACKEND
+  return backend
+
+
+def _normalize_pair(value, name: str) -> tuple[int, int]:
+  if isinstance(value, int):
+    value = (value, value)
+  value = tuple(value)
+  if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
+    raise ValueError(f"adder_conv: {name} must be a positive int or a pair of "
+                     f"positive ints, got {value!r}")
+  return value  # type: ignore[return-value]
+
+
+def _explicit_padding(padding: Padding, in_hw, kernel_hw,
+                      strides) -> tuple[tuple[int, int], tuple[int, int]]:
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode == "VALID":
+      return ((0, 0), (0, 0))
+    if mode == "SAME":
+      return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, "SAME"))  # type: ignore[return-value]
+    raise ValueError(f"adder_conv: padding must be 'SAME', 'VALID' or "
+                     f"((top, bottom), (left, right)), got {padding!r}")
+  try:
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  except (TypeError, ValueError):
+    pads = ()
+  if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
+    raise ValueError(f"adder_conv: padding must be 'SAME', 'VALID' or "
+                     f"((top, bottom), (left, right)) of non-negative ints, "
+                     f"got {padding!r}")
+  return pads  # type: ignore[return-value]
+
+
+def _check_inputs(x, w) -> None:
+  for name, arr, rank, layout in (("x", x, 4, "NHWC"), ("w", w, 4, "HWIO")):
+    if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+      raise TypeError(f"adder_conv: {name} must be an array, got "
+                      f"{type(arr).__name__}")
+    if arr.ndim != rank:
+      raise ValueError(f"adder_conv: {name} must have rank {rank} ({layout}), "
+                       f"got shape {tuple(arr.shape)}")
+    if not any(arr.dtype == d for d in _SUPPORTED_DTYPES):
+      raise TypeError(f"adder_conv: {name} must be float32, bfloat16 or "
+                      f"float16, got {arr.dtype}")
+  if x.shape[3] != w.shape[2]:
+    raise ValueError(f"adder_conv: input channels do not match: x {tuple(x.shape)} "
+                     f"(NHWC) has {x.shape[3]}, w {tuple(w.shape)} (HWIO) expects "
+                     f"{w.shape[2]}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _adder_padded(xp: jax.Array, w: jax.Array, strides: tuple[int, int],
+                  implementation: str | None) -> jax.Array:
+  backend = _select_backend(implementation, xp.shape, w.shape, strides)
+  return backend.forward(xp, w, strides).astype(jnp.result_type(xp, w))
+
+
+def _adder_padded_fwd(xp, w, strides, implementation):
+  return _adder_padded(xp, w, strides, implementation), (xp, w)
+
+
+def _adder_padded_bwd(strides, implementation, residuals, g):
+  xp, w = residuals
+  backend = _select_backend(implementation, xp.shape, w.shape, strides)
+  dxp = backend.input_grad(xp, w, g, strides)
+  dw = reference.filter_grad(xp, w, g, strides)
+  return dxp.astype(xp.dtype), dw.astype(w.dtype)
+
+
+_adder_padded.defvjp(_adder_padded_fwd, _adder_padded_bwd)
+
+
+def adder_conv(x: jax.Array, w: jax.Array, *,
+               strides: int | Sequence[int] = (1, 1),
+               padding: Padding = "SAME",
+               implementation: str | None = None) -> jax.Array:
+  """Adder convolution of `x` (NHWC) with filters `w` (HWIO) -> NHWC.
+
+  Args:
+    x: input `[n, h, w, cin]`, float32, bfloat16 or float16.
+    w: filters `[kh, kw, cin, cout]`.
+    strides: an int or `(sh, sw)`.
+    padding: "SAME", "VALID" or `((top, bottom), (left, right))`. Padded taps
+      are real zeros and contribute `-|w|`, as in the official release.
+    implementation: None (best for the backend), "xla" or "pallas".
+
+  Returns:
+    `[n, ho, wo, cout]` in the promoted input dtype, accumulated in float32.
+    Differentiable with the AdderNet custom VJP (not the true derivative).
+  """
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(f"adder_conv: implementation must be None, 'xla' or "
+                     f"'pallas', got {implementation!r}")
+  _check_inputs(x, w)
+  strides = _normalize_pair(strides, "strides")
+  pads = _explicit_padding(padding, x.shape[1:3], w.shape[:2], strides)
+  padded_hw = (x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1]))
+  if padded_hw[0] < w.shape[0] or padded_hw[1] < w.shape[1]:
+    raise ValueError(f"adder_conv: filters {tuple(w.shape[:2])} are larger than "
+                     f"the padded input {padded_hw} (x {tuple(x.shape)}, "
+                     f"padding {pads})")
+  dtype = jnp.result_type(x, w)
+  x, w = x.astype(dtype), w.astype(dtype)
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))) if any(
+      p for pair in pads for p in pair) else x
+  return _adder_padded(xp, w, strides, implementation)
+
+
+def adder_conv_general_dilated(
+    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+    padding: Padding, lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None, feature_group_count: int = 1,
+    batch_group_count: int = 1, precision: Any = None,
+    preferred_element_type: Any = None, *,
+    implementation: str | None = None) -> jax.Array:
+  """`adder_conv` behind the signature of `jax.lax.conv_general_dilated`.
+
+  Pass it as `flax.linen.Conv(..., conv_general_dilated=...)` (or to
+  `flax.nnx.Conv`) to turn that layer into an adder layer. Only 2-D windows,
+  no dilation and no feature/batch groups are supported; anything else raises
+  a ValueError. `precision` is ignored (accumulation is float32).
+  """
+  del precision
+  for name, value in (("lhs_dilation", lhs_dilation),
+                      ("rhs_dilation", rhs_dilation)):
+    if value is not None and any(d != 1 for d in value):
+      raise ValueError(f"adder_conv_general_dilated: {name}={tuple(value)} is "
+                       f"not supported (adder layers have no dilation)")
+  if feature_group_count != 1 or batch_group_count != 1:
+    raise ValueError(f"adder_conv_general_dilated: grouped adder convolutions "
+                     f"are not supported (feature_group_count="
+                     f"{feature_group_count}, batch_group_count="
+                     f"{batch_group_count})")
+  if lhs.ndim != 4:
+    raise ValueError(f"adder_conv_general_dilated: only 2-D convolutions are "
+                     f"supported, got lhs of shape {tuple(lhs.shape)}")
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  x = jnp.transpose(lhs, dn.lhs_spec)            # -> N C H W
+  x = jnp.transpose(x, (0, 2, 3, 1))             # -> N H W C
+  w = jnp.transpose(rhs, dn.rhs_spec)            # -> O I H W
+  w = jnp.transpose(w, (2, 3, 1, 0))             # -> H W I O
+  y = adder_conv(x, w, strides=tuple(window_strides), padding=padding,
+                 implementation=implementation)  # N H W O
+  y = jnp.transpose(y, (0, 3, 1, 2))             # -> N C H W
+  y = jnp.transpose(y, tuple(int(i) for i in np.argsort(dn.out_spec)))
+  if preferred_element_type is not None:
+    y = y.astype(preferred_element_type)
+  return y

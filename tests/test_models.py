@@ -1,0 +1,127 @@
+"""Model zoo: parameter counts against hand-derived (PyTorch) figures, shapes,
+adder/mult twins, and the layer that the `conv` switch replaces."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from addernet_jax import layers
+from addernet_jax.models import MODEL_NAMES, get_model
+
+
+def _resnet20_count(num_classes):
+  conv = lambda k, cin, cout: k * k * cin * cout
+  bn = lambda c: 2 * c
+  total = conv(3, 3, 16) + bn(16)
+  cin = 16
+  for planes in (16, 32, 64):
+    for block in range(3):
+      total += conv(3, cin, planes) + conv(3, planes, planes) + 2 * bn(planes)
+      if cin != planes:
+        total += conv(1, cin, planes) + bn(planes)
+      cin = planes
+  return total + 64 * num_classes + bn(num_classes)
+
+
+# torchvision's counts for 1000 classes plus the BatchNorm over the logits.
+EXPECTED = {
+    ("resnet20", 10): _resnet20_count(10),
+    ("resnet20", 100): _resnet20_count(100),
+    ("resnet18", 1000): 11_689_512 + 2_000,
+    ("resnet34", 1000): 21_797_672 + 2_000,
+    ("resnet50", 1000): 25_557_032 + 2_000,
+    # LeNet-5-BN: 150+2400+48000+10080+840 weights, BN on 6+16+120+84+10.
+    ("lenet5_bn", 10): 150 + 2400 + 48000 + 10080 + 840 + 2 * (6 + 16 + 120 + 84 + 10),
+}
+INPUTS = {"resnet18": (1, 64, 64, 3), "resnet34": (1, 64, 64, 3),
+          "resnet50": (1, 64, 64, 3), "lenet5_bn": (2, 28, 28, 1)}
+
+
+def _abstract_variables(model, shape):
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.ones(shape), train=False))
+
+
+@pytest.mark.parametrize("name,num_classes", sorted(EXPECTED))
+@pytest.mark.parametrize("conv", ["adder", "mult"])
+def test_parameter_count(name, num_classes, conv):
+  model = get_model(name, num_classes=num_classes, conv=conv)
+  variables = _abstract_variables(model, INPUTS.get(name, (2, 32, 32, 3)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  assert count == EXPECTED[(name, num_classes)]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_output_shape_and_collections(name):
+  model = get_model(name, num_classes=7)
+  shape = INPUTS.get(name, (2, 32, 32, 3))
+  variables = _abstract_variables(model, shape)
+  assert set(variables) == {"params", "batch_stats"}
+  out = jax.eval_shape(
+      lambda v: model.apply(v, jnp.ones(shape), train=True,
+                            mutable=["batch_stats"]), variables)
+  logits, updates = out
+  assert logits.shape == (shape[0], 7) and logits.dtype == jnp.float32
+  assert set(updates) == {"batch_stats"}
+
+
+def _kernel_names(params):
+  return {jax.tree_util.keystr(path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg_small", "lenet5_bn", "resnet50"])
+def test_adder_and_mult_are_twins(name):
+  shape = INPUTS.get(name, (2, 32, 32, 3))
+  adder = _kernel_names(_abstract_variables(get_model(name, num_classes=10), shape)["params"])
+  mult = _kernel_names(_abstract_variables(get_model(name, num_classes=10, conv="mult"), shape)["params"])
+  assert sorted(adder.values()) == sorted(mult.values())
+  assert {k.replace("adder_kernel", "kernel"): v for k, v in adder.items()} == mult
+  n_adder = sum("adder_kernel" in k for k in adder)
+  assert n_adder > 0 and not any("adder_kernel" in k for k in mult)
+
+
+def test_resnet20_layer_kinds():
+  params = _abstract_variables(get_model("resnet20", num_classes=10), (1, 32, 32, 3))["params"]
+  names = _kernel_names(params)
+  # stem and classifier multiply; 18 3x3 adders and 2 1x1 adder shortcuts.
+  assert "['conv1']['kernel']" in names and "['fc']['kernel']" in names
+  adders = {k: v for k, v in names.items() if "adder_kernel" in k}
+  assert len(adders) == 20
+  assert sum(v[:2] == (1, 1) for v in adders.values()) == 2
+  assert names["['layer2_0']['downsample_conv']['adder_kernel']"] == (1, 1, 16, 32)
+
+
+def test_lenet_is_all_adders():
+  params = _abstract_variables(get_model("lenet5_bn", num_classes=10), (1, 28, 28, 1))["params"]
+  kernels = [k for k in _kernel_names(params) if "kernel" in k]
+  assert len(kernels) == 5 and all("adder_kernel" in k for k in kernels)
+
+
+def test_forward_values_finite_and_train_differs_from_eval():
+  model = get_model("resnet20", num_classes=10)
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  eval_logits = model.apply(variables, x, train=False)
+  train_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert np.all(np.isfinite(eval_logits)) and np.all(np.isfinite(train_logits))
+  assert not np.allclose(eval_logits, train_logits)
+
+
+def test_unknown_model_and_conv():
+  with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+    get_model("resnet21", num_classes=10)
+  with pytest.raises(ValueError, match="conv must be one of"):
+    get_model("resnet20", num_classes=10, conv="xor")
+  with pytest.raises(ValueError, match="num_classes"):
+    get_model("resnet20", num_classes=0)
+
+
+def test_adder_conv_layer_init_is_standard_normal():
+  layer = layers.AdderConv(64, (3, 3))
+  params = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 32)))["params"]
+  w = np.asarray(params["adder_kernel"])
+  assert w.shape == (3, 3, 32, 64)
+  assert abs(w.mean()) < 0.05 and abs(w.std() - 1.0) < 0.05
