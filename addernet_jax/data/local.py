@@ -1,0 +1,374 @@
+"""Readers for datasets stored in local directories, detected by their layout.
+
+Layouts: ImageFolder (JPEG/PNG class folders), CIFAR python pickles, MNIST IDX
+(gzip or raw) and a prepared TensorFlow Datasets data_dir (read through
+`tfds_source`). scikit-learn's bundled 8x8 digits need no directory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import os
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from addernet_jax.data import info as info_lib
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif',
+                  '.tiff', '.webp')
+
+LAYOUTS_HELP = (
+    'Accepted layouts for data_dir:\n'
+    '  * ImageFolder: <data_dir>/train/<class>/*.jpg|*.png and <data_dir>/test/'
+    ' (or val/) with the same class folders; class index = position in the '
+    'sorted folder names;\n'
+    '  * CIFAR python pickles: data_batch_1..5 and test_batch (cifar10; the '
+    'cifar-10-batches-py folder or its parent), train and test (cifar100; the '
+    'cifar-100-python folder or its parent);\n'
+    '  * MNIST IDX files, gzip or raw: train-images-idx3-ubyte[.gz], '
+    'train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], '
+    't10k-labels-idx1-ubyte[.gz] (an evaluation needs only the t10k pair);\n'
+    '  * a TensorFlow Datasets data_dir holding the prepared dataset '
+    '(<data_dir>/<name>/<version>/dataset_info.json).')
+
+IMAGEFOLDER_SPLIT_DIRS = {'train': ('train',),
+                          'test': ('test', 'val', 'validation')}
+_CIFAR_SUBDIRS = {'cifar10': 'cifar-10-batches-py',
+                  'cifar100': 'cifar-100-python'}
+_MNIST_SUBDIRS = ('.', 'MNIST/raw', 'raw', 'mnist')
+_MNIST_PREFIX = {'train': 'train', 'test': 't10k'}
+
+
+# ------------------------------------------------------------------ layout --
+
+def check_dir(data_dir: str | os.PathLike[str]) -> Path:
+  """Returns `data_dir` as a Path; ValueError if missing, not a dir or empty."""
+  root = Path(data_dir).expanduser()
+  if not root.exists():
+    raise ValueError(f'data_dir {str(root)!r} does not exist. {LAYOUTS_HELP}')
+  if not root.is_dir():
+    raise ValueError(f'data_dir {str(root)!r} is not a directory. '
+                     f'{LAYOUTS_HELP}')
+  if not any(root.iterdir()):
+    raise ValueError(f'data_dir {str(root)!r} is empty. {LAYOUTS_HELP}')
+  return root
+
+
+def _class_dirs(path: Path) -> list[Path]:
+  if not path.is_dir():
+    return []
+  return sorted((p for p in path.iterdir() if p.is_dir()),
+                key=lambda p: p.name)
+
+
+def is_imagefolder(root: Path) -> bool:
+  return any(_class_dirs(root / d)
+             for dirs in IMAGEFOLDER_SPLIT_DIRS.values() for d in dirs)
+
+
+def _cifar_dir(root: Path, name: str) -> Path | None:
+  """The folder holding CIFAR pickles of `name` (itself or the official subdir)."""
+  want = (('data_batch_1', 'test_batch') if name == 'cifar10'
+          else ('train', 'test'))
+  for cand in (root, root / _CIFAR_SUBDIRS[name]):
+    if all((cand / f).is_file() for f in want):
+      return cand
+    # Only one split present (e.g. an evaluation copy).
+    if name == 'cifar10' and cand.is_dir() and (
+        (cand / 'test_batch').is_file() or
+        any(cand.glob('data_batch_*'))):
+      return cand
+    if name == 'cifar100' and (cand / 'meta').is_file():
+      return cand
+  return None
+
+
+def _mnist_files(root: Path, split: str) -> tuple[Path | None, Path | None]:
+  """(images, labels) IDX files of a split under root, each None if absent."""
+  prefix = _MNIST_PREFIX[split]
+  found = []
+  for kind, ndim in (('images', 3), ('labels', 1)):
+    hit = None
+    for sub in _MNIST_SUBDIRS:
+      for sep in ('-', '.'):
+        for ext in ('', '.gz'):
+          cand = root / sub / f'{prefix}-{kind}{sep}idx{ndim}-ubyte{ext}'
+          if cand.is_file():
+            hit = cand
+            break
+        if hit:
+          break
+      if hit:
+        break
+    found.append(hit)
+  return found[0], found[1]
+
+
+def is_mnist(root: Path) -> bool:
+  return any(f is not None for split in _MNIST_PREFIX
+             for f in _mnist_files(root, split))
+
+
+def detect_layout(root: Path, name: str) -> str:
+  """'imagefolder', 'cifar', 'mnist' or 'tfds'; ValueError if none matches."""
+  from addernet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  if is_imagefolder(root):
+    return 'imagefolder'
+  if name in _CIFAR_SUBDIRS and _cifar_dir(root, name) is not None:
+    return 'cifar'
+  if is_mnist(root):
+    return 'mnist'
+  if tfds_source.prepared_dir(name, root) is not None:
+    return 'tfds'
+  other = [n for n in _CIFAR_SUBDIRS if n != name and
+           _cifar_dir(root, n) is not None]
+  hint = (f' It looks like {other[0]} pickles, not {name}.' if other else '')
+  entries = sorted(p.name for p in root.iterdir())[:10]
+  raise ValueError(
+      f'Unrecognised layout in data_dir {str(root)!r} for dataset {name!r} '
+      f'(entries: {entries}).{hint} {LAYOUTS_HELP}')
+
+
+# ------------------------------------------------------------------ checks --
+
+def check_arrays(images: np.ndarray, labels: np.ndarray,
+                 info: info_lib.DatasetInfo, source: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Validates shapes and label range; returns (uint8 NHWC, int32 labels)."""
+  if images.ndim == 3 and info.image_shape[2] == 1:
+    images = images[..., None]
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(info.image_shape):
+    raise ValueError(
+        f'{source}: images have shape {tuple(images.shape)}, expected '
+        f'[N, {", ".join(map(str, info.image_shape))}] for {info.name}.')
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+    raise ValueError(f'{source}: {images.shape[0]} images but labels of shape '
+                     f'{labels.shape}.')
+  if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+    raise ValueError(
+        f'{source}: labels range from {labels.min()} to {labels.max()}, '
+        f'outside 0..{info.num_classes - 1} for {info.name}.')
+  if images.shape[0] == 0:
+    raise ValueError(f'{source}: no images found.')
+  return (np.ascontiguousarray(images, dtype=np.uint8),
+          labels.astype(np.int32))
+
+
+# ------------------------------------------------------------------ CIFAR --
+
+def _unpickle(path: Path) -> dict[str, object]:
+  with open(path, 'rb') as f:
+    d = pickle.load(f, encoding='bytes')  # the official python-2 pickles
+  return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def load_cifar(root: Path, name: str, split: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """CIFAR-10/100 python pickles -> (uint8 [N, 32, 32, 3], labels)."""
+  folder = _cifar_dir(root, name)
+  assert folder is not None
+  if name == 'cifar10':
+    files = (sorted(folder.glob('data_batch_*')) if split == 'train'
+             else [folder / 'test_batch'])
+    key = 'labels'
+  else:
+    files = [folder / ('train' if split == 'train' else 'test')]
+    key = 'fine_labels'
+  files = [f for f in files if f.is_file()]
+  if not files:
+    raise ValueError(f'CIFAR pickles in {str(folder)!r} have no {split} split '
+                     f'({"data_batch_*" if split == "train" else "test_batch"}'
+                     ' expected).' if name == 'cifar10' else
+                     f'CIFAR-100 pickles in {str(folder)!r} have no '
+                     f'{split!r} file.')
+  images, labels = [], []
+  for f in files:
+    d = _unpickle(f)
+    if 'data' not in d or key not in d:
+      raise ValueError(f'{f}: not a {name} pickle (keys {sorted(d)}; '
+                       f"'data' and {key!r} expected).")
+    data = np.asarray(d['data'], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+      raise ValueError(f'{f}: data has shape {data.shape}, expected '
+                       '[N, 3072] (CIFAR rows: 1024 R, 1024 G, 1024 B).')
+    images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    labels.append(np.asarray(d[key], dtype=np.int64))
+  return np.concatenate(images), np.concatenate(labels)
+
+
+# ------------------------------------------------------------------ MNIST --
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+  """Reads an IDX file of unsigned bytes (gzip or raw)."""
+  opener = gzip.open if path.suffix == '.gz' else open
+  with opener(path, 'rb') as f:
+    raw = f.read()
+  if len(raw) < 4 + 4 * ndim:
+    raise ValueError(f'{path}: too short for an IDX header.')
+  zero, dtype_code, file_ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
+  if zero != 0 or dtype_code != 0x08 or file_ndim != ndim:
+    raise ValueError(
+        f'{path}: not an unsigned-byte IDX file with {ndim} dimensions '
+        f'(magic {raw[:4].hex()}, expected 0000080{ndim}).')
+  dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big')
+               for i in range(ndim))
+  header = 4 + 4 * ndim
+  if len(raw) - header != int(np.prod(dims)):
+    raise ValueError(f'{path}: header says shape {dims} '
+                     f'({int(np.prod(dims))} bytes) but the file has '
+                     f'{len(raw) - header} bytes of data.')
+  return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """MNIST IDX files -> (uint8 [N, 28, 28], labels)."""
+  images_path, labels_path = _mnist_files(root, split)
+  if images_path is None or labels_path is None:
+    prefix = _MNIST_PREFIX[split]
+    raise ValueError(
+        f'MNIST IDX files in {str(root)!r} lack the {split} pair: need '
+        f'{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]'
+        f' (found images: {images_path}, labels: {labels_path}).')
+  return _read_idx(images_path, 3), _read_idx(labels_path, 1)
+
+
+# ------------------------------------------------------------ ImageFolder --
+
+def imagefolder_split_dir(root: Path, split: str) -> Path:
+  for d in IMAGEFOLDER_SPLIT_DIRS[split]:
+    if _class_dirs(root / d):
+      return root / d
+  raise ValueError(
+      f'ImageFolder data_dir {str(root)!r} has no {split} split: expected '
+      f'class folders under {" or ".join(IMAGEFOLDER_SPLIT_DIRS[split])}/.')
+
+
+def list_imagefolder(root: Path, split: str
+                     ) -> tuple[list[str], np.ndarray, list[str]]:
+  """(file paths, int32 labels, class names) of an ImageFolder split.
+
+  The class names are the sorted folder names of train/ when it exists (so
+  that a val/ lacking a class keeps the training indices), else of the split.
+  """
+  split_dir = imagefolder_split_dir(root, split)
+  class_root = root / 'train' if _class_dirs(root / 'train') else split_dir
+  classes = [p.name for p in _class_dirs(class_root)]
+  index = {c: i for i, c in enumerate(classes)}
+  paths: list[str] = []
+  labels: list[int] = []
+  for class_dir in _class_dirs(split_dir):
+    if class_dir.name not in index:
+      raise ValueError(
+          f'{class_dir}: class folder {class_dir.name!r} is not among the '
+          f'{len(classes)} classes of {class_root}.')
+    with os.scandir(class_dir) as it:
+      files = sorted(e.name for e in it
+                     if e.name.lower().endswith(IMG_EXTENSIONS) and
+                     e.is_file())
+    paths.extend(os.path.join(class_dir, f) for f in files)
+    labels.extend([index[class_dir.name]] * len(files))
+  if not paths:
+    raise ValueError(f'ImageFolder split {str(split_dir)!r} has no image files'
+                     f' ({", ".join(IMG_EXTENSIONS)}).')
+  return paths, np.asarray(labels, np.int32), classes
+
+
+_GREY_MODES = ('L', '1')
+_COLOUR_MODES = ('RGB', 'P', 'CMYK', 'YCbCr')
+
+
+def decode_image(path: str, shape: Sequence[int]) -> np.ndarray:
+  """Decodes one image file to uint8 HWC of exactly `shape` (no resizing).
+
+  Palette, CMYK and YCbCr images are converted to RGB, bilevel to grey; images
+  of another size or channel count raise ValueError naming the shape.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w, c = shape
+  with Image.open(path) as img:
+    mode = img.mode
+    channels = (1 if mode in _GREY_MODES else 3 if mode in _COLOUR_MODES
+                else len(img.getbands()))
+    got = (img.height, img.width, channels)
+    if got != (h, w, c):
+      raise ValueError(f'{path}: image of shape {got} (H, W, C; mode {mode}),'
+                       f' expected {(h, w, c)}.')
+    if c == 3 and mode != 'RGB':
+      img = img.convert('RGB')
+    elif c == 1 and mode != 'L':
+      img = img.convert('L')
+    arr = np.asarray(img, dtype=np.uint8)
+  return arr.reshape(h, w, c)
+
+
+def _decode_chunk(paths: Sequence[str], shape: Sequence[int],
+                  out: np.ndarray, start: int) -> int:
+  for i, p in enumerate(paths):
+    out[start + i] = decode_image(p, shape)
+  return len(paths)
+
+
+def decode_images(paths: Sequence[str], shape: Sequence[int], *,
+                  desc: str = 'decoding', num_threads: int | None = None,
+                  chunk: int = 256) -> np.ndarray:
+  """Decodes image files in a thread pool (PIL releases the GIL) with tqdm."""
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  out = np.empty((len(paths), *shape), np.uint8)
+  num_threads = num_threads or min(16, (os.cpu_count() or 1) + 2)
+  with tqdm.tqdm(total=len(paths), desc=desc, unit='img',
+                 disable=len(paths) < 2000, leave=False) as bar, \
+      concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    futures = [pool.submit(_decode_chunk, paths[s:s + chunk], shape, out, s)
+               for s in range(0, len(paths), chunk)]
+    try:
+      for fut in concurrent.futures.as_completed(futures):
+        bar.update(fut.result())
+    except BaseException:
+      for fut in futures:
+        fut.cancel()
+      raise
+  return out
+
+
+def load_imagefolder(root: Path, split: str, info: info_lib.DatasetInfo
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Whole ImageFolder split decoded to uint8 [N, H, W, C] (no resizing)."""
+  paths, labels, classes = list_imagefolder(root, split)
+  if len(classes) > info.num_classes:
+    raise ValueError(
+        f'ImageFolder {str(root)!r} has {len(classes)} class folders, more '
+        f'than the {info.num_classes} classes of {info.name}.')
+  images = decode_images(paths, info.image_shape,
+                         desc=f'{info.name} {split} ({root.name})')
+  return images, labels
+
+
+# ----------------------------------------------------------------- digits --
+
+DIGITS_TEST_FRACTION = 0.2
+
+
+def load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled 8x8 digits, uint8 [N, 8, 8, 1] (0..16 -> 0..255).
+
+  Deterministic stratified split: within each class, a fixed permutation
+  (numpy PCG64, seed 0) and the last round(20%) of it go to the test split
+  (1438 train / 359 test images).
+  """
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  target = np.asarray(digits.target, np.int64)
+  rng = np.random.default_rng(0)
+  is_test = np.zeros(len(target), bool)
+  for c in range(10):
+    idx = rng.permutation(np.flatnonzero(target == c))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(idx)))
+    is_test[idx[len(idx) - n_test:]] = True
+  keep = is_test if split == 'test' else ~is_test
+  return images[keep][..., None], target[keep]
