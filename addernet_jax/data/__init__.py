@@ -5,10 +5,12 @@ a Grain streaming pipeline for datasets that do not fit in memory (ImageNet).
     images, labels = load_arrays('cifar10', data_dir, 'train')   # uint8 NHWC
     x = augment_and_normalize(images[idx], rng, info, train=True)  # in jit
     it = streaming_iterator('imagenet2012', data_dir, 'train', ...)
+
+`augment_and_normalize` (the only part that needs JAX) is imported on first
+use, so that image-decoding worker processes start without importing JAX.
 """
 
 from addernet_jax.data.arrays import load_arrays
-from addernet_jax.data.augment import augment_and_normalize
 from addernet_jax.data.info import DATASET_NAMES
 from addernet_jax.data.info import DatasetInfo
 from addernet_jax.data.info import dataset_info
@@ -21,3 +23,14 @@ __all__ = [
     'augment_and_normalize', 'dataset_info', 'load_arrays',
     'streaming_iterator',
 ]
+
+
+def __getattr__(name):
+  if name == 'augment_and_normalize':
+    from addernet_jax.data import augment  # pylint: disable=g-import-not-at-top
+    return augment.augment_and_normalize
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + ['augment_and_normalize'])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gzip
+import multiprocessing
 import os
 import pickle
 from pathlib import Path
@@ -306,32 +307,61 @@ def decode_image(path: str, shape: Sequence[int]) -> np.ndarray:
   return arr.reshape(h, w, c)
 
 
-def _decode_chunk(paths: Sequence[str], shape: Sequence[int],
-                  out: np.ndarray, start: int) -> int:
+def _decode_chunk(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+  out = np.empty((len(paths), *shape), np.uint8)
   for i, p in enumerate(paths):
-    out[start + i] = decode_image(p, shape)
-  return len(paths)
+    out[i] = decode_image(p, shape)
+  return out
+
+
+def _default_decode_workers() -> int:
+  """Worker processes for decoding: none below 4 CPUs (spawning them costs
+  more than it saves there), else one per CPU up to 16."""
+  cpus = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+          else os.cpu_count() or 1)
+  return 0 if cpus < 4 else min(16, cpus)
 
 
 def decode_images(paths: Sequence[str], shape: Sequence[int], *,
-                  desc: str = 'decoding', num_threads: int | None = None,
-                  chunk: int = 256) -> np.ndarray:
-  """Decodes image files in a thread pool (PIL releases the GIL) with tqdm."""
+                  desc: str = 'decoding', num_workers: int | None = None,
+                  chunk: int = 500) -> np.ndarray:
+  """Decodes image files to uint8 [N, *shape] with a tqdm progress bar.
+
+  Decoding a small JPEG with PIL is mostly Python work (header parsing), so
+  large lists are decoded in a pool of worker processes (spawned: safe after
+  JAX has started threads; as with any spawned worker, the calling script
+  needs an `if __name__ == '__main__':` guard). Lists under 4 chunks,
+  machines with fewer than 4 CPUs and `num_workers=0` decode in this
+  process.
+  """
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  shape = tuple(int(d) for d in shape)
   out = np.empty((len(paths), *shape), np.uint8)
-  num_threads = num_threads or min(16, (os.cpu_count() or 1) + 2)
+  starts = range(0, len(paths), chunk)
+  if num_workers is None:
+    num_workers = _default_decode_workers()
   with tqdm.tqdm(total=len(paths), desc=desc, unit='img',
-                 disable=len(paths) < 2000, leave=False) as bar, \
-      concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    futures = [pool.submit(_decode_chunk, paths[s:s + chunk], shape, out, s)
-               for s in range(0, len(paths), chunk)]
-    try:
-      for fut in concurrent.futures.as_completed(futures):
-        bar.update(fut.result())
-    except BaseException:
-      for fut in futures:
-        fut.cancel()
-      raise
+                 disable=len(paths) < 2000, leave=False) as bar:
+    if num_workers <= 1 or len(starts) < 4:
+      for s in starts:
+        out[s:s + chunk] = _decode_chunk(paths[s:s + chunk], shape)
+        bar.update(min(chunk, len(paths) - s))
+      return out
+    ctx = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(num_workers,
+                                                mp_context=ctx) as pool:
+      futures = {pool.submit(_decode_chunk, paths[s:s + chunk], shape): s
+                 for s in starts}
+      try:
+        for fut in concurrent.futures.as_completed(futures):
+          block = fut.result()
+          s = futures[fut]
+          out[s:s + len(block)] = block
+          bar.update(len(block))
+      except BaseException:
+        for fut in futures:
+          fut.cancel()
+        raise
   return out
 
 
