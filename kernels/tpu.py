@@ -1,0 +1,240 @@
+"""Pallas Mosaic TPU kernels for the adder forward and input gradient.
+
+Layout: the transposed patches matrix `P^T [K, M]` (K = kh*kw*cin rows in
+(tap, channel) order, M = n*ho*wo pixels), stored as `[K, M/128, 128]` so that
+each row is a stack of full (8, 128) vregs; filters go to SMEM as scalars.
+
+forward:    Y^T[o, m] = -sum_k |P^T[k, m] - W[k, o]|. Program (pixel tile,
+            cout tile, K chunk); for each k one vreg-tile load of P^T[k] and,
+            per output channel o, a scalar-broadcast subtract, abs and add into
+            o's accumulator. No lane broadcasts, no transposes.
+input_grad: dP^T[k, m] = sum_o clip(W[k, o] - P^T[k, m], -1, 1) * G^T[o, m],
+            then the patches are folded back with pad-and-add in XLA.
+
+Every block's last two dims are (8k, 128): (8, 128)-aligned for float32.
+bfloat16 inputs are widened to float32 when the patches are built.
+The pure reference these kernels must match is `addernet_jax.reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels import layout
+
+Strides = tuple[int, int]
+LANES = 128
+SUBLANES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of one TPU kernel launch.
+
+  Attributes:
+    block_m8: pixel tile in rows of 128 lanes (a multiple of 8); the tile
+      covers `block_m8 * 128` pixels.
+    block_k: patch rows (tap, channel) per grid step.
+    block_n: output channels per grid step (each a set of accumulator vregs).
+  """
+  block_m8: int
+  block_k: int
+  block_n: int
+
+  def __post_init__(self):
+    if not isinstance(self.block_m8, int) or self.block_m8 < SUBLANES or (
+        self.block_m8 % SUBLANES):
+      raise ValueError(f"BlockSizes.block_m8 must be a positive multiple of "
+                       f"{SUBLANES}, got {self.block_m8!r}")
+    for name in ("block_k", "block_n"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got "
+                         f"{value!r}")
+
+
+def get_block_sizes(kind: str, xp_shape, w_shape, strides: Strides,
+                    platform: str | None = None) -> BlockSizes:
+  """Heuristic tiles for `kind` ("forward" or "input_grad").
+
+  On "tpu": 1024-pixel tiles (8 vregs per row), up to 16 output channels
+  (16 x 1 vreg accumulators of the 64 vregs), K chunks of up to 256 rows. On
+  other platforms (interpret mode) as few grid steps as possible.
+  """
+  if kind not in ("forward", "input_grad"):
+    raise ValueError(f"get_block_sizes: kind must be 'forward' or "
+                     f"'input_grad', got {kind!r}")
+  platform = platform or jax.default_backend()
+  kh, kw, cin, cout = w_shape
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  m_rows = layout.cdiv(xp_shape[0] * ho * wo, LANES)
+  k = kh * kw * cin
+  if platform != "tpu":
+    return BlockSizes(block_m8=layout.round_up(m_rows, SUBLANES),
+                      block_k=k, block_n=cout)
+  return BlockSizes(block_m8=SUBLANES, block_k=min(k, 256),
+                    block_n=min(cout, 16))
+
+
+def _interpret_arg(interpret: bool):
+  return pltpu.InterpretParams() if interpret else False
+
+
+def _prepare(xp, w, strides, bs: BlockSizes):
+  kh, kw, cin, cout = w.shape
+  n = xp.shape[0]
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  k, m = kh * kw * cin, n * ho * wo
+  k_pad = layout.round_up(k, bs.block_k)
+  m_pad = layout.round_up(m, bs.block_m8 * LANES)
+  n_pad = layout.round_up(cout, bs.block_n)
+  pt = layout.patches_t(xp.astype(jnp.float32), kh, kw, strides, (ho, wo))
+  pt = jnp.pad(pt, ((0, k_pad - k), (0, m_pad - m)))
+  pt = pt.reshape(k_pad, m_pad // LANES, LANES)
+  wk = jnp.pad(w.astype(jnp.float32).reshape(k, cout),
+               ((0, k_pad - k), (0, n_pad - cout)))
+  # SMEM blocks of (block_k * block_n) scalars, row-major (k, o).
+  wb = wk.reshape(k_pad // bs.block_k, bs.block_k, n_pad // bs.block_n,
+                  bs.block_n).transpose(2, 0, 1, 3)
+  # [o blocks, k blocks, 1, block_k * block_n]: the block's last two dims
+  # equal the array's, as Mosaic requires of blocks that are not (8, 128).
+  wb = wb.reshape(n_pad // bs.block_n, k_pad // bs.block_k, 1,
+                  bs.block_k * bs.block_n)
+  return pt, wb, (k, m, k_pad, m_pad, n_pad, ho, wo)
+
+
+# ----------------------------------------------------------------- forward --
+
+
+def _forward_kernel(w_ref, p_ref, o_ref, *, block_k: int, block_n: int):
+  @pl.when(pl.program_id(2) == 0)
+  def _init():
+    o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+
+  def body(kk, accs):
+    pk = p_ref[kk]
+    return tuple(acc - jnp.abs(pk - w_ref[kk * block_n + o])
+                 for o, acc in enumerate(accs))
+
+  accs = lax.fori_loop(0, block_k, body,
+                       tuple(o_ref[o] for o in range(block_n)))
+  for o in range(block_n):
+    o_ref[o] = accs[o]
+
+
+@functools.partial(jax.jit, static_argnames=("strides", "block_sizes",
+                                             "interpret"))
+def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
+            block_sizes: BlockSizes | None = None,
+            interpret: bool = False) -> jax.Array:
+  """y[n,p,q,o] = -sum_{i,j,c} |xp[n,p*s+i,q*s+j,c] - w[i,j,c,o]|, float32.
+
+  Same contract as `addernet_jax.reference.forward`. `interpret=True` runs the
+  kernel in Pallas' TPU interpret mode (`pltpu.InterpretParams`) on any host.
+  """
+  strides = tuple(int(s) for s in strides)
+  layout.check_shapes("tpu.forward", xp.shape, w.shape, strides)
+  bs = block_sizes or get_block_sizes("forward", xp.shape, w.shape, strides,
+                                      platform="cpu" if interpret else "tpu")
+  cout = w.shape[3]
+  pt, wb, (_, m, k_pad, m_pad, n_pad, ho, wo) = _prepare(xp, w, strides, bs)
+  grid = (m_pad // (bs.block_m8 * LANES), n_pad // bs.block_n,
+          k_pad // bs.block_k)
+  yt = pl.pallas_call(
+      functools.partial(_forward_kernel, block_k=bs.block_k,
+                        block_n=bs.block_n),
+      out_shape=jax.ShapeDtypeStruct((n_pad, m_pad // LANES, LANES),
+                                     jnp.float32),
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, None, None, bs.block_k * bs.block_n),
+                       lambda mi, oi, ki: (oi, ki, 0, 0),
+                       memory_space=pltpu.SMEM),
+          pl.BlockSpec((bs.block_k, bs.block_m8, LANES),
+                       lambda mi, oi, ki: (ki, mi, 0)),
+      ],
+      out_specs=pl.BlockSpec((bs.block_n, bs.block_m8, LANES),
+                             lambda mi, oi, ki: (oi, mi, 0)),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=_interpret_arg(interpret),
+      name="adder_forward_tpu",
+  )(wb, pt)
+  y = yt.reshape(n_pad, m_pad)[:cout, :m]
+  return y.T.reshape(xp.shape[0], ho, wo, cout)
+
+
+# ---------------------------------------------------------- input gradient --
+
+
+def _input_grad_kernel(w_ref, p_ref, g_ref, o_ref, *, block_k: int,
+                       block_n: int):
+  @pl.when(pl.program_id(2) == 0)
+  def _init():
+    o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+
+  gs = [g_ref[o] for o in range(block_n)]
+
+  def body(kk, carry):
+    pk = p_ref[kk]
+    acc = o_ref[kk]
+    for o in range(block_n):
+      acc = acc + jnp.clip(w_ref[kk * block_n + o] - pk, -1.0, 1.0) * gs[o]
+    o_ref[kk] = acc
+    return carry
+
+  lax.fori_loop(0, block_k, body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("strides", "block_sizes",
+                                             "interpret"))
+def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
+               block_sizes: BlockSizes | None = None,
+               interpret: bool = False) -> jax.Array:
+  """dxp = sum over taps/cout of clip(w - xp, -1, 1) * g, float32 `[n,hp,wp,cin]`.
+
+  Same contract as `addernet_jax.reference.input_grad`.
+  """
+  strides = tuple(int(s) for s in strides)
+  layout.check_shapes("tpu.input_grad", xp.shape, w.shape, strides, g.shape)
+  bs = block_sizes or get_block_sizes("input_grad", xp.shape, w.shape,
+                                      strides,
+                                      platform="cpu" if interpret else "tpu")
+  kh, kw, _, cout = w.shape
+  pt, wb, (k, m, k_pad, m_pad, n_pad, ho, wo) = _prepare(xp, w, strides, bs)
+  gt = g.astype(jnp.float32).reshape(m, cout).T
+  gt = jnp.pad(gt, ((0, n_pad - cout), (0, m_pad - m)))
+  gt = gt.reshape(n_pad, m_pad // LANES, LANES)
+  grid = (m_pad // (bs.block_m8 * LANES), k_pad // bs.block_k,
+          n_pad // bs.block_n)
+  dpt = pl.pallas_call(
+      functools.partial(_input_grad_kernel, block_k=bs.block_k,
+                        block_n=bs.block_n),
+      out_shape=jax.ShapeDtypeStruct((k_pad, m_pad // LANES, LANES),
+                                     jnp.float32),
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, None, None, bs.block_k * bs.block_n),
+                       lambda mi, ki, oi: (oi, ki, 0, 0),
+                       memory_space=pltpu.SMEM),
+          pl.BlockSpec((bs.block_k, bs.block_m8, LANES),
+                       lambda mi, ki, oi: (ki, mi, 0)),
+          pl.BlockSpec((bs.block_n, bs.block_m8, LANES),
+                       lambda mi, ki, oi: (oi, mi, 0)),
+      ],
+      out_specs=pl.BlockSpec((bs.block_k, bs.block_m8, LANES),
+                             lambda mi, ki, oi: (ki, mi, 0)),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=_interpret_arg(interpret),
+      name="adder_input_grad_tpu",
+  )(wb, pt, gt)
+  dp = dpt.reshape(k_pad, m_pad)[:k, :m]
+  return layout.fold_patches_t(dp, xp.shape, kh, kw, strides, (ho, wo))
