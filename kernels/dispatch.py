@@ -1,0 +1,102 @@
+"""Picks the Pallas kernels for `addernet_jax.ops` (its `implementation="pallas"`).
+
+`backend_for(xp_shape, w_shape, strides)` returns an `addernet_jax.ops.Backend`
+or None (ops then falls back to XLA with a one-time log line):
+
+- "gpu": the Triton-lowered kernels of `kernels.gpu` (see below for why).
+- "tpu": the Mosaic TPU kernels of `kernels.tpu`.
+- "cpu": the `kernels.gpu` kernels in Pallas interpret mode, so that the test
+  suite exercises the kernel logic on every CI run (set
+  `ADDERNET_CPU_KERNELS=tpu` to interpret the TPU kernels instead).
+
+GPU lowering choice. The adder kernels are broadcast-subtract-abs-accumulate
+loops on CUDA cores: no tensor-core (wgmma) work and no large shared-memory
+pipelines, which is what Mosaic GPU's programming model (warpgroup arrays with
+explicit layouts, TMA, `plgpu.kernel`) is built for. Triton lays out the
+register tiles and broadcasts itself and lowers the same kernel source on JAX
+0.10 and 0.11 (deprecated in 0.11, still present; we select it explicitly with
+Triton `CompilerParams`, so the `jax_pallas_use_mosaic_gpu` default does not
+matter). This is reasoning, not measurement: no GPU was available when this
+was written. The choice is switchable with `ADDERNET_GPU_KERNELS`:
+"triton" (default) or "xla" (no Pallas kernel: ops falls back); a Mosaic GPU
+kernel can be registered in `_GPU_FAMILIES` when one is written and measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+
+from addernet_jax.ops import Backend
+from kernels import gpu, layout, tpu
+
+log = logging.getLogger(__name__)
+
+# Offsets inside the Triton kernels are int32 unless an operand exceeds 4 GiB;
+# the TPU path builds a patches matrix, which we cap to keep memory bounded.
+MAX_TPU_PATCHES_BYTES = 4 << 30
+
+_GPU_FAMILIES = {"triton": gpu}
+
+
+def unsupported_reason(xp_shape: Sequence[int], w_shape: Sequence[int],
+                       strides: Sequence[int], platform: str) -> str | None:
+  """Why the kernels do not take these shapes, or None if they do."""
+  try:
+    layout.check_shapes("dispatch", tuple(xp_shape), tuple(w_shape),
+                        tuple(strides))
+  except ValueError as e:
+    return str(e)
+  if platform == "tpu":
+    ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+    k = w_shape[0] * w_shape[1] * w_shape[2]
+    patches = 4 * k * xp_shape[0] * ho * wo
+    if patches > MAX_TPU_PATCHES_BYTES:
+      return (f"TPU patches matrix would take {patches} bytes "
+              f"(> {MAX_TPU_PATCHES_BYTES})")
+  return None
+
+
+def _backend(module, interpret: bool) -> Backend:
+  return Backend(
+      forward=functools.partial(module.forward, interpret=interpret),
+      input_grad=functools.partial(module.input_grad, interpret=interpret))
+
+
+def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
+                strides: Sequence[int]) -> Backend | None:
+  """The Pallas backend for these shapes on the default JAX backend, or None."""
+  platform = jax.default_backend()
+  strides = tuple(int(s) for s in strides)
+  reason = unsupported_reason(xp_shape, w_shape, strides, platform)
+  if reason is not None:
+    log.info("kernels.dispatch: no kernel for xp %s, w %s, strides %s: %s",
+             tuple(xp_shape), tuple(w_shape), strides, reason)
+    return None
+  if platform == "gpu":
+    choice = os.environ.get("ADDERNET_GPU_KERNELS", "triton").lower()
+    module = _GPU_FAMILIES.get(choice)
+    if module is None:
+      if choice != "xla":
+        log.warning("kernels.dispatch: ADDERNET_GPU_KERNELS=%r is not one of "
+                    "%s or 'xla'", choice, sorted(_GPU_FAMILIES))
+      return None
+    return _backend(module, interpret=False)
+  if platform == "tpu":
+    return _backend(tpu, interpret=False)
+  if platform == "cpu":
+    choice = os.environ.get("ADDERNET_CPU_KERNELS", "gpu").lower()
+    return _backend(tpu if choice == "tpu" else gpu, interpret=True)
+  return None
+
+
+def mac_count(xp_shape: Sequence[int], w_shape: Sequence[int],
+              strides: Sequence[int]) -> int:
+  """Adder multiply-accumulates of one forward pass (n*ho*wo*kh*kw*cin*cout)."""
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  return xp_shape[0] * ho * wo * math.prod(w_shape)
