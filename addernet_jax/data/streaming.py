@@ -229,6 +229,15 @@ class StreamingIterator(Iterator[dict]):
       close()
 
 
+def _ensure_absl_flags_parsed() -> None:
+  """Grain reads its absl flags when it starts worker processes; outside an
+  absl app (scripts, notebooks, pytest) they are unparsed and reading them
+  raises. Marking them parsed keeps every flag at its default."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def default_worker_count() -> int:
   return max(1, min(16, (os.cpu_count() or 2) - 1))
 
@@ -317,6 +326,7 @@ def streaming_iterator(name: str, data_dir: str | os.PathLike[str] | None,
   it_ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if worker_count > 0:
+    _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count))
   return StreamingIterator(iter(it_ds), num_examples=n,

@@ -59,18 +59,22 @@ def prepared_dir(name: str, data_dir: str | os.PathLike[str] | None
 
 
 def network_available(timeout: float = PROBE_TIMEOUT_S) -> bool:
-  """True if TFDS's download host answers within `timeout` seconds.
+  """True if TFDS's download host completes a TLS handshake in time.
 
-  The probe (DNS and TCP) runs in a daemon thread so that a hanging resolver
-  cannot stall the caller for longer than `timeout`.
+  A TLS handshake, not just a TCP connect: sandboxes and proxies may accept
+  any TCP connection. The probe runs in a daemon thread so that a hanging
+  resolver cannot stall the caller for longer than `timeout` seconds.
   """
+  import ssl  # pylint: disable=g-import-not-at-top
   result = []
 
   def probe():
     try:
-      with socket.create_connection(_PROBE_HOST, timeout=timeout):
-        result.append(True)
-    except OSError:
+      ctx = ssl.create_default_context()
+      with socket.create_connection(_PROBE_HOST, timeout=timeout) as sock:
+        with ctx.wrap_socket(sock, server_hostname=_PROBE_HOST[0]):
+          result.append(True)
+    except (OSError, ValueError):
       result.append(False)
 
   t = threading.Thread(target=probe, daemon=True)
@@ -87,7 +91,7 @@ def import_tfds(name: str):
     raise RuntimeError(
         f'config.data_dir is unset, so {name} would come from TensorFlow '
         f'Datasets, which is not installed ({e}). Install it with\n  '
-        f'{INSTALL_HELP}\nor {local_help(name)}') from None
+        f'{INSTALL_HELP}\nOr: {local_help(name)}') from None
   return tfds
 
 
@@ -108,8 +112,8 @@ def _check_available(name: str, data_dir: str | None) -> Path:
   if not network_available():
     raise RuntimeError(
         f'config.data_dir is unset and {name} is not prepared in the TFDS '
-        f'data_dir {str(root)!r}, and the network is unreachable (no answer '
-        f'from {_PROBE_HOST[0]} within {PROBE_TIMEOUT_S:.0f} s), so TFDS '
+        f'data_dir {str(root)!r}, and the network is unreachable (no TLS '
+        f'answer from {_PROBE_HOST[0]} within {PROBE_TIMEOUT_S:.0f} s), so TFDS '
         f'cannot download it. {local_help(name)}')
   return root
 

@@ -1,0 +1,709 @@
+"""Tests of addernet_jax.data: layouts, splits, augmentation, TFDS, Grain."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import re
+import sys
+import tarfile
+import time
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from addernet_jax import data
+from addernet_jax.data import local
+from addernet_jax.data import streaming
+from addernet_jax.data import tfds_source
+
+SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
+                   'frog', 'horse', 'ship', 'truck')
+
+
+def _rand_images(rng, n, h, w, c):
+  return rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+
+
+def _save(arr: np.ndarray, path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+
+
+# ------------------------------------------------------------ dataset_info --
+
+def test_dataset_info_values():
+  info = data.dataset_info('cifar10')
+  assert info.num_classes == 10 and info.image_shape == (32, 32, 3)
+  assert info.mean == (0.4914, 0.4822, 0.4465)
+  assert info.std == (0.2023, 0.1994, 0.2010)
+  assert info.in_memory and (info.train_size, info.test_size) == (50000,
+                                                                  10000)
+  assert data.dataset_info('mnist').image_shape == (28, 28, 1)
+  assert data.dataset_info('cifar100').num_classes == 100
+  assert not data.dataset_info('imagenet2012').in_memory
+  assert data.dataset_info('imagenet2012').image_shape == (224, 224, 3)
+
+
+def test_dataset_info_unknown_name():
+  with pytest.raises(ValueError, match=r"'svhn'.*cifar10.*imagenet2012"):
+    data.dataset_info('svhn')
+
+
+# ------------------------------------------------------------------ digits --
+
+def test_digits_split_sizes_determinism_and_stats():
+  x_tr, y_tr = data.load_arrays('digits', None, 'train')
+  x_te, y_te = data.load_arrays('digits', None, 'test')
+  info = data.dataset_info('digits')
+  assert x_tr.shape == (info.train_size, 8, 8, 1) and x_tr.dtype == np.uint8
+  assert x_te.shape == (info.test_size, 8, 8, 1) and y_te.dtype == np.int32
+  assert len(y_tr) + len(y_te) == 1797
+  # 17 grey levels (0..16) scaled to 0..255.
+  assert set(np.unique(x_tr)) <= set(np.round(np.arange(17) * 255 / 16))
+  assert x_tr.max() == 255
+  # Stratified: every class has about 20% of its images in test.
+  from sklearn.datasets import load_digits
+  full = np.bincount(load_digits().target)
+  np.testing.assert_array_equal(np.bincount(y_tr) + np.bincount(y_te), full)
+  assert np.all(np.abs(np.bincount(y_te) - 0.2 * full) <= 0.5)
+  # Disjoint: the split is a partition of the 1797 images (as multisets).
+  all_rows = np.concatenate([x_tr, x_te]).reshape(1797, -1)
+  ref = np.round(load_digits().images * 255 / 16).astype(np.uint8)
+  assert sorted(map(bytes, all_rows)) == sorted(map(bytes,
+                                                    ref.reshape(1797, -1)))
+  x2, y2 = data.load_arrays('digits', '/nonexistent', 'test')  # data_dir unused
+  np.testing.assert_array_equal(x2, x_te)
+  np.testing.assert_array_equal(y2, y_te)
+  # The documented normalisation statistics are those of the training split.
+  np.testing.assert_allclose((x_tr / 255).mean(), info.mean[0], atol=1e-4)
+  np.testing.assert_allclose((x_tr / 255).std(), info.std[0], atol=1e-4)
+
+
+# ------------------------------------------------------------- ImageFolder --
+
+def _make_imagefolder(root: Path, shape=(32, 32, 3), classes=('cat', 'ant',
+                      'zebra'), counts=(3, 2, 4), ext='png', seed=0,
+                      splits=('train', 'test')):
+  rng = np.random.default_rng(seed)
+  expected = {}
+  for split in splits:
+    imgs, labels = [], []
+    for ci, cname in enumerate(sorted(classes)):
+      n = counts[ci] + (1 if split == 'train' else 0)
+      for i in range(n):
+        arr = _rand_images(rng, 1, *shape)[0]
+        _save(arr, root / split / cname / f'{i:04d}.{ext}')
+        imgs.append(arr)
+        labels.append(ci)
+    expected[split] = (np.stack(imgs), np.asarray(labels))
+  return expected
+
+
+def test_imagefolder_png_exact(tmp_path):
+  expected = _make_imagefolder(tmp_path)
+  (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  for split in ('train', 'test'):
+    x, y = data.load_arrays('cifar10', str(tmp_path), split)
+    assert x.dtype == np.uint8 and y.dtype == np.int32
+    np.testing.assert_array_equal(x, expected[split][0])
+    np.testing.assert_array_equal(y, expected[split][1])
+  # Class index = position in the sorted folder names.
+  _, _, classes = local.list_imagefolder(tmp_path, 'test')
+  assert classes == ['ant', 'cat', 'zebra']
+
+
+def test_imagefolder_val_dir_grey_jpeg(tmp_path):
+  rng = np.random.default_rng(1)
+  for c in range(3):
+    for i in range(2):
+      _save(_rand_images(rng, 1, 28, 28, 1)[0],
+            tmp_path / 'val' / f'{c}' / f'{i}.jpg')
+  x, y = data.load_arrays('mnist', tmp_path, 'test')
+  assert x.shape == (6, 28, 28, 1) and x.dtype == np.uint8
+  np.testing.assert_array_equal(y, [0, 0, 1, 1, 2, 2])
+  assert x.std() > 20  # decoded content, not zeros
+  with pytest.raises(ValueError, match='no train split'):
+    data.load_arrays('mnist', tmp_path, 'train')
+
+
+def test_imagefolder_decode_workers_match_in_process(tmp_path):
+  expected = _make_imagefolder(tmp_path, counts=(3, 3, 3), splits=('test',))
+  paths, _, _ = local.list_imagefolder(tmp_path, 'test')
+  got = local.decode_images(paths, (32, 32, 3), num_workers=2, chunk=2)
+  np.testing.assert_array_equal(got, expected['test'][0])
+
+
+def test_imagefolder_wrong_size_and_channels(tmp_path):
+  rng = np.random.default_rng(2)
+  _save(_rand_images(rng, 1, 32, 32, 3)[0], tmp_path / 'train/a/0.png')
+  _save(_rand_images(rng, 1, 31, 32, 3)[0], tmp_path / 'train/a/1.png')
+  with pytest.raises(ValueError, match=r'1\.png.*\(31, 32, 3\)'):
+    data.load_arrays('cifar10', tmp_path, 'train')
+  (tmp_path / 'train/a/1.png').unlink()
+  _save(_rand_images(rng, 1, 32, 32, 1)[0], tmp_path / 'train/b/0.png')
+  with pytest.raises(ValueError, match=r'\(32, 32, 1\).*expected \(32, 32, 3\)'):
+    data.load_arrays('cifar10', tmp_path, 'train')
+
+
+def test_imagefolder_too_many_classes(tmp_path):
+  rng = np.random.default_rng(3)
+  for c in range(11):
+    _save(_rand_images(rng, 1, 32, 32, 3)[0], tmp_path / f'test/c{c:02d}/0.png')
+  with pytest.raises(ValueError, match='11 class folders'):
+    data.load_arrays('cifar10', tmp_path, 'test')
+
+
+# ------------------------------------------------------------------- CIFAR --
+
+def _write_cifar10(folder: Path, rng, sizes=(5, 4), test=3):
+  folder.mkdir(parents=True)
+  out = {}
+  imgs, labels = [], []
+  for b, n in enumerate(sizes, 1):
+    x = _rand_images(rng, n, 32, 32, 3)
+    y = rng.integers(0, 10, n).tolist()
+    with open(folder / f'data_batch_{b}', 'wb') as f:
+      pickle.dump({b'batch_label': b'training batch', b'labels': y,
+                   b'data': x.transpose(0, 3, 1, 2).reshape(n, 3072),
+                   b'filenames': [b'x.png'] * n}, f, protocol=2)
+    imgs.append(x)
+    labels += y
+  out['train'] = (np.concatenate(imgs), np.asarray(labels))
+  x = _rand_images(rng, test, 32, 32, 3)
+  y = rng.integers(0, 10, test).tolist()
+  with open(folder / 'test_batch', 'wb') as f:
+    pickle.dump({b'labels': y, b'data': x.transpose(0, 3, 1, 2).reshape(
+        test, 3072)}, f)
+  out['test'] = (x, np.asarray(y))
+  return out
+
+
+@pytest.mark.parametrize('nested', [False, True])
+def test_cifar10_pickles(tmp_path, nested):
+  rng = np.random.default_rng(4)
+  folder = tmp_path / 'cifar-10-batches-py' if nested else tmp_path / 'c'
+  expected = _write_cifar10(folder, rng)
+  root = tmp_path if nested else folder
+  for split in ('train', 'test'):
+    x, y = data.load_arrays('cifar10', root, split)
+    np.testing.assert_array_equal(x, expected[split][0])
+    np.testing.assert_array_equal(y, expected[split][1])
+  # The row layout is channel planes: pixel (0, 1) red is byte 1.
+  raw = pickle.load(open(folder / 'test_batch', 'rb'), encoding='bytes')
+  x, _ = data.load_arrays('cifar10', root, 'test')
+  assert x[0, 0, 1, 0] == raw[b'data'][0, 1]
+  assert x[0, 0, 0, 2] == raw[b'data'][0, 2048]
+
+
+def test_cifar100_pickles(tmp_path):
+  rng = np.random.default_rng(5)
+  folder = tmp_path / 'cifar-100-python'
+  folder.mkdir()
+  expected = {}
+  for split, n in (('train', 6), ('test', 4)):
+    x = _rand_images(rng, n, 32, 32, 3)
+    fine = rng.integers(0, 100, n).tolist()
+    with open(folder / split, 'wb') as f:
+      pickle.dump({b'data': x.transpose(0, 3, 1, 2).reshape(n, 3072),
+                   b'fine_labels': fine,
+                   b'coarse_labels': [v // 5 for v in fine]}, f)
+    expected[split] = (x, fine)
+  with open(folder / 'meta', 'wb') as f:
+    pickle.dump({b'fine_label_names': [b'x'] * 100}, f)
+  for split in ('train', 'test'):
+    x, y = data.load_arrays('cifar100', tmp_path, split)
+    np.testing.assert_array_equal(x, expected[split][0])
+    np.testing.assert_array_equal(y, expected[split][1])
+  with pytest.raises(ValueError, match='cifar100 pickles, not cifar10'):
+    data.load_arrays('cifar10', tmp_path, 'train')
+
+
+def test_cifar_labels_out_of_range_and_bad_rows(tmp_path):
+  folder = tmp_path / 'cifar-10-batches-py'
+  folder.mkdir()
+  x = _rand_images(np.random.default_rng(6), 2, 32, 32, 3)
+  with open(folder / 'test_batch', 'wb') as f:
+    pickle.dump({b'labels': [3, 10], b'data': x.reshape(2, 3072)}, f)
+  with pytest.raises(ValueError, match=r'labels range from 3 to 10'):
+    data.load_arrays('cifar10', tmp_path, 'test')
+  with open(folder / 'test_batch', 'wb') as f:
+    pickle.dump({b'labels': [3, 1], b'data': x.reshape(2, -1)[:, :3000]}, f)
+  with pytest.raises(ValueError, match=r'\(2, 3000\)'):
+    data.load_arrays('cifar10', tmp_path, 'test')
+  with pytest.raises(ValueError, match='no train split'):
+    data.load_arrays('cifar10', tmp_path, 'train')
+
+
+# ------------------------------------------------------------------- MNIST --
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+  header = bytes([0, 0, 0x08, arr.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in arr.shape)
+  return header + arr.astype(np.uint8).tobytes()
+
+
+def _write_mnist(folder: Path, prefix: str, n: int, rng, gz: bool, sep='-'):
+  folder.mkdir(parents=True, exist_ok=True)
+  x = _rand_images(rng, n, 28, 28, 1)[..., 0]
+  y = rng.integers(0, 10, n).astype(np.uint8)
+  for kind, arr, nd in (('images', x, 3), ('labels', y, 1)):
+    name = f'{prefix}-{kind}{sep}idx{nd}-ubyte' + ('.gz' if gz else '')
+    payload = _idx_bytes(arr)
+    (folder / name).write_bytes(gzip.compress(payload) if gz else payload)
+  return x, y
+
+
+@pytest.mark.parametrize('gz', [True, False])
+def test_mnist_idx(tmp_path, gz):
+  rng = np.random.default_rng(7)
+  x_tr, y_tr = _write_mnist(tmp_path, 'train', 7, rng, gz)
+  x_te, y_te = _write_mnist(tmp_path, 't10k', 5, rng, gz)
+  x, y = data.load_arrays('mnist', tmp_path, 'train')
+  assert x.shape == (7, 28, 28, 1)
+  np.testing.assert_array_equal(x[..., 0], x_tr)
+  np.testing.assert_array_equal(y, y_tr)
+  x, y = data.load_arrays('mnist', tmp_path, 'test')
+  np.testing.assert_array_equal(x[..., 0], x_te)
+  np.testing.assert_array_equal(y, y_te)
+
+
+def test_mnist_eval_needs_only_t10k_torchvision_layout(tmp_path):
+  rng = np.random.default_rng(8)
+  x_te, y_te = _write_mnist(tmp_path / 'MNIST' / 'raw', 't10k', 3, rng,
+                            gz=False, sep='.')
+  x, y = data.load_arrays('mnist', tmp_path, 'test')
+  np.testing.assert_array_equal(x[..., 0], x_te)
+  np.testing.assert_array_equal(y, y_te)
+  with pytest.raises(ValueError, match=r'lack the train pair.*train-images'):
+    data.load_arrays('mnist', tmp_path, 'train')
+
+
+def test_mnist_corrupt_idx(tmp_path):
+  rng = np.random.default_rng(9)
+  _write_mnist(tmp_path, 't10k', 3, rng, gz=False)
+  p = tmp_path / 't10k-images-idx3-ubyte'
+  raw = bytearray(p.read_bytes())
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / p.name).write_bytes(bytes(raw[:-5]))
+  (tmp_path / 'bad' / 't10k-labels-idx1-ubyte').write_bytes(
+      (tmp_path / 't10k-labels-idx1-ubyte').read_bytes())
+  with pytest.raises(ValueError, match=r'header says shape \(3, 28, 28\)'):
+    data.load_arrays('mnist', tmp_path / 'bad', 'test')
+  raw[2] = 0x0D  # float data
+  p.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match='not an unsigned-byte IDX'):
+    data.load_arrays('mnist', tmp_path, 'test')
+  # MNIST files for a CIFAR dataset: the shape is named.
+  p.write_bytes(_idx_bytes(rng.integers(0, 255, (3, 28, 28))))
+  with pytest.raises(ValueError, match=r'\(3, 28, 28\).*\[N, 32, 32, 3\]'):
+    data.load_arrays('cifar10', tmp_path, 'test')
+
+
+def test_mnist_shared_training_set():
+  folder = SHARED / 'mnist'
+  if not (folder / 'train-images-idx3-ubyte.gz').is_file():
+    pytest.skip(f'shared MNIST data not found at {folder}')
+  md5 = {'train-images-idx3-ubyte.gz': '6bbc9ace898e44ae57da46a324031adb',
+         'train-labels-idx1-ubyte.gz': 'a25bea736e30d166cdddb491f175f624'}
+  for name, digest in md5.items():
+    with gzip.open(folder / name, 'rb') as f:
+      assert hashlib.md5(f.read()).hexdigest() == digest
+  x, y = data.load_arrays('mnist', str(folder), 'train')
+  assert x.shape == (60000, 28, 28, 1) and x.dtype == np.uint8
+  assert y.shape == (60000,) and y.dtype == np.int32
+  np.testing.assert_array_equal(y[:8], [5, 0, 4, 1, 9, 2, 1, 3])
+  np.testing.assert_array_equal(
+      np.bincount(y), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
+                       5949])
+  assert 33.0 < x.mean() < 33.5  # the well-known MNIST mean 0.1307 * 255
+  with pytest.raises(ValueError, match='t10k'):
+    data.load_arrays('mnist', str(folder), 'test')
+
+
+# ---------------------------------------------------------- CIFAR-10 JPEG --
+
+@pytest.fixture(scope='module')
+def cifar10_jpeg_test(tmp_path_factory):
+  tarball = SHARED / 'cifar10-jpeg.tar.gz'
+  if not tarball.is_file():
+    pytest.skip(f'shared CIFAR-10 JPEG tarball not found at {tarball}')
+  out = tmp_path_factory.mktemp('cifar10jpeg')
+  with tarfile.open(tarball) as tar:
+    members = []
+    for m in tar:  # test/ comes first in the archive: stop after it
+      if m.name.startswith('cifar10-jpeg/train/'):
+        break
+      if m.name.startswith('cifar10-jpeg/test/'):
+        members.append(m)
+    tar.extractall(out, members=members, filter='data')
+  return out / 'cifar10-jpeg'
+
+
+def test_cifar10_jpeg_test_folder(cifar10_jpeg_test):
+  t = time.perf_counter()
+  x, y = data.load_arrays('cifar10', cifar10_jpeg_test, 'test')
+  print(f'CIFAR-10 JPEG test split loaded in {time.perf_counter() - t:.1f} s')
+  assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8
+  np.testing.assert_array_equal(np.bincount(y), [1000] * 10)
+  _, _, classes = local.list_imagefolder(cifar10_jpeg_test, 'test')
+  assert tuple(classes) == CIFAR10_CLASSES
+  # Files are ranked within their class in the original test order: the
+  # lossless copies of the first original test images must match their JPEG
+  # (27-33 dB PSNR re-encoding) and the label order airplane=0..truck=9.
+  ref = SHARED / 'official-resnet20' / 'cifar10_test_lossless_297.npz'
+  if not ref.is_file():
+    return
+  d = np.load(ref)
+  idx = [int(m.group(1)) if (m := re.search(r'test idx (\d+)', s)) else -1
+         for s in d['source']]
+  sel = [i for i, v in enumerate(idx) if v >= 0]
+  assert [idx[i] for i in sel] == list(range(len(sel)))
+  starts = np.concatenate([[0], np.cumsum(np.bincount(y, minlength=10))])
+  seen = np.zeros(10, int)
+  for i in sel:
+    label = int(d['labels'][i])
+    rank = seen[label]
+    seen[label] += 1
+    img = x[starts[label] + rank]
+    mse = np.mean((img.astype(float) - d['images'][i]) ** 2)
+    assert 10 * np.log10(255 ** 2 / mse) > 24, (i, label, rank)
+
+
+# ------------------------------------------------------------------ errors --
+
+def test_directory_errors(tmp_path):
+  with pytest.raises(ValueError, match='does not exist.*Accepted layouts'):
+    data.load_arrays('cifar10', tmp_path / 'nope', 'train')
+  with pytest.raises(ValueError, match='is empty.*Accepted layouts'):
+    data.load_arrays('cifar10', tmp_path, 'train')
+  (tmp_path / 'readme.txt').write_text('hello')
+  with pytest.raises(ValueError, match=r"(?s)Unrecognised layout.*readme\.txt.*"
+                     r'ImageFolder.*CIFAR python pickles.*MNIST IDX.*'
+                     r'TensorFlow Datasets'):
+    data.load_arrays('cifar10', tmp_path, 'train')
+  with pytest.raises(ValueError, match="Unknown split 'validation'"):
+    data.load_arrays('cifar10', tmp_path, 'validation')
+  with pytest.raises(ValueError, match='streaming_iterator'):
+    data.load_arrays('imagenet2012', tmp_path, 'train')
+  with pytest.raises(ValueError, match="Unknown dataset 'cifar'"):
+    data.load_arrays('cifar', tmp_path, 'train')
+
+
+# -------------------------------------------------------------------- TFDS --
+
+def test_tfds_missing_or_offline_fails_fast(monkeypatch, tmp_path):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
+  # Not TFDS's host (here TCP connects may be accepted by a proxy): the probe
+  # must fail, through its TLS handshake or its timeout.
+  monkeypatch.setattr(tfds_source, '_PROBE_HOST', ('10.255.255.1', 9))
+  monkeypatch.setattr(tfds_source, 'PROBE_TIMEOUT_S', 2.0)
+  calls = []
+  fake = types.ModuleType('tensorflow_datasets')
+  fake.load = lambda *a, **k: calls.append((a, k))
+  real_installed = 'tensorflow_datasets' in sys.modules or _importable(
+      'tensorflow_datasets')
+  if not real_installed:
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r'(?s)not installed.*pip install '
+                       r'tensorflow-datasets.*config\.data_dir'):
+      data.load_arrays('cifar10', None, 'train')
+    assert time.perf_counter() - t < 10
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  t = time.perf_counter()
+  with pytest.raises(RuntimeError, match=r'(?s)network is unreachable.*'
+                     r'config\.data_dir.*ImageFolder'):
+    data.load_arrays('mnist', None, 'test')
+  assert time.perf_counter() - t < 10
+  assert not calls
+
+
+def _importable(mod: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec(mod) is not None
+
+
+def test_tfds_prepared_local_data_dir(monkeypatch, tmp_path):
+  version = tmp_path / 'cifar10' / '3.0.2'
+  version.mkdir(parents=True)
+  (version / 'dataset_info.json').write_text('{}')
+  x = _rand_images(np.random.default_rng(10), 4, 32, 32, 3)
+  y = np.array([1, 9, 0, 3])
+  calls = []
+  fake = types.ModuleType('tensorflow_datasets')
+
+  def fake_load(name, **kw):
+    calls.append((name, kw))
+    return (x, y)
+
+  fake.load = fake_load
+  fake.as_numpy = lambda t: t
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  gx, gy = data.load_arrays('cifar10', tmp_path, 'test')
+  np.testing.assert_array_equal(gx, x)
+  np.testing.assert_array_equal(gy, y)
+  assert calls[0][0] == 'cifar10' and calls[0][1]['split'] == 'test'
+  assert calls[0][1]['data_dir'] == str(tmp_path)
+
+
+# ------------------------------------------------------------ augmentation --
+
+def _coded_images(n, rng):
+  """Channel 0 = row + 10, channel 1 = column + 10, channel 2 random, so the
+  source pixel of every output pixel can be read back."""
+  rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing='ij')
+  img = np.zeros((n, 32, 32, 3), np.uint8)
+  img[..., 0] = rows + 10
+  img[..., 1] = cols + 10
+  img[..., 2] = rng.integers(0, 256, (n, 32, 32))
+  return img
+
+
+def _np_reference(img, top, left, flip, mean, std):
+  """torchvision: RandomCrop(32, padding=4) (zero fill), flip, ToTensor,
+  Normalize, in float64."""
+  padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
+  win = padded[top:top + 32, left:left + 32]
+  if flip:
+    win = win[:, ::-1]
+  return (win / 255.0 - np.asarray(mean)) / np.asarray(std)
+
+
+def test_augment_cifar_crop_flip_against_numpy():
+  info = data.dataset_info('cifar10')
+  n = 2000
+  images = _coded_images(n, np.random.default_rng(11))
+  fn = jax.jit(lambda x, k: data.augment_and_normalize(x, k, info,
+                                                       train=True))
+  out = np.asarray(fn(jnp.asarray(images), jax.random.key(0)))
+  assert out.shape == (n, 32, 32, 3) and out.dtype == np.float32
+  mean, std = np.asarray(info.mean), np.asarray(info.std)
+  raw = np.round((out * std + mean) * 255).astype(int)
+  # Output pixel (16, 16) always comes from inside the original image.
+  flips = raw[:, 16, 17, 1] < raw[:, 16, 15, 1]
+  src_row = raw[:, 16, 16, 0] - 10
+  src_col = raw[:, 16, 16, 1] - 10
+  tops = src_row - 16 + 4
+  lefts = np.where(flips, src_col - 15, src_col - 16) + 4
+  assert set(tops) == set(range(9)) and set(lefts) == set(range(9))
+  assert abs(flips.mean() - 0.5) < 0.05  # 4.5 sigma at n = 2000
+  # Offsets roughly uniform over 0..8.
+  assert np.bincount(tops, minlength=9).min() > n / 9 * 0.6
+  for i in range(0, n, 7):
+    ref = _np_reference(images[i], tops[i], lefts[i], flips[i], mean, std)
+    np.testing.assert_allclose(out[i], ref, rtol=0, atol=1e-5)
+  # Padded pixels are -mean/std (zero pixel value before normalisation).
+  i = int(np.flatnonzero(tops == 0)[0])
+  np.testing.assert_allclose(out[i, 0], np.broadcast_to(-mean / std,
+                                                        (32, 3)), atol=1e-6)
+  # Deterministic for a key, different for another.
+  np.testing.assert_array_equal(
+      out, np.asarray(fn(jnp.asarray(images), jax.random.key(0))))
+  other = np.asarray(fn(jnp.asarray(images), jax.random.key(1)))
+  assert np.mean(np.any(other != out, axis=(1, 2, 3))) > 0.8
+
+
+def test_augment_eval_and_non_cifar_only_normalise():
+  rng = np.random.default_rng(12)
+  info = data.dataset_info('cifar100')
+  x = _rand_images(rng, 5, 32, 32, 3)
+  out = data.augment_and_normalize(jnp.asarray(x), jax.random.key(3), info,
+                                   train=False)
+  ref = (x / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+  assert out.dtype == jnp.float32
+  for name, shape in (('mnist', (28, 28, 1)), ('digits', (8, 8, 1))):
+    info = data.dataset_info(name)
+    x = _rand_images(rng, 3, *shape)
+    out = data.augment_and_normalize(jnp.asarray(x), jax.random.key(3),
+                                     info, train=True)
+    ref = (x / 255.0 - info.mean[0]) / info.std[0]
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+def test_augment_bad_inputs():
+  info = data.dataset_info('cifar10')
+  with pytest.raises(ValueError, match=r'\(4, 28, 28, 1\).*\[B, 32, 32, 3\]'):
+    data.augment_and_normalize(jnp.zeros((4, 28, 28, 1), jnp.uint8),
+                               jax.random.key(0), info, train=True)
+  with pytest.raises(TypeError, match='uint8.*float32'):
+    data.augment_and_normalize(jnp.ones((2, 32, 32, 3), jnp.float32),
+                               jax.random.key(0), info, train=True)
+
+
+# ---------------------------------------------------------------- streaming --
+
+def _grey_folder(root: Path, counts=(7, 5, 9), seed=13):
+  """28x28 grey PNGs (mnist-shaped: no augmentation), all distinct."""
+  rng = np.random.default_rng(seed)
+  images = []
+  for c, n in enumerate(counts):
+    for i in range(n):
+      arr = _rand_images(rng, 1, 28, 28, 1)[0]
+      _save(arr, root / 'train' / f'class{c}' / f'{i:02d}.png')
+      _save(arr, root / 'val' / f'class{c}' / f'{i:02d}.png')
+      images.append(arr)
+  return np.stack(images)
+
+
+def _collect(it):
+  out = [{k: np.array(v) for k, v in b.items()} for b in it]
+  it.close()
+  return out
+
+
+def _record_ids(batch_images, originals, info):
+  """Index of the original image each normalised output came from."""
+  raw = np.round((batch_images * info.std[0] + info.mean[0]) * 255)
+  flat = originals.reshape(len(originals), -1).astype(float)
+  ids = []
+  for img in raw.reshape(len(raw), -1):
+    hits = np.flatnonzero(np.all(flat == img, axis=1))
+    assert len(hits) == 1
+    ids.append(int(hits[0]))
+  return ids
+
+
+def test_streaming_process_shards_union_is_global_batch(tmp_path):
+  originals = _grey_folder(tmp_path)
+  info = data.dataset_info('mnist')
+  kw = dict(global_batch_size=6, seed=5, train=True, num_epochs=2,
+            worker_count=0)
+  single = _collect(data.streaming_iterator('mnist', tmp_path, 'train',
+                                            **kw))
+  shards = [_collect(data.streaming_iterator(
+      'mnist', tmp_path, 'train', process_index=p, process_count=2, **kw))
+            for p in range(2)]
+  assert len(single) == 2 * (21 // 6) == len(shards[0]) == len(shards[1])
+  for step, whole in enumerate(single):
+    assert whole['image'].shape == (6, 28, 28, 1)
+    assert whole['image'].dtype == np.float32 and whole['label'].dtype == (
+        np.int32)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([shards[0][step][key], shards[1][step][key]]),
+          whole[key])
+    ids0 = _record_ids(shards[0][step]['image'], originals, info)
+    ids1 = _record_ids(shards[1][step]['image'], originals, info)
+    assert not set(ids0) & set(ids1)
+  epochs = [sum((_record_ids(b['image'], originals, info)
+                 for b in single[e * 3:(e + 1) * 3]), []) for e in range(2)]
+  for ids in epochs:
+    assert len(set(ids)) == 18  # no repeats within an epoch
+  assert epochs[0] != epochs[1]  # reshuffled each epoch
+  labels = np.repeat(np.arange(3), (7, 5, 9))
+  np.testing.assert_array_equal(single[0]['label'],
+                                labels[_record_ids(single[0]['image'],
+                                                   originals, info)])
+
+
+def test_streaming_resume_and_eval_padding(tmp_path):
+  originals = _grey_folder(tmp_path)
+  info = data.dataset_info('mnist')
+  kw = dict(global_batch_size=4, seed=1, train=True, num_epochs=3,
+            worker_count=0)
+  full = _collect(data.streaming_iterator('mnist', tmp_path, 'train', **kw))
+  resumed = _collect(data.streaming_iterator('mnist', tmp_path, 'train',
+                                             start_step=7, **kw))
+  assert len(full) == 15 and len(resumed) == 8
+  for a, b in zip(full[7:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  other_seed = _collect(data.streaming_iterator(
+      'mnist', tmp_path, 'train', **{**kw, 'seed': 2}))
+  assert any(np.any(a['label'] != b['label'])
+             for a, b in zip(full, other_seed))
+  # Evaluation: every example once, in file order, last batch padded.
+  it = data.streaming_iterator('mnist', tmp_path, 'test', global_batch_size=8,
+                               process_index=1, process_count=2, train=False,
+                               worker_count=0)
+  assert it.num_examples == 21 and it.steps_per_epoch == 3
+  batches = _collect(it)
+  ids = []
+  for k, b in enumerate(batches):
+    mask = b['mask']
+    positions = k * 8 + 4 + np.arange(4)
+    np.testing.assert_array_equal(mask, positions < 21)
+    ids += _record_ids(b['image'][mask], originals, info)
+  assert ids == [i for k in range(3) for i in range(k * 8 + 4, k * 8 + 8)
+                 if i < 21]
+
+
+def test_streaming_imagenet_transforms(tmp_path):
+  rng = np.random.default_rng(14)
+  sizes = [(300, 260), (250, 400), (180, 120)]
+  for i, (h, w) in enumerate(sizes):
+    _save(_rand_images(rng, 1, h, w, 3)[0], tmp_path / 'val' / f'n{i}' /
+          'a.JPEG')
+    _save(_rand_images(rng, 1, h, w, 3)[0], tmp_path / 'train' / f'n{i}' /
+          'a.JPEG')
+  Image.fromarray(_rand_images(rng, 1, 90, 70, 1)[0, ..., 0]).save(
+      tmp_path / 'train' / 'n0' / 'grey.jpg')  # grey JPEGs exist in ImageNet
+  info = data.dataset_info('imagenet2012')
+  b = _collect(data.streaming_iterator('imagenet2012', tmp_path, 'test',
+                                       global_batch_size=3, train=False,
+                                       worker_count=0))[0]
+  assert b['image'].shape == (3, 224, 224, 3) and b['image'].dtype == (
+      np.float32)
+  # Independent reference: torchvision Resize(256) + CenterCrop(224) in PIL.
+  with Image.open(tmp_path / 'val' / 'n1' / 'a.JPEG') as img:
+    w, h = img.size
+    ow, oh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    img = img.convert('RGB').resize((ow, oh), Image.BILINEAR)
+    top, left = int(round((oh - 224) / 2)), int(round((ow - 224) / 2))
+    ref = np.asarray(img.crop((left, top, left + 224, top + 224))) / 255.0
+  ref = (ref - np.asarray(info.mean)) / np.asarray(info.std)
+  np.testing.assert_allclose(b['image'][1], ref, atol=1e-5)
+  np.testing.assert_array_equal(b['label'], [0, 1, 2])
+  train = _collect(data.streaming_iterator(
+      'imagenet2012', tmp_path, 'train', global_batch_size=2, train=True,
+      num_epochs=3, worker_count=0))
+  assert len(train) == 6
+  assert all(t['image'].shape == (2, 224, 224, 3) for t in train)
+  assert np.all(np.isfinite(np.stack([t['image'] for t in train])))
+
+
+def test_random_resized_crop_box_bounds():
+  rng = np.random.default_rng(15)
+  for _ in range(300):
+    h, w = rng.integers(10, 500, 2)
+    top, left, ch, cw = streaming.random_resized_crop_box(int(h), int(w), rng)
+    assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+    assert ch > 0 and cw > 0
+  # A very wide image falls back to the central crop of ratio 4/3 at most.
+  assert streaming.random_resized_crop_box(
+      10, 1000, np.random.default_rng(0)) == (0, 493, 10, 13)
+
+
+def test_streaming_bad_arguments(tmp_path):
+  _grey_folder(tmp_path, counts=(2, 2, 2))
+  with pytest.raises(ValueError, match='not divisible by process_count 4'):
+    data.streaming_iterator('mnist', tmp_path, 'train', global_batch_size=6,
+                            process_count=4, train=True)
+  with pytest.raises(ValueError, match='ImageFolder'):
+    data.streaming_iterator('imagenet2012', None, 'train',
+                            global_batch_size=6, train=True)
+  with pytest.raises(ValueError, match='exceeds the 6 training examples'):
+    data.streaming_iterator('mnist', tmp_path, 'train', global_batch_size=8,
+                            train=True)
+
+
+@pytest.mark.slow
+def test_streaming_grain_workers_match_in_process(tmp_path):
+  _make_imagefolder(tmp_path, counts=(4, 3, 5), splits=('train',))
+  kw = dict(global_batch_size=4, process_index=1, process_count=2, seed=3,
+            train=True, num_epochs=2, start_step=1)
+  ref = _collect(data.streaming_iterator('cifar10', tmp_path, 'train',
+                                         worker_count=0, **kw))
+  got = _collect(data.streaming_iterator('cifar10', tmp_path, 'train',
+                                         worker_count=2, **kw))
+  assert len(ref) == len(got) == 2 * (15 // 4) - 1
+  for a, b in zip(ref, got):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
