@@ -1,0 +1,198 @@
+"""CheckpointManager: round trip, retention, structure check, eval restore."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+from addernet_jax import checkpoint as ckpt
+from addernet_jax.models import get_model
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+def make_state(num_classes: int = 10, seed: int = 0) -> TrainState:
+  """A LeNet-5-BN TrainState with random values (no adder compilation)."""
+  model = get_model("lenet5_bn", num_classes=num_classes)
+  x = jnp.zeros((2, 28, 28, 1), jnp.float32)
+  shapes = jax.eval_shape(lambda k: model.init(k, x, train=False),
+                          jax.random.PRNGKey(seed))
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(
+      lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           tx=optax.sgd(0.1, momentum=0.9),
+                           batch_stats=variables["batch_stats"])
+
+
+def perturb(state: TrainState, seed: int) -> TrainState:
+  """A state with random (non-zero) values everywhere, step `seed`."""
+  rng = np.random.default_rng(seed)
+  new = jax.tree.map(
+      lambda l: jnp.asarray(rng.standard_normal(l.shape), l.dtype)
+      if hasattr(l, "dtype") and jnp.issubdtype(l.dtype, jnp.floating) else l,
+      state)
+  return new.replace(step=seed)
+
+
+def abstract(state: TrainState) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+                      if hasattr(x, "shape") else x, state)
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def base_state() -> TrainState:
+  return make_state()
+
+
+def test_round_trip_keeps_values_types_and_meta(tmp_path, base_state):
+  state = perturb(base_state, 7)
+  meta = {"epoch": 3, "rng": np.arange(2, dtype=np.uint32), "lr": np.float32(.5)}
+  with ckpt.CheckpointManager(tmp_path / "ck") as mgr:
+    assert mgr.restore(abstract(base_state)) is None
+    assert mgr.latest_step() is None
+    assert mgr.save(7, state, meta, metrics={"eval_top1": 0.5})
+    mgr.wait_until_finished()
+    assert mgr.latest_step() == 7
+  with ckpt.CheckpointManager(tmp_path / "ck") as mgr:
+    restored, meta2 = mgr.restore(abstract(base_state))
+  assert isinstance(restored, TrainState)
+  assert int(restored.step) == 7
+  assert restored.apply_fn is base_state.apply_fn  # static fields come back
+  assert_trees_equal(restored, state)
+  assert meta2 == {"epoch": 3, "rng": [0, 1], "lr": 0.5}
+
+
+def test_keeps_last_n_and_best_across_restarts(tmp_path, base_state):
+  accs = {1: 0.3, 2: 0.9, 3: 0.1, 4: 0.2, 5: None, 6: 0.4, 7: 0.35}
+  mgr = ckpt.CheckpointManager(tmp_path, max_to_keep=2)
+  for step in (1, 2, 3, 4):
+    mgr.save(step, base_state, {},
+             metrics=None if accs[step] is None else {"eval_top1": accs[step]})
+  mgr.close()
+  mgr = ckpt.CheckpointManager(tmp_path, max_to_keep=2)  # a restart
+  for step in (5, 6, 7):
+    mgr.save(step, base_state, {},
+             metrics=None if accs[step] is None else {"eval_top1": accs[step]})
+  mgr.wait_until_finished()
+  assert mgr.all_steps() == [2, 6, 7]   # last two + best (0.9 at step 2)
+  assert mgr.best_step() == 2
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "6", "7"]
+  assert not mgr.save(7, base_state, {})  # an existing step is not rewritten
+  mgr.close()
+
+
+def test_min_mode_keeps_lowest(tmp_path, base_state):
+  with ckpt.CheckpointManager(tmp_path, max_to_keep=1, best_metric="loss",
+                              best_mode="min") as mgr:
+    for step, loss in ((1, 2.0), (2, 0.5), (3, 1.0), (4, 3.0)):
+      mgr.save(step, base_state, {}, metrics={"loss": loss})
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [2, 4]
+
+
+def test_unfinished_step_directories_are_ignored(tmp_path, base_state):
+  state = perturb(base_state, 3)
+  with ckpt.CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, state, {"k": 1}, force=True)
+  # What a SIGKILL during a save leaves behind: Orbax's temporary directory
+  # (not yet renamed) and, from an older or foreign writer, a step directory
+  # without the commit metadata.
+  tmp = tmp_path / "9.orbax-checkpoint-tmp-1234567" / "state"
+  tmp.mkdir(parents=True)
+  (tmp / "garbage").write_bytes(b"\x00" * 10)
+  (tmp_path / "8").mkdir()
+  (tmp_path / "8" / "state").mkdir()
+  with ckpt.CheckpointManager(tmp_path) as mgr:
+    assert mgr.latest_step() == 3
+    restored, meta = mgr.restore(abstract(base_state))
+    assert meta == {"k": 1}
+    assert_trees_equal(restored, state)
+    mgr.save(8, state, {"k": 2})   # the number of the bad directory is free
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [3, 8]
+
+
+def test_architecture_mismatch_names_parameter_and_shapes(tmp_path,
+                                                          base_state):
+  with ckpt.CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, base_state, {}, force=True)
+  other = make_state(num_classes=7)
+  with ckpt.CheckpointManager(tmp_path) as mgr:
+    with pytest.raises(ValueError) as err:
+      mgr.restore(abstract(other))
+  msg = str(err.value)
+  # Orbax stores dicts sorted by key: the first difference is the last BN.
+  assert "'params/bn5/bias'" in msg, msg
+  assert "(10,) in the checkpoint but (7,) in the model" in msg, msg
+  assert (tmp_path / "1").is_dir()   # a mismatch is not "corruption"
+  with pytest.raises(ValueError, match="params/bn5/bias"):
+    ckpt.restore_for_eval(tmp_path, abstract(other))
+
+
+def test_structure_check_missing_and_extra():
+  saved = {"params": {"a": np.zeros((2, 3)), "b": np.zeros(4)}}
+  with pytest.raises(ValueError, match=r"'params/c'.*missing"):
+    ckpt.check_structure(saved, {"params": {"a": np.zeros((2, 3)),
+                                            "c": np.zeros(1)}})
+  with pytest.raises(ValueError, match=r"'params/b'.*lacks"):
+    ckpt.check_structure(saved, {"params": {"a": np.zeros((2, 3))}})
+  ckpt.check_structure(saved, {"params": {"a": np.zeros((2, 3))}},
+                       allow_extra=True)
+
+
+def test_restore_for_eval_latest_best_and_partial(tmp_path, base_state):
+  workdir = tmp_path / "run"
+  states = {s: perturb(base_state, s) for s in (1, 2, 3)}
+  with ckpt.CheckpointManager(workdir / "checkpoints") as mgr:
+    for step, acc in ((1, 0.2), (2, 0.8), (3, 0.5)):
+      mgr.save(step, states[step], {}, metrics={"eval_top1": acc})
+  latest = ckpt.restore_for_eval(workdir, abstract(base_state))
+  assert_trees_equal(latest, states[3])
+  best = ckpt.restore_for_eval(workdir / "checkpoints", abstract(base_state),
+                               which="best")
+  assert_trees_equal(best, states[2])
+  # Only the variables an evaluation needs.
+  part = {"params": abstract(base_state).params,
+          "batch_stats": abstract(base_state).batch_stats}
+  got = ckpt.restore_for_eval(workdir, part)
+  assert_trees_equal(got, {"params": states[3].params,
+                           "batch_stats": states[3].batch_stats})
+  with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+    ckpt.restore_for_eval(tmp_path / "empty", part)
+  with pytest.raises(ValueError, match="which"):
+    ckpt.restore_for_eval(workdir, part, which="newest")
+
+
+def test_check_writable(tmp_path):
+  assert ckpt.check_writable(tmp_path / "a" / "b").is_dir()
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ckpt.CheckpointError, match="not writable") as err:
+    ckpt.check_writable(blocker / "workdir")
+  assert str(blocker / "workdir") in str(err.value)
+  with pytest.raises(ckpt.CheckpointError, match="not writable"):
+    ckpt.CheckpointManager(blocker / "ck")
+
+
+def test_invalid_arguments(tmp_path):
+  with pytest.raises(ValueError, match="max_to_keep"):
+    ckpt.CheckpointManager(tmp_path, max_to_keep=0)
+  with pytest.raises(ValueError, match="best_mode"):
+    ckpt.CheckpointManager(tmp_path, best_mode="largest")
