@@ -19,6 +19,7 @@ included), linear weights (O, I) -> (I, O).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping
 
@@ -110,6 +111,7 @@ def _state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
   return state
 
 
+@functools.lru_cache(maxsize=16)
 def _abstract_variables(model_name: str, num_classes: int, conv: str,
                         in_channels: int) -> dict[str, Any]:
   model = models_lib.get_model(model_name, num_classes=num_classes, conv=conv)

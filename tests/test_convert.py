@@ -1,0 +1,472 @@
+"""PyTorch checkpoint conversion: parity with the official model, safety of
+the torch-free reader against malicious pickles, both file formats."""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from addernet_jax import convert, torch_pickle
+from addernet_jax.models import get_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+OFFICIAL = SHARED / "official-resnet20"
+CIFAR_MEAN = np.array((0.4914, 0.4822, 0.4465))
+CIFAR_STD = np.array((0.2023, 0.1994, 0.2010))
+
+
+def _official(name: str) -> Path:
+  path = OFFICIAL / name
+  if not path.is_file():
+    pytest.skip(f"{path} is absent (the shared real-data folder sits beside "
+                f"a developer checkout, not in a user's clone)")
+  return path
+
+
+@pytest.fixture(scope="module")
+def official_variables():
+  return convert.load_torch_checkpoint(_official("ResNet20-AdderNet.pth"),
+                                       "resnet20")
+
+
+@pytest.fixture(scope="module")
+def official_state_dict():
+  return torch_pickle.load(_official("ResNet20-AdderNet.pth"))
+
+
+def _normalise(images_uint8: np.ndarray) -> np.ndarray:
+  return ((images_uint8 / 255.0 - CIFAR_MEAN) / CIFAR_STD).astype(np.float32)
+
+
+# ---------------------------------------------------------------- parity --
+
+def test_official_checkpoint_layout(official_state_dict, official_variables):
+  assert len(official_state_dict) == 132
+  assert all(k.startswith("module.") for k in official_state_dict)
+  assert convert.infer_model_kwargs(official_variables) == {
+      "num_classes": 10, "conv": "adder"}
+  params = official_variables["params"]
+  w = official_state_dict["module.layer2.0.conv1.adder"]  # OIHW (32,16,3,3)
+  # HWIO[i, j, c, o] == OIHW[o, c, i, j], checked element by element.
+  got = np.asarray(params["layer2_0"]["conv1"]["adder_kernel"])
+  assert got.shape == (3, 3, 16, 32)
+  assert got[2, 0, 5, 31] == w[31, 5, 2, 0]
+  assert got[1, 2, 15, 3] == w[3, 15, 1, 2]
+  fc = official_state_dict["module.fc.weight"]
+  np.testing.assert_array_equal(np.asarray(params["fc"]["kernel"])[0, 0],
+                                fc[:, :, 0, 0].T)
+  np.testing.assert_array_equal(
+      np.asarray(official_variables["batch_stats"]["bn2"]["var"]),
+      official_state_dict["module.bn2.running_var"])
+
+
+def test_official_golden_activations(official_variables):
+  """Stage by stage against the official float64 activations (8 images):
+  padding, stride and layout conventions all show up here."""
+  golden = np.load(_official("golden_activations_first8.npz"))
+  x = _normalise(golden["input_uint8_nhwc"])
+  np.testing.assert_allclose(
+      x, np.transpose(golden["input_normalized_nchw"], (0, 2, 3, 1)),
+      atol=1e-6)
+  model = get_model("resnet20", num_classes=10)
+
+  @jax.jit
+  def run(variables, x):
+    logits, state = model.apply(variables, x, train=False,
+                                capture_intermediates=True,
+                                mutable=["intermediates"])
+    inter = state["intermediates"]
+    layer3 = inter["layer3_2"]["__call__"][0]
+    return {
+        "stem": jax.nn.relu(inter["bn1"]["__call__"][0]),
+        "layer1.0.conv1_adder_raw": inter["layer1_0"]["conv1"]["__call__"][0],
+        "layer1": inter["layer1_2"]["__call__"][0],
+        "layer2": inter["layer2_2"]["__call__"][0],
+        "layer3": layer3,
+        "avgpool": layer3.mean(axis=(1, 2), keepdims=True),
+        "logits": logits,
+    }
+
+  ours = run(official_variables, x)
+  for stage, got in ours.items():
+    want = golden[stage]
+    if want.ndim == 4:
+      want = np.transpose(want, (0, 2, 3, 1))  # NCHW -> NHWC
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape, stage
+    scale = max(np.abs(want).max(), 1.0)
+    rel_l2 = np.linalg.norm(got - want) / np.linalg.norm(want)
+    print(f"{stage}: max abs diff {np.abs(got - want).max():.3g} "
+          f"(scale {scale:.3g}), relative L2 {rel_l2:.3g}")
+    # float32 against float64 through up to 19 layers (measured: relative
+    # L2 <= 4e-4, max abs <= 3e-4 * scale; the official float32
+    # logits are themselves 3e-3 from float64); a padding, stride or layout
+    # slip gives differences of order one.
+    assert rel_l2 < 1e-3, stage
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale,
+                               err_msg=stage)
+  assert np.abs(np.asarray(ours["logits"]) - golden["logits"]).max() < 5e-3
+
+
+@pytest.mark.slow
+def test_official_logits_297(official_variables):
+  """The converted model reproduces the official PyTorch logits on 297 real
+  lossless CIFAR-10 test images (about 40 s on a 2-core CPU)."""
+  data = np.load(_official("cifar10_test_lossless_297.npz"))
+  model = get_model("resnet20", num_classes=10)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  x = _normalise(data["images"])
+  logits = np.concatenate([np.asarray(apply(official_variables, x[i:i + 99]))
+                           for i in range(0, len(x), 99)])
+  official = data["official_logits"]
+  assert logits.shape == official.shape == (297, 10)
+  np.testing.assert_array_equal(logits.argmax(1), official.argmax(1))
+  # The official logits are float32 GPU results ~3e-3 from float64 themselves.
+  assert np.abs(logits - official).max() < 1e-2
+  assert int((logits.argmax(1) == data["labels"]).sum()) == 269
+
+
+# --------------------------------------------------- a torch-free writer --
+# Emits exactly what torch.save emits (the same globals and persistent ids),
+# so both containers are tested where torch is not installed.
+
+class _Global:
+  """Pickled as GLOBAL `module name` (no import needed to write it)."""
+
+  def __init__(self, module: str, name: str):
+    self.module, self.name = module, name
+
+  def __call__(self, *args):  # save_reduce insists on a callable
+    raise AssertionError("never called")
+
+
+_STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage",
+                  np.dtype(np.float64): "DoubleStorage",
+                  np.dtype(np.float16): "HalfStorage",
+                  np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+                  np.dtype(np.int64): "LongStorage",
+                  np.dtype(np.int32): "IntStorage",
+                  np.dtype(np.uint8): "ByteStorage",
+                  np.dtype(np.bool_): "BoolStorage"}
+
+
+class _FakeStorage:
+  def __init__(self, key: str, flat: np.ndarray):
+    self.key, self.flat = key, flat
+
+
+class _FakeTensor:
+  def __init__(self, storage, offset, size, stride):
+    self.args = (storage, offset, tuple(size), tuple(stride))
+
+  def __reduce__(self):
+    return (_Global("torch._utils", "_rebuild_tensor_v2"),
+            self.args + (False, collections.OrderedDict()))
+
+
+class _TorchLikePickler(pickle._Pickler):  # pure-Python pickler: hookable
+  dispatch = pickle._Pickler.dispatch.copy()
+
+  def __init__(self, file, legacy: bool):
+    super().__init__(file, protocol=2)
+    self.legacy = legacy
+
+  def _save_fake_global(self, obj):
+    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+
+  dispatch[_Global] = _save_fake_global
+
+  def persistent_id(self, obj):
+    if not isinstance(obj, _FakeStorage):
+      return None
+    storage_type = _Global("torch", _STORAGE_NAMES[obj.flat.dtype])
+    pid = ("storage", storage_type, obj.key, "cpu", int(obj.flat.size))
+    return pid + (None,) if self.legacy else pid
+
+
+def _fake_tensors(state: dict, storages: list) -> dict:
+  """Numpy arrays -> fake tensors, each with its own contiguous storage."""
+  out = collections.OrderedDict()
+  for name, value in state.items():
+    if isinstance(value, dict):
+      out[name] = _fake_tensors(value, storages)
+      continue
+    value = np.array(value, order="C")
+    flat = value.reshape(-1)
+    storage = _FakeStorage(str(len(storages)), flat)
+    storages.append(storage)
+    strides = [int(s) // max(value.itemsize, 1)
+               for s in value.strides]
+    out[name] = _FakeTensor(storage, 0, value.shape, strides)
+  return out
+
+
+def _write_fake(path: Path, obj, storages: list[_FakeStorage], legacy: bool):
+  """A torch.save-format file of `obj` (fake tensors) in either container."""
+  main = io.BytesIO()
+  _TorchLikePickler(main, legacy).dump(obj)
+  if legacy:
+    with open(path, "wb") as f:
+      for header in (torch_pickle.LEGACY_MAGIC_NUMBER,
+                     torch_pickle.LEGACY_PROTOCOL_VERSION,
+                     {"protocol_version": 1001, "little_endian": True,
+                      "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, f, protocol=2)
+      f.write(main.getvalue())
+      pickle.dump([s.key for s in storages], f, protocol=2)
+      for s in storages:
+        f.write(struct.pack("<q", s.flat.size))
+        f.write(s.flat.astype(s.flat.dtype.newbyteorder("<")).tobytes())
+  else:
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", main.getvalue())
+      z.writestr("archive/byteorder", "little")
+      z.writestr("archive/version", "3\n")
+      for s in storages:
+        z.writestr(f"archive/data/{s.key}", s.flat.tobytes())
+
+
+def _assert_tree_equal(got, want):
+  assert type(got) is type(want) or (isinstance(got, dict)
+                                     and isinstance(want, dict))
+  if isinstance(want, dict):
+    assert list(got) == list(want)
+    for key in want:
+      _assert_tree_equal(got[key], want[key])
+  else:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def _random_state(seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  return collections.OrderedDict(
+      w=rng.normal(size=(5, 3, 3, 2)).astype(np.float32),
+      d=rng.normal(size=(7,)),
+      h=rng.normal(size=(2, 3)).astype(np.float16),
+      b=rng.normal(size=(3, 1)).astype(ml_dtypes.bfloat16),
+      n=np.array(rng.integers(-9, 9)),
+      i=rng.integers(0, 255, size=(4, 5)).astype(np.uint8),
+      m=rng.random((3, 2)) > 0.5,
+      e=np.zeros((0, 3), np.float32),
+  )
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_reader_round_trip_without_torch(tmp_path, legacy):
+  state = _random_state(1)
+  storages: list = []
+  path = tmp_path / "fake.pth"
+  _write_fake(path, _fake_tensors(state, storages), storages, legacy)
+  assert zipfile.is_zipfile(path) != legacy
+  _assert_tree_equal(torch_pickle.load(path), state)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_strided_and_shared_storage_views(tmp_path, legacy):
+  """A transposed view and an offset slice of one storage, as torch writes
+  for non-contiguous tensors that share memory."""
+  flat = np.arange(3 * 5, dtype=np.float32) * 0.5 - 2
+  storage = _FakeStorage("0", flat)
+  obj = collections.OrderedDict(
+      t=_FakeTensor(storage, 0, (5, 3), (1, 5)),   # (3,5) transposed
+      s=_FakeTensor(storage, 7, (2, 2), (5, 1)),   # a window at offset 7
+  )
+  path = tmp_path / "views.pth"
+  _write_fake(path, obj, [storage], legacy)
+  got = torch_pickle.load(path)
+  np.testing.assert_array_equal(got["t"], flat.reshape(3, 5).T)
+  np.testing.assert_array_equal(got["s"], flat[7:].reshape(-1)[[0, 1, 5, 6]]
+                                .reshape(2, 2))
+  # A stride that reads past the storage is refused, not read.
+  bad = collections.OrderedDict(t=_FakeTensor(storage, 5, (5, 3), (1, 5)))
+  _write_fake(path, bad, [storage], legacy)
+  with pytest.raises(pickle.UnpicklingError, match="reads element"):
+    torch_pickle.load(path)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_module_prefix_and_wrapper(tmp_path, legacy, official_state_dict,
+                                   official_variables):
+  """{'state_dict': ...} without 'module.' converts to the same variables."""
+  plain = collections.OrderedDict(
+      (k[len("module."):], v) for k, v in official_state_dict.items())
+  storages: list = []
+  path = tmp_path / "wrapped.pth"
+  _write_fake(path, {"state_dict": _fake_tensors(plain, storages),
+                     "epoch": 399}, storages, legacy)
+  variables = convert.load_torch_checkpoint(path, "resnet20")
+  jax.tree.map(np.testing.assert_array_equal, variables, official_variables)
+
+
+# ------------------------------------------------------------------ safety --
+
+class _Payload:
+  def __init__(self, func, arg):
+    self.func, self.arg = func, arg
+
+  def __reduce__(self):
+    return self.func, (self.arg,)
+
+
+def _malicious_pickles(marker: Path) -> dict[str, bytes]:
+  command = f"touch {marker}"
+  code = f"open({str(marker)!r}, 'w').write('pwned')"
+  return {
+      "os.system": pickle.dumps(_Payload(os.system, command), protocol=2),
+      "builtins.eval": pickle.dumps(_Payload(eval, code), protocol=2),
+      "builtins.exec": pickle.dumps(
+          collections.OrderedDict(w=_Payload(exec, code)), protocol=4),
+      # A harmless-looking but unlisted global (e.g. a pickled model class).
+      "unlisted": pickle.dumps(collections.OrderedDict(
+          w=_Payload(collections.Counter, "abc")), protocol=2),
+  }
+
+
+@pytest.mark.parametrize("container", ["legacy", "legacy-first", "zip"])
+def test_malicious_pickles_are_refused(tmp_path, container):
+  marker = tmp_path / "pwned"
+  for label, payload in _malicious_pickles(marker).items():
+    path = tmp_path / f"{label}.pth"
+    if container == "zip":
+      with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+    elif container == "legacy-first":  # payload in place of the magic number
+      path.write_bytes(payload)
+    else:
+      with open(path, "wb") as f:
+        pickle.dump(torch_pickle.LEGACY_MAGIC_NUMBER, f, protocol=2)
+        pickle.dump(torch_pickle.LEGACY_PROTOCOL_VERSION, f, protocol=2)
+        pickle.dump({"little_endian": True}, f, protocol=2)
+        f.write(payload)
+        pickle.dump([], f, protocol=2)
+    with pytest.raises(torch_pickle.UnsafePickleError,
+                       match=r"refusing to load .* global"):
+      torch_pickle.load(path)
+    with pytest.raises(torch_pickle.UnsafePickleError):
+      convert.load_torch_checkpoint(path, "resnet20")
+    assert not marker.exists(), f"{label} payload ran ({container})"
+
+
+def test_refusal_names_the_global(tmp_path):
+  path = tmp_path / "evil.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl",
+               pickle.dumps(_Payload(os.system, "true"), protocol=2))
+  with pytest.raises(torch_pickle.UnsafePickleError) as info:
+    torch_pickle.load(path)
+  assert f"global {os.system.__module__}.system" in str(info.value)
+
+
+def test_not_a_checkpoint(tmp_path):
+  path = tmp_path / "junk.pth"
+  path.write_bytes(b"definitely not a pickle")
+  with pytest.raises(pickle.UnpicklingError, match="neither"):
+    torch_pickle.load(path)
+  with pytest.raises(FileNotFoundError):
+    torch_pickle.load(tmp_path / "missing.pth")
+
+
+# ------------------------------------------------------------ bad matches --
+
+def test_wrong_model_name_and_architecture(official_state_dict):
+  state = dict(official_state_dict)
+  with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+    convert.convert_state_dict(state, "resnet21")
+  with pytest.raises(ValueError, match="not a resnet18"):
+    convert.convert_state_dict(state, "resnet18")
+  bad = dict(state)
+  bad["module.layer3.0.conv1.adder"] = np.zeros((64, 31, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"layer3\.0\.conv1\.adder has shape "
+                     r"\(64, 31, 3, 3\).*expects \(3, 3, 32, 64\)"):
+    convert.convert_state_dict(bad, "resnet20")
+  extra = dict(state, **{"module.layer4.0.conv1.adder":
+                         np.zeros((1, 1, 1, 1), np.float32)})
+  with pytest.raises(ValueError, match="layer4.0.conv1.adder.*no counterpart"):
+    convert.convert_state_dict(extra, "resnet20")
+  missing = {k: v for k, v in state.items() if "bn2.running_var" not in k
+           or "layer" in k}
+  with pytest.raises(ValueError, match="batch_stats/bn2/var"):
+    convert.convert_state_dict(missing, "resnet20")
+
+
+def test_num_classes_inferred_and_mult_twin():
+  """A random CIFAR-100 ResNet-20 CNN (conv='mult') state dict in official
+  names converts onto get_model(..., num_classes=100, conv='mult')."""
+  rng = np.random.default_rng(0)
+  model = get_model("resnet20", num_classes=100, conv="mult")
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  flat = {}
+  for collection, tree in abstract.items():
+    for path, leaf in __import__("flax").traverse_util.flatten_dict(
+        tree).items():
+      module = ".".join(p.replace("downsample_conv", "downsample.0")
+                        .replace("downsample_bn", "downsample.1")
+                        .replace("_", ".") for p in path[:-1])
+      attr = {"kernel": "weight", "scale": "weight", "bias": "bias",
+              "mean": "running_mean", "var": "running_var"}[path[-1]]
+      shape = leaf.shape
+      if len(shape) == 4:
+        shape = (shape[3], shape[2], shape[0], shape[1])
+      flat[f"{module}.{attr}"] = rng.normal(size=shape).astype(np.float32)
+  variables = convert.convert_state_dict(flat, "resnet20")
+  assert convert.infer_model_kwargs(variables) == {"num_classes": 100,
+                                                   "conv": "mult"}
+  np.testing.assert_array_equal(
+      np.asarray(variables["params"]["layer2_0"]["downsample_conv"]["kernel"]),
+      flat["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+
+
+# ------------------------------------------------------- real torch.save --
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_save_round_trip(tmp_path, zip_format):
+  torch = pytest.importorskip("torch", reason="torch is not installed (CI "
+                              "installs the CPU wheel)")
+  gen = torch.Generator().manual_seed(3)
+  base = torch.randn(6, 4, generator=gen)
+  state = collections.OrderedDict(
+      conv=torch.randn(8, 3, 3, 3, generator=gen),
+      transposed=base.t(),                       # non-contiguous
+      window=base[2:4, 1:3],                     # shares base's storage
+      base=base,
+      half=torch.randn(5, generator=gen).half(),
+      bf16=torch.randn(2, 3, generator=gen).bfloat16(),
+      double=torch.randn(3, generator=gen, dtype=torch.float64),
+      count=torch.tensor(17),
+      flags=torch.tensor([True, False, True]),
+  )
+  path = tmp_path / "torch.pth"
+  torch.save({"state_dict": state}, path,
+             _use_new_zipfile_serialization=zip_format)
+  got = torch_pickle.load(path)["state_dict"]
+  assert list(got) == list(state)
+  for name, tensor in state.items():
+    want = (tensor.float().numpy().astype(ml_dtypes.bfloat16)
+            if tensor.dtype == torch.bfloat16 else tensor.numpy())
+    assert got[name].dtype == want.dtype, name
+    np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_saved_official_checkpoint(tmp_path, zip_format,
+                                         official_state_dict,
+                                         official_variables):
+  torch = pytest.importorskip("torch", reason="torch is not installed")
+  state = collections.OrderedDict(
+      (k, torch.from_numpy(v.copy())) for k, v in official_state_dict.items())
+  path = tmp_path / "resaved.pth"
+  torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+  variables = convert.load_torch_checkpoint(path, "resnet20")
+  jax.tree.map(np.testing.assert_array_equal, variables, official_variables)
