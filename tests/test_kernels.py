@@ -1,0 +1,328 @@
+"""Pallas adder kernels against float64 NumPy, in interpret mode on the CPU.
+
+Structure (tokamax/JAX style): `KernelTestBase` holds the checks; each
+subclass names a kernel family and how to run it (Pallas GPU interpret mode,
+Pallas TPU interpret mode, or compiled on a real GPU). The custom VJP through
+`addernet_jax.ops.adder_conv(..., implementation="pallas")` is checked
+against `implementation="xla"`. Cross-platform lowering tests check that the
+kernels lower to Triton (CUDA) and Mosaic (TPU) without a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from addernet_jax import ops, reference
+from kernels import dispatch, gpu, layout, tpu
+
+
+# ------------------------------------------------------ float64 reference --
+
+def np_forward(xp, w, strides):
+  """float64: y = -sum |xp_patch - w| (direct per-tap loop)."""
+  xp, w = np.asarray(xp, np.float64), np.asarray(w, np.float64)
+  kh, kw, _, cout = w.shape
+  (sh, sw) = strides
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  y = np.zeros((xp.shape[0], ho, wo, cout))
+  for i in range(kh):
+    for j in range(kw):
+      v = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+      y -= np.abs(v[..., :, None] - w[i, j]).sum(axis=-2)
+  return y
+
+
+def np_input_grad(xp, w, g, strides):
+  """float64: dxp[.., p*s+i, q*s+j, c] += sum_o clip(w - xp, -1, 1) g."""
+  xp, w, g = (np.asarray(a, np.float64) for a in (xp, w, g))
+  kh, kw, _, _ = w.shape
+  (sh, sw) = strides
+  ho, wo = g.shape[1:3]
+  dxp = np.zeros_like(xp)
+  for i in range(kh):
+    for j in range(kw):
+      sl = (slice(None), slice(i, i + sh * (ho - 1) + 1, sh),
+            slice(j, j + sw * (wo - 1) + 1, sw), slice(None))
+      clipped = np.clip(w[i, j] - xp[sl][..., :, None], -1, 1)
+      dxp[sl] += (clipped * g[..., None, :]).sum(-1)
+  return dxp
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One kernel problem: padded input [n,hp,wp,cin], filters k x k, strides."""
+  n: int
+  hp: int
+  wp: int
+  cin: int
+  cout: int
+  k: int
+  s: int
+  dtype: str = "float32"
+
+  @property
+  def id(self):
+    return (f"n{self.n}_{self.hp}x{self.wp}x{self.cin}_k{self.k}_co{self.cout}"
+            f"_s{self.s}_{self.dtype}")
+
+  def arrays(self, seed):
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(self.dtype)
+    xp = jnp.asarray(rng.standard_normal((self.n, self.hp, self.wp, self.cin)),
+                     dt)
+    # Filters near the inputs' scale so clip(w - x) is sometimes saturated,
+    # sometimes not (both branches of HardTanh exercised).
+    w = jnp.asarray(0.7 * rng.standard_normal((self.k, self.k, self.cin,
+                                               self.cout)), dt)
+    ho, wo = layout.output_hw(xp.shape, w.shape, (self.s, self.s))
+    g = jnp.asarray(rng.standard_normal((self.n, ho, wo, self.cout)), dt)
+    return xp, w, g
+
+
+# Awkward sizes: odd spatial sizes, channels not multiples of any block, 1x1,
+# 5x5, stride 2 with odd padded sizes, bfloat16.
+FAST_CASES = [
+    Case(2, 7, 9, 3, 5, 3, 1),
+    Case(2, 9, 8, 4, 6, 3, 2),
+    Case(1, 6, 5, 3, 7, 1, 2),
+    Case(1, 9, 8, 2, 3, 5, 1),
+    Case(2, 8, 7, 3, 4, 3, 1, "bfloat16"),
+]
+TPU_CASES = [
+    Case(2, 7, 9, 3, 5, 3, 1),
+    Case(1, 9, 8, 4, 6, 3, 2, "bfloat16"),
+]
+
+
+def pytest_generate_tests(metafunc):
+  if "case" in metafunc.fixturenames:
+    cases = metafunc.cls.CASES
+    metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def _tolerance(case):
+  # Inputs are exact in float64 (bf16 values are exactly representable), so
+  # the only error is float32 accumulation: far under 1e-5 relative.
+  return 2e-6
+
+
+class KernelTestBase:
+  """Checks shared by every kernel family; subclasses set the class attributes."""
+  module = None            # kernels.gpu or kernels.tpu
+  interpret = True
+  CASES = FAST_CASES
+  # Tiles that force several grid steps along every axis, with ragged edges.
+  SMALL_BLOCKS: dict = {}
+
+  def forward(self, xp, w, s, block_sizes=None):
+    return self.module.forward(xp, w, (s, s), block_sizes=block_sizes,
+                               interpret=self.interpret)
+
+  def input_grad(self, xp, w, g, s, block_sizes=None):
+    return self.module.input_grad(xp, w, g, (s, s), block_sizes=block_sizes,
+                                  interpret=self.interpret)
+
+  def test_forward(self, case):
+    xp, w, _ = case.arrays(0)
+    y = self.forward(xp, w, case.s)
+    assert y.dtype == jnp.float32
+    want = np_forward(xp, w, (case.s, case.s))
+    assert y.shape == want.shape
+    assert np.all(np.isfinite(np.asarray(y)))
+    assert rel_err(y, want) < _tolerance(case), case
+
+  def test_input_grad(self, case):
+    xp, w, g = case.arrays(1)
+    dxp = self.input_grad(xp, w, g, case.s)
+    assert dxp.dtype == jnp.float32
+    want = np_input_grad(xp, w, g, (case.s, case.s))
+    assert dxp.shape == want.shape
+    assert rel_err(dxp, want) < _tolerance(case), case
+
+  def test_many_grid_steps(self):
+    """Small tiles: several programs per axis, padded (ragged) edges."""
+    if not self.SMALL_BLOCKS:
+      pytest.skip("no small-tile configuration for this family")
+    case = Case(2, 9, 10, 5, 7, 3, 2)
+    xp, w, g = case.arrays(2)
+    y = self.forward(xp, w, case.s, self.SMALL_BLOCKS["forward"])
+    dxp = self.input_grad(xp, w, g, case.s, self.SMALL_BLOCKS["input_grad"])
+    assert rel_err(y, np_forward(xp, w, (2, 2))) < 2e-6
+    assert rel_err(dxp, np_input_grad(xp, w, g, (2, 2))) < 2e-6
+
+  def test_bad_shapes_raise(self):
+    xp = jnp.ones((1, 5, 5, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"input channels differ"):
+      self.forward(xp, jnp.ones((3, 3, 4, 2), jnp.float32), 1)
+    with pytest.raises(ValueError, match=r"output gradient has shape"):
+      self.input_grad(xp, jnp.ones((3, 3, 3, 2), jnp.float32),
+                      jnp.ones((1, 4, 4, 2), jnp.float32), 1)
+
+
+class TestGpuKernelInterpret(KernelTestBase):
+  """`kernels.gpu` (Triton source) in Pallas interpret mode on the host."""
+  module = gpu
+  SMALL_BLOCKS = {"forward": gpu.BlockSizes(block_pix=8, block_ch=4),
+                  "input_grad": gpu.BlockSizes(block_pix=16, block_ch=2)}
+
+
+@pytest.mark.slow
+class TestTpuKernelInterpret(KernelTestBase):
+  """`kernels.tpu` (Mosaic TPU) in TPU interpret mode (`pltpu.InterpretParams`)."""
+  module = tpu
+  CASES = TPU_CASES
+  SMALL_BLOCKS = {"forward": tpu.BlockSizes(block_m8=8, block_k=16, block_n=3),
+                  "input_grad": tpu.BlockSizes(block_m8=8, block_k=16,
+                                               block_n=3)}
+
+
+def _has_gpu():
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (compiled Triton kernels)")
+class TestGpuKernelCompiled(KernelTestBase):
+  """`kernels.gpu` compiled for the GPU (tf32-free: pure CUDA-core FP32)."""
+  module = gpu
+  interpret = False
+  CASES = FAST_CASES + [Case(8, 34, 34, 16, 16, 3, 1), Case(8, 34, 34, 16, 32, 3, 2),
+                        Case(8, 10, 10, 64, 64, 3, 1), Case(8, 16, 16, 16, 32, 1, 2)]
+  SMALL_BLOCKS = TestGpuKernelInterpret.SMALL_BLOCKS
+
+
+# -------------------------------------------------------- block heuristics --
+
+@pytest.mark.parametrize("platform", ["gpu", "cpu"])
+@pytest.mark.parametrize("shapes", [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
+                                    ((256, 34, 34, 16), (3, 3, 16, 32), (2, 2)),
+                                    ((256, 10, 10, 64), (3, 3, 64, 64), (1, 1)),
+                                    ((3, 7, 5, 3), (1, 1, 3, 1000), (2, 2))])
+def test_gpu_block_sizes_are_valid(platform, shapes):
+  xp_shape, w_shape, strides = shapes
+  for kind in ("forward", "input_grad"):
+    bs = gpu.get_block_sizes(kind, xp_shape, w_shape, strides, platform)
+    assert layout.is_pow2(bs.block_pix) and layout.is_pow2(bs.block_ch)
+    if platform == "gpu":  # register budget: <= 64 accumulators per thread
+      assert bs.block_pix * bs.block_ch <= 64 * 32 * bs.num_warps
+
+
+def test_tpu_block_sizes_are_aligned():
+  bs = tpu.get_block_sizes("forward", (256, 34, 34, 16), (3, 3, 16, 16),
+                           (1, 1), "tpu")
+  assert bs.block_m8 % 8 == 0 and bs.block_n <= 16
+  with pytest.raises(ValueError, match="block_m8"):
+    tpu.BlockSizes(block_m8=12, block_k=8, block_n=8)
+  with pytest.raises(ValueError, match="power of two"):
+    gpu.BlockSizes(block_pix=24, block_ch=8)
+
+
+# --------------------------------------------- cross-platform lowering --
+
+LOWER_SHAPES = [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
+                ((64, 18, 18, 16), (3, 3, 16, 32), (2, 2)),
+                ((64, 16, 16, 32), (1, 1, 32, 64), (2, 2)),
+                ((2, 9, 11, 3), (5, 5, 3, 7), (1, 1))]
+
+
+def _lower(fn, platform, *avals):
+  return jax.jit(fn).trace(*avals).lower(
+      lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("xp_shape,w_shape,strides", LOWER_SHAPES)
+@pytest.mark.parametrize("family,platform,marker",
+                         [(gpu, "cuda", "__gpu$xla.gpu.triton"),
+                          (tpu, "tpu", "tpu_custom_call")])
+def test_kernels_lower_for_device(family, platform, marker, xp_shape, w_shape,
+                                  strides):
+  """Triton / Mosaic lowering runs on the host (no device compile or run)."""
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  xp = jax.ShapeDtypeStruct(xp_shape, jnp.bfloat16)
+  w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+  g = jax.ShapeDtypeStruct((xp_shape[0], ho, wo, w_shape[3]), jnp.float32)
+  fwd = _lower(lambda a, b: family.forward(a, b, strides), platform, xp, w)
+  dx = _lower(lambda a, b, c: family.input_grad(a, b, c, strides), platform,
+              xp, w, g)
+  assert marker in fwd and marker in dx
+
+
+# ---------------------------------------------------- dispatch and the VJP --
+
+def test_dispatch_on_cpu_interprets_gpu_kernels():
+  assert jax.default_backend() == "cpu"
+  backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
+  assert isinstance(backend, ops.Backend)
+  assert backend.forward.func is gpu.forward
+  assert backend.forward.keywords == {"interpret": True}
+  assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 4, 5), (1, 1)) is None
+  assert dispatch.backend_for((2, 2, 2, 3), (3, 3, 3, 5), (1, 1)) is None
+
+
+def test_dispatch_switches(monkeypatch):
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu")
+  backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
+  assert backend.input_grad.func is tpu.input_grad
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "xla")
+  assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) is None
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "triton")
+  backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
+  assert backend.forward.func is gpu.forward
+  assert backend.forward.keywords == {"interpret": False}
+  assert dispatch.mac_count((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) == (
+      2 * 5 * 7 * 3 * 3 * 3 * 5)
+
+
+def _loss_and_grads(x, w, strides, padding, implementation):
+  def loss(x, w):
+    y = ops.adder_conv(x, w, strides=strides, padding=padding,
+                       implementation=implementation)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32) / 3.0)), y
+  (val, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+      x, w)
+  return val, y, grads
+
+
+@pytest.mark.parametrize("shape,strides,padding,dtype", [
+    ((2, 7, 9, 3, 5, 3), (1, 1), "SAME", "float32"),
+    pytest.param((2, 8, 7, 4, 6, 3), (2, 2), "SAME", "bfloat16",
+                 marks=pytest.mark.slow),
+    pytest.param((1, 6, 5, 3, 4, 1), (2, 2), "VALID", "float32",
+                 marks=pytest.mark.slow),
+])
+def test_custom_vjp_pallas_matches_xla(shape, strides, padding, dtype):
+  n, h, w_, cin, cout, k = shape
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((n, h, w_, cin)), dtype)
+  w = jnp.asarray(0.7 * rng.standard_normal((k, k, cin, cout)), dtype)
+  val_p, y_p, (dx_p, dw_p) = _loss_and_grads(x, w, strides, padding, "pallas")
+  val_x, y_x, (dx_x, dw_x) = _loss_and_grads(x, w, strides, padding, "xla")
+  assert y_p.dtype == y_x.dtype == jnp.dtype(dtype)
+  tol = 2e-6 if dtype == "float32" else 1e-2  # bf16 outputs / gradients
+  assert rel_err(y_p, y_x) < tol
+  assert rel_err(dx_p, dx_x) < tol
+  assert rel_err(dw_p, dw_x) < tol
+  # And the input gradient really is the clipped one (not the true derivative).
+  if dtype == "float32" and padding == "SAME":
+    pads = jax.lax.padtype_to_pads((h, w_), (k, k), strides, "SAME")
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
+    g = np.cos(np.asarray(y_x, np.float64) / 3.0) / 3.0
+    dxp = np_input_grad(xp, np.asarray(w), g, strides)
+    (t, b), (l, r) = pads
+    want = dxp[:, t:t + h, l:l + w_, :]
+    assert rel_err(dx_p, want) < 1e-5
