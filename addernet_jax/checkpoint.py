@@ -369,10 +369,23 @@ class CheckpointManager:
     try:
       self._mgr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      self._reload()
+      self._reset_manager()
       raise CheckpointError(
           f"saving checkpoint step {step} to {str(self.directory)!r} failed: "
           f"{_describe_cause(e)}; the previous checkpoints are intact") from e
+
+  def _reset_manager(self) -> None:
+    """Replaces the Orbax manager after a failed save.
+
+    Orbax keeps the exception of a failed background save and raises it again
+    from every later call; a fresh manager re-reads the directory (and cleans
+    up the failed save's temporary directory).
+    """
+    try:
+      self._mgr.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self._mgr = self._make_manager()
 
   def _reload(self) -> None:
     try:
@@ -418,7 +431,7 @@ class CheckpointManager:
       self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                      force=True)
     except Exception as e:  # pylint: disable=broad-except
-      self._reload()
+      self._reset_manager()
       raise CheckpointError(
           f"saving checkpoint step {step} to {str(self.directory)!r} failed: "
           f"{_describe_cause(e)}; the previous checkpoints are intact") from e
@@ -530,7 +543,8 @@ class CheckpointManager:
         architecture (first mismatching parameter and both shapes named).
       CheckpointError: checkpoints exist but none could be restored.
     """
-    self._raise_pending_errors() if not self.read_only else None
+    if not self.read_only:
+      self._raise_pending_errors()
     unfinished = sorted(set(self._mgr.all_steps()) - set(self.all_steps()))
     for step in unfinished:
       logger.warning("ignoring unfinished checkpoint directory %s (no %s)",

@@ -1,0 +1,128 @@
+"""Preemption: turn SIGTERM into a flag the training loop checks each step.
+
+Preemptible TPU/GPU nodes (and SLURM's `--signal`, Kubernetes, `kill`) send
+SIGTERM some seconds before the process is killed. The training loop should
+not die mid-step; it checks `preempted.should_stop(step)` once per step,
+saves a checkpoint and exits with status 0, and the next run resumes.
+
+    preempted = install_preemption_handler()
+    for step in ...:
+      state = train_step(state, batch)
+      if preempted.should_stop(step):
+        ckpt.save(step, state, meta, force=True)
+        sys.exit(0)
+
+With several processes, SIGTERM usually reaches every host, but not at the
+same step; each process must stop at the SAME step or the others block in a
+collective. `should_stop(step)` therefore agrees globally: when JAX's
+distributed runtime is initialised it uses JAX's preemption sync point
+(`multihost_utils.reached_preemption_sync_point`, which the coordination
+service drives from SIGTERM on any host), else it reads the local flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+
+def _distributed_preemption_available() -> bool:
+  """True when JAX's coordination service tracks preemption notices."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return False
+  state = getattr(distributed, "global_state", None)
+  return (jax.process_count() > 1 and state is not None
+          and getattr(state, "preemption_sync_manager", None) is not None)
+
+
+class PreemptionFlag(threading.Event):
+  """A `threading.Event` set by SIGTERM (and optionally other signals).
+
+  `is_set()` is this process's view; use `should_stop(step)` in the training
+  loop, which is the same in every process of a multi-process run.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    super().__init__()
+    self.signals = signals
+    self.signal_received: int | None = None
+    self._previous: dict[int, Any] = {}
+    self._use_jax_sync = False
+
+  def _handler(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal_received = signum
+    if not self.is_set():
+      logger.warning("received %s: will save a checkpoint and stop after the "
+                     "current step", signal.Signals(signum).name)
+    self.set()
+
+  def install(self) -> "PreemptionFlag":
+    """Installs the handlers (main thread only); returns self."""
+    self._use_jax_sync = _distributed_preemption_available()
+    if threading.current_thread() is not threading.main_thread():
+      logger.warning("install_preemption_handler called outside the main "
+                     "thread: signals cannot be caught there")
+      return self
+    for sig in self.signals:
+      if self._use_jax_sync and sig == signal.SIGTERM:
+        # JAX's coordination service already listens for SIGTERM and tells
+        # every process; a Python handler would replace its handler.
+        continue
+      self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def uninstall(self) -> None:
+    """Restores the handlers that were in place before `install`."""
+    for sig, prev in self._previous.items():
+      signal.signal(sig, prev)
+    self._previous.clear()
+
+  def should_stop(self, step: int) -> bool:
+    """True if training should checkpoint and stop after step `step`.
+
+    Must be called by every process at every step when there are several
+    processes (it is then a collective agreement on the stopping step).
+    """
+    if self._use_jax_sync:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(int(step)):
+        self.set()
+        return True
+      return False
+    return self.is_set()
+
+  def __enter__(self) -> "PreemptionFlag":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.uninstall()
+
+
+def install_preemption_handler(
+    signals: tuple[int, ...] = (signal.SIGTERM,)) -> PreemptionFlag:
+  """Installs a SIGTERM handler and returns the flag it sets.
+
+  Call after `parallel.initialize_distributed` (so that a multi-process run
+  uses JAX's cross-host preemption agreement) and from the main thread.
+
+  Args:
+    signals: the signals that request a checkpoint-and-exit.
+
+  Returns:
+    A `PreemptionFlag` (a `threading.Event`): `.is_set()` once a signal
+    arrived, `.should_stop(step)` to agree on the stopping step across
+    processes, `.uninstall()` to restore the previous handlers.
+  """
+  return PreemptionFlag(signals).install()
+
+
+__all__ = ["PreemptionFlag", "install_preemption_handler"]
