@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import pickle
 import re
+import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -336,6 +338,10 @@ def cifar10_jpeg_test(tmp_path_factory):
   if not tarball.is_file():
     pytest.skip(f'shared CIFAR-10 JPEG tarball not found at {tarball}')
   out = tmp_path_factory.mktemp('cifar10jpeg')
+  if shutil.which('tar'):  # several times faster than the tarfile module
+    subprocess.run(['tar', 'xzf', str(tarball), '-C', str(out),
+                    'cifar10-jpeg/test'], check=True)
+    return out / 'cifar10-jpeg'
   with tarfile.open(tarball) as tar:
     members = []
     for m in tar:  # test/ comes first in the archive: stop after it
