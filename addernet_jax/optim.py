@@ -1,0 +1,204 @@
+"""The paper's optimiser as Optax transforms.
+
+AdderNet's adaptive learning rate (paper eq. 12-13; official `adder.py`
+divides by 5, i.e. eta = 0.2) rescales the gradient of every adder layer `l`
+to a fixed norm:
+
+    update_l = grad_l * eta * sqrt(k_l) / max(||grad_l||_2, 1e-12)
+
+with `k_l` the number of elements of the filter. The official code folds this
+into the adder backward pass; here it is `scale_by_adaptive_lr`, applied only
+to the adder filters (`adder_mask`: leaves named "adder_kernel") and followed,
+as in the official `torch.optim.SGD(lr, momentum=0.9, weight_decay=5e-4)`, by
+weight decay on every parameter, heavy-ball momentum and the per-epoch cosine
+learning rate (`make_optimizer`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+ADDER_KERNEL = "adder_kernel"  # == addernet_jax.layers.ADDER_KERNEL
+NORM_FLOOR = 1e-12             # the official clamp(min=1e-12)
+
+
+class ScaleByAdaptiveLRState(NamedTuple):
+  """`scale_by_adaptive_lr` keeps no state."""
+
+
+def scale_by_adaptive_lr(eta: float = 0.2) -> optax.GradientTransformation:
+  """Rescales each leaf to L2 norm `eta * sqrt(leaf.size)` (AdderNet eq. 13).
+
+  A leaf with a zero gradient stays exactly zero (no NaN). The norm is taken
+  in float32 whatever the gradient's dtype; the update keeps the dtype.
+  Apply it to adder filters only (`optax.masked(..., adder_mask)`), as
+  `make_optimizer` does.
+
+  Args:
+    eta: the paper's eta (0.2 in the official release).
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+  eta = float(eta)
+
+  def init_fn(params: optax.Params) -> ScaleByAdaptiveLRState:
+    del params
+    return ScaleByAdaptiveLRState()
+
+  def scale(g: jax.Array) -> jax.Array:
+    g32 = g.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(g32)))
+    factor = eta * math.sqrt(g.size) / jnp.maximum(norm, NORM_FLOOR)
+    return (g32 * factor).astype(g.dtype)
+
+  def update_fn(updates: optax.Updates, state: ScaleByAdaptiveLRState,
+                params: optax.Params | None = None):
+    del params
+    return jax.tree.map(scale, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def adder_mask(params: Any) -> Any:
+  """A pytree of bools, True exactly where the leaf's path ends in
+  "adder_kernel" (the adder filters of `addernet_jax.layers`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(path) and _key_name(path[-1]) == ADDER_KERNEL,
+      params)
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+  if isinstance(config, Mapping):
+    return config.get(key, default)
+  if hasattr(config, "get"):  # ml_collections.ConfigDict
+    return config.get(key, default)
+  return getattr(config, key, default)
+
+
+def _require(config: Any, key: str) -> Any:
+  value = _get(config, key)
+  if value is None:
+    raise ValueError(f"config has no {key!r}; the optimiser needs it")
+  return value
+
+
+def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
+  """Length, in epochs, of the cosine (the official 400).
+
+  `num_epochs` when `num_train_steps` <= 0; otherwise the run's
+  `N = ceil(num_train_steps / steps_per_epoch)` epochs plus one, so that the
+  run follows epochs 1..N of an (N+1)-epoch cosine, as the official loop
+  follows epochs 1..399 of 400 (no step of the run gets a zero rate, and a
+  run shorter than an epoch trains at `learning_rate / 2`).
+  """
+  num_train_steps = int(_get(config, "num_train_steps", 0) or 0)
+  if num_train_steps > 0:
+    return float(math.ceil(num_train_steps / steps_per_epoch) + 1)
+  num_epochs = _require(config, "num_epochs")
+  if num_epochs <= 0:
+    raise ValueError(f"num_epochs must be positive, got {num_epochs!r}")
+  return float(num_epochs)
+
+
+def learning_rate_schedule(config: Any, steps_per_epoch: int
+                           ) -> optax.Schedule:
+  """The official per-epoch cosine, constant within each epoch.
+
+  Official `main.py`: `for e in range(1, 400): lr = 0.05 * (1 + cos(pi * e /
+  400))` with 0.05 = lr0 / 2 (lr0 = 0.1). Our optimiser step `s` (0-based,
+  Optax's count) lies in our 0-based epoch `i = s // steps_per_epoch`, which is
+  the official epoch `e = i + 1`:
+
+      lr(s) = learning_rate / 2 * (1 + cos(pi * min(i + 1, E) / E))
+            = learning_rate * cos(pi * min(i + 1, E) / (2 E))**2
+
+(the second form, used here, keeps float32 precision near the end).
+  with `E = schedule_epochs(config, steps_per_epoch)` (400 for the official
+  recipe). Training `E - 1` epochs reproduces the official run exactly; an
+  E-th epoch would run at rate 0.
+
+  Args:
+    config: with `learning_rate`, `num_epochs` and `num_train_steps`.
+    steps_per_epoch: optimiser steps per epoch (> 0).
+
+  Returns:
+    An `optax.Schedule` (step count -> float32 learning rate).
+  """
+  if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+    raise ValueError(
+        f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+  base = float(_require(config, "learning_rate"))
+  total = schedule_epochs(config, steps_per_epoch)
+
+  def schedule(count: chex.Numeric) -> jax.Array:
+    epoch = jnp.asarray(count) // steps_per_epoch + 1  # the official epoch
+    epoch = jnp.minimum(epoch.astype(jnp.float32), total)
+    return base * jnp.square(jnp.cos(jnp.pi * epoch / (2 * total)))
+
+  return schedule
+
+
+def make_optimizer(config: Any, params: Any,
+                   steps_per_epoch: int | None = None
+                   ) -> optax.GradientTransformation:
+  """The official optimiser, in the official order.
+
+  1. adaptive learning rate (`scale_by_adaptive_lr(config.eta)`) on the adder
+     filters only (`adder_mask`); skipped when `eta <= 0` or
+     `config.adaptive_lr` is False;
+  2. weight decay `config.weight_decay` on every parameter (PyTorch's SGD
+     adds `wd * p` to the gradient before momentum);
+  3. heavy-ball momentum `config.momentum` (PyTorch's buffer, no dampening,
+     no Nesterov);
+  4. `-learning_rate_schedule(config, steps_per_epoch)`.
+
+  Args:
+    config: `learning_rate`, `momentum`, `weight_decay`, `eta`, `num_epochs`,
+      `num_train_steps`, optionally `optimizer` ("sgd"), `adaptive_lr`, and
+      `steps_per_epoch` (used when the argument is None).
+    params: the parameters the optimiser will update (only their structure
+      is used, to check that the mask applies).
+    steps_per_epoch: optimiser steps per epoch.
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+  name = _get(config, "optimizer", "sgd") or "sgd"
+  if name != "sgd":
+    raise ValueError(f"optimizer must be 'sgd' (the paper's), got {name!r}")
+  if steps_per_epoch is None:
+    steps_per_epoch = _get(config, "steps_per_epoch")
+    if steps_per_epoch is None:
+      raise ValueError("make_optimizer needs steps_per_epoch (argument or "
+                       "config.steps_per_epoch)")
+  steps_per_epoch = int(steps_per_epoch)
+  jax.tree.structure(params)  # a pytree, or a clear error here
+  eta = float(_get(config, "eta", 0.2))
+  adaptive = bool(_get(config, "adaptive_lr", True)) and eta > 0
+  chain = []
+  if adaptive:
+    chain.append(optax.masked(scale_by_adaptive_lr(eta), adder_mask))
+  weight_decay = float(_get(config, "weight_decay", 0.0) or 0.0)
+  if weight_decay:
+    chain.append(optax.add_decayed_weights(weight_decay))
+  momentum = float(_get(config, "momentum", 0.0) or 0.0)
+  if momentum:
+    chain.append(optax.trace(decay=momentum, nesterov=False))
+  chain.append(optax.scale_by_learning_rate(
+      learning_rate_schedule(config, steps_per_epoch)))
+  return optax.chain(*chain)

@@ -1,0 +1,273 @@
+"""The adaptive-LR Optax transform, the adder mask, the official schedule and
+the whole optimiser against an independent numpy PyTorch-SGD reference."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import flax.linen as nn
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from addernet_jax import layers, optim
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(dict(
+      learning_rate=0.1, momentum=0.9, weight_decay=5e-4, eta=0.2,
+      num_epochs=400, num_train_steps=0, optimizer="sgd"))
+  config.update(overrides)
+  return config
+
+
+def _params(seed: int = 0) -> dict:
+  """A Flax-like tree: stem kernel, adder filters, BN, a classifier."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  return {
+      "conv1": {"kernel": normal(3, 3, 3, 5)},
+      "bn1": {"scale": normal(5), "bias": normal(5)},
+      "layer1_0": {"conv1": {"adder_kernel": normal(3, 3, 5, 7)},
+                   "downsample_conv": {"adder_kernel": normal(1, 1, 5, 7)}},
+      "fc": {"kernel": normal(1, 1, 7, 3), "bias": normal(3)},
+  }
+
+
+ADDER_PATHS = {("layer1_0", "conv1", "adder_kernel"),
+               ("layer1_0", "downsample_conv", "adder_kernel")}
+
+
+def _is_adder(path) -> bool:
+  return tuple(k.key for k in path) in ADDER_PATHS
+
+
+TRANSFORMS = {
+    "scale_by_adaptive_lr": lambda p: optim.scale_by_adaptive_lr(0.2),
+    "masked_adaptive_lr": lambda p: optax.masked(
+        optim.scale_by_adaptive_lr(0.3), optim.adder_mask),
+    "make_optimizer": lambda p: optim.make_optimizer(_config(), p, 7),
+    "make_optimizer_no_adaptive": lambda p: optim.make_optimizer(
+        _config(adaptive_lr=False), p, 7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_every_transform_jits_finite_and_keeps_shapes(name):
+  params = _params()
+  tx = TRANSFORMS[name](params)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: p * 0.37 - 0.1, params)
+  step = jax.jit(tx.update)
+  for _ in range(3):
+    updates, state = step(grads, state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    chex.assert_tree_all_finite(updates)
+    chex.assert_tree_all_finite(state)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = step(zero, tx.init(params), params)
+  chex.assert_tree_all_finite(updates)
+
+
+def test_state_type():
+  assert isinstance(optim.scale_by_adaptive_lr().init(_params()),
+                    optim.ScaleByAdaptiveLRState)
+
+
+def test_adder_mask_exact():
+  mask = optim.adder_mask(_params())
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  assert {tuple(k.key for k in path) for path, v in flat if v} == ADDER_PATHS
+  assert all(isinstance(v, bool) for _, v in flat)
+
+
+def test_adder_mask_on_flax_module():
+  """Real Linen parameter names: only the AdderConv filter is masked."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3))(x)
+      x = layers.AdderConv(3, (3, 3), name="adder")(x)
+      return nn.Dense(2)(x.reshape((x.shape[0], -1)))
+
+  params = jax.eval_shape(
+      lambda: Net().init(jax.random.key(0), jnp.ones((1, 5, 5, 2))))["params"]
+  mask = optim.adder_mask(params)
+  assert mask["adder"][layers.ADDER_KERNEL] is True
+  assert sum(jax.tree.leaves(mask)) == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=6),
+    scale=st.floats(1e-6, 1e4),
+    eta=st.floats(0.01, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_adder_norm_and_others_untouched(shape, scale, eta, seed):
+  rng = np.random.default_rng(seed)
+  grads = {
+      "a": {"adder_kernel": jnp.asarray(rng.normal(size=shape) * scale,
+                                        jnp.float32)},
+      "b": {"kernel": jnp.asarray(rng.normal(size=shape[::-1]) * scale,
+                                  jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+  }
+  tx = optax.masked(optim.scale_by_adaptive_lr(eta), optim.adder_mask)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  g = np.asarray(grads["a"]["adder_kernel"], np.float64)
+  k = g.size
+  norm = np.linalg.norm(np.asarray(updates["a"]["adder_kernel"], np.float64))
+  if np.linalg.norm(g) > 0:
+    np.testing.assert_allclose(norm, eta * math.sqrt(k), rtol=2e-5)
+    # direction kept
+    np.testing.assert_allclose(
+        np.asarray(updates["a"]["adder_kernel"], np.float64),
+        g / np.linalg.norm(g) * eta * math.sqrt(k), rtol=2e-5,
+        atol=1e-6 * eta * math.sqrt(k))
+  np.testing.assert_array_equal(updates["b"]["kernel"], grads["b"]["kernel"])
+  np.testing.assert_array_equal(updates["b"]["bias"], grads["b"]["bias"])
+
+
+def test_zero_gradients_give_zero_updates():
+  grads = {"x": {"adder_kernel": jnp.zeros((3, 3, 4, 5))},
+           "y": {"adder_kernel": jnp.zeros((2,), jnp.bfloat16)}}
+  tx = optim.scale_by_adaptive_lr(0.2)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  for leaf in jax.tree.leaves(updates):
+    assert not np.isnan(np.asarray(leaf, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(leaf, np.float32), 0)
+
+
+def test_bfloat16_keeps_dtype():
+  g = {"adder_kernel": jnp.asarray(
+      np.random.default_rng(1).normal(size=(3, 5, 2)), jnp.bfloat16)}
+  out, _ = optim.scale_by_adaptive_lr(0.2).update(g, optim.ScaleByAdaptiveLRState())
+  assert out["adder_kernel"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      np.linalg.norm(np.asarray(out["adder_kernel"], np.float64)),
+      0.2 * math.sqrt(30), rtol=1e-2)
+
+
+def _official_lr(epoch: int, lr0: float = 0.1, total: float = 400) -> float:
+  return lr0 / 2 * (1 + math.cos(epoch / total * math.pi))
+
+
+def test_schedule_matches_official_at_epoch_boundaries():
+  spe = 7
+  schedule = optim.learning_rate_schedule(_config(), spe)
+  for epoch in (1, 2, 3, 100, 200, 398, 399):  # official epochs
+    first, last = (epoch - 1) * spe, epoch * spe - 1
+    for step in (first, last):
+      np.testing.assert_allclose(float(schedule(step)), _official_lr(epoch),
+                                 rtol=1e-6, atol=1e-9)
+  assert float(schedule(0)) == pytest.approx(0.05 * (1 + math.cos(math.pi /
+                                                                   400)))
+  assert float(schedule(399 * spe)) == pytest.approx(0.0, abs=1e-9)
+  assert float(schedule(10_000 * spe)) == pytest.approx(0.0, abs=1e-9)
+  # jit-able with a traced count
+  np.testing.assert_allclose(float(jax.jit(schedule)(jnp.int32(spe))),
+                             _official_lr(2), rtol=1e-6)
+
+
+def test_schedule_num_train_steps_override():
+  spe = 5
+  schedule = optim.learning_rate_schedule(_config(num_train_steps=20), spe)
+  # 20 steps = 4 epochs of a 5-epoch cosine, like 399 of 400.
+  for step in range(20):
+    np.testing.assert_allclose(float(schedule(step)),
+                               _official_lr(step // spe + 1, total=5),
+                               rtol=1e-6)
+  short = optim.learning_rate_schedule(_config(num_train_steps=3), 100)
+  # a run shorter than an epoch: epoch 1 of a 2-epoch cosine
+  np.testing.assert_allclose(float(short(2)), 0.05, rtol=1e-6)
+  partial = optim.learning_rate_schedule(_config(num_train_steps=21), spe)
+  np.testing.assert_allclose(float(partial(20)), _official_lr(5, total=6),
+                             rtol=1e-6)
+
+
+def _numpy_reference(params, grads_seq, lrs, eta, momentum, wd):
+  """PyTorch SGD(momentum, weight_decay) with the official adder backward
+  scaling, in float64 (torch.optim.SGD: d = g + wd*p; buf = m*buf + d, buf=d
+  on the first step; p -= lr * buf)."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  buf = {}
+  for grads, lr in zip(grads_seq, lrs):
+    for k in p:
+      g = np.asarray(grads[k], np.float64)
+      if k.endswith("adder_kernel"):
+        g = g / max(np.linalg.norm(g), 1e-12) * math.sqrt(g.size) * eta
+      d = g + wd * p[k]
+      buf[k] = d if k not in buf else momentum * buf[k] + d
+      p[k] = p[k] - lr * buf[k]
+  return p
+
+
+def test_make_optimizer_matches_pytorch_sgd_reference():
+  from flax import traverse_util
+  params = _params(3)
+  config = _config()
+  spe = 2  # three steps cross an epoch boundary: the rate changes
+  tx = optim.make_optimizer(config, params, steps_per_epoch=spe)
+  state = tx.init(params)
+  rng = np.random.default_rng(7)
+  flat_params = {"/".join(k): v for k, v in
+                 traverse_util.flatten_dict(params).items()}
+  grads_seq = [{k: rng.normal(size=v.shape) * 3 for k, v in flat_params.items()}
+               for _ in range(3)]
+  step = jax.jit(tx.update)
+  current = params
+  for grads in grads_seq:
+    tree = traverse_util.unflatten_dict(
+        {tuple(k.split("/")): jnp.asarray(v, jnp.float32)
+         for k, v in grads.items()})
+    updates, state = step(tree, state, current)
+    current = optax.apply_updates(current, updates)
+  lrs = [_official_lr(s // spe + 1) for s in range(3)]
+  want = _numpy_reference(flat_params, grads_seq, lrs, 0.2, 0.9, 5e-4)
+  got = {"/".join(k): np.asarray(v) for k, v in
+         traverse_util.flatten_dict(current).items()}
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  # and the adaptive rate mattered: without it the adder filters differ
+  plain = _numpy_reference(
+      {k: v for k, v in flat_params.items()}, grads_seq, lrs, 0.0, 0.9, 5e-4)
+  assert not np.allclose(plain["layer1_0/conv1/adder_kernel"],
+                         got["layer1_0/conv1/adder_kernel"], atol=1e-3)
+
+
+def test_make_optimizer_config_errors():
+  with pytest.raises(ValueError, match="optimizer must be 'sgd'"):
+    optim.make_optimizer(_config(optimizer="adam"), _params(), 3)
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    optim.make_optimizer(_config(), _params())
+  with pytest.raises(ValueError, match="steps_per_epoch must be"):
+    optim.make_optimizer(_config(), _params(), 0)
+  # steps_per_epoch from the config
+  cfg = _config(steps_per_epoch=4)
+  tx = optim.make_optimizer(cfg, _params())
+  tx.update(_params(), tx.init(_params()), _params())
+
+
+def test_adaptive_lr_disabled():
+  params = _params()
+  grads = jax.tree.map(lambda p: p * 2.0, params)
+  for config in (_config(eta=0.0), _config(adaptive_lr=False)):
+    tx = optim.make_optimizer(config.copy_and_resolve_references()
+                              if hasattr(config, "copy_and_resolve_references")
+                              else config, params, 3)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    lr = _official_lr(1)
+    got = np.asarray(updates["layer1_0"]["conv1"]["adder_kernel"])
+    want = -lr * (np.asarray(grads["layer1_0"]["conv1"]["adder_kernel"])
+                  + 5e-4 * np.asarray(params["layer1_0"]["conv1"]
+                                      ["adder_kernel"]))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
