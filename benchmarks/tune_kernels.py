@@ -1,0 +1,156 @@
+"""Block-size sweep of the Pallas adder kernels over the ResNet-20 layers.
+
+    python benchmarks/tune_kernels.py --batch 256 --out tune.json
+
+For each ResNet-20 adder layer (benchmarks/floor.py's table) and each kernel
+(forward, input_grad) of the family for this backend (`kernels.gpu` on GPUs,
+`kernels.tpu` on TPUs), times every candidate `BlockSizes` (median of --reps,
+compile excluded), checks its result against `addernet_jax.reference` (relative
+L2 error), and reports the heuristic's choice beside the fastest candidate.
+With --floor FILE (the JSON of benchmarks/floor.py) each time is also given as
+a fraction of that layer's floor. Prints one JSON object (last line).
+On the CPU it runs the kernels in interpret mode at --batch 2 (a script check,
+not a measurement worth reporting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from addernet_jax import reference  # noqa: E402
+from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
+from kernels import gpu, tpu  # noqa: E402
+
+
+def candidates(family, kind: str, sh: dict, interpret: bool):
+  """Candidate BlockSizes for one layer (the heuristic's first)."""
+  platform = "cpu" if interpret else jax.default_backend()
+  first = family.get_block_sizes(kind, sh["xp"], sh["w"], sh["strides"],
+                                 platform)
+  out = [first]
+  if family is gpu:
+    channels = sh["w"][3] if kind == "forward" else sh["w"][2]
+    chans = sorted({min(c, gpu.layout.next_pow2(channels))
+                    for c in (8, 16, 32, 64)})
+    grid = itertools.product((16, 32, 64, 128, 256), chans, (4, 8), (1, 2, 3))
+    for pix, ch, warps, stages in grid:
+      if pix * ch > 16384 or (interpret and (warps, stages) != (4, 2)):
+        continue
+      out.append(gpu.BlockSizes(pix, ch, warps, stages))
+  else:
+    k = sh["w"][0] * sh["w"][1] * sh["w"][2]
+    for m8, bk, bn in itertools.product((8, 16, 32), (64, 128, 256, k),
+                                        (8, 16, 32)):
+      out.append(tpu.BlockSizes(m8, min(bk, k), min(bn, sh["w"][3])))
+  seen, unique = set(), []
+  for bs in out:
+    if bs not in seen:
+      seen.add(bs)
+      unique.append(bs)
+  return unique
+
+
+def _time(fn, reps):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--max_candidates", type=int, default=0,
+                      help="cap per layer and kernel (0: all)")
+  parser.add_argument("--layers", default="", help="comma-separated names")
+  parser.add_argument("--floor", default=None, help="floor.py JSON output")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  backend = jax.default_backend()
+  interpret = backend not in ("gpu", "tpu")
+  family = tpu if backend == "tpu" else gpu
+  batch = args.batch or (2 if interpret else 256)
+  floors = {}
+  if args.floor:
+    for row in json.loads(Path(args.floor).read_text())["layers"]:
+      floors[row["layer"]] = row
+  wanted = set(filter(None, args.layers.split(",")))
+  rows = []
+  key = jax.random.key(0)
+  for layer in RESNET20_LAYERS:
+    if wanted and layer[0] not in wanted:
+      continue
+    sh = layer_shapes(batch, layer)
+    kx, kw, kg, key = jax.random.split(key, 4)
+    xp = jax.random.normal(kx, sh["xp"], jnp.float32)
+    w = 0.7 * jax.random.normal(kw, sh["w"], jnp.float32)
+    g = jax.random.normal(kg, sh["y"], jnp.float32)
+    want = {"forward": reference.forward(xp, w, sh["strides"]),
+            "input_grad": reference.input_grad(xp, w, g, sh["strides"])}
+    for kind in ("forward", "input_grad"):
+      cands = candidates(family, kind, sh, interpret)
+      if args.max_candidates:
+        cands = cands[:args.max_candidates]
+      results = []
+      for bs in cands:
+        if kind == "forward":
+          fn = lambda bs=bs: family.forward(xp, w, sh["strides"], block_sizes=bs,
+                                            interpret=interpret)
+        else:
+          fn = lambda bs=bs: family.input_grad(xp, w, g, sh["strides"],
+                                               block_sizes=bs,
+                                               interpret=interpret)
+        try:
+          err = rel_err(fn(), want[kind])
+          t = _time(fn, args.reps)
+          entry = {"block_sizes": bs.__dict__, "s": t, "rel_err": err}
+          if layer[0] in floors:
+            entry["fraction_of_floor"] = floors[layer[0]][f"{kind}_floor_s"] / t
+          results.append(entry)
+        except Exception as e:  # a candidate that does not compile.
+          results.append({"block_sizes": bs.__dict__,
+                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      ok = [r for r in results if "s" in r]
+      best = min(ok, key=lambda r: r["s"]) if ok else None
+      rows.append({"layer": layer[0], "kind": kind, "heuristic": results[0],
+                   "best": best, "candidates": results})
+      print(json.dumps({"layer": layer[0], "kind": kind,
+                        "heuristic_s": results[0].get("s"),
+                        "best_s": best and best["s"],
+                        "best": best and best["block_sizes"]}), flush=True)
+  result = {"device": str(jax.devices()[0].device_kind), "backend": backend,
+            "interpret": interpret, "jax": jax.__version__, "batch": batch,
+            "date": time.strftime("%Y-%m-%d"), "rows": rows}
+  if args.out:
+    Path(args.out).write_text(json.dumps(result, indent=1))
+  print(json.dumps({k: v for k, v in result.items() if k != "rows"} |
+                   {"summary": [{"layer": r["layer"], "kind": r["kind"],
+                                 "heuristic_s": r["heuristic"].get("s"),
+                                 "best_s": r["best"] and r["best"]["s"]}
+                                for r in rows]}))
+  return result
+
+
+if __name__ == "__main__":
+  main()
