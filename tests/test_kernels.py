@@ -263,8 +263,9 @@ def test_kernels_lower_for_device(family, platform, marker, xp_shape, w_shape,
 
 # ---------------------------------------------------- dispatch and the VJP --
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="checks the CPU (interpret-mode) dispatch")
 def test_dispatch_on_cpu_interprets_gpu_kernels():
-  assert jax.default_backend() == "cpu"
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
   assert isinstance(backend, ops.Backend)
   assert backend.forward.func is gpu.forward
@@ -274,9 +275,17 @@ def test_dispatch_on_cpu_interprets_gpu_kernels():
 
 
 def test_dispatch_switches(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu")
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
   assert backend.input_grad.func is tpu.input_grad
+  assert backend.input_grad.keywords == {"interpret": True}
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)).forward.func \
+      is tpu.forward
+  # A patches matrix over the cap is refused on TPU (XLA fallback), not run.
+  assert dispatch.backend_for((4096, 226, 226, 64), (3, 3, 64, 64),
+                              (1, 1)) is None
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setenv("ADDERNET_GPU_KERNELS", "xla")
   assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) is None
