@@ -1,0 +1,109 @@
+"""count_ops against hand-derived MAC counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from addernet_jax import opcount
+
+
+def _conv_macs(h_out, w_out, cout, k, cin):
+  return h_out * w_out * cout * k * k * cin
+
+
+def _resnet20_adder_macs() -> int:
+  """Every adder layer of the official CIFAR ResNet-20, by hand."""
+  total = 0
+  cin, size = 16, 32
+  for stage, planes in enumerate((16, 32, 64)):
+    for block in range(3):
+      if stage > 0 and block == 0:
+        size //= 2
+        total += _conv_macs(size, size, planes, 1, cin)  # 1x1 downsample
+      total += _conv_macs(size, size, planes, 3, cin)    # conv1
+      total += _conv_macs(size, size, planes, 3, planes)  # conv2
+      cin = planes
+  return total
+
+
+@pytest.fixture(scope="module")
+def resnet20_adder():
+  return opcount.count_ops("resnet20", (32, 32, 3), conv="adder")
+
+
+@pytest.fixture(scope="module")
+def resnet20_mult():
+  return opcount.count_ops("resnet20", (32, 32, 3), conv="mult")
+
+
+def test_resnet20_adder(resnet20_adder):
+  result = resnet20_adder
+  adder = [r for r in result["layers"] if r["kind"] == "adder"]
+  mult = [r for r in result["layers"] if r["kind"] == "mult"]
+  assert len(adder) == 20 and [r["name"] for r in mult] == ["conv1", "fc"]
+  adder_macs = sum(r["macs"] for r in adder)
+  assert adder_macs == _resnet20_adder_macs() == 40_370_176  # ~40.4M
+  # one layer by hand: layer2_0/conv1, 3x3 stride 2, 16 -> 32, 32x32 -> 16x16
+  layer = next(r for r in adder if r["name"] == "layer2_0/conv1")
+  assert layer["macs"] == 16 * 16 * 32 * (3 * 3 * 16) == 1_179_648
+  assert layer["input_shape"] == (1, 32, 32, 16)
+  assert layer["output_shape"] == (1, 16, 16, 32)
+  assert layer["mul"] == 0 and layer["add"] == 2 * layer["macs"]
+  stem = 32 * 32 * 16 * 27
+  fc = 64 * 10
+  assert result["total"]["mul"] == stem + fc
+  assert result["total"]["add"] == 2 * adder_macs + stem + fc
+
+
+def test_mult_twin_has_same_macs_as_multiplications(resnet20_adder,
+                                                    resnet20_mult):
+  adder, mult = resnet20_adder, resnet20_mult
+  assert [r["name"] for r in adder["layers"]] == [
+      r["name"] for r in mult["layers"]]
+  assert [r["macs"] for r in adder["layers"]] == [
+      r["macs"] for r in mult["layers"]]
+  assert all(r["kind"] == "mult" for r in mult["layers"])
+  assert mult["total"]["mul"] == mult["total"]["add"] == adder["total"]["macs"]
+
+
+def test_lenet5_bn_adder_has_no_multiplications():
+  result = opcount.count_ops("lenet5_bn", (28, 28, 1), conv="adder")
+  assert result["total"]["mul"] == 0
+  assert all(r["kind"] == "adder" for r in result["layers"])
+  macs = (_conv_macs(28, 28, 6, 5, 1) + _conv_macs(10, 10, 16, 5, 6)
+          + 400 * 120 + 120 * 84 + 84 * 10)
+  assert result["total"]["add"] == 2 * macs == 833_040
+
+
+def test_batch_dimension_scales_counts():
+  one = opcount.count_ops("lenet5_bn", (28, 28, 1), conv="mult")
+  three = opcount.count_ops("lenet5_bn", (3, 28, 28, 1), conv="mult")
+  assert three["total"]["mul"] == 3 * one["total"]["mul"]
+  assert three["layers"][0]["input_shape"] == (3, 28, 28, 1)
+
+
+def test_imagenet_default_classes_and_override():
+  result = opcount.count_ops("resnet18", (64, 64, 3), conv="mult")
+  fc = result["layers"][-1]
+  assert fc["name"] == "fc" and fc["output_shape"][-1] == 1000
+  assert fc["macs"] == 512 * 1000
+  stem = result["layers"][0]
+  assert stem["macs"] == _conv_macs(32, 32, 64, 7, 3)
+  small = opcount.count_ops("resnet18", (64, 64, 3), conv="mult",
+                            num_classes=7)
+  assert small["layers"][-1]["macs"] == 512 * 7
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+    opcount.count_ops("resnet21", (32, 32, 3))
+  with pytest.raises(ValueError, match="input_shape"):
+    opcount.count_ops("resnet20", (32, 32))
+  with pytest.raises(ValueError, match="conv"):
+    opcount.count_ops("resnet20", (32, 32, 3), conv="shift")
+
+
+def test_format_count():
+  assert opcount.format_count(40_370_176) == "40.37M"
+  assert opcount.format_count(870) == "870"
+  assert opcount.format_count(1_814_073_344) == "1.81G"
