@@ -1,0 +1,244 @@
+"""Evaluation: sharded top-1/top-5/loss over a whole split, and BatchNorm
+re-estimation.
+
+Every example of the evaluation split counts exactly once: the split is cut
+into global batches of `eval_batch_size`, the last one padded and masked. The
+per-device work runs in `jax.shard_map` over the mesh axis
+`parallel.BATCH_AXIS`, and the sums are combined with `lax.psum`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import flax
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from addernet_jax import data as data_lib
+from addernet_jax import parallel
+
+P = jax.sharding.PartitionSpec
+BATCH_AXIS = parallel.BATCH_AXIS
+TOP_K = 5
+
+
+class InMemoryEvalSet:
+  """An evaluation split (uint8 images, int32 labels) replicated on the mesh."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray,
+               mesh: jax.sharding.Mesh):
+    if len(images) != len(labels) or len(labels) == 0:
+      raise ValueError(f"evaluation set: {len(images)} images and "
+                       f"{len(labels)} labels (need the same number, > 0)")
+    rep = parallel.replicated_sharding(mesh)
+    self.num_examples = int(len(labels))
+    self.images = jax.make_array_from_callback(
+        images.shape, rep, lambda index: images[index])
+    labels = np.asarray(labels, np.int32)
+    self.labels = jax.make_array_from_callback(
+        labels.shape, rep, lambda index: labels[index])
+
+
+def _sums(logits: jax.Array, labels: jax.Array, mask: jax.Array
+          ) -> dict[str, jax.Array]:
+  """Masked sums of loss, top-1 and top-5 hits, and the example count."""
+  logits = logits.astype(jnp.float32)
+  maskf = mask.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  k = min(TOP_K, logits.shape[-1])
+  _, top = lax.top_k(logits, k)
+  topk = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+  return {"loss": jnp.sum(loss * maskf), "top1": jnp.sum(top1 * maskf),
+          "top5": jnp.sum(topk * maskf), "count": jnp.sum(maskf)}
+
+
+def _finish(totals: dict[str, Any]) -> dict[str, float]:
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"loss": float(totals["loss"]) / count,
+          "top1": float(totals["top1"]) / count,
+          "top5": float(totals["top5"]) / count,
+          "num_examples": int(round(count))}
+
+
+class Evaluator:
+  """Sharded evaluation of one model over a mesh.
+
+  Args:
+    model: a Linen model from `models.get_model` (BatchNorm axis name
+      `BATCH_AXIS` or None; evaluation uses running statistics).
+    info: the dataset's `DatasetInfo` (normalisation, image shape).
+    mesh: the device mesh (axis `BATCH_AXIS`).
+    eval_batch_size: global batch; a multiple of the number of devices.
+  """
+
+  def __init__(self, model: flax.linen.Module, info: data_lib.DatasetInfo,
+               mesh: jax.sharding.Mesh, eval_batch_size: int):
+    num_devices = mesh.devices.size
+    if eval_batch_size <= 0 or eval_batch_size % num_devices:
+      raise ValueError(f"eval_batch_size={eval_batch_size} must be a positive"
+                       f" multiple of the number of devices ({num_devices})")
+    self.model, self.info, self.mesh = model, info, mesh
+    self.batch_size = eval_batch_size
+    local = eval_batch_size // num_devices
+    apply = model.apply
+
+    def in_memory(params, batch_stats, images, labels, batch_index):
+      n = images.shape[0]
+      pos = (batch_index * eval_batch_size + lax.axis_index(BATCH_AXIS) * local
+             + jnp.arange(local, dtype=jnp.int32))
+      mask = pos < n
+      idx = jnp.where(mask, pos, 0)
+      x = data_lib.augment_and_normalize(images[idx], None, info, train=False)
+      logits = apply({"params": params, "batch_stats": batch_stats}, x,
+                     train=False)
+      return lax.psum(_sums(logits, labels[idx], mask), BATCH_AXIS)
+
+    def streamed(params, batch_stats, images, labels, mask):
+      logits = apply({"params": params, "batch_stats": batch_stats}, images,
+                     train=False)
+      return lax.psum(_sums(logits, labels, mask), BATCH_AXIS)
+
+    def batch_stats_of(params, batch_stats, images, perm, batch_size,
+                       batch_index):
+      # Training-mode forward pass of un-augmented training images; BN
+      # averages its batch statistics over the mesh axis.
+      local_b = batch_size // num_devices
+      start = batch_index * batch_size + lax.axis_index(BATCH_AXIS) * local_b
+      idx = lax.dynamic_slice(perm, (start,), (local_b,))
+      x = data_lib.augment_and_normalize(images[idx], None, info, train=False)
+      _, updates = apply({"params": params, "batch_stats": batch_stats}, x,
+                         train=True, mutable=["batch_stats"])
+      return updates["batch_stats"]
+
+    def shard(fn, in_specs):
+      return jax.jit(parallel.data_parallel(fn, mesh, in_specs=in_specs,
+                                            out_specs=P()))
+
+    self._in_memory = shard(in_memory, (P(),) * 5)
+    self._streamed = shard(streamed, (P(), P(), P(BATCH_AXIS), P(BATCH_AXIS),
+                                      P(BATCH_AXIS)))
+    self._batch_stats_fn = batch_stats_of
+    self._recal_cache: dict[int, Any] = {}
+
+  def evaluate_in_memory(self, params: Any, batch_stats: Any,
+                         eval_set: InMemoryEvalSet) -> dict[str, float]:
+    """loss, top1, top5 (fractions) and num_examples over `eval_set`."""
+    totals = None
+    for i in range(math.ceil(eval_set.num_examples / self.batch_size)):
+      out = self._in_memory(params, batch_stats, eval_set.images,
+                            eval_set.labels, i)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    return _finish(totals)
+
+  def evaluate_stream(self, params: Any, batch_stats: Any,
+                      batches: Iterator[dict[str, np.ndarray]], *,
+                      max_examples: int = -1) -> dict[str, float]:
+    """The same over per-process batches {'image', 'label', 'mask'} (e.g.
+    `data.streaming_iterator(..., train=False)`); with `max_examples` > 0 it
+    stops after the first batch that reaches that many examples."""
+    totals, seen = None, 0
+    for batch in batches:
+      arrays = parallel.global_batch_from_local(
+          {"image": batch["image"], "label": batch["label"],
+           "mask": batch["mask"]}, self.mesh)
+      out = self._streamed(params, batch_stats, arrays["image"],
+                           arrays["label"], arrays["mask"])
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      seen += self.batch_size
+      if 0 < max_examples <= seen:
+        break
+    if totals is None:
+      raise ValueError("the evaluation split is empty")
+    return _finish(totals)
+
+  def recalibrate_batch_stats(self, params: Any, batch_stats: Any,
+                              images: jax.Array, perm: jax.Array,
+                              batch_size: int, num_batches: int) -> Any:
+    """BatchNorm statistics re-estimated on `num_batches` training batches.
+
+    Each batch (positions `perm[i*batch_size:(i+1)*batch_size]` of the
+    replicated uint8 `images`, normalised, not augmented) runs in training
+    mode from zero statistics, which gives (1 - momentum) * its batch
+    statistics; the momentum is measured with a second pass from unit
+    statistics. The result is the average of the per-batch statistics
+    (PyTorch's `update_bn` with a cumulative average).
+    """
+    fn = self._recal_cache.get(batch_size)
+    if fn is None:
+      fn = jax.jit(parallel.data_parallel(
+          lambda p, b, im, pm, i: self._batch_stats_fn(p, b, im, pm,
+                                                       batch_size, i),
+          self.mesh, in_specs=(P(),) * 5, out_specs=P()))
+      self._recal_cache[batch_size] = fn
+    zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+    ones = jax.tree.map(jnp.ones_like, batch_stats)
+    first = fn(params, zeros, images, perm, 0)
+    from_ones = fn(params, ones, images, perm, 0)
+    momentum = jax.tree.map(lambda a, b: jnp.mean(b - a), first, from_ones)
+    total = first
+    for i in range(1, num_batches):
+      total = jax.tree.map(jnp.add, total, fn(params, zeros, images, perm, i))
+    return jax.tree.map(lambda s, m: s / (num_batches * (1.0 - m)), total,
+                        momentum)
+
+
+def load_eval_split(config: ml_collections.ConfigDict
+                    ) -> tuple[np.ndarray, np.ndarray, str]:
+  """The evaluation split of an in-memory dataset, as training uses it:
+  the last `holdout_examples` training examples if that is > 0, else the test
+  split; at most `eval_max_examples` of them. Returns (images, labels,
+  description)."""
+  holdout = int(config.get("holdout_examples", 0) or 0)
+  if holdout > 0:
+    images, labels = data_lib.load_arrays(config.dataset, config.data_dir,
+                                          "train")
+    if holdout >= len(labels):
+      raise ValueError(f"config.holdout_examples={holdout} must be smaller "
+                       f"than the {len(labels)} training examples")
+    images, labels = images[-holdout:], labels[-holdout:]
+    source = f"last {holdout} training examples"
+  else:
+    images, labels = data_lib.load_arrays(config.dataset, config.data_dir,
+                                          "test")
+    source = "test split"
+  limit = int(config.get("eval_max_examples", -1) or -1)
+  if limit > 0:
+    images, labels = images[:limit], labels[:limit]
+  return images, labels, source
+
+
+def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
+                       variables: dict[str, Any],
+                       mesh: jax.sharding.Mesh | None = None
+                       ) -> dict[str, Any]:
+  """top1, top5, loss, num_examples of `variables` ({'params',
+  'batch_stats'}) on the config's evaluation split."""
+  mesh = mesh or parallel.make_mesh()
+  info = data_lib.dataset_info(config.dataset)
+  evaluator = Evaluator(model, info, mesh, config.eval_batch_size)
+  rep = parallel.replicated_sharding(mesh)
+  params = jax.device_put(variables["params"], rep)
+  batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
+  if info.in_memory:
+    images, labels, _ = load_eval_split(config)
+    return evaluator.evaluate_in_memory(
+        params, batch_stats, InMemoryEvalSet(images, labels, mesh))
+  it = data_lib.streaming_iterator(
+      config.dataset, config.data_dir, "test",
+      global_batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      train=False)
+  try:
+    return evaluator.evaluate_stream(
+        params, batch_stats, it,
+        max_examples=int(config.get("eval_max_examples", -1) or -1))
+  finally:
+    it.close()

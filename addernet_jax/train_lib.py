@@ -1,0 +1,692 @@
+"""Training: a data-parallel train step, per-epoch evaluation, checkpoints.
+
+`train_and_evaluate(config, workdir)` is what `train.py` runs. The step is
+`jax.jit` over a 1-D mesh of every device of every host, with the per-device
+work inside `jax.shard_map` (axis `parallel.BATCH_AXIS`): each device computes
+the gradient of its slice of the global batch, the gradients and metrics are
+averaged with `lax.pmean` before the optimizer (so the adaptive learning rate
+sees the global gradient) and BatchNorm averages its batch statistics over the
+axis, so N devices compute what one device computes with the same global
+batch, up to float32 reduction order. `check_vma=False` gives the classic pmap
+semantics (DESIGN.md §5: with `check_vma=True` the gradient of replicated
+parameters is already summed and a following pmean does nothing).
+
+In-memory datasets (MNIST, CIFAR, digits) live whole on every device as
+uint8; the order of epoch `e` is a permutation drawn from (seed, e) with
+`jax.random`, every step gathers its slice of that order on device and
+augments it inside the jitted step (random crop/flip keyed by (seed, step,
+position in the global batch), so the augmentation does not depend on the
+device count either). The last partial batch of every epoch is dropped.
+Streaming datasets (ImageNet) come from `data.streaming_iterator`, one slice
+per process, assembled with `parallel.global_batch_from_local`.
+
+Everything a step depends on is a function of (seed, step), so a run resumed
+from a checkpoint ends bit-identical to an uninterrupted one (same program,
+same device count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from absl import flags
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from addernet_jax import checkpoint as ckpt_lib
+from addernet_jax import data as data_lib
+from addernet_jax import eval_lib
+from addernet_jax import models
+from addernet_jax import optim
+from addernet_jax import parallel
+from addernet_jax import preemption as preemption_lib
+
+P = jax.sharding.PartitionSpec
+BATCH_AXIS = parallel.BATCH_AXIS
+log = logging
+
+
+def _quiet_orbax() -> None:
+  """Drops Orbax's INFO chatter (dozens of lines per checkpoint) from the
+  absl log; its warnings and errors still show."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  class _Filter(std_logging.Filter):
+
+    def filter(self, record):
+      return (record.levelno >= std_logging.WARNING or
+              "orbax" not in (record.pathname or ""))
+
+  logger = std_logging.getLogger("absl")
+  if not any(isinstance(f, _Filter) for f in logger.filters):
+    logger.addFilter(_Filter())
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm statistics and the augmentation key.
+
+  Attributes (beyond `step`, `params`, `opt_state`, `apply_fn`, `tx`):
+    batch_stats: BatchNorm running statistics (the `batch_stats` collection).
+    rng: raw uint32[2] PRNG key; step `s` augments with `fold_in(rng, s)`.
+  """
+  batch_stats: Any = None
+  rng: jax.Array | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or Inf (the run stops, nothing is saved)."""
+
+
+# Errors caused by the user's input: the command line prints them as one
+# line ("error: ...") and exits non-zero, without a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+               PermissionError, KeyError, ckpt_lib.CheckpointError)
+
+
+def cli_error(message: Any) -> int:
+  """Prints `error: message` (one line) to stderr; returns exit status 1."""
+  text = str(message.args[0]) if isinstance(message, KeyError) and \
+      message.args else str(message)
+  print(f"error: {' '.join(text.split())}", file=sys.stderr, flush=True)
+  return 1
+
+
+def cli_parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser for `app.run`: a bad flag, an unknown config key or a
+  wrong value type becomes one `error: ...` line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, *USER_ERRORS, AttributeError) as e:
+    cli_error(e)
+    sys.exit(2)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of integer labels (float32)."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def get_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' | 'float16' -> the jnp dtype (ValueError else)."""
+  if name not in DTYPES:
+    raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got "
+                     f"{name!r}")
+  return DTYPES[name]
+
+
+def build_model(config: ml_collections.ConfigDict,
+                bn_axis_name: str | None = BATCH_AXIS) -> flax.linen.Module:
+  """The config's model; BatchNorm synchronised over `bn_axis_name`."""
+  return models.get_model(config.model, num_classes=config.num_classes,
+                          conv=config.conv, dtype=get_dtype(config.dtype),
+                          bn_axis_name=bn_axis_name,
+                          implementation=config.get("implementation"))
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
+                       image_shape: tuple[int, int, int], *,
+                       steps_per_epoch: int | None = None) -> TrainState:
+  """Initial TrainState: parameters from `rng`, the config's optimizer.
+
+  Args:
+    config: a training config (model, conv, num_classes, dtype, optimizer
+      keys).
+    rng: raw PRNG key; split into the initialisation key and `state.rng`.
+    image_shape: (H, W, C) of one input image.
+    steps_per_epoch: for the per-epoch learning-rate schedule.
+  """
+  model = build_model(config)
+  init_rng, aug_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, *image_shape), get_dtype(config.dtype))
+  variables = model.init(init_rng, dummy, train=False)
+  params = variables["params"]
+  tx = optim.make_optimizer(config, params, steps_per_epoch=steps_per_epoch)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=variables.get("batch_stats", {}),
+                           rng=aug_rng)
+
+
+# ----------------------------------------------------------------- steps --
+
+
+def _train_core(state: TrainState, images: jax.Array, labels: jax.Array
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One per-device SGD step on a local batch (inside shard_map)."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    return cross_entropy_loss(logits, labels), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, BATCH_AXIS)
+  metrics = lax.pmean(
+      {"loss": loss,
+       "top1": jnp.mean((jnp.argmax(logits, -1) == labels).astype(
+           jnp.float32))}, BATCH_AXIS)
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=updates["batch_stats"])
+  return new_state, metrics
+
+
+def augment_batch(images_uint8: jax.Array, step_key: jax.Array,
+                  positions: jax.Array, info: data_lib.DatasetInfo
+                  ) -> jax.Array:
+  """Training augmentation keyed per example by its position in the global
+  batch (independent of how the batch is split over devices)."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, positions)
+  one = lambda im, k: data_lib.augment_and_normalize(im[None], k, info,
+                                                     train=True)[0]
+  return jax.vmap(one)(images_uint8, keys)
+
+
+def make_in_memory_train_step(mesh: jax.sharding.Mesh,
+                              info: data_lib.DatasetInfo,
+                              global_batch_size: int) -> Callable:
+  """jit(shard_map(step)) for a dataset resident on every device.
+
+  The returned function is `step(state, images, labels, perm, step_in_epoch)
+  -> (state, metrics)`, with `images`/`labels` the whole training set and
+  `perm` the epoch's order (all replicated).
+  """
+  num_devices = mesh.devices.size
+  local = global_batch_size // num_devices
+
+  def per_device(state, images, labels, perm, step_in_epoch):
+    offset = lax.axis_index(BATCH_AXIS) * local
+    start = step_in_epoch * global_batch_size + offset
+    idx = lax.dynamic_slice(perm, (start,), (local,))
+    step_key = jax.random.fold_in(state.rng, state.step)
+    x = augment_batch(images[idx], step_key,
+                      offset + jnp.arange(local, dtype=jnp.int32), info)
+    return _train_core(state, x, labels[idx])
+
+  return jax.jit(parallel.data_parallel(per_device, mesh,
+                                        in_specs=(P(),) * 5,
+                                        out_specs=(P(), P())))
+
+
+def make_streaming_train_step(mesh: jax.sharding.Mesh) -> Callable:
+  """jit(shard_map(step)) for batches sharded over the mesh:
+  `step(state, images, labels) -> (state, metrics)`."""
+  return jax.jit(parallel.data_parallel(
+      _train_core, mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
+      out_specs=(P(), P())))
+
+
+# -------------------------------------------------------------- the loop --
+
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      except ImportError:  # optional
+        log.warning("tensorboardX is not installed: no TensorBoard logs")
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _jsonable(v) for k, v in
+                                    metrics.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in metrics.items():
+        if isinstance(value, (int, float)) and key not in ("step",):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (np.floating, np.integer)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int
+                    ) -> data_lib.DatasetInfo:
+  """Checks the keys the loop depends on; ValueError naming the bad value."""
+  info = data_lib.dataset_info(config.dataset)
+  if config.num_classes != info.num_classes:
+    raise ValueError(
+        f"config.num_classes={config.num_classes} but {config.dataset} has "
+        f"{info.num_classes} classes")
+  for key in ("batch_size", "eval_batch_size"):
+    value = config[key]
+    if not isinstance(value, int) or value <= 0 or value % num_devices:
+      raise ValueError(
+          f"config.{key}={value!r} must be a positive multiple of the number "
+          f"of devices ({num_devices})")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
+                     f" (got {config.num_epochs} and {config.num_train_steps})")
+  if config.log_every_steps <= 0:
+    raise ValueError(f"config.log_every_steps must be > 0, got "
+                     f"{config.log_every_steps}")
+  get_dtype(config.dtype)
+  if config.conv not in models.common.CONV_KINDS:
+    raise ValueError(f"config.conv must be one of {models.common.CONV_KINDS},"
+                     f" got {config.conv!r}")
+  if config.model not in models.MODEL_NAMES:
+    raise ValueError(f"config.model must be one of {models.MODEL_NAMES}, got "
+                     f"{config.model!r}")
+  return info
+
+
+def _check_workdir(workdir: str | os.PathLike[str]) -> Path:
+  path = Path(workdir).expanduser().absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"workdir {str(path)!r} is not writable: "
+                     f"{e.strerror or e}") from None
+  return path
+
+
+class InMemoryData:
+  """A training split and an evaluation split resident on every device."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh):
+    images, labels = data_lib.load_arrays(config.dataset, config.data_dir,
+                                          "train")
+    holdout = int(config.get("holdout_examples", 0) or 0)
+    if holdout > 0:
+      if holdout >= len(labels):
+        raise ValueError(f"config.holdout_examples={holdout} must be smaller "
+                         f"than the {len(labels)} training examples")
+      eval_images, eval_labels = images[-holdout:], labels[-holdout:]
+      images, labels = images[:-holdout], labels[:-holdout]
+      self.eval_source = f"last {holdout} training examples (held back)"
+    else:
+      eval_images, eval_labels = data_lib.load_arrays(
+          config.dataset, config.data_dir, "test")
+      self.eval_source = "test split"
+    limit = int(config.get("eval_max_examples", -1) or -1)
+    if limit > 0:
+      eval_images, eval_labels = eval_images[:limit], eval_labels[:limit]
+    self.num_train = len(labels)
+    self.steps_per_epoch = self.num_train // config.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"config.batch_size={config.batch_size} exceeds the "
+                       f"{self.num_train} training examples")
+    rep = parallel.replicated_sharding(mesh)
+    self.images = _replicate(images, rep)
+    self.labels = _replicate(labels.astype(np.int32), rep)
+    self.eval = eval_lib.InMemoryEvalSet(eval_images, eval_labels, mesh)
+    n = self.num_train
+    self._perm_fn = jax.jit(
+        lambda key, epoch: jax.random.permutation(
+            jax.random.fold_in(key, epoch), n).astype(jnp.int32),
+        out_shardings=rep)
+
+  def permutation(self, data_key: jax.Array, epoch: int) -> jax.Array:
+    """The order of training epoch `epoch` (a function of seed and epoch)."""
+    return self._perm_fn(data_key, epoch)
+
+
+def _replicate(array: np.ndarray, sharding) -> jax.Array:
+  """A host array (the same on every process) replicated on the mesh."""
+  return jax.make_array_from_callback(array.shape, sharding,
+                                      lambda index: array[index])
+
+
+def _abstract(tree: Any, sharding) -> Any:
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      tree)
+
+
+def _fetch_metrics(pending: list[dict[str, jax.Array]], first_step: int
+                   ) -> dict[str, float]:
+  """Averages the pending per-step metrics; raises on a non-finite loss."""
+  stacked = jax.device_get(pending)
+  losses = np.array([m["loss"] for m in stacked], np.float64)
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    raise NonFiniteLossError(
+        f"training loss is {losses[bad[0]]} at step {step}; stopping without "
+        "saving (the last good checkpoint is kept)")
+  return {"train_loss": float(losses.mean()),
+          "train_top1": float(np.mean([m["top1"] for m in stacked]))}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | os.PathLike[str]) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
+
+  Args:
+    config: a training config (see configs/default.py).
+    workdir: checkpoints in `<workdir>/checkpoints`, metrics in
+      `<workdir>/metrics.jsonl` and `<workdir>/tensorboard`.
+
+  Returns:
+    The summary printed as the last line by train.py: step, epoch,
+    train_loss, train_top1, eval_loss, eval_top1, eval_top5 (and
+    eval_top1_recalibrated, preempted, ...).
+
+  Raises:
+    ValueError, TypeError, FileNotFoundError: bad config or data.
+    NonFiniteLossError: the loss became NaN or Inf.
+  """
+  _quiet_orbax()
+  mesh = parallel.make_mesh()
+  num_devices = mesh.devices.size
+  info = validate_config(config, num_devices)
+  workdir = _check_workdir(workdir)
+  is_main = jax.process_index() == 0
+  rep = parallel.replicated_sharding(mesh)
+
+  root = jax.random.PRNGKey(config.seed)
+  init_rng, data_key = jax.random.split(root)
+
+  mgr = ckpt_lib.CheckpointManager(
+      workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
+      best_metric="eval_top1")
+  train_iter = None
+  try:
+    if info.in_memory:
+      data = InMemoryData(config, info, mesh)
+      steps_per_epoch = data.steps_per_epoch
+      num_train = data.num_train
+    else:
+      data = None
+      guess = mgr.latest_step() or 0
+      train_iter = _streaming_train(config, info, guess)
+      steps_per_epoch = train_iter.steps_per_epoch
+      num_train = train_iter.num_examples
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else config.num_epochs * steps_per_epoch)
+
+    create = lambda key: create_train_state(
+        config, key, info.image_shape, steps_per_epoch=steps_per_epoch)
+    abstract_state = _abstract(jax.eval_shape(create, init_rng), rep)
+    restored = mgr.restore(abstract_state)
+    resumed_meta = {}
+    if restored is None:
+      state = jax.jit(create, out_shardings=rep)(init_rng)
+      start_step = 0
+    else:
+      state, meta = restored
+      start_step = int(jax.device_get(state.step))
+      log.info("resumed from step %d (%s)", start_step, meta)
+      resumed_meta = meta if isinstance(meta, dict) else {}
+    if train_iter is not None and start_step != (mgr.latest_step() or 0):
+      train_iter.close()
+      train_iter = _streaming_train(config, info, start_step)
+
+    if info.in_memory:
+      train_step = make_in_memory_train_step(mesh, info, config.batch_size)
+    else:
+      train_step = make_streaming_train_step(mesh)
+    evaluator = eval_lib.Evaluator(build_model(config), info, mesh,
+                                   config.eval_batch_size)
+    lr_fn = optim.learning_rate_schedule(config, steps_per_epoch)
+    summary = _loop(config, workdir, mesh, info, state, start_step,
+                    total_steps, steps_per_epoch, num_train, data, train_iter,
+                    data_key, train_step, evaluator, lr_fn, mgr, is_main,
+                    resumed_meta)
+  finally:
+    if train_iter is not None:
+      train_iter.close()
+    mgr.close()
+  return summary
+
+
+def _streaming_train(config, info, start_step: int):
+  return data_lib.streaming_iterator(
+      config.dataset, config.data_dir, "train",
+      global_batch_size=config.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      seed=config.seed, train=True, start_step=start_step,
+      num_epochs=None)
+
+
+def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
+              epoch) -> dict[str, float]:
+  """Test metrics with running statistics (and recalibrated ones)."""
+  if data is not None:
+    results = evaluator.evaluate_in_memory(state.params, state.batch_stats,
+                                           data.eval)
+    num_batches = int(config.get("recalibrate_bn_batches", 0) or 0)
+    if num_batches > 0:
+      batches = min(num_batches, steps_per_epoch)
+      stats = evaluator.recalibrate_batch_stats(
+          state.params, state.batch_stats, data.images,
+          data.permutation(jax.random.PRNGKey(config.seed + 1), epoch),
+          config.batch_size, batches)
+      recal = evaluator.evaluate_in_memory(state.params, stats, data.eval)
+      results["top1_recalibrated"] = recal["top1"]
+  else:
+    it = data_lib.streaming_iterator(
+        config.dataset, config.data_dir, "test",
+        global_batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), train=False)
+    try:
+      results = evaluator.evaluate_stream(
+          state.params, state.batch_stats, it,
+          max_examples=int(config.get("eval_max_examples", -1) or -1))
+    finally:
+      it.close()
+  return {f"eval_{k}": v for k, v in results.items()}
+
+
+def _loop(config, workdir, mesh, info, state, start_step, total_steps,
+          steps_per_epoch, num_train, data, train_iter, data_key, train_step,
+          evaluator, lr_fn, mgr, is_main, resumed_meta) -> dict[str, Any]:
+  """The training loop proper (see `train_and_evaluate`)."""
+  del num_train
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  writer = MetricsWriter(workdir, is_main)
+  every = config.checkpoint_every_steps
+  every = steps_per_epoch if every is None or every <= 0 else every
+  eval_every = max(1, int(config.get("eval_every_epochs", 1) or 1))
+  log_every = config.log_every_steps
+  bar = tqdm(total=total_steps, initial=start_step, unit="step",
+             disable=not (is_main and config.get("progress_bar", True)),
+             dynamic_ncols=True, smoothing=0.1)
+  summary: dict[str, Any] = {}
+  last_train: dict[str, float] = {
+      k: resumed_meta[k] for k in ("train_loss", "train_top1")
+      if resumed_meta.get(k) is not None}
+  last_eval: dict[str, float] = {}
+  pending: list[dict[str, jax.Array]] = []
+  pending_first = start_step
+  step = start_step
+  perm_epoch, perm = -1, None
+  t_last, step_last = time.perf_counter(), start_step
+  t_start = t_last
+  last_saved = start_step if start_step > 0 else -1
+  preempted = False
+
+  def flush_metrics() -> None:
+    nonlocal pending, pending_first, t_last, step_last, last_train
+    if not pending:
+      return
+    metrics = _fetch_metrics(pending, pending_first)
+    now = time.perf_counter()
+    ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+    metrics.update(images_per_sec=ips, lr=float(lr_fn(step - 1)),
+                   epoch=step / steps_per_epoch)
+    writer.write(step, metrics)
+    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}",
+                    img_s=f"{ips:.0f}", refresh=False)
+    last_train = metrics
+    pending, pending_first = [], step
+    t_last, step_last = now, step
+
+  def save(eval_metrics: dict[str, float] | None, force: bool = False):
+    nonlocal last_saved
+    if step == last_saved:
+      return
+    meta = {"step": step, "epoch": step / steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch, "seed": config.seed,
+            "model": config.model, "conv": config.conv,
+            "dataset": config.dataset,
+            "train_loss": last_train.get("train_loss"),
+            "train_top1": last_train.get("train_top1")}
+    metrics = ({k: float(v) for k, v in eval_metrics.items()}
+               if eval_metrics else None)
+    mgr.save(step, state, meta, metrics=metrics, force=force)
+    last_saved = step
+
+  with preemption_lib.install_preemption_handler() as preemption:
+    try:
+      while step < total_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if data is not None:
+          if epoch != perm_epoch:
+            perm, perm_epoch = data.permutation(data_key, epoch), epoch
+          state, metrics = train_step(state, data.images, data.labels, perm,
+                                      step_in_epoch)
+        else:
+          batch = next(train_iter)
+          batch = parallel.global_batch_from_local(
+              {"image": batch["image"], "label": batch["label"]}, mesh)
+          state, metrics = train_step(state, batch["image"], batch["label"])
+        pending.append(metrics)
+        step += 1
+        bar.update(1)
+        end_of_epoch = step % steps_per_epoch == 0
+        if step % log_every == 0:
+          flush_metrics()
+        eval_metrics = None
+        if (end_of_epoch and (step // steps_per_epoch) % eval_every == 0
+            and step < total_steps):
+          flush_metrics()
+          eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
+                                   steps_per_epoch, epoch)
+          writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
+          last_eval = eval_metrics
+          log.info("step %d: %s", step, eval_metrics)
+        if step % every == 0 and step < total_steps:
+          flush_metrics()
+          save(eval_metrics)
+        if preemption.should_stop(step):
+          flush_metrics()
+          save(None, force=True)
+          preempted = True
+          log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
+          break
+      flush_metrics()
+      if not preempted:
+        last_eval = _evaluate(config, evaluator, state, data, info, mesh,
+                              steps_per_epoch, step // steps_per_epoch)
+        writer.write(step, {**last_eval, "epoch": step / steps_per_epoch})
+        save(last_eval, force=True)
+      mgr.wait_until_finished()
+    finally:
+      bar.close()
+      writer.close()
+
+  summary = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+             "train_loss": last_train.get("train_loss"),
+             "train_top1": last_train.get("train_top1"),
+             **last_eval,
+             "images_per_sec": last_train.get("images_per_sec"),
+             "wall_s": round(time.perf_counter() - t_start, 2)}
+  if "eval_top1" not in summary:
+    summary["eval_top1"] = None
+  if preempted:
+    summary["preempted"] = True
+  return summary
+
+
+# ------------------------------------------------------------ evaluation --
+
+
+def restore_variables(config: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike[str], which: str = "latest"
+                      ) -> dict[str, Any]:
+  """`{"params", "batch_stats", "step"}` of a training checkpoint ("latest",
+  or "best" by eval_top1), replicated on the mesh, read-only.
+
+  Only these parts of the saved TrainState are read, so the optimizer
+  settings of `config` do not matter; the architecture must match
+  (a ValueError names the first mismatching parameter).
+  """
+  info = data_lib.dataset_info(config.dataset)
+  rep = parallel.replicated_sharding(parallel.make_mesh())
+  model = build_model(config)
+  dummy = jnp.zeros((1, *info.image_shape), get_dtype(config.dtype))
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
+  abstract = _abstract({"step": jax.ShapeDtypeStruct((), jnp.int32),
+                        "params": variables["params"],
+                        "batch_stats": variables.get("batch_stats", {})}, rep)
+  return ckpt_lib.restore_for_eval(Path(workdir).expanduser(), abstract,
+                                   which=which)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict,
+                        workdir: str | os.PathLike[str], which: str = "latest"
+                        ) -> dict[str, Any]:
+  """top1, top5, loss, num_examples (and step) of a training checkpoint on
+  the config's evaluation split."""
+  restored = restore_variables(config, workdir, which)
+  result = eval_lib.evaluate_variables(config, build_model(config), restored)
+  return {**result, "step": int(jax.device_get(restored["step"])),
+          "checkpoint": str(Path(workdir).expanduser().absolute()),
+          "which": which}
+
+
+def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,
+                              path: str | os.PathLike[str]) -> dict[str, Any]:
+  """The same for an official-layout PyTorch checkpoint (through
+  `addernet_jax.convert`); its conv kind is read from the file."""
+  from addernet_jax import convert  # pylint: disable=g-import-not-at-top
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"torch checkpoint {str(path)!r} does not exist")
+  info = data_lib.dataset_info(config.dataset)
+  variables = convert.load_torch_checkpoint(path, config.model)
+  kwargs = convert.infer_model_kwargs(variables)
+  if kwargs["num_classes"] != info.num_classes:
+    raise ValueError(f"{str(path)!r} has {kwargs['num_classes']} classes, "
+                     f"{config.dataset} has {info.num_classes}")
+  model = models.get_model(config.model, num_classes=kwargs["num_classes"],
+                           conv=kwargs["conv"], dtype=get_dtype(config.dtype),
+                           bn_axis_name=BATCH_AXIS,
+                           implementation=config.get("implementation"))
+  result = eval_lib.evaluate_variables(config, model, variables)
+  return {**result, "torch_checkpoint": str(path), "conv": kwargs["conv"]}

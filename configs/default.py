@@ -1,0 +1,92 @@
+"""Shared defaults of every training config (`get_base_config()`).
+
+Not a runnable experiment by itself: each `configs/<name>.py` starts from
+`get_base_config()` and sets the dataset, the model and the recipe. Every key
+is documented here; experiment files comment only what they change.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The keys every training config has, with the official CIFAR recipe."""
+  config = ml_collections.ConfigDict()
+
+  # ---- Task (DESIGN.md §2 shared keys). ----
+  # Dataset name: 'cifar10', 'cifar100', 'mnist', 'imagenet2012' or 'digits'.
+  config.dataset = 'cifar10'
+  # None: TensorFlow Datasets (downloads where the network allows). A local
+  # directory is read in its own layout (ImageFolder, CIFAR pickles, MNIST
+  # IDX, TFDS data_dir). Set it with `--config.data_dir=/path`.
+  config.data_dir = config_dict.placeholder(str)
+  # Model name for `addernet_jax.models.get_model` (resnet20, vgg_small, ...).
+  config.model = 'resnet20'
+  # 'adder' (AdderNet) or 'mult' (the identical CNN baseline).
+  config.conv = 'adder'
+  # Number of classes of the output layer (must match the dataset).
+  config.num_classes = 10
+
+  # ---- Optimisation (official recipe: DESIGN.md §1). ----
+  # Global batch size over all devices and hosts (must divide by the number
+  # of devices).
+  config.batch_size = 256
+  # Training length in epochs (the last partial batch of each epoch is
+  # dropped)...
+  config.num_epochs = 400
+  # ...unless this is > 0: then exactly this many steps (overrides
+  # num_epochs; the schedule is still laid out per epoch).
+  config.num_train_steps = -1
+  # Base learning rate of SGD (per-epoch cosine: lr * 0.5 * (1 + cos(pi *
+  # epoch / num_epochs))).
+  config.learning_rate = 0.1
+  # Learning-rate schedule: 'cosine' (per epoch, as the official code) or
+  # 'constant'.
+  config.lr_schedule = 'cosine'
+  # Linear warm-up epochs before the schedule (0: none, as the official code).
+  config.warmup_epochs = 0
+  # Heavy-ball momentum (no Nesterov).
+  config.momentum = 0.9
+  # L2 weight decay added to the gradient of every parameter.
+  config.weight_decay = 5e-4
+  # Adaptive learning-rate coefficient of the adder filters (paper eq. 13);
+  # the update of adder layer l is grad * eta * sqrt(k) / ||grad||.
+  config.eta = 0.2
+  # PRNG seed: initialisation, data order and augmentation.
+  config.seed = 0
+
+  # ---- Numerics and kernels. ----
+  # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  config.dtype = 'float32'
+  # Adder kernel: None (best for the backend), 'xla' or 'pallas'.
+  config.implementation = config_dict.placeholder(str)
+
+  # ---- Evaluation. ----
+  # Global evaluation batch size (the last batch is padded and masked, so
+  # every test example counts exactly once).
+  config.eval_batch_size = 500
+  # Evaluate on the test split every this many epochs (and at the end).
+  config.eval_every_epochs = 1
+  # > 0: evaluate on at most this many test examples (quick checks only).
+  config.eval_max_examples = -1
+  # > 0: hold back the LAST this many training examples as the evaluation
+  # set instead of the test split (train on the rest). For data without a
+  # test split, e.g. the shared MNIST training files.
+  config.holdout_examples = 0
+  # > 0: also report `eval_top1_recalibrated`, the test accuracy after
+  # re-estimating the BatchNorm statistics on this many (un-augmented)
+  # training batches: running statistics lag behind an AdderNet while the
+  # learning rate is high (DESIGN.md §5). 0 disables it.
+  config.recalibrate_bn_batches = 4
+
+  # ---- Bookkeeping. ----
+  # Save a checkpoint every this many steps; 0 or -1: at the end of every
+  # epoch. Always saved at the end and on SIGTERM.
+  config.checkpoint_every_steps = -1
+  # Number of recent checkpoints kept (the best by eval_top1 is kept too).
+  config.max_checkpoints_to_keep = 3
+  # Log training metrics (metrics.jsonl, TensorBoard) every this many steps.
+  config.log_every_steps = 50
+  # Show a tqdm progress bar (images/s, ETA) on the console.
+  config.progress_bar = True
+  return config

@@ -1,0 +1,51 @@
+"""Trains an AdderNet (or its CNN baseline) from an ml_collections config.
+
+  python train.py --config configs/digits_lenet5.py --workdir /tmp/digits
+  python train.py --config configs/cifar10_resnet20.py --workdir DIR \
+      --config.data_dir=/path/to/cifar10 [--config.KEY=VALUE ...]
+
+Rerunning the same command with the same --workdir resumes from the last
+checkpoint. Several hosts: add --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on every host (or none of them where JAX
+detects the cluster, e.g. TPU pods, SLURM). The last line printed is one JSON
+object (step, epoch, train_loss, eval_top1, ...). This file is intentionally
+thin: the work is in `addernet_jax.train_lib.train_and_evaluate`.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from addernet_jax import train_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics "
+                    "(rerun with the same one to resume).")
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of "
+                    "process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    return train_lib.cli_error(f"unexpected arguments: {argv[1:]}")
+  try:
+    train_lib.parallel.initialize_distributed(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:
+    return train_lib.cli_error(e)
+  print(json.dumps(summary), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train_lib.cli_parse_flags)
