@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -37,6 +38,9 @@ import numpy as np
 
 LEGACY_MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 LEGACY_PROTOCOL_VERSION = 1001
+# A tensor may view its storage with zero strides (an expanded tensor), but
+# not blow it up by more than this factor (a memory bomb otherwise).
+MAX_EXPANSION = 64
 
 # torch.<name> storage classes and the numpy dtype of their elements.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -58,7 +62,19 @@ class UnsafePickleError(pickle.UnpicklingError):
   """The pickle asks for something outside the allowlist; nothing was run."""
 
 
-class _StorageType:
+class _Sealed:
+  """Refuses the pickle BUILD opcode, which would otherwise set attributes
+  (e.g. a tensor's stride) after they were validated."""
+
+  __slots__ = ()
+
+  def __setstate__(self, state):
+    raise UnsafePickleError(
+        f"refusing to set the state of a {type(self).__name__.lstrip('_')} "
+        f"(pickle BUILD); not a plain checkpoint")
+
+
+class _StorageType(_Sealed):
   """Stand-in for a `torch.<X>Storage` class: only carries the dtype."""
 
   __slots__ = ("name", "dtype")
@@ -71,7 +87,7 @@ class _StorageType:
     return f"torch.{self.name}"
 
 
-class _Storage:
+class _Storage(_Sealed):
   """A storage named by a persistent id; `array` is filled in when read."""
 
   __slots__ = ("key", "dtype", "numel", "array")
@@ -83,7 +99,7 @@ class _Storage:
     self.array: np.ndarray | None = None
 
 
-class _TensorRef:
+class _TensorRef(_Sealed):
   """A tensor awaiting its storage (legacy files store data after the pickle)."""
 
   __slots__ = ("storage", "offset", "size", "stride")
@@ -106,7 +122,12 @@ class _TensorRef:
 
   def materialize(self) -> np.ndarray:
     flat = self.storage.materialize()
-    if any(s == 0 for s in self.size):
+    count = math.prod(self.size)
+    if count > max(flat.size, 1) * MAX_EXPANSION:
+      raise pickle.UnpicklingError(
+          f"tensor of size {self.size} would expand a storage of {flat.size} "
+          f"elements more than {MAX_EXPANSION}-fold; refusing")
+    if count == 0:
       return np.zeros(self.size, flat.dtype)
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if last >= flat.size:
@@ -120,7 +141,7 @@ class _TensorRef:
     return np.array(view, copy=True)
 
 
-class _StorageView:
+class _StorageView(_Sealed):
   """A slice of a storage (very old legacy files: `view_metadata`)."""
 
   __slots__ = ("root", "offset", "numel")

@@ -358,6 +358,28 @@ def test_malicious_pickles_are_refused(tmp_path, container):
     assert not marker.exists(), f"{label} payload ran ({container})"
 
 
+class _TamperedTensor(_FakeTensor):
+  """Rebuilds a valid tensor, then BUILDs a new stride into it."""
+
+  def __reduce__(self):
+    func, args = super().__reduce__()
+    return func, args, (None, {"stride": (10**9, 1)})
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_state_tampering_and_memory_bombs_are_refused(tmp_path, legacy):
+  storage = _FakeStorage("0", np.arange(6, dtype=np.float32))
+  path = tmp_path / "tampered.pth"
+  _write_fake(path, collections.OrderedDict(
+      t=_TamperedTensor(storage, 0, (2, 3), (3, 1))), [storage], legacy)
+  with pytest.raises(torch_pickle.UnsafePickleError, match="BUILD"):
+    torch_pickle.load(path)
+  _write_fake(path, collections.OrderedDict(
+      t=_FakeTensor(storage, 0, (10**6, 10**6), (0, 0))), [storage], legacy)
+  with pytest.raises(pickle.UnpicklingError, match="expand"):
+    torch_pickle.load(path)
+
+
 def test_refusal_names_the_global(tmp_path):
   path = tmp_path / "evil.pth"
   with zipfile.ZipFile(path, "w") as z:
