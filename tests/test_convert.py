@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import ml_dtypes
+from flax import traverse_util
 import numpy as np
 import pytest
 
@@ -431,8 +432,7 @@ def test_num_classes_inferred_and_mult_twin():
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
   flat = {}
   for collection, tree in abstract.items():
-    for path, leaf in __import__("flax").traverse_util.flatten_dict(
-        tree).items():
+    for path, leaf in traverse_util.flatten_dict(tree).items():
       module = ".".join(p.replace("downsample_conv", "downsample.0")
                         .replace("downsample_bn", "downsample.1")
                         .replace("_", ".") for p in path[:-1])

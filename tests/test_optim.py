@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from hypothesis import given, settings, strategies as st
 
 from addernet_jax import layers, optim
@@ -42,10 +43,6 @@ def _params(seed: int = 0) -> dict:
 
 ADDER_PATHS = {("layer1_0", "conv1", "adder_kernel"),
                ("layer1_0", "downsample_conv", "adder_kernel")}
-
-
-def _is_adder(path) -> bool:
-  return tuple(k.key for k in path) in ADDER_PATHS
 
 
 TRANSFORMS = {
@@ -211,7 +208,6 @@ def _numpy_reference(params, grads_seq, lrs, eta, momentum, wd):
 
 
 def test_make_optimizer_matches_pytorch_sgd_reference():
-  from flax import traverse_util
   params = _params(3)
   config = _config()
   spe = 2  # three steps cross an epoch boundary: the rate changes
@@ -261,9 +257,7 @@ def test_adaptive_lr_disabled():
   params = _params()
   grads = jax.tree.map(lambda p: p * 2.0, params)
   for config in (_config(eta=0.0), _config(adaptive_lr=False)):
-    tx = optim.make_optimizer(config.copy_and_resolve_references()
-                              if hasattr(config, "copy_and_resolve_references")
-                              else config, params, 3)
+    tx = optim.make_optimizer(config, params, 3)
     updates, _ = tx.update(grads, tx.init(params), params)
     lr = _official_lr(1)
     got = np.asarray(updates["layer1_0"]["conv1"]["adder_kernel"])
