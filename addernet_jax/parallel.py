@@ -1,0 +1,262 @@
+"""Data parallelism over every device of every host.
+
+One 1-D mesh axis, `BATCH_AXIS`, spans all global devices. The global batch
+is split along it (each process loads only the rows of its own devices),
+parameters are replicated, and the per-device step runs in `shard_map` with
+`check_vma=False` and explicit `lax.pmean` of the gradients and BatchNorm
+statistics (classic pmap semantics). With `check_vma=True` the gradient of a
+per-shard loss w.r.t. replicated parameters is already summed over the axis
+and a following `pmean` is a no-op: N devices would step with N times the
+gradient (DESIGN.md §5). `data_parallel` always passes `check_vma=False`.
+
+Multi-host: call `initialize_distributed` before anything else touches JAX.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from addernet_jax.preemption import PreemptionFlag, install_preemption_handler
+
+logger = logging.getLogger(__name__)
+
+BATCH_AXIS = "batch"
+
+__all__ = ["BATCH_AXIS", "initialize_distributed", "make_mesh",
+           "replicated_sharding", "batch_sharding", "process_batch_slice",
+           "global_batch_from_local", "data_parallel", "PreemptionFlag",
+           "install_preemption_handler", "detect_cluster"]
+
+
+# --------------------------------------------------------------------------
+# Multi-host start-up.
+
+
+def _int_env(name: str) -> int | None:
+  try:
+    return int(os.environ[name])
+  except (KeyError, ValueError):
+    return None
+
+
+def detect_cluster() -> str | None:
+  """The multi-process launcher this process runs under, or None.
+
+  Recognises what `jax.distributed.initialize()` can configure by itself:
+  SLURM job steps with several tasks (`srun`), Open MPI (`mpirun`), and
+  Cloud TPU VMs (a TPU pod slice: every worker runs the same command). A
+  single-task SLURM allocation or a plain machine is not a cluster: JAX's
+  SLURM detection would otherwise restrict the process to one GPU.
+  """
+  ntasks = _int_env("SLURM_STEP_NUM_TASKS") or _int_env("SLURM_NTASKS")
+  if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
+    if ntasks is not None and ntasks > 1:
+      return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in os.environ or "PMIX_NAMESPACE" in os.environ:
+    size = _int_env("OMPI_COMM_WORLD_SIZE")
+    if size is not None and size > 1:
+      return "ompi"
+  if any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES",
+                                   "MEGASCALE_COORDINATOR_ADDRESS")):
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+      return "tpu"
+  try:  # Cloud TPU VM (GCE): JAX queries the metadata server itself.
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    if getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
+      return "tpu"
+  except ImportError:  # pragma: no cover
+    pass
+  return None
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None, *,
+                           initialization_timeout: int = 300) -> bool:
+  """Starts JAX's multi-process runtime where needed; call it first.
+
+  - With `coordinator_address` (HOST:PORT of process 0), `num_processes` and
+    `process_id` given: `jax.distributed.initialize(...)` with them (a manual
+    launch: the same command on every host, process_id 0..N-1). On CPU the
+    processes exchange data with Gloo collectives.
+  - With none given: auto-detection where JAX's cluster detection applies
+    (`detect_cluster`: TPU pod slices, SLURM `srun` with several tasks, Open
+    MPI), i.e. `jax.distributed.initialize()` without arguments; anywhere
+    else a single-process run and a no-op.
+  - Calling it again, or after JAX was initialised elsewhere, is a no-op.
+
+  Must run before any other JAX call that touches devices. A peer that never
+  arrives makes JAX abort the process after `initialization_timeout` seconds.
+
+  Returns:
+    True if the distributed runtime is (now) initialised.
+
+  Raises:
+    ValueError: an incomplete or inconsistent explicit set of arguments.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  if getattr(distributed.global_state, "client", None) is not None:
+    return True
+  explicit = {"coordinator_address": coordinator_address,
+              "num_processes": num_processes, "process_id": process_id}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if given and num_processes == 1 and process_id in (None, 0):
+    return False  # explicitly single-process
+  if given:
+    if coordinator_address is None:
+      cluster = detect_cluster()
+      if cluster is None:
+        raise ValueError(
+            f"coordinator_address (HOST:PORT of process 0) is required with "
+            f"{sorted(given)} outside a SLURM/MPI/TPU cluster")
+    if num_processes is not None and num_processes < 1:
+      raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if (process_id is not None and num_processes is not None
+        and not 0 <= process_id < num_processes):
+      raise ValueError(f"process_id must be in [0, {num_processes}), got "
+                       f"{process_id}")
+    if coordinator_address is not None and ":" not in coordinator_address:
+      raise ValueError(f"coordinator_address must be HOST:PORT, got "
+                       f"{coordinator_address!r}")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id,
+                               initialization_timeout=initialization_timeout)
+    logger.info("jax.distributed initialised: process %d of %d",
+                jax.process_index(), jax.process_count())
+    return True
+  cluster = detect_cluster()
+  if cluster is None:
+    return False
+  logger.info("detected a %s cluster: initialising jax.distributed", cluster)
+  jax.distributed.initialize(initialization_timeout=initialization_timeout)
+  return True
+
+
+# --------------------------------------------------------------------------
+# Mesh and shardings.
+
+
+def make_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh named `BATCH_AXIS` over `devices` (default: all, global).
+
+  Devices are ordered by (process, id), so each process's devices form one
+  contiguous block of the batch axis and `process_batch_slice` is a slice.
+  The axis type is `Auto` (not `make_mesh`'s `Explicit` default) so that
+  un-annotated inputs can enter `shard_map` (DESIGN.md §5).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("make_mesh: no devices given")
+  devices.sort(key=lambda d: (d.process_index, d.id))
+  axis_type = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)
+  if axis_type is None:  # JAX without axis types: every axis is "auto"
+    return jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,))
+  return jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,),
+                           axis_types=(axis_type,))
+
+
+def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Every device holds the whole array (parameters, optimizer state)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The leading (batch) axis split over `BATCH_AXIS`."""
+  return NamedSharding(mesh, P(BATCH_AXIS))
+
+
+def _check_divisible(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  n = mesh.devices.size
+  if (not isinstance(global_batch_size, (int, np.integer))
+      or global_batch_size < 1):
+    raise ValueError(f"global batch size must be a positive int, got "
+                     f"{global_batch_size!r}")
+  if global_batch_size % n:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the "
+        f"number of devices {n}; choose a multiple of {n} (e.g. "
+        f"{max(n, global_batch_size // n * n)})")
+  return n
+
+
+def process_batch_slice(global_batch_size: int,
+                        mesh: jax.sharding.Mesh | None = None) -> slice:
+  """The rows of every global batch that this process loads.
+
+  Args:
+    global_batch_size: rows of the global batch (`config.batch_size`).
+    mesh: the data-parallel mesh (default `make_mesh()`).
+
+  Raises:
+    ValueError: the global batch is not divisible by the device count (both
+      named), or this process's devices are not contiguous on the mesh.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  _check_divisible(global_batch_size, mesh)
+  index_map = batch_sharding(mesh).addressable_devices_indices_map(
+      (global_batch_size,))
+  ranges = sorted((idx[0].start or 0, idx[0].stop or global_batch_size)
+                  for idx in index_map.values())
+  start, stop = ranges[0][0], ranges[-1][1]
+  if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+    raise ValueError("this process's devices are not contiguous on the mesh; "
+                     "build it with parallel.make_mesh()")
+  return slice(start, stop)
+
+
+def global_batch_from_local(local: Mapping[str, np.ndarray],
+                            mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Assembles this process's rows of each array into global batch arrays.
+
+  Every process passes its `process_batch_slice` rows (same row count on
+  every process); the result is a dict of global `jax.Array`s sharded along
+  `BATCH_AXIS`, without any cross-host transfer.
+  """
+  sharding = batch_sharding(mesh)
+  n_local = len(mesh.local_devices)
+  out = {}
+  for name, value in local.items():
+    value = np.asarray(value)
+    if value.ndim == 0 or value.shape[0] % n_local:
+      raise ValueError(
+          f"global_batch_from_local: {name!r} has shape {value.shape}; its "
+          f"leading axis must be divisible by the {n_local} local devices")
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    out[name] = jax.make_array_from_process_local_data(sharding, value,
+                                                       global_shape)
+  return out
+
+
+# --------------------------------------------------------------------------
+# shard_map.
+
+
+def data_parallel(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
+                  in_specs: Any, out_specs: Any) -> Callable[..., Any]:
+  """`shard_map(fn)` over `mesh` with pmap semantics (`check_vma=False`).
+
+  Inside `fn`, arrays with spec `P(BATCH_AXIS)` are the local shard and
+  replicated inputs (`P()`) are the full value; reduce explicitly with
+  `jax.lax.pmean(x, BATCH_AXIS)` (gradients, metrics) and give BatchNorm
+  `axis_name=BATCH_AXIS`. Disabling the varying-manual-axes check keeps the
+  gradient of a per-shard loss per-shard (so `pmean` averages it) and lets
+  Pallas kernels run inside.
+
+  Works with `jax.shard_map` (JAX >= 0.7, `check_vma`) and falls back to
+  `jax.experimental.shard_map.shard_map` (`check_rep`) on older versions.
+  """
+  shard_map = getattr(jax, "shard_map", None)
+  if shard_map is not None:
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                     check_vma=False)
+  from jax.experimental.shard_map import shard_map as legacy  # pylint: disable=g-import-not-at-top
+  return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                check_rep=False)
