@@ -76,6 +76,19 @@ def detect_cluster() -> str | None:
   return None
 
 
+def _enable_cpu_collectives() -> None:
+  """Cross-process collectives on the CPU backend (Gloo over TCP).
+
+  The default in JAX 0.10; older versions had none, and a multi-process CPU
+  run then fails at its first collective.
+  """
+  try:
+    if not getattr(jax.config, "jax_cpu_collectives_implementation", None):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, KeyError, ValueError):  # pragma: no cover
+    pass
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None, *,
@@ -125,6 +138,7 @@ def initialize_distributed(coordinator_address: str | None = None,
     if coordinator_address is not None and ":" not in coordinator_address:
       raise ValueError(f"coordinator_address must be HOST:PORT, got "
                        f"{coordinator_address!r}")
+    _enable_cpu_collectives()
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id,
@@ -136,6 +150,7 @@ def initialize_distributed(coordinator_address: str | None = None,
   if cluster is None:
     return False
   logger.info("detected a %s cluster: initialising jax.distributed", cluster)
+  _enable_cpu_collectives()
   jax.distributed.initialize(initialization_timeout=initialization_timeout)
   return True
 

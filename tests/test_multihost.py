@@ -1,0 +1,108 @@
+"""Two processes on 127.0.0.1 equal one process with the same devices.
+
+Each process has 2 CPU devices (`--xla_force_host_platform_device_count=2`)
+and joins `jax.distributed` through `parallel.initialize_distributed` (Gloo
+CPU collectives); together they train the AdderNet of test_parallel.py on
+the same global batches as one process with 4 devices, each loading only its
+rows. Every process runs under a timeout: a missing peer makes JAX abort the
+process (exit 134) rather than raise (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_parallel as tp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(Path(tp.__file__).resolve())
+TIMEOUT = 300
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(commands: list[list[str]], env: dict[str, str],
+                  timeout: float = TIMEOUT) -> list[str]:
+  """Starts all commands, waits for all; kills every one on any failure."""
+  procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for cmd in commands]
+  outputs, failed = [], []
+  try:
+    for i, p in enumerate(procs):
+      out, err = p.communicate(timeout=timeout)
+      outputs.append(out)
+      if p.returncode != 0:
+        failed.append(f"process {i} exited {p.returncode}:\n{err[-3000:]}")
+  except subprocess.TimeoutExpired:
+    failed.append(f"timed out after {timeout} s")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  assert not failed, "\n".join(failed)
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def multihost_runs(tmp_path_factory):
+  d = tmp_path_factory.mktemp("mh")
+  port = free_port()
+  commands = [[sys.executable, WORKER, "--steps", "4",
+               "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+               "--process_id", str(i), "--out", str(d / "two.npz"),
+               "--ckpt_dir", str(d / "ckpt")] for i in range(2)]
+  run_processes(commands, tp.worker_env(2))
+  # One process, 4 devices, the same global batches; it also restores the
+  # checkpoint the two processes wrote.
+  tp.run_worker(4, "--steps", "4", "--out", str(d / "one.npz"),
+                "--restore_dir", str(d / "ckpt"), timeout=TIMEOUT)
+  return {"two": tp.load(d / "two.npz"), "one": tp.load(d / "one.npz"),
+          "dir": d}
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(multihost_runs):
+  two, one = multihost_runs["two"], multihost_runs["one"]
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=2e-5)
+  for prefix in ("params/", "batch_stats/"):
+    diffs = tp.rel_l2(two, one, prefix)
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+@pytest.mark.slow
+def test_checkpoint_from_two_processes_restores_in_one(multihost_runs):
+  two, one = multihost_runs["two"], multihost_runs["one"]
+  assert int(one["restored_meta_processes"]) == 2
+  restored = {k[len("restored/"):]: v for k, v in one.items()
+              if k.startswith("restored/")}
+  keys = [k for k in two if k.startswith(("params/", "batch_stats/"))]
+  assert keys and set(keys) == set(restored)
+  for k in keys:
+    np.testing.assert_array_equal(restored[k], two[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_missing_peer_fails_within_timeout(tmp_path):
+  """One process of two: JAX gives up (non-zero exit), it does not hang."""
+  port = free_port()
+  env = tp.worker_env(1)
+  proc = subprocess.run(
+      [sys.executable, "-c",
+       "import sys; from addernet_jax import parallel; "
+       f"parallel.initialize_distributed('127.0.0.1:{port}', 2, 0, "
+       "initialization_timeout=3)"],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
