@@ -154,3 +154,36 @@ def test_train_py_with_two_processes(tmp_path):
   params = ckpt.restore_for_eval(workdir, abstract)["params"]
   leaves = jax.tree.leaves(params)
   assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+
+
+_PREEMPT_SCRIPT = """
+import os, signal, sys, time
+import numpy as np
+from addernet_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+flag = parallel.install_preemption_handler()
+mesh = parallel.make_mesh()
+total = jax.jit(lambda x: x.sum())
+for step in range(400):
+  x = parallel.global_batch_from_local({"x": np.ones(2, np.float32)}, mesh)
+  total(x["x"]).block_until_ready()  # a cross-process collective per step
+  if step == 5 and jax.process_index() == 0:
+    os.kill(os.getpid(), signal.SIGTERM)  # only process 0 is preempted
+  if flag.should_stop(step):
+    print("STOP", step, flush=True)
+    sys.exit(0)
+  time.sleep(0.02)
+sys.exit(5)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_all_at_the_same_step():
+  port = free_port()
+  commands = [[sys.executable, "-c", _PREEMPT_SCRIPT, f"127.0.0.1:{port}",
+               str(i)] for i in range(2)]
+  outs = run_processes(commands, tp.worker_env(1), timeout=180)
+  stops = [[l for l in o.splitlines() if l.startswith("STOP")] for o in outs]
+  assert stops[0] and stops[0] == stops[1], outs
+  assert int(stops[0][0].split()[1]) >= 5
