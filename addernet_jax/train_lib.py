@@ -112,8 +112,24 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser for `app.run`: a bad flag, an unknown config key or a
   wrong value type becomes one `error: ...` line and exit status 2."""
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, *USER_ERRORS, AttributeError) as e:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      # ml_collections defers a config file's loading error until first use.
+      config = flags.FLAGS["config"].value
+      if config is not None:
+        config.to_dict()
+    return remaining
+  except (AttributeError, KeyError) as e:  # ConfigDict: no such field
+    key = str(e).strip("\"' ")
+    overrides = [a for a in argv if a.startswith("--config.")]
+    cli_error(f"unknown config key {key!r} in {' '.join(overrides)} (not a "
+              "field of the config file; see configs/default.py)")
+    sys.exit(2)
+  except OSError as e:  # the config file could not be loaded
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    cli_error(f"cannot load the --config file: {lines[-1]}")
+    sys.exit(2)
+  except (flags.Error, *USER_ERRORS) as e:
     cli_error(e)
     sys.exit(2)
 
@@ -546,12 +562,13 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
       return
     metrics = _fetch_metrics(pending, pending_first)
     now = time.perf_counter()
-    ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
-    metrics.update(images_per_sec=ips, lr=float(lr_fn(step - 1)),
-                   epoch=step / steps_per_epoch)
+    if step > step_last:  # images/s of the steps since the last log
+      ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+      metrics["images_per_sec"] = ips
+      bar.set_postfix(loss=f"{metrics['train_loss']:.4f}",
+                      img_s=f"{ips:.0f}", refresh=False)
+    metrics.update(lr=float(lr_fn(step - 1)), epoch=step / steps_per_epoch)
     writer.write(step, metrics)
-    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}",
-                    img_s=f"{ips:.0f}", refresh=False)
     last_train = metrics
     pending, pending_first = [], step
     t_last, step_last = now, step
@@ -566,8 +583,10 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             "dataset": config.dataset,
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
-    metrics = ({k: float(v) for k, v in eval_metrics.items()}
-               if eval_metrics else None)
+    # Steps without an evaluation still pass metrics (ranked last for
+    # "best"), which keeps Orbax from warning about missing metrics.
+    metrics = {k: float(v) for k, v in (eval_metrics or last_train).items()
+               if isinstance(v, (int, float))}
     mgr.save(step, state, meta, metrics=metrics, force=force)
     last_saved = step
 
@@ -588,6 +607,9 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
         pending.append(metrics)
         step += 1
         bar.update(1)
+        if step == start_step + 1:  # exclude compilation from images/s
+          jax.block_until_ready(metrics)
+          t_last, step_last = time.perf_counter(), step
         end_of_epoch = step % steps_per_epoch == 0
         if step % log_every == 0:
           flush_metrics()

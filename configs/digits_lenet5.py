@@ -28,10 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'lenet5_bn'
   config.num_classes = 10
   config.batch_size = 64  # 22 steps per epoch (the last 30 images dropped).
-  config.num_epochs = 15
+  config.num_epochs = 8
   config.learning_rate = 0.1
   config.eval_batch_size = 359  # The whole test split in one batch.
   config.log_every_steps = 22
   config.checkpoint_every_steps = -1  # Every epoch.
-  config.recalibrate_bn_batches = 4
+  config.recalibrate_bn_batches = 2
   return config

@@ -1,0 +1,150 @@
+"""Config files: every one loads, has the shared keys, documents itself; the
+command line rejects bad keys and values with one line and no traceback."""
+
+import importlib.util
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+SHARED_KEYS = {
+    "dataset": str, "data_dir": (str, type(None)), "model": str, "conv": str,
+    "num_classes": int, "batch_size": int, "num_epochs": int,
+    "num_train_steps": int, "learning_rate": float, "momentum": float,
+    "weight_decay": float, "eta": float, "checkpoint_every_steps": int,
+    "seed": int,
+}
+EXPERIMENTS = {
+    "cifar10_resnet20": ("cifar10", "resnet20", 10),
+    "cifar10_resnet32": ("cifar10", "resnet32", 10),
+    "cifar100_resnet20": ("cifar100", "resnet20", 100),
+    "cifar100_resnet32": ("cifar100", "resnet32", 100),
+    "cifar10_vgg_small": ("cifar10", "vgg_small", 10),
+    "cifar100_vgg_small": ("cifar100", "vgg_small", 100),
+    "mnist_lenet5": ("mnist", "lenet5_bn", 10),
+    "imagenet_resnet18": ("imagenet2012", "resnet18", 1000),
+    "imagenet_resnet50": ("imagenet2012", "resnet50", 1000),
+    "digits_lenet5": ("digits", "lenet5_bn", 10),
+    "smoke": ("digits", "lenet5_bn", 10),
+}
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py")
+                      if p.stem not in ("__init__", "default"))
+
+
+def load(path: Path) -> ml_collections.ConfigDict:
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, module.get_config()
+
+
+def test_every_experiment_has_a_config():
+  assert {p.stem for p in CONFIG_FILES} == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_config_loads_with_shared_keys(path):
+  module, config = load(path)
+  for key, kind in SHARED_KEYS.items():
+    assert key in config, f"{path.name} lacks {key}"
+    assert isinstance(config[key], kind), (path.name, key, config[key])
+  dataset, model, classes = EXPERIMENTS[path.stem]
+  assert (config.dataset, config.model, config.num_classes) == (
+      dataset, model, classes)
+  assert config.conv == "adder"
+  assert config.batch_size % 8 == 0 and config.eval_batch_size > 0
+  doc = module.__doc__
+  assert f"configs/{path.stem}.py" in doc and "python train.py" in doc
+  assert "Expected result" in doc
+
+
+def test_every_key_is_commented():
+  """Each key of the base config has a comment right above it."""
+  lines = (CONFIG_DIR / "default.py").read_text().splitlines()
+  _, config = load(CONFIG_DIR / "cifar10_resnet20.py")
+  for key in config:
+    index = next(i for i, line in enumerate(lines)
+                 if line.strip().startswith(f"config.{key} ="))
+    assert lines[index - 1].strip().startswith("#"), key
+
+
+def test_cifar10_resnet20_is_the_official_recipe():
+  _, c = load(CONFIG_DIR / "cifar10_resnet20.py")
+  assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay, c.eta,
+          c.num_epochs) == (256, 0.1, 0.9, 5e-4, 0.2, 400)
+  assert c.num_train_steps <= 0 and c.lr_schedule == "cosine"
+  assert c.warmup_epochs == 0 and c.dtype == "float32"
+
+
+def test_imagenet_recipe():
+  for name in ("imagenet_resnet18", "imagenet_resnet50"):
+    _, c = load(CONFIG_DIR / f"{name}.py")
+    assert (c.batch_size, c.learning_rate, c.num_epochs) == (256, 0.1, 150)
+
+
+def test_mnist_recipe():
+  _, c = load(CONFIG_DIR / "mnist_lenet5.py")
+  assert (c.learning_rate, c.num_epochs, c.lr_schedule) == (0.1, 50,
+                                                            "cosine")
+
+
+# ----------------------------------------------------------- command line --
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles: str):
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, result.stderr
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+  assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_unknown_config_key_is_one_line_error(script, tmp_path):
+  result = run_cli(script, "--config", "configs/smoke.py",
+                   f"--workdir={tmp_path}", f"--checkpoint={tmp_path}",
+                   "--config.no_such_key=3")
+  assert_one_line_error(result, "no_such_key")
+
+
+def test_wrong_value_type_is_one_line_error(tmp_path):
+  result = run_cli("train.py", "--config", "configs/smoke.py",
+                   f"--workdir={tmp_path}", "--config.batch_size=lots")
+  assert_one_line_error(result, "batch_size")
+
+
+def test_missing_config_file_is_one_line_error(tmp_path):
+  result = run_cli("train.py", "--config", "configs/no_such_config.py",
+                   f"--workdir={tmp_path}")
+  assert_one_line_error(result, "no_such_config")
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path):
+  result = run_cli("train.py", "--config", "configs/mnist_lenet5.py",
+                   f"--workdir={tmp_path}",
+                   f"--config.data_dir={tmp_path / 'nowhere'}")
+  assert_one_line_error(result, "nowhere")
+
+
+def test_bad_value_is_one_line_error(tmp_path):
+  result = run_cli("train.py", "--config", "configs/smoke.py",
+                   f"--workdir={tmp_path}", "--config.conv=bogus")
+  assert_one_line_error(result, "bogus")
+  result = run_cli("train.py", "--config", "configs/smoke.py",
+                   f"--workdir={tmp_path}", "--config.num_classes=7")
+  assert_one_line_error(result, "num_classes")
