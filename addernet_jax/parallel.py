@@ -96,9 +96,11 @@ def initialize_distributed(coordinator_address: str | None = None,
   """Starts JAX's multi-process runtime where needed; call it first.
 
   - With `coordinator_address` (HOST:PORT of process 0), `num_processes` and
-    `process_id` given: `jax.distributed.initialize(...)` with them (a manual
-    launch: the same command on every host, process_id 0..N-1). On CPU the
-    processes exchange data with Gloo collectives.
+    `process_id` given: `jax.distributed.initialize(...)` with them and
+    cluster detection off (a manual launch: the same command on every host,
+    process_id 0..N-1, each process using all its local devices). On CPU
+    the processes exchange data with Gloo collectives. Some of them given
+    inside a detected cluster: JAX fills in the rest.
   - With none given: auto-detection where JAX's cluster detection applies
     (`detect_cluster`: TPU pod slices, SLURM `srun` with several tasks, Open
     MPI), i.e. `jax.distributed.initialize()` without arguments; anywhere
@@ -139,10 +141,18 @@ def initialize_distributed(coordinator_address: str | None = None,
       raise ValueError(f"coordinator_address must be HOST:PORT, got "
                        f"{coordinator_address!r}")
     _enable_cpu_collectives()
+    kwargs = {}
+    if len(given) == 3:
+      # A fully explicit launch: keep JAX from also applying a detected
+      # cluster's per-process device restriction (under SLURM it would pin
+      # each process to GPU $SLURM_LOCALID); every process uses all its
+      # local devices (JAX_LOCAL_DEVICE_IDS still restricts them).
+      kwargs["cluster_detection_method"] = "deactivate"
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id,
-                               initialization_timeout=initialization_timeout)
+                               initialization_timeout=initialization_timeout,
+                               **kwargs)
     logger.info("jax.distributed initialised: process %d of %d",
                 jax.process_index(), jax.process_count())
     return True
