@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -218,3 +219,53 @@ def test_sigterm_sets_the_flag_and_handler_is_restored():
     assert flag.should_stop(1)
     assert flag.signal_received == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+_SAVE_LOOP = textwrap.dedent("""
+    import sys
+    import numpy as np, jax.numpy as jnp
+    from addernet_jax import checkpoint as ckpt
+    mgr = ckpt.CheckpointManager(sys.argv[1], max_to_keep=2)
+    start = (mgr.latest_step() or 0) + 1
+    for step in range(start, start + 10000):
+      w = jnp.full((128, 1024), step, jnp.float32)  # 512 KiB per save
+      mgr.save(step, {"w": w, "b": jnp.full((7,), -step, jnp.float32)},
+               {"step": step})
+      print(step, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(tmp_path):
+  """Kill -9 a process that saves asynchronously, at several moments."""
+  directory = tmp_path / "ck"
+  abstract = {"w": jax.ShapeDtypeStruct((128, 1024), jnp.float32),
+              "b": jax.ShapeDtypeStruct((7,), jnp.float32)}
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  rng = np.random.default_rng(0)
+  last_restored = 0
+  for kill_after in (2, 3, 5):
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(directory)],
+                            stdout=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT)
+    try:
+      printed = []
+      while len(printed) < kill_after:
+        line = proc.stdout.readline()
+        assert line, "the save loop exited early"
+        printed.append(int(line))
+      time.sleep(float(rng.uniform(0, 0.05)))  # somewhere inside a save
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=30)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    with ckpt.CheckpointManager(directory, max_to_keep=2) as mgr:
+      state, meta = mgr.restore(abstract)
+      step = meta["step"]
+      # Whatever was on disk: a complete checkpoint, consistent with itself.
+      assert last_restored < step, (last_restored, step)
+      np.testing.assert_array_equal(np.asarray(state["w"]), step)
+      np.testing.assert_array_equal(np.asarray(state["b"]), -step)
+      assert mgr.latest_step() == step
+      last_restored = step
