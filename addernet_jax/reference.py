@@ -1,18 +1,42 @@
-"""Pure-jnp adder convolution: the reference every kernel is tested against.
+"""Pure-jnp adder convolution: the XLA fallback and the reference kernels are tested against.
 
 All functions take the input already zero-padded (`xp`, NHWC) and filters HWIO,
-and accumulate in float32. They never build the `(cout, k, n*h*w)` difference
-tensor of the official release: every function loops over the `kh * kw` filter
-taps and lets XLA fuse the broadcast-abs-reduce of each tap.
+and accumulate in float32. None of them builds the `(cout, k, n*h*w)`
+difference tensor of the official release.
+
+Formulation (measured fastest on CPU, see benchmarks/RESULTS.md): the output is
+accumulated one (filter tap, channel) pair at a time, each pair an element-wise
+update of the whole accumulator, e.g. for the forward
+
+    acc[n, p, q, :] += |xp[n, p*s+i, q*s+j, c] - w[i, j, c, :]|
+
+XLA fuses a block of `TERMS_PER_STEP` such updates (one tap, a block of
+channels) into one vectorised loop over the accumulator; a `lax.fori_loop` over
+(tap, channel block) keeps the program, and the compile time, small. Reducing
+over channels inside each tap instead was 3-10x slower.
+
+The input gradient is computed in gather form: every padded-input position sums
+the contributions of the taps that see it, read from shifted views of the
+output gradient, so nothing is scattered or padded-and-added. Strided layers
+are split into `sh * sw` phases of the input (positions with the same
+remainder modulo the stride), each of which sees a fixed subset of the taps.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 Strides = tuple[int, int]
+
+# (tap, channel) pairs fused into one loop step. On a 2-core AVX2 CPU, 16 ran
+# as fast as 32-72 on ResNet-20 layers (8 was 2-5x slower) and compiles in
+# about a third of the time of 72: XLA's CPU compile time grows with the
+# number of fused terms, about 7 ms each.
+TERMS_PER_STEP = 16
 
 
 def output_size(padded: int, kernel: int, stride: int) -> int:
@@ -35,69 +59,147 @@ def _out_hw(xp: jax.Array, w: jax.Array, strides: Strides) -> tuple[int, int]:
           output_size(xp.shape[2], w.shape[1], strides[1]))
 
 
+def _blocks(channels: int) -> tuple[int, int]:
+  """(number of blocks, block size) covering `channels` in steps of at most
+  TERMS_PER_STEP, as evenly as possible (the last block may be zero-padded)."""
+  num = -(-channels // TERMS_PER_STEP)
+  return num, -(-channels // num)
+
+
+def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
+  """Zero-pads `a` along `axis` to `size`."""
+  if a.shape[axis] == size:
+    return a
+  pads = [(0, 0)] * a.ndim
+  pads[axis] = (0, size - a.shape[axis])
+  return jnp.pad(a, pads)
+
+
+def _fold(num_steps: int, step: Callable[[jax.Array | int, jax.Array],
+                                         jax.Array], acc: jax.Array) -> jax.Array:
+  """`step(k, acc)` for k in range(num_steps): a `lax.fori_loop`, inline if 1."""
+  if num_steps == 1:
+    return step(0, acc)
+  return lax.fori_loop(0, num_steps, step, acc)
+
+
 def forward(xp: jax.Array, w: jax.Array, strides: Strides) -> jax.Array:
   """y[n,p,q,o] = -sum_{i,j,c} |xp[n, p*s+i, q*s+j, c] - w[i,j,c,o]| (float32)."""
-  xp = xp.astype(jnp.float32)
-  w = w.astype(jnp.float32)
-  kh, kw, _, _ = w.shape
-  out_hw = _out_hw(xp, w, strides)
-  acc = None
-  for i in range(kh):
-    for j in range(kw):
-      view = tap_view(xp, i, j, out_hw, strides)
-      term = jnp.sum(jnp.abs(view[..., :, None] - w[i, j]), axis=-2)
-      acc = term if acc is None else acc + term
-  return -acc
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  n = xp.shape[0]
+  ho, wo = _out_hw(xp, w, strides)
+  nb, cb = _blocks(cin)
+  # Zero channels contribute |0 - 0| = 0.
+  xp = _pad_axis(xp.astype(jnp.float32), 3, nb * cb)
+  w = _pad_axis(w.astype(jnp.float32), 2, nb * cb)
+
+  def step(k, acc):
+    tap, c0 = k // nb, (k % nb) * cb
+    i, j = tap // kw, tap % kw
+    window = lax.dynamic_slice(
+        xp, (0, i, j, c0), (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, cb))
+    view = window[:, ::sh, ::sw] if (sh, sw) != (1, 1) else window
+    ws = lax.dynamic_slice(w, (i, j, c0, 0), (1, 1, cb, cout))[0, 0]
+    for c in range(cb):
+      acc = acc + jnp.abs(view[..., c:c + 1] - ws[c])
+    return acc
+
+  init = jnp.zeros((n, ho, wo, cout), jnp.float32)
+  return -_fold(kh * kw * nb, step, init)
 
 
 def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
                strides: Strides) -> jax.Array:
   """dxp[n, p*s+i, q*s+j, c] += sum_o clip(w[i,j,c,o] - xp[...], -1, 1) g[n,p,q,o].
 
-  Returns the gradient with respect to the padded input, float32. Each tap's
-  contribution is placed with `lax.pad` (interior padding for strides), never
-  with a scatter.
+  Returns the gradient with respect to the padded input (shape of `xp`),
+  float32. Positions no filter tap reaches get zero.
   """
-  xp = xp.astype(jnp.float32)
-  w = w.astype(jnp.float32)
-  g = g.astype(jnp.float32)
-  kh, kw, _, _ = w.shape
-  (sh, sw) = strides
-  n, hp, wp, c = xp.shape
-  ho, wo = g.shape[1], g.shape[2]
-  dxp = jnp.zeros((n, hp, wp, c), jnp.float32)
-  for i in range(kh):
-    for j in range(kw):
-      view = tap_view(xp, i, j, (ho, wo), strides)
-      clipped = jnp.clip(w[i, j] - view[..., :, None], -1.0, 1.0)
-      d_view = jnp.sum(clipped * g[..., None, :], axis=-1)
-      dxp = dxp + lax.pad(
-          d_view, jnp.float32(0),
-          ((0, 0, 0),
-           (i, hp - i - (sh * (ho - 1) + 1), sh - 1),
-           (j, wp - j - (sw * (wo - 1) + 1), sw - 1),
-           (0, 0, 0)))
-  return dxp
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  n, hp, wp, _ = xp.shape
+  _, ho, wo, _ = g.shape
+  nb, ob = _blocks(cout)
+  # Zero output-gradient channels contribute clip(...) * 0 = 0.
+  w = _pad_axis(w.astype(jnp.float32), 3, nb * ob)
+  g = _pad_axis(g.astype(jnp.float32), 3, nb * ob)
+  # Phase (r, t) holds xp[:, r::sh, t::sw]; pad xp so every phase has hq x wq
+  # positions. Tap (i, j) = (r + sh*di, t + sw*dj) meets phase position (a, b)
+  # through g[:, a - di, b - dj]: g is padded so those shifted views stay in
+  # range (reading zeros where no output exists).
+  hq, wq = -(-hp // sh), -(-wp // sw)
+  xq = jnp.pad(xp.astype(jnp.float32),
+               ((0, 0), (0, hq * sh - hp), (0, wq * sw - wp), (0, 0)))
+  dh, dw = (kh - 1) // sh, (kw - 1) // sw
+  gp = jnp.pad(g, ((0, 0), (dh, max(0, hq - ho)), (dw, max(0, wq - wo)),
+                   (0, 0)))
+
+  def phase_grad(r: int, t: int) -> jax.Array:
+    x_rt = lax.slice(xq, (0, r, t, 0), xq.shape, (1, sh, sw, 1))
+    rows, cols = len(range(r, kh, sh)), len(range(t, kw, sw))
+
+    def step(k, acc):
+      tap, o0 = k // nb, (k % nb) * ob
+      di, dj = tap // cols, tap % cols
+      gv = lax.dynamic_slice(gp, (0, dh - di, dw - dj, o0), (n, hq, wq, ob))
+      ws = lax.dynamic_slice(w, (r + sh * di, t + sw * dj, 0, o0),
+                             (1, 1, cin, ob))[0, 0]
+      for o in range(ob):
+        acc = acc + jnp.clip(ws[:, o] - x_rt, -1.0, 1.0) * gv[..., o:o + 1]
+      return acc
+
+    init = jnp.zeros_like(x_rt)
+    return _fold(rows * cols * nb, step, init) if rows * cols else init
+
+  if sh == sw == 1:
+    return phase_grad(0, 0)
+  # Interleave the phases back: [n, hq, sh, wq, sw, c] -> [n, hq*sh, wq*sw, c].
+  d = jnp.stack([jnp.stack([phase_grad(r, t) for t in range(sw)], axis=3)
+                 for r in range(sh)], axis=2)
+  return d.reshape(n, hq * sh, wq * sw, cin)[:, :hp, :wp]
 
 
-def filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
-                strides: Strides) -> jax.Array:
+def filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides,
+                *, method: str | None = None) -> jax.Array:
   """dw[i,j,c,o] = sum_{n,p,q} (xp[n,p*s+i,q*s+j,c] - w[i,j,c,o]) g[n,p,q,o].
 
-  Uses the identity dw = conv_weight_grad(xp, g) - w * sum(g): the first term
-  is an ordinary convolution weight gradient (BLAS / tensor cores), computed at
-  full float32 precision.
+  Uses the identity dw = correlation(xp, g) - w * sum(g), where the first term
+  is an ordinary convolution weight gradient, computed at full float32
+  precision (`Precision.HIGHEST`: no TF32 / bf16 passes on GPU and TPU).
+
+  Args:
+    xp, w, g: padded input (NHWC), filters (HWIO), output gradient (NHWC).
+    strides: `(sh, sw)`.
+    method: "conv" (the VJP of `lax.conv_general_dilated`: cuDNN / TPU
+      convolution units), "taps" (one `[cin, n*ho*wo] @ [n*ho*wo, cout]` matrix
+      product per filter tap; on CPU as fast or faster, and 15-30x faster for
+      strided 1x1 layers, whose convolution gradient XLA's CPU backend handles
+      poorly) or None: "taps" on CPU, "conv" elsewhere.
   """
+  if method is None:
+    method = "taps" if jax.default_backend() == "cpu" else "conv"
   xp = xp.astype(jnp.float32)
   w = w.astype(jnp.float32)
   g = g.astype(jnp.float32)
+  kh, kw, cin, cout = w.shape
+  if method == "conv":
+    def conv(kernel):
+      return lax.conv_general_dilated(
+          xp, kernel, strides, "VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          precision=lax.Precision.HIGHEST)
 
-  def conv(kernel):
-    return lax.conv_general_dilated(
-        xp, kernel, strides, "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST)
-
-  _, conv_vjp = jax.vjp(conv, w)
-  (correlation,) = conv_vjp(g)
+    _, conv_vjp = jax.vjp(conv, w)
+    (correlation,) = conv_vjp(g)
+  elif method == "taps":
+    out_hw = g.shape[1:3]
+    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    correlation = jnp.stack([
+        lax.dot_general(tap_view(xp, i, j, out_hw, strides), g, contract,
+                        precision=lax.Precision.HIGHEST)
+        for i in range(kh) for j in range(kw)]).reshape(kh, kw, cin, cout)
+  else:
+    raise ValueError(f"filter_grad: method must be None, 'conv' or 'taps', "
+                     f"got {method!r}")
   return correlation - w * jnp.sum(g, axis=(0, 1, 2))
