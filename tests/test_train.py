@@ -187,6 +187,7 @@ EIGHT_VS_ONE = textwrap.dedent("""
     from configs import smoke
     assert jax.device_count() == 8, jax.devices()
     config = smoke.get_config()
+    config.dataset, config.data_dir = "cifar10", {data_dir!r}
     config.batch_size = 24  # 3 per device
     config.eval_batch_size = 16  # 2 per device; 40 examples: last padded
     info = data_lib.dataset_info(config.dataset)
@@ -220,10 +221,29 @@ EIGHT_VS_ONE = textwrap.dedent("""
 """)
 
 
+def write_random_cifar(folder: Path, num_train: int, num_test: int) -> None:
+  """A CIFAR-10 python-pickle folder of random images (no ties, no padding:
+  LeNet-5-BN on padded 8x8 digits has exact ties in max-pooling whose
+  float32 tie-breaking makes its gradient depend on the batch order at the
+  percent level, which would hide what this test looks for)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  folder.mkdir(parents=True)
+  for name, n in (("data_batch_1", num_train), ("test_batch", num_test)):
+    with open(folder / name, "wb") as f:
+      pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                   "labels": rng.integers(0, 10, n).tolist()}, f)
+
+
 @pytest.mark.slow
 def test_eight_devices_equal_one_device(jax_cache, tmp_path):
-  steps = 5
-  script = EIGHT_VS_ONE.format(root=str(ROOT), steps=steps, out=str(tmp_path))
+  """Same global batch on 8 devices and on 1: the same step up to float32
+  reduction order (gradients pmean-ed once, BatchNorm statistics synchronised,
+  augmentation independent of the device count, masked evaluation)."""
+  steps = 4
+  write_random_cifar(tmp_path / "cifar", 120, 40)
+  script = EIGHT_VS_ONE.format(root=str(ROOT), steps=steps, out=str(tmp_path),
+                               data_dir=str(tmp_path / "cifar"))
   result = subprocess.run(
       [sys.executable, "-c", script], cwd=ROOT, capture_output=True,
       text=True, timeout=900,
@@ -236,14 +256,14 @@ def test_eight_devices_equal_one_device(jax_cache, tmp_path):
   assert eight["eval"]["num_examples"] == one["eval"]["num_examples"] == 40
   for key in ("loss", "top1", "top5"):
     np.testing.assert_allclose(eight["eval"][key], one["eval"][key],
-                               rtol=1e-4, atol=1e-6)
+                               rtol=1e-5)
   a, b = np.load(tmp_path / "1.npz"), np.load(tmp_path / "8.npz")
   assert sorted(a.files) == sorted(b.files)
-  for name in a.files:
-    # Only float32 reduction order differs: relative to each tensor's scale.
-    scale = max(float(np.abs(a[name]).max()), 1e-3)
-    err = float(np.abs(a[name] - b[name]).max()) / scale
-    assert err < 1e-4, (name, err)
+  worst = max((float(np.abs(a[k] - b[k]).max()) /
+               max(float(np.abs(a[k]).max()), 1e-3), k) for k in a.files)
+  print(f"8 vs 1 device after {steps} steps: worst relative error {worst}")
+  # Only float32 reduction order differs: relative to each tensor's scale.
+  assert worst[0] < 1e-4, worst
 
 
 @pytest.mark.slow
