@@ -37,7 +37,7 @@ from addernet_jax import ops  # noqa: E402
 # (name, input hw, cin, cout, kernel, stride): every adder layer of ResNet-20
 # (CIFAR, 32x32), with the number of times it occurs in the network.
 LAYERS = [
-    ("s1.conv3x3 16->16", 32, 16, 16, 3, 1, 12),
+    ("s1.conv3x3 16->16", 32, 16, 16, 3, 1, 6),
     ("s2.conv3x3 16->32 /2", 32, 16, 32, 3, 2, 1),
     ("s2.conv3x3 32->32", 16, 32, 32, 3, 1, 5),
     ("s3.conv3x3 32->64 /2", 16, 32, 64, 3, 2, 1),
