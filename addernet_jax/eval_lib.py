@@ -227,7 +227,8 @@ def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
   rep = parallel.replicated_sharding(mesh)
   params = jax.device_put(variables["params"], rep)
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
-  if info.in_memory:
+  pipeline = config.get("input_pipeline", "auto")
+  if (info.in_memory and pipeline != "streaming") or pipeline == "in_memory":
     images, labels, _ = load_eval_split(config)
     return evaluator.evaluate_in_memory(
         params, batch_stats, InMemoryEvalSet(images, labels, mesh))
@@ -235,7 +236,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
       config.dataset, config.data_dir, "test",
       global_batch_size=config.eval_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      train=False)
+      train=False, worker_count=config.get("num_workers"))
   try:
     return evaluator.evaluate_stream(
         params, batch_stats, it,

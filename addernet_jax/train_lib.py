@@ -441,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       best_metric="eval_top1")
   train_iter = None
   try:
-    if info.in_memory:
+    if use_in_memory(config, info):
       data = InMemoryData(config, info, mesh)
       steps_per_epoch = data.steps_per_epoch
       num_train = data.num_train
@@ -471,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_iter.close()
       train_iter = _streaming_train(config, info, start_step)
 
-    if info.in_memory:
+    if data is not None:
       train_step = make_in_memory_train_step(mesh, info, config.batch_size)
     else:
       train_step = make_streaming_train_step(mesh)
@@ -489,13 +489,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return summary
 
 
+def use_in_memory(config: ml_collections.ConfigDict,
+                  info: data_lib.DatasetInfo) -> bool:
+  """Whether the dataset is kept on the devices (else streamed)."""
+  pipeline = config.get("input_pipeline", "auto")
+  if pipeline not in ("auto", "in_memory", "streaming"):
+    raise ValueError(f"config.input_pipeline must be 'auto', 'in_memory' or "
+                     f"'streaming', got {pipeline!r}")
+  if pipeline == "in_memory" and not info.in_memory:
+    raise ValueError(f"{info.name} does not fit in memory: use "
+                     "config.input_pipeline='streaming' (or 'auto')")
+  return info.in_memory if pipeline == "auto" else pipeline == "in_memory"
+
+
 def _streaming_train(config, info, start_step: int):
   return data_lib.streaming_iterator(
       config.dataset, config.data_dir, "train",
       global_batch_size=config.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       seed=config.seed, train=True, start_step=start_step,
-      num_epochs=None)
+      num_epochs=None, worker_count=config.get("num_workers"))
 
 
 def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
@@ -518,7 +531,8 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
         config.dataset, config.data_dir, "test",
         global_batch_size=config.eval_batch_size,
         process_index=jax.process_index(),
-        process_count=jax.process_count(), train=False)
+        process_count=jax.process_count(), train=False,
+        worker_count=config.get("num_workers"))
     try:
       results = evaluator.evaluate_stream(
           state.params, state.batch_stats, it,

@@ -37,14 +37,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ...unless this is > 0: then exactly this many steps (overrides
   # num_epochs; the schedule is still laid out per epoch).
   config.num_train_steps = -1
-  # Base learning rate of SGD (per-epoch cosine: lr * 0.5 * (1 + cos(pi *
-  # epoch / num_epochs))).
+  # Base learning rate of SGD. The schedule is the official per-epoch cosine
+  # (addernet_jax.optim.learning_rate_schedule): epoch e (1-based) runs at
+  # learning_rate * cos(pi * e / (2 * num_epochs))**2, constant within it.
   config.learning_rate = 0.1
-  # Learning-rate schedule: 'cosine' (per epoch, as the official code) or
-  # 'constant'.
-  config.lr_schedule = 'cosine'
-  # Linear warm-up epochs before the schedule (0: none, as the official code).
-  config.warmup_epochs = 0
   # Heavy-ball momentum (no Nesterov).
   config.momentum = 0.9
   # L2 weight decay added to the gradient of every parameter.
@@ -52,8 +48,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Adaptive learning-rate coefficient of the adder filters (paper eq. 13);
   # the update of adder layer l is grad * eta * sqrt(k) / ||grad||.
   config.eta = 0.2
+  # Apply that adaptive learning rate at all (False: plain SGD on the adder
+  # filters too, an ablation).
+  config.adaptive_lr = True
   # PRNG seed: initialisation, data order and augmentation.
   config.seed = 0
+
+  # ---- Input pipeline. ----
+  # 'auto': MNIST/CIFAR/digits on the devices, ImageNet streamed; 'streaming'
+  # forces the Grain pipeline (an ImageFolder data_dir); 'in_memory' the other.
+  config.input_pipeline = 'auto'
+  # Grain worker processes per host for streaming (None: CPU count - 1).
+  config.num_workers = config_dict.placeholder(int)
 
   # ---- Numerics and kernels. ----
   # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).

@@ -79,8 +79,8 @@ def test_cifar10_resnet20_is_the_official_recipe():
   _, c = load(CONFIG_DIR / "cifar10_resnet20.py")
   assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay, c.eta,
           c.num_epochs) == (256, 0.1, 0.9, 5e-4, 0.2, 400)
-  assert c.num_train_steps <= 0 and c.lr_schedule == "cosine"
-  assert c.warmup_epochs == 0 and c.dtype == "float32"
+  assert c.num_train_steps <= 0 and c.adaptive_lr
+  assert c.dtype == "float32" and c.data_dir is None
 
 
 def test_imagenet_recipe():
@@ -91,8 +91,7 @@ def test_imagenet_recipe():
 
 def test_mnist_recipe():
   _, c = load(CONFIG_DIR / "mnist_lenet5.py")
-  assert (c.learning_rate, c.num_epochs, c.lr_schedule) == (0.1, 50,
-                                                            "cosine")
+  assert (c.learning_rate, c.num_epochs, c.batch_size) == (0.1, 50, 256)
 
 
 # ----------------------------------------------------------- command line --
