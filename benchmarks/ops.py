@@ -121,7 +121,7 @@ def main(argv=None) -> None:
           "date": datetime.date.today().isoformat()}
   jsonl = Path(args.jsonl or f"ops_{backend}.jsonl")
   print(f"# adder layers of ResNet-20, batch {args.batch}: {meta}")
-  header = (f"{'layer':24s} {'impl':6s} {'GMAC':>6s} {'fwd ms':>8s} "
+  header = (f"{'layer':24s} {'impl':6s} {'MMAC':>8s} {'fwd ms':>8s} "
             f"{'conv':>7s} {'x':>5s} {'f+b ms':>8s} {'conv':>7s} {'x':>5s}")
   if args.peak_gflops or args.peak_gbps:
     header += f" {'fwd %floor':>10s} {'f+b %floor':>10s}"
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
                    conv_fwd_bwd_ms_median=round(conv_fb_ms, 3),
                    conv_fwd_bwd_ms_min=round(conv_fb_min, 3),
                    first_call_s=round(c_fwd + c_fb, 2))
-        line = (f"{name:24s} {impl:6s} {macs / 1e9:6.3f} {fwd:8.2f} "
+        line = (f"{name:24s} {impl:6s} {macs / 1e6:8.1f} {fwd:8.2f} "
                 f"{conv_fwd:7.2f} {fwd / conv_fwd:5.1f} {fb:8.2f} "
                 f"{conv_fb_ms:7.2f} {fb / conv_fb_ms:5.1f}")
         if args.peak_gflops or args.peak_gbps:
