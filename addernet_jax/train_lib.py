@@ -436,21 +436,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   root = jax.random.PRNGKey(config.seed)
   init_rng, data_key = jax.random.split(root)
 
-  mgr = ckpt_lib.CheckpointManager(
-      workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
-      best_metric="eval_top1")
+  # Data first: a bad data_dir fails before anything is written.
   train_iter = None
+  if use_in_memory(config, info):
+    data = InMemoryData(config, info, mesh)
+    steps_per_epoch = data.steps_per_epoch
+    num_train = data.num_train
+  else:
+    data = None
+    guess = _latest_step_dir(workdir / "checkpoints")
+    train_iter = _streaming_train(config, info, guess)
+    steps_per_epoch = train_iter.steps_per_epoch
+    num_train = train_iter.num_examples
   try:
-    if use_in_memory(config, info):
-      data = InMemoryData(config, info, mesh)
-      steps_per_epoch = data.steps_per_epoch
-      num_train = data.num_train
-    else:
-      data = None
-      guess = mgr.latest_step() or 0
-      train_iter = _streaming_train(config, info, guess)
-      steps_per_epoch = train_iter.steps_per_epoch
-      num_train = train_iter.num_examples
+    mgr = ckpt_lib.CheckpointManager(
+        workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
+        best_metric="eval_top1")
+  except BaseException:
+    if train_iter is not None:
+      train_iter.close()
+    raise
+  try:
     total_steps = (config.num_train_steps if config.num_train_steps > 0
                    else config.num_epochs * steps_per_epoch)
 
@@ -467,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       start_step = int(jax.device_get(state.step))
       log.info("resumed from step %d (%s)", start_step, meta)
       resumed_meta = meta if isinstance(meta, dict) else {}
-    if train_iter is not None and start_step != (mgr.latest_step() or 0):
+    if train_iter is not None and start_step != guess:
       train_iter.close()
       train_iter = _streaming_train(config, info, start_step)
 
@@ -487,6 +493,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_iter.close()
     mgr.close()
   return summary
+
+
+def _latest_step_dir(directory: Path) -> int:
+  """The largest committed step number in a checkpoint folder (0 if none):
+  where a streaming run will most likely resume (checked after restoring)."""
+  if not directory.is_dir():
+    return 0
+  return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+             default=0)
 
 
 def use_in_memory(config: ml_collections.ConfigDict,
