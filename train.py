@@ -13,7 +13,6 @@ thin: the work is in `addernet_jax.train_lib.train_and_evaluate`.
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags

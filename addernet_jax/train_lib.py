@@ -30,11 +30,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from absl import flags
 from absl import logging
