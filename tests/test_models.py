@@ -103,9 +103,10 @@ def test_lenet_is_all_adders():
 def test_forward_values_finite_and_train_differs_from_eval():
   model = get_model("resnet20", num_classes=10)
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  eval_logits = model.apply(variables, x, train=False)
-  train_logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  eval_logits, train_logits = jax.jit(lambda v, x: (
+      model.apply(v, x, train=False),
+      model.apply(v, x, train=True, mutable=["batch_stats"])[0]))(variables, x)
   assert np.all(np.isfinite(eval_logits)) and np.all(np.isfinite(train_logits))
   assert not np.allclose(eval_logits, train_logits)
 
