@@ -9,7 +9,7 @@ Run:
       --workdir /tmp/cifar100_resnet32 --config.data_dir=/path/to/cifar100
   (CNN baseline: add --config.conv=mult)
 
-Expected result: top-1 69.02% (AdderNet) / 69.74% (CNN) on the CIFAR-100 test set
+Expected result: top-1 69.17% (AdderNet) / 69.74% (CNN) on the CIFAR-100 test set
 (paper, Table 1); not yet measured with this code.
 """
 

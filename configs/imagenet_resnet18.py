@@ -14,7 +14,7 @@ Run:
       --workdir /tmp/imagenet_resnet18 --config.data_dir=/path/to/imagenet
   (CNN baseline: add --config.conv=mult; several hosts: see docs/usage.md.)
 
-Expected result: top-1 67.0% / top-5 87.6% (AdderNet), 69.8% / 89.1% (CNN)
+Expected result: top-1 66.8% / top-5 87.4% (AdderNet; the official model zoo later reports 67.0% / 87.6%), 69.8% / 89.1% (CNN)
 on the ImageNet validation set (paper, Table 2); not yet measured with this
 code.
 """
