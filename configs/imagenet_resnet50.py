@@ -21,21 +21,11 @@ code.
 
 import ml_collections
 
-from configs import default
+from configs import imagenet_resnet18
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """ImageNet ResNet-50 with the paper's recipe."""
-  config = default.get_base_config()
-  config.dataset = 'imagenet2012'  # 1,281,167 train / 50,000 val, 224x224x3.
-  config.model = 'resnet50'
-  config.num_classes = 1000
-  config.num_epochs = 150
-  config.weight_decay = 1e-4  # Paper's ImageNet value (CIFAR: 5e-4).
-  config.eval_batch_size = 250  # Divides the 50,000 validation images.
-  # Checkpoint every 2,000 steps (an epoch is 5,004 steps at batch 256).
-  config.checkpoint_every_steps = 2000
-  config.log_every_steps = 100
-  # BN re-estimation is only implemented for in-memory datasets.
-  config.recalibrate_bn_batches = 0
+  """ImageNet ResNet-50 with the paper's recipe (the ResNet-18 config's recipe)."""
+  config = imagenet_resnet18.get_config()
+  config.model = 'resnet50'  # Bottlenecks; 25.6M parameters.
   return config
