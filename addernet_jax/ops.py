@@ -183,14 +183,15 @@ def adder_conv_general_dilated(
     rhs_dilation: Sequence[int] | None = None,
     dimension_numbers: Any = None, feature_group_count: int = 1,
     batch_group_count: int = 1, precision: Any = None,
-    preferred_element_type: Any = None, *,
+    preferred_element_type: Any = None, out_sharding: Any = None, *,
     implementation: str | None = None) -> jax.Array:
   """`adder_conv` behind the signature of `jax.lax.conv_general_dilated`.
 
   Pass it as `flax.linen.Conv(..., conv_general_dilated=...)` (or to
   `flax.nnx.Conv`) to turn that layer into an adder layer. Only 2-D windows,
   no dilation and no feature/batch groups are supported; anything else raises
-  a ValueError. `precision` is ignored (accumulation is float32).
+  a ValueError. `precision` is ignored (accumulation is float32);
+  `out_sharding` (passed by `flax.nnx.Conv`) constrains the result's sharding.
   """
   del precision
   for name, value in (("lhs_dilation", lhs_dilation),
@@ -217,4 +218,6 @@ def adder_conv_general_dilated(
   y = jnp.transpose(y, tuple(int(i) for i in np.argsort(dn.out_spec)))
   if preferred_element_type is not None:
     y = y.astype(preferred_element_type)
+  if out_sharding is not None:
+    y = jax.lax.with_sharding_constraint(y, out_sharding)
   return y
