@@ -130,12 +130,33 @@ def _adder_padded_fwd(xp, w, strides, implementation):
   return _adder_padded(xp, w, strides, implementation), (xp, w)
 
 
+def _varying_axes(x) -> frozenset:
+  """The shard_map mesh axes along which `x` varies (empty outside one)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", frozenset()))  # older JAX
+
+
+def _match_varying_axes(cotangent, primal):
+  """Sum a cotangent over the mesh axes along which its primal is replicated.
+
+  Inside `jax.shard_map` with `check_vma=True`, the cotangent of a replicated
+  input (e.g. filters, while the batch is sharded) must be replicated too: as
+  JAX's own autodiff does, sum the per-shard contributions.
+  """
+  extra = _varying_axes(cotangent) - _varying_axes(primal)
+  return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
+
+
 def _adder_padded_bwd(strides, implementation, residuals, g):
   xp, w = residuals
   backend = _select_backend(implementation, xp.shape, w.shape, strides)
   dxp = backend.input_grad(xp, w, g, strides)
   dw = reference.filter_grad(xp, w, g, strides)
-  return dxp.astype(xp.dtype), dw.astype(w.dtype)
+  return (_match_varying_axes(dxp.astype(xp.dtype), xp),
+          _match_varying_axes(dw.astype(w.dtype), w))
 
 
 _adder_padded.defvjp(_adder_padded_fwd, _adder_padded_bwd)

@@ -77,10 +77,16 @@ def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
 
 def _fold(num_steps: int, step: Callable[[jax.Array | int, jax.Array],
                                          jax.Array], acc: jax.Array) -> jax.Array:
-  """`step(k, acc)` for k in range(num_steps): a `lax.fori_loop`, inline if 1."""
+  """`step(k, acc)` for k in range(num_steps): a `lax.fori_loop`.
+
+  The first step runs outside the loop, so the loop carry already has the
+  step's type: inside `jax.shard_map` (check_vma=True) a zero accumulator is
+  replicated while the step's output varies along the sharded axes.
+  """
+  acc = step(0, acc)
   if num_steps == 1:
-    return step(0, acc)
-  return lax.fori_loop(0, num_steps, step, acc)
+    return acc
+  return lax.fori_loop(1, num_steps, step, acc)
 
 
 def forward(xp: jax.Array, w: jax.Array, strides: Strides) -> jax.Array:
