@@ -31,29 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-# (name, count in the network, h_in, w_in, cin, cout, k, stride, pad):
-# CIFAR ResNet-20's adder layers (the stem conv and classifier are not adder).
-RESNET20_LAYERS = [
-    ("s1_3x3_16-16", 6, 32, 32, 16, 16, 3, 1, 1),
-    ("s2_3x3_16-32_s2", 1, 32, 32, 16, 32, 3, 2, 1),
-    ("s2_3x3_32-32", 5, 16, 16, 32, 32, 3, 1, 1),
-    ("s2_1x1_16-32_s2", 1, 32, 32, 16, 32, 1, 2, 0),
-    ("s3_3x3_32-64_s2", 1, 16, 16, 32, 64, 3, 2, 1),
-    ("s3_3x3_64-64", 5, 8, 8, 64, 64, 3, 1, 1),
-    ("s3_1x1_32-64_s2", 1, 16, 16, 32, 64, 1, 2, 0),
-]
+from benchmarks.resnet20_layers import RESNET20_LAYERS, layer_shapes  # noqa: E402,F401
 
 INSTR_PER_MAC = {"forward": 2, "input_grad": 4}
-
-
-def layer_shapes(batch: int, layer) -> dict:
-  """Padded-input, filter and output shapes of one RESNET20_LAYERS entry."""
-  _, _, h, w, cin, cout, k, s, pad = layer
-  hp, wp = h + 2 * pad, w + 2 * pad
-  ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
-  return {"xp": (batch, hp, wp, cin), "w": (k, k, cin, cout),
-          "y": (batch, ho, wo, cout), "strides": (s, s),
-          "macs": batch * ho * wo * k * k * cin * cout}
 
 
 def _time(fn, *args, reps: int) -> float:

@@ -24,6 +24,9 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 try:
   import torch
@@ -32,17 +35,7 @@ try:
 except ImportError:  # pragma: no cover - only where torch is absent.
   torch = None
 
-# (name, count, h_in, w_in, cin, cout, k, stride, pad): ResNet-20 adder layers
-# (same table as benchmarks/floor.py; repeated so this file needs no JAX).
-RESNET20_LAYERS = [
-    ("s1_3x3_16-16", 6, 32, 32, 16, 16, 3, 1, 1),
-    ("s2_3x3_16-32_s2", 1, 32, 32, 16, 32, 3, 2, 1),
-    ("s2_3x3_32-32", 5, 16, 16, 32, 32, 3, 1, 1),
-    ("s2_1x1_16-32_s2", 1, 32, 32, 16, 32, 1, 2, 0),
-    ("s3_3x3_32-64_s2", 1, 16, 16, 32, 64, 3, 2, 1),
-    ("s3_3x3_64-64", 5, 8, 8, 64, 64, 3, 1, 1),
-    ("s3_1x1_32-64_s2", 1, 16, 16, 32, 64, 1, 2, 0),
-]
+from benchmarks.resnet20_layers import RESNET20_LAYERS  # noqa: E402
 
 ETA = 0.2
 

@@ -34,17 +34,8 @@ from jax import lax  # noqa: E402
 
 from addernet_jax import ops  # noqa: E402
 
-# (name, input hw, cin, cout, kernel, stride): every adder layer of ResNet-20
-# (CIFAR, 32x32), with the number of times it occurs in the network.
-LAYERS = [
-    ("s1.conv3x3 16->16", 32, 16, 16, 3, 1, 6),
-    ("s2.conv3x3 16->32 /2", 32, 16, 32, 3, 2, 1),
-    ("s2.conv3x3 32->32", 16, 32, 32, 3, 1, 5),
-    ("s3.conv3x3 32->64 /2", 16, 32, 64, 3, 2, 1),
-    ("s3.conv3x3 64->64", 8, 64, 64, 3, 1, 5),
-    ("s2.short1x1 16->32 /2", 32, 16, 32, 1, 2, 1),
-    ("s3.short1x1 32->64 /2", 16, 32, 64, 1, 2, 1),
-]
+from benchmarks.resnet20_layers import RESNET20_LAYERS as LAYERS  # noqa: E402
+from benchmarks.resnet20_layers import layer_shapes  # noqa: E402
 
 
 def _time(fn, args, repeats: int) -> tuple[float, float, float]:
@@ -128,14 +119,15 @@ def main(argv=None) -> None:
   print(header)
   key = jax.random.PRNGKey(0)
   with jsonl.open("w") as out:
-    for name, hw, cin, cout, k, s, count in layers:
-      kx, kw_, kr = jax.random.split(jax.random.fold_in(key, hw * cout + k), 3)
-      x = jax.random.normal(kx, (args.batch, hw, hw, cin), jnp.float32)
-      w = jax.random.normal(kw_, (k, k, cin, cout), jnp.float32)
-      padding = "SAME" if k > 1 else "VALID"
-      ho = -(-hw // s)
-      r = jax.random.normal(kr, (args.batch, ho, ho, cout), jnp.float32)
-      macs = args.batch * ho * ho * k * k * cin * cout
+    for layer in layers:
+      name, count, h, w_in, cin, cout, k, s, pad = layer
+      shapes = layer_shapes(args.batch, layer)
+      kx, kw_, kr = jax.random.split(jax.random.fold_in(key, h * cout + k), 3)
+      x = jax.random.normal(kx, (args.batch, h, w_in, cin), jnp.float32)
+      w = jax.random.normal(kw_, shapes["w"], jnp.float32)
+      padding = ((pad, pad), (pad, pad))
+      r = jax.random.normal(kr, shapes["y"], jnp.float32)
+      macs = shapes["macs"]
       nbytes = 4 * (x.size + w.size + r.size)
       conv_f, conv_fb = _functions(_lax_conv, (s, s), padding)
       _, conv_fwd, conv_fwd_min = _time(conv_f, (x, w), args.repeats)
