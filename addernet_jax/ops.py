@@ -41,25 +41,25 @@ class Backend(NamedTuple):
 XLA_BACKEND = Backend(reference.forward, reference.input_grad)
 
 
-def _pallas_backend(xp_shape, w_shape, strides) -> Backend | None:
+def _pallas_backend(xp_shape, w_shape, strides, dtype) -> Backend | None:
   """The Pallas backend for these shapes, or None where it does not apply."""
   try:
     from kernels import dispatch as kernel_dispatch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  return kernel_dispatch.backend_for(xp_shape, w_shape, strides)
+  return kernel_dispatch.backend_for(xp_shape, w_shape, strides, dtype)
 
 
 _warned: set[tuple[Any, ...]] = set()
 
 
 def _select_backend(implementation: str | None, xp_shape, w_shape,
-                    strides) -> Backend:
+                    strides, dtype) -> Backend:
   if implementation == "xla":
     return XLA_BACKEND
   if implementation is None and jax.default_backend() not in ("gpu", "tpu"):
     return XLA_BACKEND
-  backend = _pallas_backend(xp_shape, w_shape, strides)
+  backend = _pallas_backend(xp_shape, w_shape, strides, dtype)
   if backend is None:
     key = (implementation, tuple(xp_shape), tuple(w_shape), tuple(strides))
     if key not in _warned:
@@ -122,7 +122,8 @@ def _check_inputs(x, w) -> None:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _adder_padded(xp: jax.Array, w: jax.Array, strides: tuple[int, int],
                   implementation: str | None) -> jax.Array:
-  backend = _select_backend(implementation, xp.shape, w.shape, strides)
+  backend = _select_backend(implementation, xp.shape, w.shape, strides,
+                            xp.dtype)
   return backend.forward(xp, w, strides).astype(jnp.result_type(xp, w))
 
 
@@ -152,7 +153,8 @@ def _match_varying_axes(cotangent, primal):
 
 def _adder_padded_bwd(strides, implementation, residuals, g):
   xp, w = residuals
-  backend = _select_backend(implementation, xp.shape, w.shape, strides)
+  backend = _select_backend(implementation, xp.shape, w.shape, strides,
+                            xp.dtype)
   dxp = backend.input_grad(xp, w, g, strides)
   dw = reference.filter_grad(xp, w, g, strides)
   return (_match_varying_axes(dxp.astype(xp.dtype), xp),

@@ -96,6 +96,10 @@ def main(argv=None):
     for row in json.loads(Path(args.floor).read_text())["layers"]:
       floors[row["layer"]] = row
   wanted = set(filter(None, args.layers.split(",")))
+  unknown = wanted - {layer[0] for layer in RESNET20_LAYERS}
+  if unknown:
+    parser.error(f"unknown --layers {sorted(unknown)}; choose from "
+                 f"{[layer[0] for layer in RESNET20_LAYERS]}")
   rows = []
   key = jax.random.key(0)
   for layer in RESNET20_LAYERS:

@@ -29,8 +29,10 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from addernet_jax.ops import Backend
 from kernels import gpu, layout, tpu
@@ -68,9 +70,54 @@ def _backend(module, interpret: bool) -> Backend:
       input_grad=functools.partial(module.input_grad, interpret=interpret))
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_failure(module, xp_shape: tuple[int, ...], w_shape: tuple[int, ...],
+                   strides: tuple[int, int], dtype: str) -> str | None:
+  """Why `module`'s kernels fail to lower or compile for these shapes, or None.
+
+  Run once per shape on a real GPU/TPU before the kernels are used, so that a
+  kernel the installed JAX, Triton or Mosaic cannot build (a deprecated
+  lowering removed, an op it does not support) becomes a logged XLA fallback
+  rather than an error in the user's step. Costs one kernel compile per shape.
+  `ADDERNET_KERNEL_PROBE=0` skips it.
+  """
+  if os.environ.get("ADDERNET_KERNEL_PROBE", "1") == "0":
+    return None
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  xp = jax.ShapeDtypeStruct(xp_shape, jnp.dtype(dtype))
+  w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+  g = jax.ShapeDtypeStruct((xp_shape[0], ho, wo, w_shape[3]), jnp.float32)
+  try:
+    jax.jit(lambda a, b: module.forward(a, b, strides)).trace(
+        xp, w).lower().compile()
+    jax.jit(lambda a, b, c: module.input_grad(a, b, c, strides)).trace(
+        xp, w, g).lower().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
+
+
+def _checked_backend(module, xp_shape, w_shape, strides, dtype) -> Backend | None:
+  reason = kernel_failure(module, tuple(int(d) for d in xp_shape),
+                          tuple(int(d) for d in w_shape), strides,
+                          jnp.dtype(dtype).name)
+  if reason is not None:
+    log.warning("kernels.dispatch: the %s kernels failed to build for xp %s, "
+                "w %s, strides %s (%s); using the XLA implementation.",
+                module.__name__, tuple(xp_shape), tuple(w_shape), strides,
+                reason)
+    return None
+  return _backend(module, interpret=False)
+
+
 def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
-                strides: Sequence[int]) -> Backend | None:
-  """The Pallas backend for these shapes on the default JAX backend, or None."""
+                strides: Sequence[int],
+                dtype: Any = jnp.float32) -> Backend | None:
+  """The Pallas backend for these shapes on the default JAX backend, or None.
+
+  None (with a log line saying why) where the kernels do not take the shapes
+  or, on a GPU/TPU, fail to build for them (`kernel_failure`).
+  """
   platform = jax.default_backend()
   strides = tuple(int(s) for s in strides)
   reason = unsupported_reason(xp_shape, w_shape, strides, platform)
@@ -86,9 +133,9 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
         log.warning("kernels.dispatch: ADDERNET_GPU_KERNELS=%r is not one of "
                     "%s or 'xla'", choice, sorted(_GPU_FAMILIES))
       return None
-    return _backend(module, interpret=False)
+    return _checked_backend(module, xp_shape, w_shape, strides, dtype)
   if platform == "tpu":
-    return _backend(tpu, interpret=False)
+    return _checked_backend(tpu, xp_shape, w_shape, strides, dtype)
   if platform == "cpu":
     choice = os.environ.get("ADDERNET_CPU_KERNELS", "gpu").lower()
     return _backend(tpu if choice == "tpu" else gpu, interpret=True)

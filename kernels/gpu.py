@@ -8,11 +8,13 @@ forward:    program (image b, pixel tile f, cout tile o) keeps
             acc[block_pix, block_ch] and, for each tap and input channel c,
             adds |x[f + offset, c] - w[tap, c, o]| (rank-1 update, 2 FP32
             instructions per MAC). Strides become phases (space-to-depth).
-input_grad: program (image b, input pixel tile, cin tile) keeps
-            acc[block_pix, block_ch] and, for each tap and output channel o,
-            adds clip(w[tap, c, o] - x, -1, 1) * gd[f + offset, o], where gd is
-            the output gradient spread by the strides (stride-1 gather; for
-            stride s only 1/s^2 of the gathered terms are non-zero).
+input_grad: one launch per stride phase of the input (`input_grad_plan`);
+            program (image b, input pixel tile, cin tile) keeps
+            acc[block_pix, block_ch] and, for each of the phase's taps and
+            each output channel o, adds
+            clip(w[tap, c, o] - x, -1, 1) * g[f + offset, o] (a stride-1
+            gather from the shifted output gradient; every tap is issued in
+            exactly one phase, so strided layers do no multiply-by-zero work).
 
 The pure reference these kernels must match is `addernet_jax.reference`.
 Block sizes live in `BlockSizes` and come from `get_block_sizes`.
@@ -103,7 +105,7 @@ def get_block_sizes(kind: str, xp_shape, w_shape, strides: Strides,
     positions = ho * layout.cdiv(xp_shape[2], sw)
     channels = cout
   else:
-    positions = xp_shape[1] * (xp_shape[2] + kw - 1)
+    positions = input_grad_plan(xp_shape, w_shape, strides)["positions"]
     channels = cin
   if platform != "gpu":
     return BlockSizes(block_pix=_pick_pix(positions, 1024, floor=64),
@@ -203,23 +205,48 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
 # ---------------------------------------------------------- input gradient --
 
 
-def _input_grad_kernel(x_ref, g_ref, w_ref, o_ref, *, kh: int, kw: int,
-                       pitch: int, cout: int, block_pix: int):
+def input_grad_plan(xp_shape, w_shape, strides: Strides) -> dict:
+  """How `input_grad` splits the padded input into stride phases.
+
+  Input pixel (a, b) = (s*a' + r, s*b' + t) receives gradient only from the
+  taps i = r + s*m, j = t + s*m' (m, m' >= 0), through output (a' - m, b' - m').
+  So each phase (r, t) is a stride-1 gather over its own taps, on a grid of
+  `rows` x `pitch` positions (pitch = phase width + the widest tap shift):
+  no multiply by the zeros a strided gradient would be spread with.
+  Returns rows, pitch, positions, the top/left shifts (mh, mw) and, per phase,
+  the static list of (tap index i*kw + j, offset into the shifted gradient).
+  """
+  _, hp, wp, _ = xp_shape
+  kh, kw = w_shape[:2]
+  sh, sw = strides
+  rows, width = layout.cdiv(hp, sh), layout.cdiv(wp, sw)
+  mh, mw = (kh - 1) // sh, (kw - 1) // sw
+  pitch = width + mw
+  phases = []
+  for r in range(sh):
+    for t in range(sw):
+      taps = tuple((i * kw + j, (mh - (i - r) // sh) * pitch
+                    + (mw - (j - t) // sw))
+                   for i in range(r, kh, sh) for j in range(t, kw, sw))
+      phases.append(taps)
+  return {"rows": rows, "width": width, "pitch": pitch,
+          "positions": rows * pitch, "mh": mh, "mw": mw, "phases": phases}
+
+
+def _input_grad_kernel(x_ref, g_ref, w_ref, o_ref, *, taps, cout: int,
+                       block_pix: int):
   f0 = pl.program_id(1) * block_pix
   x = x_ref[...].astype(jnp.float32)
+  acc = jnp.zeros(o_ref.shape, jnp.float32)
+  for tap, offset in taps:  # static: at most kh*kw taps
+    start = f0 + offset
 
-  def tap_body(t, acc):
-    i, j = lax.div(t, kw), lax.rem(t, kw)
-    start = f0 + (kh - 1 - i) * pitch + (kw - 1 - j)
-
-    def channel_body(o, acc):
+    def channel_body(o, acc, tap=tap, start=start):
       gv = g_ref[pl.ds(start, block_pix), o].astype(jnp.float32)
-      wv = w_ref[t, :, o].astype(jnp.float32)
+      wv = w_ref[tap, :, o].astype(jnp.float32)
       return acc + jnp.clip(wv[None, :] - x, -1.0, 1.0) * gv[:, None]
-    return lax.fori_loop(0, cout, channel_body, acc)
-
-  o_ref[...] = lax.fori_loop(0, kh * kw, tap_body,
-                             jnp.zeros(o_ref.shape, jnp.float32))
+    acc = lax.fori_loop(0, cout, channel_body, acc)
+  o_ref[...] = acc
 
 
 @functools.partial(jax.jit, static_argnames=("strides", "block_sizes",
@@ -230,43 +257,64 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
   """dxp[n,a,b,c] = sum over (tap, o) of clip(w - xp[n,a,b,c], -1, 1) * g.
 
   Same contract as `addernet_jax.reference.input_grad`: the gradient with
-  respect to the padded input `[n, hp, wp, cin]`, float32.
+  respect to the padded input `[n, hp, wp, cin]`, float32. Strided layers run
+  one launch per stride phase (`input_grad_plan`); phases no tap reaches
+  (e.g. odd rows of a 1x1 stride-2 layer) are zeros without a launch.
   """
   strides = tuple(int(s) for s in strides)
   layout.check_shapes("gpu.input_grad", xp.shape, w.shape, strides, g.shape)
   kh, kw, cin, cout = w.shape
   n, hp, wp, _ = xp.shape
+  sh, sw = strides
+  plan = input_grad_plan(xp.shape, w.shape, strides)
+  rows, width, pitch = plan["rows"], plan["width"], plan["pitch"]
   bs = block_sizes or get_block_sizes(
       "input_grad", xp.shape, w.shape, strides,
       platform="cpu" if interpret else "gpu")
-  pitch = wp + kw - 1
-  positions = hp * pitch
-  pos_pad = layout.round_up(positions, bs.block_pix)
+  pos_pad = layout.round_up(plan["positions"], bs.block_pix)
   cin_pad = layout.round_up(cin, bs.block_ch)
-  xq = jnp.pad(xp, ((0, 0), (0, 0), (0, kw - 1), (0, cin_pad - cin)))
-  xq = layout.pad_axis(xq.reshape(n, positions, cin_pad), 1, pos_pad)
-  gd = layout.dilated_gradient(g, xp.shape, w.shape, strides, pitch)
-  gd = gd.reshape(n, (hp + kh - 1) * pitch, cout)
-  gd = layout.pad_axis(gd, 1, pos_pad + (kh - 1) * pitch + kw - 1)
+  # Phases of x, each [rows, pitch] flat: [n, sh*sw, pos_pad, cin_pad].
+  xq = jnp.pad(xp, ((0, 0), (0, rows * sh - hp), (0, width * sw - wp),
+                    (0, cin_pad - cin)))
+  xq = xq.reshape(n, rows, sh, width, sw, cin_pad).transpose(0, 2, 4, 1, 3, 5)
+  xq = jnp.pad(xq, ((0, 0),) * 4 + ((0, pitch - width), (0, 0)))
+  xq = layout.pad_axis(xq.reshape(n, sh * sw, rows * pitch, cin_pad), 2,
+                       pos_pad)
+  # The output gradient shifted by (mh, mw), flat with the same pitch.
+  ho, wo = g.shape[1:3]
+  g_rows = max(rows, ho) + plan["mh"]
+  gd = jnp.pad(g, ((0, 0), (plan["mh"], g_rows - plan["mh"] - ho),
+                   (plan["mw"], pitch - plan["mw"] - wo), (0, 0)))
+  gd = gd.reshape(n, g_rows * pitch, cout)
+  gd = layout.pad_axis(gd, 1, pos_pad + plan["mh"] * pitch + plan["mw"])
   wt = layout.pad_axis(w.reshape(kh * kw, cin, cout), 1, cin_pad)
   glen = gd.shape[1]
   grid = (n, pos_pad // bs.block_pix, cin_pad // bs.block_ch)
-  dx = pl.pallas_call(
-      functools.partial(_input_grad_kernel, kh=kh, kw=kw, pitch=pitch,
-                        cout=cout, block_pix=bs.block_pix),
-      out_shape=jax.ShapeDtypeStruct((n, pos_pad, cin_pad), jnp.float32),
-      grid=grid,
-      in_specs=[
-          pl.BlockSpec((None, bs.block_pix, bs.block_ch),
-                       lambda b, f, c: (b, f, c)),
-          pl.BlockSpec((None, glen, cout), lambda b, f, c: (b, 0, 0)),
-          pl.BlockSpec((kh * kw, bs.block_ch, cout), lambda b, f, c: (0, c, 0)),
-      ],
-      out_specs=pl.BlockSpec((None, bs.block_pix, bs.block_ch),
-                             lambda b, f, c: (b, f, c)),
-      compiler_params=_compiler_params(bs, interpret),
-      interpret=interpret,
-      name="adder_input_grad_gpu",
-  )(xq, gd, wt)
-  dx = dx[:, :positions].reshape(n, hp, pitch, cin_pad)
-  return dx[:, :, :wp, :cin]
+  phases = []
+  for phase, taps in enumerate(plan["phases"]):
+    if not taps:
+      phases.append(jnp.zeros((n, pos_pad, cin_pad), jnp.float32))
+      continue
+    phases.append(pl.pallas_call(
+        functools.partial(_input_grad_kernel, taps=taps, cout=cout,
+                          block_pix=bs.block_pix),
+        out_shape=jax.ShapeDtypeStruct((n, pos_pad, cin_pad), jnp.float32),
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None, None, bs.block_pix, bs.block_ch),
+                         lambda b, f, c, phase=phase: (b, phase, f, c)),
+            pl.BlockSpec((None, glen, cout), lambda b, f, c: (b, 0, 0)),
+            pl.BlockSpec((kh * kw, bs.block_ch, cout),
+                         lambda b, f, c: (0, c, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, bs.block_pix, bs.block_ch),
+                               lambda b, f, c: (b, f, c)),
+        compiler_params=_compiler_params(bs, interpret),
+        interpret=interpret,
+        name="adder_input_grad_gpu",
+    )(xq, gd, wt))
+  dx = jnp.stack(phases, axis=1)[:, :, :plan["positions"]]
+  dx = dx.reshape(n, sh, sw, rows, pitch, cin_pad)[..., :width, :]
+  dx = dx.transpose(0, 3, 1, 4, 2, 5).reshape(n, rows * sh, width * sw,
+                                              cin_pad)
+  return dx[:, :hp, :wp, :cin]

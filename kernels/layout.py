@@ -95,27 +95,6 @@ def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   return jnp.pad(x, pads)
 
 
-def dilated_gradient(g: jax.Array, xp_shape, w_shape, strides,
-                     pitch: int) -> jax.Array:
-  """`gd [n, hp+kh-1, pitch, cout]`: g spread by the strides, offset by kh-1, kw-1.
-
-  With it the input gradient is a stride-1 gather: the output position that
-  tap (i, j) links to input pixel (a, b) is `gd[a + kh-1 - i, b + kw-1 - j]`,
-  zero where no output position exists.
-  """
-  _, hp, wp, _ = xp_shape
-  kh, kw = w_shape[:2]
-  sh, sw = strides
-  ho, wo = g.shape[1], g.shape[2]
-  del wp
-  return lax.pad(
-      g, jnp.zeros((), g.dtype),
-      ((0, 0, 0),
-       (kh - 1, hp - ((ho - 1) * sh + 1), sh - 1),
-       (kw - 1, pitch - (kw - 1) - ((wo - 1) * sw + 1), sw - 1),
-       (0, 0, 0)))
-
-
 def patches_t(xp: jax.Array, kh: int, kw: int, strides,
               out_hw: tuple[int, int]) -> jax.Array:
   """Transposed patches `[kh*kw*c, n*ho*wo]`, rows ordered (tap, channel)."""

@@ -10,8 +10,8 @@ kernels lower to Triton (CUDA) and Mosaic (TPU) without a device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +178,38 @@ class TestGpuKernelInterpret(KernelTestBase):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("xp_shape,k,strides", [
+    ((2, 11, 10, 3), (3, 3), (3, 3)),   # stride 3: phases with 1 tap each
+    ((1, 9, 12, 4), (2, 2), (2, 2)),    # even filter: every phase one tap
+    ((2, 10, 9, 3), (3, 2), (2, 1)),    # unequal strides and filter sides
+    ((1, 8, 8, 5), (1, 1), (2, 2)),     # 3 of 4 phases receive no gradient
+])
+def test_gpu_input_grad_stride_phases(xp_shape, k, strides):
+  rng = np.random.default_rng(7)
+  xp = jnp.asarray(rng.standard_normal(xp_shape), jnp.float32)
+  w = jnp.asarray(0.7 * rng.standard_normal((*k, xp_shape[3], 6)), jnp.float32)
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  g = jnp.asarray(rng.standard_normal((xp_shape[0], ho, wo, 6)), jnp.float32)
+  dxp = gpu.input_grad(xp, w, g, strides, interpret=True,
+                       block_sizes=gpu.BlockSizes(block_pix=16, block_ch=4))
+  assert rel_err(dxp, np_input_grad(xp, w, g, strides)) < 2e-6
+
+
+@pytest.mark.parametrize("hp,wp,k,s", [(34, 34, 3, 2), (18, 18, 3, 2),
+                                       (32, 32, 1, 2), (34, 34, 3, 1),
+                                       (13, 11, 5, 3)])
+def test_gpu_input_grad_plan_issues_each_tap_once(hp, wp, k, s):
+  """Every tap belongs to exactly one stride phase, so a strided layer's dx
+  does about kh*kw MACs per input pixel, not s*s times that."""
+  plan = gpu.input_grad_plan((1, hp, wp, 8), (k, k, 8, 8), (s, s))
+  taps = sorted(t for phase in plan["phases"] for t, _ in phase)
+  assert taps == list(range(k * k))
+  assert all(offset >= 0 for phase in plan["phases"] for _, offset in phase)
+  issued = sum(len(phase) for phase in plan["phases"]) * plan["positions"]
+  padded_pixels = plan["rows"] * s * plan["width"] * s
+  assert issued <= k * k * padded_pixels * plan["pitch"] / plan["width"]
+
+
 class TestTpuKernelInterpret(KernelTestBase):
   """`kernels.tpu` (Mosaic TPU) in TPU interpret mode (`pltpu.InterpretParams`)."""
   module = tpu
@@ -239,9 +271,27 @@ LOWER_SHAPES = [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
                 ((2, 9, 11, 3), (5, 5, 3, 7), (1, 1))]
 
 
+def _target_device(platform):
+  """An abstract H100 for Triton lowering on a machine without a GPU.
+
+  JAX >= 0.12 asks the default device (or the abstract mesh) for the GPU's
+  compute capability while lowering Pallas Triton; JAX 0.10 does not.
+  """
+  if platform != "cuda" or jax.default_backend() == "gpu":
+    return contextlib.nullcontext()
+  try:
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+            device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
+  except (AttributeError, TypeError):  # older JAX: no abstract devices
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 def _lower(fn, platform, *avals):
-  return jax.jit(fn).trace(*avals).lower(
-      lowering_platforms=(platform,)).as_text()
+  with _target_device(platform):
+    return jax.jit(fn).trace(*avals).lower(
+        lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("xp_shape,w_shape,strides", LOWER_SHAPES)
@@ -275,6 +325,8 @@ def test_dispatch_on_cpu_interprets_gpu_kernels():
 
 
 def test_dispatch_switches(monkeypatch):
+  # No GPU/TPU here to build the kernels on: the build probe is tested below.
+  monkeypatch.setattr(dispatch, "kernel_failure", lambda *args: None)
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu")
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
@@ -295,6 +347,49 @@ def test_dispatch_switches(monkeypatch):
   assert backend.forward.keywords == {"interpret": False}
   assert dispatch.mac_count((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) == (
       2 * 5 * 7 * 3 * 3 * 3 * 5)
+
+
+class _ReferenceFamily:
+  """A kernel family that builds anywhere (the pure-jnp functions)."""
+  __name__ = "reference_family"
+
+  @staticmethod
+  def forward(xp, w, strides, interpret=False):
+    del interpret
+    return reference.forward(xp, w, strides)
+
+  @staticmethod
+  def input_grad(xp, w, g, strides, interpret=False):
+    del interpret
+    return reference.input_grad(xp, w, g, strides)
+
+
+def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
+                                                              caplog):
+  """On a GPU, a kernel the installed JAX cannot build becomes an XLA fallback."""
+  dispatch.kernel_failure.cache_clear()
+  shapes = ((2, 7, 9, 3), (3, 3, 3, 5), (1, 1), "float32")
+  assert dispatch.kernel_failure(_ReferenceFamily, *shapes) is None
+  # The Triton kernels cannot be built for this CPU: a reason, not an error.
+  reason = dispatch.kernel_failure(gpu, *shapes)
+  assert isinstance(reason, str) and reason
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", gpu)
+  with caplog.at_level("WARNING", logger="kernels.dispatch"):
+    assert dispatch.backend_for(*shapes[:3]) is None
+  assert "failed to build" in caplog.text and "using the XLA" in caplog.text
+  monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", _ReferenceFamily)
+  backend = dispatch.backend_for(*shapes[:3])
+  assert backend.forward.func is _ReferenceFamily.forward
+  # Through the custom VJP the fallback gives the XLA result, with no error.
+  monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", gpu)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+  got = ops.adder_conv(x, w, padding="SAME", implementation="pallas")
+  want = ops.adder_conv(x, w, padding="SAME", implementation="xla")
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  dispatch.kernel_failure.cache_clear()
 
 
 def _loss_and_grads(x, w, strides, padding, implementation):
