@@ -8,11 +8,12 @@
 #             Triton kernels and the custom VJP against float64 / pure jnp)
 #   floor     the device's FP32 instruction rate and copy bandwidth, and each
 #             ResNet-20 adder layer's floor at batch 256 (floor.json)
-#   ops       per layer: adder forward / forward+backward, Pallas and pure jnp,
-#             against lax.conv (cuDNN), as fractions of the floor (ops.jsonl)
+#   ops       per layer: adder forward / forward+backward, Pallas (Triton, then
+#             the Mosaic GPU forward) and pure jnp, against lax.conv (cuDNN),
+#             as fractions of the floor (ops.jsonl)
 #   step      the ResNet-20 training step at batch 256: adder with the Pallas
-#             kernels, adder on the pure-jnp path, and the identical CNN
-#             (step.jsonl, with peak device memory)
+#             kernels (Triton; Mosaic GPU forward), adder on the pure-jnp path,
+#             and the identical CNN (step.jsonl, with peak device memory)
 #   official  the seed release's unfold method in PyTorch, per layer and the
 #             whole step, with peak memory (official_torch.json)
 #   tune      block-size sweep of both kernels over the ResNet-20 layers
@@ -75,11 +76,13 @@ for name in $STAGES; do
       stage floor "$PY" benchmarks/floor.py --batch "$BATCH" $FLOOR_ARGS --out "$RESULTS/floor.json" ;;
     ops)
       # shellcheck disable=SC2086
-      stage ops "$PY" benchmarks/ops.py --batch "$BATCH" --repeats "$REPS" --implementations xla,pallas $OPS_LAYERS $(peaks) --jsonl "$RESULTS/ops.jsonl" ;;
+      stage ops-triton "$PY" benchmarks/ops.py --batch "$BATCH" --repeats "$REPS" --implementations xla,pallas $OPS_LAYERS $(peaks) --jsonl "$RESULTS/ops.jsonl"
+      # shellcheck disable=SC2086
+      ADDERNET_GPU_KERNELS=mosaic stage ops-mosaic "$PY" benchmarks/ops.py --batch "$BATCH" --repeats "$REPS" --implementations pallas $OPS_LAYERS $(peaks) --jsonl "$RESULTS/ops.jsonl" ;;
     step)
-      for variant in "adder pallas" "adder xla" "mult xla"; do
+      for variant in "adder pallas triton" "adder pallas mosaic" "adder xla triton" "mult xla triton"; do
         set -- $variant
-        stage "step-$1-$2" "$PY" benchmarks/train_step.py --model resnet20 --conv "$1" --implementation "$2" --batch "$BATCH" --steps "$STEPS" --jsonl "$RESULTS/step.jsonl"
+        ADDERNET_GPU_KERNELS=$3 stage "step-$1-$2-$3" "$PY" benchmarks/train_step.py --model resnet20 --conv "$1" --implementation "$2" --batch "$BATCH" --steps "$STEPS" --jsonl "$RESULTS/step.jsonl"
       done ;;
     official)
       if [[ "${QUICK:-0}" == 1 ]]; then extra="--warmup 1 --reps 1"; else extra=""; fi

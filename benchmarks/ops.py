@@ -7,7 +7,8 @@ For each layer shape and implementation: the forward, and forward+backward
 (`jax.grad` w.r.t. input and filters, the AdderNet custom VJP), both jitted,
 next to the same for the multiplication convolution. Prints a table and writes
 one JSON line per (layer, implementation) to `--jsonl` (default
-`ops_<backend>.jsonl`), with the backend, device kind and JAX version.
+`ops_<backend>.jsonl`, appended to), with the backend, device kind, JAX
+version and the GPU kernel family (`ADDERNET_GPU_KERNELS`: triton or mosaic).
 
 With `--peak_gflops` (FP32 instruction rate, G/s) and `--peak_gbps` (memory
 bandwidth, GB/s) it also reports each timing as a fraction of its floor: an
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -117,6 +119,7 @@ def main(argv=None) -> None:
             [LAYERS[int(i)] for i in args.layers.split(",")])
   meta = {"backend": backend, "device": device.device_kind,
           "jax": jax.__version__, "batch": args.batch,
+          "gpu_kernels": os.environ.get("ADDERNET_GPU_KERNELS", "triton"),
           "date": datetime.date.today().isoformat()}
   jsonl = Path(args.jsonl or f"ops_{backend}.jsonl")
   print(f"# adder layers of ResNet-20, batch {args.batch}: {meta}")
@@ -126,7 +129,7 @@ def main(argv=None) -> None:
     header += f" {'fwd %floor':>10s} {'f+b %floor':>10s}"
   print(header)
   key = jax.random.PRNGKey(0)
-  with jsonl.open("w") as out:
+  with jsonl.open("a") as out:
     for layer in layers:
       name, count, h, w_in, cin, cout, k, s, pad = layer
       shapes = layer_shapes(args.batch, layer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -113,6 +114,7 @@ def main(argv=None) -> dict:
       "model": args.model, "conv": args.conv, "batch": args.batch,
       "steps": args.steps, "dtype": args.dtype,
       "implementation": args.implementation or "default",
+      "gpu_kernels": os.environ.get("ADDERNET_GPU_KERNELS", "triton"),
       "ms_per_step_median": round(statistics.median(times), 2),
       "ms_per_step_min": round(min(times), 2),
       "ms_per_step_max": round(max(times), 2),

@@ -7,19 +7,20 @@ or None (ops then falls back to XLA with a one-time log line):
 - "tpu": the Mosaic TPU kernels of `kernels.tpu`.
 - "cpu": the `kernels.gpu` kernels in Pallas interpret mode, so that the test
   suite exercises the kernel logic on every CI run (set
-  `ADDERNET_CPU_KERNELS=tpu` to interpret the TPU kernels instead).
+  `ADDERNET_CPU_KERNELS=tpu` or `=mosaic` to interpret the TPU kernels or the
+  Mosaic GPU forward instead; the latter needs JAX >= 0.11).
 
 GPU lowering choice. The adder kernels are broadcast-subtract-abs-accumulate
-loops on CUDA cores: no tensor-core (wgmma) work and no large shared-memory
-pipelines, which is what Mosaic GPU's programming model (warpgroup arrays with
-explicit layouts, TMA, `plgpu.kernel`) is built for. Triton lays out the
-register tiles and broadcasts itself and lowers the same kernel source on JAX
-0.10 and 0.11 (deprecated in 0.11, still present; we select it explicitly with
-Triton `CompilerParams`, so the `jax_pallas_use_mosaic_gpu` default does not
-matter). This is reasoning, not measurement: no GPU was available when this
-was written. The choice is switchable with `ADDERNET_GPU_KERNELS`:
-"triton" (default) or "xla" (no Pallas kernel: ops falls back); a Mosaic GPU
-kernel can be registered in `_GPU_FAMILIES` when one is written and measured.
+loops on CUDA cores: no tensor-core (wgmma) work. Triton lays out the register
+tiles and broadcasts itself and lowers the same kernel source on JAX 0.10 to
+0.12 (deprecated since 0.11, still present; selected explicitly with Triton
+`CompilerParams`, so the `jax_pallas_use_mosaic_gpu` default does not matter),
+and runs on Ampere too; Mosaic GPU (Hopper and newer) is JAX's supported GPU
+backend. Triton is the default by reasoning, not measurement: no GPU was
+available when this was written. The choice is switchable with `ADDERNET_GPU_KERNELS`:
+"triton" (default), "mosaic" (`kernels.mosaic_gpu`: a Mosaic GPU forward, for
+Hopper, with the Triton input gradient; written so the choice can be made by
+measuring both with `benchmarks/gpu_session.sh`) or "xla" (no Pallas kernel).
 """
 
 from __future__ import annotations
@@ -37,13 +38,22 @@ import jax.numpy as jnp
 from addernet_jax.ops import Backend
 from kernels import gpu, layout, tpu
 
+try:  # Mosaic GPU's Pallas API moves between JAX releases.
+  from kernels import mosaic_gpu
+except ImportError:  # pragma: no cover - a JAX without Pallas Mosaic GPU.
+  mosaic_gpu = None
+
 log = logging.getLogger(__name__)
 
 # Offsets inside the Triton kernels are int32 unless an operand exceeds 4 GiB;
 # the TPU path builds a patches matrix, which we cap to keep memory bounded.
 MAX_TPU_PATCHES_BYTES = 4 << 30
 
+# "mosaic": the Mosaic GPU forward (Hopper) with the Triton input gradient;
+# shapes it does not take use the Triton pair.
 _GPU_FAMILIES = {"triton": gpu}
+if mosaic_gpu is not None:
+  _GPU_FAMILIES["mosaic"] = mosaic_gpu
 
 
 def unsupported_reason(xp_shape: Sequence[int], w_shape: Sequence[int],
@@ -133,11 +143,24 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
         log.warning("kernels.dispatch: ADDERNET_GPU_KERNELS=%r is not one of "
                     "%s or 'xla'", choice, sorted(_GPU_FAMILIES))
       return None
+    if module is mosaic_gpu and mosaic_gpu is not None:
+      why = mosaic_gpu.unsupported_reason(tuple(xp_shape), tuple(w_shape),
+                                          strides)
+      if why is not None:
+        log.info("kernels.dispatch: Mosaic GPU forward does not take xp %s, "
+                 "w %s (%s); using the Triton kernels", tuple(xp_shape),
+                 tuple(w_shape), why)
+        module = gpu
     return _checked_backend(module, xp_shape, w_shape, strides, dtype)
   if platform == "tpu":
     return _checked_backend(tpu, xp_shape, w_shape, strides, dtype)
   if platform == "cpu":
     choice = os.environ.get("ADDERNET_CPU_KERNELS", "gpu").lower()
+    if choice == "mosaic" and mosaic_gpu is not None and (
+        mosaic_gpu.interpret_supported()) and (
+        mosaic_gpu.unsupported_reason(tuple(xp_shape), tuple(w_shape),
+                                      strides) is None):
+      return _backend(mosaic_gpu, interpret=True)
     return _backend(tpu if choice == "tpu" else gpu, interpret=True)
   return None
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from addernet_jax import ops, reference
-from kernels import dispatch, gpu, layout, tpu
+from kernels import dispatch, gpu, layout, mosaic_gpu, tpu
 
 
 # ------------------------------------------------------ float64 reference --
@@ -210,6 +210,34 @@ def test_gpu_input_grad_plan_issues_each_tap_once(hp, wp, k, s):
   assert issued <= k * k * padded_pixels * plan["pitch"] / plan["width"]
 
 
+@pytest.mark.skipif(not mosaic_gpu.interpret_supported(),
+                    reason=f"Mosaic GPU interpret mode needs JAX >= 0.11, this "
+                    f"is {jax.__version__} (its lowering is still tested)")
+class TestMosaicGpuKernelInterpret(KernelTestBase):
+  """`kernels.mosaic_gpu` forward in Mosaic GPU interpret mode on the host."""
+  module = mosaic_gpu
+  CASES = FAST_CASES + [Case(2, 12, 12, 4, 20, 3, 1)]
+  SMALL_BLOCKS = {"forward": mosaic_gpu.BlockSizes(block_pix=64, block_ch=8),
+                  "input_grad": gpu.BlockSizes(block_pix=16, block_ch=4)}
+
+
+def test_mosaic_gpu_block_sizes_fit_shared_memory():
+  for xp_shape, w_shape, strides in [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
+                                     ((256, 18, 18, 32), (3, 3, 32, 64), (2, 2)),
+                                     ((256, 10, 10, 64), (3, 3, 64, 64), (1, 1)),
+                                     ((64, 58, 58, 64), (3, 3, 64, 64), (1, 1))]:
+    bs = mosaic_gpu.get_block_sizes(xp_shape, w_shape, strides)
+    assert mosaic_gpu.unsupported_reason(xp_shape, w_shape, strides, bs) is None
+  with pytest.raises(ValueError, match="multiple of 64"):
+    mosaic_gpu.BlockSizes(block_pix=96, block_ch=8)
+  # A filter whose reach exceeds a TMA box is refused with the values.
+  reason = mosaic_gpu.unsupported_reason((1, 300, 300, 3), (7, 7, 3, 8), (1, 1))
+  assert reason is not None and "TMA box" in reason
+  with pytest.raises(ValueError, match=r"xp \(1, 300, 300, 3\)"):
+    mosaic_gpu.forward(jnp.ones((1, 300, 300, 3)), jnp.ones((7, 7, 3, 8)),
+                       (1, 1))
+
+
 class TestTpuKernelInterpret(KernelTestBase):
   """`kernels.tpu` (Mosaic TPU) in TPU interpret mode (`pltpu.InterpretParams`)."""
   module = tpu
@@ -235,6 +263,24 @@ class TestGpuKernelCompiled(KernelTestBase):
   CASES = FAST_CASES + [Case(8, 34, 34, 16, 16, 3, 1), Case(8, 34, 34, 16, 32, 3, 2),
                         Case(8, 10, 10, 64, 64, 3, 1), Case(8, 16, 16, 16, 32, 1, 2)]
   SMALL_BLOCKS = TestGpuKernelInterpret.SMALL_BLOCKS
+
+
+def _has_hopper():
+  if not _has_gpu():
+    return False
+  capability = getattr(jax.devices("gpu")[0], "compute_capability", "0")
+  return float(capability) >= 9.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_hopper(), reason="needs a Hopper or newer GPU "
+                    "(compiled Mosaic GPU kernels)")
+class TestMosaicGpuKernelCompiled(KernelTestBase):
+  """`kernels.mosaic_gpu` forward compiled for the GPU."""
+  module = mosaic_gpu
+  interpret = False
+  CASES = TestGpuKernelCompiled.CASES
+  SMALL_BLOCKS = TestMosaicGpuKernelInterpret.SMALL_BLOCKS
 
 
 # -------------------------------------------------------- block heuristics --
@@ -294,11 +340,15 @@ def _lower(fn, platform, *avals):
         lowering_platforms=(platform,)).as_text()
 
 
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
 @pytest.mark.parametrize("xp_shape,w_shape,strides", LOWER_SHAPES)
-@pytest.mark.parametrize("family,platform,marker",
-                         [(gpu, "cuda", "__gpu$xla.gpu.triton"),
-                          (tpu, "tpu", "tpu_custom_call")])
-def test_kernels_lower_for_device(family, platform, marker, xp_shape, w_shape,
+@pytest.mark.parametrize("family,platform,markers",
+                         [(gpu, "cuda", (TRITON_CALL, TRITON_CALL)),
+                          (mosaic_gpu, "cuda", ("mosaic_gpu", TRITON_CALL)),
+                          (tpu, "tpu", ("tpu_custom_call",) * 2)])
+def test_kernels_lower_for_device(family, platform, markers, xp_shape, w_shape,
                                   strides):
   """Triton / Mosaic lowering runs on the host (no device compile or run)."""
   ho, wo = layout.output_hw(xp_shape, w_shape, strides)
@@ -308,7 +358,7 @@ def test_kernels_lower_for_device(family, platform, marker, xp_shape, w_shape,
   fwd = _lower(lambda a, b: family.forward(a, b, strides), platform, xp, w)
   dx = _lower(lambda a, b, c: family.input_grad(a, b, c, strides), platform,
               xp, w, g)
-  assert marker in fwd and marker in dx
+  assert markers[0] in fwd and markers[1] in dx
 
 
 # ---------------------------------------------------- dispatch and the VJP --
@@ -345,6 +395,12 @@ def test_dispatch_switches(monkeypatch):
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
   assert backend.forward.func is gpu.forward
   assert backend.forward.keywords == {"interpret": False}
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "mosaic")
+  backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
+  assert backend.forward.func is mosaic_gpu.forward
+  # Shapes the Mosaic GPU forward does not take run the Triton pair.
+  backend = dispatch.backend_for((1, 300, 300, 3), (7, 7, 3, 8), (1, 1))
+  assert backend.forward.func is gpu.forward
   assert dispatch.mac_count((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) == (
       2 * 5 * 7 * 3 * 3 * 3 * 5)
 

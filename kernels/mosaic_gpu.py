@@ -1,0 +1,229 @@
+"""Pallas Mosaic GPU (Hopper) forward kernel for the adder convolution.
+
+The measured alternative to the Triton forward of `kernels.gpu` (JAX
+deprecated Pallas' Triton lowering in 0.11 in favour of Mosaic GPU). Same
+algorithm, warpgroup programming model:
+
+- the padded input is split into stride phases and stored channel-major per
+  image, `[n, phases, cin, L]`, so each channel's run of pixels is contiguous;
+- a block (image b, pixel tile f, cout tile o), one warpgroup, copies with TMA
+  the pixel slab its taps read, `[phases, cin, block_pix + max tap offset]`,
+  and its filters `[taps, cin, block_ch]` into shared memory;
+- the float32 accumulator `[block_pix, block_ch]` lives in registers in the
+  WGMMA layout; for every tap (unrolled) and input channel (a loop) it adds
+  `|x[tap offset : + block_pix] - w[tap, c, :]|`, the pixel vector loaded in
+  the row layout and the filter row in the column layout, both broadcast;
+- the negated accumulator goes back to HBM through shared memory with TMA.
+
+The input gradient is `kernels.gpu.input_grad` (Triton): `ADDERNET_GPU_KERNELS=
+mosaic` selects this forward with it. Verified in Mosaic GPU interpret mode on
+the CPU and by lowering for an abstract H100 (tests/test_kernels.py); its speed
+against the Triton forward is what `benchmarks/ops.py` measures on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl  # noqa: F401  (pl.ds in kernels)
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import gpu, layout
+
+Strides = tuple[int, int]
+
+# TMA boxes hold at most 256 elements per dimension.
+MAX_TMA_BOX = 256
+# Shared memory per SM on H100/H200: 228 KiB, at most 227 KiB for one block.
+SMEM_BUDGET_BYTES = 224 * 1024
+# plgpu.load took a positional index before JAX 0.12.
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+
+
+def _load(ref, layout_):
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout_)
+  return plgpu.load(ref, layout=layout_)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of one Mosaic GPU forward launch.
+
+  Attributes:
+    block_pix: output pixels per block; a multiple of 64 (WGMMA layout rows).
+    block_ch: output channels per block; a multiple of 8 (WGMMA columns).
+  """
+  block_pix: int
+  block_ch: int
+
+  def __post_init__(self):
+    if not isinstance(self.block_pix, int) or self.block_pix % 64 or \
+        self.block_pix < 64:
+      raise ValueError(f"BlockSizes.block_pix must be a positive multiple of "
+                       f"64, got {self.block_pix!r}")
+    if not isinstance(self.block_ch, int) or self.block_ch % 8 or \
+        self.block_ch < 8:
+      raise ValueError(f"BlockSizes.block_ch must be a positive multiple of 8, "
+                       f"got {self.block_ch!r}")
+
+
+def _plan(xp_shape, w_shape, strides, bs: BlockSizes) -> dict:
+  kh, kw, cin, _ = w_shape
+  _, hp, wp, _ = xp_shape
+  sh, sw = strides
+  ho, _ = layout.output_hw(xp_shape, w_shape, strides)
+  wq = layout.cdiv(wp, sw)
+  taps = [((i % sh) * sw + (j % sw), (i // sh) * wq + (j // sw))
+          for i in range(kh) for j in range(kw)]
+  max_off = max(off for _, off in taps)
+  # Copies move a multiple of 128 bytes (the warpgroup size): slab rows of 32
+  # floats, input channels padded to 4 (zero channels add |0 - 0| = 0).
+  slab = layout.round_up(bs.block_pix + max_off, 32)
+  cin = layout.round_up(cin, 4)
+  phases = sh * sw
+  smem = 4 * (phases * cin * slab + kh * kw * cin * bs.block_ch
+              + bs.block_pix * bs.block_ch)
+  return {"taps": taps, "slab": slab, "phases": phases, "wq": wq, "cin": cin,
+          "positions": ho * wq, "smem_bytes": smem,
+          "hq": layout.cdiv(hp, sh)}
+
+
+def unsupported_reason(xp_shape, w_shape, strides,
+                       block_sizes: BlockSizes | None = None) -> str | None:
+  """Why this kernel does not take these shapes, or None if it does."""
+  bs = block_sizes or get_block_sizes(xp_shape, w_shape, strides)
+  plan = _plan(xp_shape, w_shape, strides, bs)
+  if plan["slab"] > MAX_TMA_BOX:
+    return (f"pixel slab {plan['slab']} (block_pix {bs.block_pix} + taps' "
+            f"reach) exceeds a TMA box of {MAX_TMA_BOX}")
+  if w_shape[2] > MAX_TMA_BOX or w_shape[0] * w_shape[1] > MAX_TMA_BOX:
+    return f"filters {tuple(w_shape)} exceed a TMA box of {MAX_TMA_BOX}"
+  if plan["smem_bytes"] > SMEM_BUDGET_BYTES:
+    return (f"needs {plan['smem_bytes']} bytes of shared memory "
+            f"(> {SMEM_BUDGET_BYTES})")
+  return None
+
+
+def get_block_sizes(xp_shape, w_shape, strides) -> BlockSizes:
+  """Heuristic tiles: 128 pixels x up to 64 channels, smaller where the
+  shared-memory slabs would not leave room for two blocks per SM (else one)."""
+  cout = w_shape[3]
+  block_ch = min(layout.round_up(cout, 8), 64)
+  for budget in (SMEM_BUDGET_BYTES // 2, SMEM_BUDGET_BYTES):
+    for block_pix, ch in ((128, block_ch), (128, 32), (64, block_ch), (64, 32),
+                          (64, 16), (64, 8)):
+      bs = BlockSizes(block_pix=block_pix, block_ch=min(ch, block_ch))
+      plan = _plan(xp_shape, w_shape, strides, bs)
+      if plan["slab"] <= MAX_TMA_BOX and plan["smem_bytes"] <= budget:
+        return bs
+  return BlockSizes(block_pix=64, block_ch=8)
+
+
+def _forward_body(x_gmem, w_gmem, o_gmem, x_smem, w_smem, o_smem, barrier, *,
+                  taps, cin: int, block_pix: int, block_ch: int):
+  b = lax.axis_index("b")
+  f0 = lax.axis_index("f") * block_pix
+  o0 = lax.axis_index("o") * block_ch
+  slab = x_smem.shape[-1]
+  plgpu.copy_gmem_to_smem(x_gmem.at[b, :, :, pl.ds(f0, slab)], x_smem,
+                          barrier.at[0])
+  plgpu.copy_gmem_to_smem(w_gmem.at[:, :, pl.ds(o0, block_ch)], w_smem,
+                          barrier.at[0])
+  plgpu.barrier_wait(barrier.at[0])
+  shape = (block_pix, block_ch)
+  acc = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+  for t, (phase, offset) in enumerate(taps):   # static: kh*kw taps
+    def channel_body(c, acc, t=t, phase=phase, offset=offset):
+      xv = _load(x_smem.at[phase, c, pl.ds(offset, block_pix)],
+                 plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+      wv = _load(w_smem.at[t, c], plgpu.Layout.WGMMA.reduce(0)
+                 ).astype(jnp.float32)
+      diff = (lax.broadcast_in_dim(xv, shape, [0])
+              - lax.broadcast_in_dim(wv, shape, [1]))
+      return acc + jnp.abs(diff)
+    acc = lax.fori_loop(0, cin, channel_body, acc)
+  o_smem[...] = -acc
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, pl.ds(f0, block_pix),
+                                            pl.ds(o0, block_ch)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("strides", "block_sizes",
+                                             "interpret"))
+def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
+            block_sizes: BlockSizes | None = None,
+            interpret: bool = False) -> jax.Array:
+  """y[n,p,q,o] = -sum_{i,j,c} |xp[n,p*s+i,q*s+j,c] - w[i,j,c,o]|, float32.
+
+  Same contract as `kernels.gpu.forward`. Raises ValueError (with the values)
+  for shapes `unsupported_reason` refuses; dispatch checks first.
+  """
+  strides = tuple(int(s) for s in strides)
+  layout.check_shapes("mosaic_gpu.forward", xp.shape, w.shape, strides)
+  bs = block_sizes or get_block_sizes(xp.shape, w.shape, strides)
+  reason = unsupported_reason(xp.shape, w.shape, strides, bs)
+  if reason is not None:
+    raise ValueError(f"mosaic_gpu.forward: xp {tuple(xp.shape)}, w "
+                     f"{tuple(w.shape)}, strides {strides}: {reason}")
+  kh, kw, cin, cout = w.shape
+  n = xp.shape[0]
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  plan = _plan(xp.shape, w.shape, strides, bs)
+  xs, wq, _ = layout.phase_split(xp, strides, kh, kw)
+  pos_pad = layout.round_up(plan["positions"], bs.block_pix)
+  length = pos_pad - bs.block_pix + plan["slab"]
+  cin_pad = plan["cin"]
+  xs = layout.pad_axis(layout.pad_axis(xs, 2, length)[:, :, :length], 3,
+                       cin_pad)
+  xs = xs.astype(jnp.float32).transpose(0, 1, 3, 2)   # [n, phases, cin, L]
+  cout_pad = layout.round_up(cout, bs.block_ch)
+  wt = layout.pad_axis(w.astype(jnp.float32).reshape(kh * kw, cin, cout), 2,
+                       cout_pad)
+  wt = layout.pad_axis(wt, 1, cin_pad)
+  cin = cin_pad
+  body = functools.partial(_forward_body, taps=tuple(plan["taps"]), cin=cin,
+                           block_pix=bs.block_pix, block_ch=bs.block_ch)
+  kernel = plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((n, pos_pad, cout_pad), jnp.float32),
+      scratch_types=[
+          plgpu.SMEM((plan["phases"], cin, plan["slab"]), jnp.float32),
+          plgpu.SMEM((kh * kw, cin, bs.block_ch), jnp.float32),
+          plgpu.SMEM((bs.block_pix, bs.block_ch), jnp.float32),
+          plgpu.Barrier(num_arrivals=2, num_barriers=1),
+      ],
+      grid=(n, pos_pad // bs.block_pix, cout_pad // bs.block_ch),
+      grid_names=("b", "f", "o"),
+      **({"interpret": _interpret_params()} if interpret else {}),
+  )
+  y = kernel(xs, wt)
+  y = y[:, :plan["positions"]].reshape(n, ho, wq, cout_pad)
+  return y[:, :, :wo, :cout]
+
+
+def _interpret_params():
+  if not interpret_supported():
+    raise NotImplementedError(
+        f"Mosaic GPU interpret mode needs JAX >= 0.11 (this is "
+        f"{jax.__version__}); use kernels.gpu on the CPU")
+  return plgpu.InterpretGPUParams()
+
+
+def interpret_supported() -> bool:
+  """Mosaic GPU interpret mode (on the CPU) exists from JAX 0.11."""
+  return hasattr(plgpu, "InterpretGPUParams")
+
+
+def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
+               block_sizes: gpu.BlockSizes | None = None,
+               interpret: bool = False) -> jax.Array:
+  """The Triton input gradient (`kernels.gpu.input_grad`)."""
+  return gpu.input_grad(xp, w, g, strides, block_sizes=block_sizes,
+                        interpret=interpret)
