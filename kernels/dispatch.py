@@ -77,7 +77,8 @@ def unsupported_reason(xp_shape: Sequence[int], w_shape: Sequence[int],
 def _backend(module, interpret: bool) -> Backend:
   return Backend(
       forward=functools.partial(module.forward, interpret=interpret),
-      input_grad=functools.partial(module.input_grad, interpret=interpret))
+      input_grad=functools.partial(module.input_grad, interpret=interpret),
+      input_grad_takes_rows=getattr(module, "INPUT_GRAD_TAKES_ROWS", False))
 
 
 @functools.lru_cache(maxsize=None)

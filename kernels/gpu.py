@@ -249,17 +249,25 @@ def _input_grad_kernel(x_ref, g_ref, w_ref, o_ref, *, taps, cout: int,
   o_ref[...] = acc
 
 
+# Backends that take `rows=` in input_grad (see addernet_jax.ops.Backend).
+INPUT_GRAD_TAKES_ROWS = True
+
+
 @functools.partial(jax.jit, static_argnames=("strides", "block_sizes",
-                                             "interpret"))
+                                             "interpret", "rows"))
 def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
                block_sizes: BlockSizes | None = None,
-               interpret: bool = False) -> jax.Array:
+               interpret: bool = False,
+               rows: tuple[int, int] | None = None) -> jax.Array:
   """dxp[n,a,b,c] = sum over (tap, o) of clip(w - xp[n,a,b,c], -1, 1) * g.
 
   Same contract as `addernet_jax.reference.input_grad`: the gradient with
   respect to the padded input `[n, hp, wp, cin]`, float32. Strided layers run
   one launch per stride phase (`input_grad_plan`); phases no tap reaches
   (e.g. odd rows of a 1x1 stride-2 layer) are zeros without a launch.
+  With `rows=(start, stop)` only the padded-input rows in [start, stop) are
+  computed (the caller crops the padding away); the others are zeros. For a
+  3x3 layer on 8x8 maps that skips 2 of 10 rows.
   """
   strides = tuple(int(s) for s in strides)
   layout.check_shapes("gpu.input_grad", xp.shape, w.shape, strides, g.shape)
@@ -267,26 +275,34 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
   n, hp, wp, _ = xp.shape
   sh, sw = strides
   plan = input_grad_plan(xp.shape, w.shape, strides)
-  rows, width, pitch = plan["rows"], plan["width"], plan["pitch"]
+  rows_all, width, pitch = plan["rows"], plan["width"], plan["pitch"]
+  start, stop = (0, hp) if rows is None else rows
+  if not 0 <= start < stop <= hp:
+    raise ValueError(f"gpu.input_grad: rows {rows} must satisfy 0 <= start < "
+                     f"stop <= {hp} (padded height of xp {tuple(xp.shape)})")
+  lo, hi = start // sh, layout.cdiv(stop, sh)   # phase rows covering them
+  positions = (hi - lo) * pitch
   bs = block_sizes or get_block_sizes(
       "input_grad", xp.shape, w.shape, strides,
       platform="cpu" if interpret else "gpu")
-  pos_pad = layout.round_up(plan["positions"], bs.block_pix)
+  pos_pad = layout.round_up(positions, bs.block_pix)
   cin_pad = layout.round_up(cin, bs.block_ch)
-  # Phases of x, each [rows, pitch] flat: [n, sh*sw, pos_pad, cin_pad].
-  xq = jnp.pad(xp, ((0, 0), (0, rows * sh - hp), (0, width * sw - wp),
+  # Phases of x, each [hi - lo, pitch] flat: [n, sh*sw, pos_pad, cin_pad].
+  xq = jnp.pad(xp, ((0, 0), (0, rows_all * sh - hp), (0, width * sw - wp),
                     (0, cin_pad - cin)))
-  xq = xq.reshape(n, rows, sh, width, sw, cin_pad).transpose(0, 2, 4, 1, 3, 5)
+  xq = xq.reshape(n, rows_all, sh, width, sw, cin_pad)[:, lo:hi]
+  xq = xq.transpose(0, 2, 4, 1, 3, 5)
   xq = jnp.pad(xq, ((0, 0),) * 4 + ((0, pitch - width), (0, 0)))
-  xq = layout.pad_axis(xq.reshape(n, sh * sw, rows * pitch, cin_pad), 2,
-                       pos_pad)
-  # The output gradient shifted by (mh, mw), flat with the same pitch.
+  xq = layout.pad_axis(xq.reshape(n, sh * sw, positions, cin_pad), 2, pos_pad)
+  # The output gradient shifted by (mh, mw), flat with the same pitch; phase
+  # row lo of the computed window reads it lo rows further down.
   ho, wo = g.shape[1:3]
-  g_rows = max(rows, ho) + plan["mh"]
+  g_rows = max(rows_all, ho) + plan["mh"]
   gd = jnp.pad(g, ((0, 0), (plan["mh"], g_rows - plan["mh"] - ho),
                    (plan["mw"], pitch - plan["mw"] - wo), (0, 0)))
   gd = gd.reshape(n, g_rows * pitch, cout)
-  gd = layout.pad_axis(gd, 1, pos_pad + plan["mh"] * pitch + plan["mw"])
+  gd = layout.pad_axis(gd, 1, lo * pitch + pos_pad + plan["mh"] * pitch
+                       + plan["mw"])
   wt = layout.pad_axis(w.reshape(kh * kw, cin, cout), 1, cin_pad)
   glen = gd.shape[1]
   grid = (n, pos_pad // bs.block_pix, cin_pad // bs.block_ch)
@@ -295,6 +311,7 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
     if not taps:
       phases.append(jnp.zeros((n, pos_pad, cin_pad), jnp.float32))
       continue
+    taps = tuple((tap, offset + lo * pitch) for tap, offset in taps)
     phases.append(pl.pallas_call(
         functools.partial(_input_grad_kernel, taps=taps, cout=cout,
                           block_pix=bs.block_pix),
@@ -313,8 +330,9 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
         interpret=interpret,
         name="adder_input_grad_gpu",
     )(xq, gd, wt))
-  dx = jnp.stack(phases, axis=1)[:, :, :plan["positions"]]
-  dx = dx.reshape(n, sh, sw, rows, pitch, cin_pad)[..., :width, :]
-  dx = dx.transpose(0, 3, 1, 4, 2, 5).reshape(n, rows * sh, width * sw,
+  dx = jnp.stack(phases, axis=1)[:, :, :positions]
+  dx = dx.reshape(n, sh, sw, hi - lo, pitch, cin_pad)[..., :width, :]
+  dx = jnp.pad(dx, ((0, 0),) * 3 + ((lo, rows_all - hi), (0, 0), (0, 0)))
+  dx = dx.transpose(0, 3, 1, 4, 2, 5).reshape(n, rows_all * sh, width * sw,
                                               cin_pad)
   return dx[:, :hp, :wp, :cin]

@@ -221,9 +221,13 @@ def interpret_supported() -> bool:
   return hasattr(plgpu, "InterpretGPUParams")
 
 
+INPUT_GRAD_TAKES_ROWS = gpu.INPUT_GRAD_TAKES_ROWS
+
+
 def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
                block_sizes: gpu.BlockSizes | None = None,
-               interpret: bool = False) -> jax.Array:
+               interpret: bool = False,
+               rows: tuple[int, int] | None = None) -> jax.Array:
   """The Triton input gradient (`kernels.gpu.input_grad`)."""
   return gpu.input_grad(xp, w, g, strides, block_sizes=block_sizes,
-                        interpret=interpret)
+                        interpret=interpret, rows=rows)

@@ -195,6 +195,29 @@ def test_gpu_input_grad_stride_phases(xp_shape, k, strides):
   assert rel_err(dxp, np_input_grad(xp, w, g, strides)) < 2e-6
 
 
+@pytest.mark.parametrize("xp_shape,k,strides,rows", [
+    ((2, 10, 9, 3), 3, (1, 1), (1, 9)),     # 3x3 SAME on 8x7: skip pad rows
+    ((1, 11, 11, 4), 3, (2, 2), (1, 10)),
+    ((1, 13, 12, 3), 5, (3, 3), (2, 11)),
+    ((1, 9, 8, 2), 3, (2, 2), (3, 4)),      # a single row
+])
+def test_gpu_input_grad_rows_window(xp_shape, k, strides, rows):
+  """`rows=` computes only the rows the caller keeps, exactly."""
+  rng = np.random.default_rng(11)
+  xp = jnp.asarray(rng.standard_normal(xp_shape), jnp.float32)
+  w = jnp.asarray(0.7 * rng.standard_normal((k, k, xp_shape[3], 5)),
+                  jnp.float32)
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  g = jnp.asarray(rng.standard_normal((xp_shape[0], ho, wo, 5)), jnp.float32)
+  got = gpu.input_grad(xp, w, g, strides, interpret=True, rows=rows,
+                       block_sizes=gpu.BlockSizes(block_pix=16, block_ch=4))
+  want = np_input_grad(xp, w, g, strides)
+  assert got.shape == want.shape
+  assert rel_err(got[:, rows[0]:rows[1]], want[:, rows[0]:rows[1]]) < 2e-6
+  with pytest.raises(ValueError, match=r"rows \(5, 5\)"):
+    gpu.input_grad(xp, w, g, strides, interpret=True, rows=(5, 5))
+
+
 @pytest.mark.parametrize("hp,wp,k,s", [(34, 34, 3, 2), (18, 18, 3, 2),
                                        (32, 32, 1, 2), (34, 34, 3, 1),
                                        (13, 11, 5, 3)])
