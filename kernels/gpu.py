@@ -205,7 +205,8 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
 # ---------------------------------------------------------- input gradient --
 
 
-def input_grad_plan(xp_shape, w_shape, strides: Strides) -> dict:
+def input_grad_plan(xp_shape, w_shape, strides: Strides,
+                    rows: tuple[int, int] | None = None) -> dict:
   """How `input_grad` splits the padded input into stride phases.
 
   Input pixel (a, b) = (s*a' + r, s*b' + t) receives gradient only from the
@@ -213,13 +214,15 @@ def input_grad_plan(xp_shape, w_shape, strides: Strides) -> dict:
   So each phase (r, t) is a stride-1 gather over its own taps, on a grid of
   `rows` x `pitch` positions (pitch = phase width + the widest tap shift):
   no multiply by the zeros a strided gradient would be spread with.
-  Returns rows, pitch, positions, the top/left shifts (mh, mw) and, per phase,
-  the static list of (tap index i*kw + j, offset into the shifted gradient).
+  Returns rows, pitch, the top/left shifts (mh, mw), per phase the static
+  list of (tap index i*kw + j, offset into the shifted gradient), and the
+  window of phase rows [lo, hi) that covers the padded-input `rows` wanted
+  (all by default) with its `positions` = (hi - lo) * pitch.
   """
   _, hp, wp, _ = xp_shape
   kh, kw = w_shape[:2]
   sh, sw = strides
-  rows, width = layout.cdiv(hp, sh), layout.cdiv(wp, sw)
+  n_rows, width = layout.cdiv(hp, sh), layout.cdiv(wp, sw)
   mh, mw = (kh - 1) // sh, (kw - 1) // sw
   pitch = width + mw
   phases = []
@@ -229,8 +232,14 @@ def input_grad_plan(xp_shape, w_shape, strides: Strides) -> dict:
                     + (mw - (j - t) // sw))
                    for i in range(r, kh, sh) for j in range(t, kw, sw))
       phases.append(taps)
-  return {"rows": rows, "width": width, "pitch": pitch,
-          "positions": rows * pitch, "mh": mh, "mw": mw, "phases": phases}
+  start, stop = (0, hp) if rows is None else rows
+  if not 0 <= start < stop <= hp:
+    raise ValueError(f"gpu.input_grad: rows {rows} must satisfy 0 <= start < "
+                     f"stop <= {hp} (padded height of xp {tuple(xp_shape)})")
+  lo, hi = start // sh, layout.cdiv(stop, sh)
+  return {"rows": n_rows, "width": width, "pitch": pitch, "lo": lo, "hi": hi,
+          "positions": (hi - lo) * pitch, "mh": mh, "mw": mw,
+          "phases": phases}
 
 
 def _input_grad_kernel(x_ref, g_ref, w_ref, o_ref, *, taps, cout: int,
@@ -274,14 +283,9 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
   kh, kw, cin, cout = w.shape
   n, hp, wp, _ = xp.shape
   sh, sw = strides
-  plan = input_grad_plan(xp.shape, w.shape, strides)
+  plan = input_grad_plan(xp.shape, w.shape, strides, rows)
   rows_all, width, pitch = plan["rows"], plan["width"], plan["pitch"]
-  start, stop = (0, hp) if rows is None else rows
-  if not 0 <= start < stop <= hp:
-    raise ValueError(f"gpu.input_grad: rows {rows} must satisfy 0 <= start < "
-                     f"stop <= {hp} (padded height of xp {tuple(xp.shape)})")
-  lo, hi = start // sh, layout.cdiv(stop, sh)   # phase rows covering them
-  positions = (hi - lo) * pitch
+  lo, hi, positions = plan["lo"], plan["hi"], plan["positions"]
   bs = block_sizes or get_block_sizes(
       "input_grad", xp.shape, w.shape, strides,
       platform="cpu" if interpret else "gpu")

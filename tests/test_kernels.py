@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -216,6 +218,26 @@ def test_gpu_input_grad_rows_window(xp_shape, k, strides, rows):
   assert rel_err(got[:, rows[0]:rows[1]], want[:, rows[0]:rows[1]]) < 2e-6
   with pytest.raises(ValueError, match=r"rows \(5, 5\)"):
     gpu.input_grad(xp, w, g, strides, interpret=True, rows=(5, 5))
+
+
+def test_gpu_input_grad_work_on_resnet20():
+  """Counted MACs the dx kernel issues for ResNet-20 (rows window as `ops`
+  passes it) against the true dx MACs: 1.28x (the garbage columns), where
+  spreading the gradient by the strides issued 1.71x."""
+  path = Path(__file__).resolve().parents[1] / "benchmarks" / "resnet20_layers.py"
+  spec = importlib.util.spec_from_file_location("resnet20_layers", path)
+  table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(table)
+  layer_shapes = table.layer_shapes
+  issued = true = 0
+  for layer in table.RESNET20_LAYERS:
+    _, count, h, _, cin, cout, k, s, pad = layer
+    sh = layer_shapes(1, layer)
+    plan = gpu.input_grad_plan(sh["xp"], sh["w"], (s, s), rows=(pad, pad + h))
+    taps = sum(len(phase) for phase in plan["phases"])
+    issued += count * taps * plan["positions"] * cin * cout
+    true += count * sh["macs"]
+  assert 1.0 <= issued / true < 1.3
 
 
 @pytest.mark.parametrize("hp,wp,k,s", [(34, 34, 3, 2), (18, 18, 3, 2),
