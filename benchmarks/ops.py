@@ -41,14 +41,22 @@ from benchmarks.resnet20_layers import layer_shapes  # noqa: E402
 
 
 def _time(fn, args, repeats: int, rounds: int = 5
-          ) -> tuple[float, float, float]:
-  """(compile+first run seconds, median ms, min ms) of a jitted `fn`.
+          ) -> tuple[float, float, float, float]:
+  """(compile+first run seconds, median ms, min ms, peak MiB) of jitted `fn`.
 
   Each of `rounds` rounds dispatches `repeats` calls back to back and waits
   once, so that on accelerators the host round trip of a wait is not timed;
-  the median and min are over the rounds' per-call means.
+  the median and min are over the rounds' per-call means. The peak is XLA's
+  memory analysis of the compiled function (arguments, outputs and
+  temporaries), so it is per function and on every backend.
   """
   start = time.perf_counter()
+  fn = fn.trace(*args).lower().compile()
+  stats = fn.memory_analysis()
+  peak = getattr(stats, "peak_memory_in_bytes", None)
+  if peak is None:
+    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes)
   jax.block_until_ready(fn(*args))
   first = time.perf_counter() - start
   times = []
@@ -58,7 +66,7 @@ def _time(fn, args, repeats: int, rounds: int = 5
     jax.block_until_ready(outs)
     times.append((time.perf_counter() - start) * 1e3 / repeats)
     del outs
-  return first, statistics.median(times), min(times)
+  return first, statistics.median(times), min(times), peak / 2**20
 
 
 def _functions(conv, strides, padding):
@@ -141,12 +149,13 @@ def main(argv=None) -> None:
       macs = shapes["macs"]
       nbytes = 4 * (x.size + w.size + r.size)
       conv_f, conv_fb = _functions(_lax_conv, (s, s), padding)
-      _, conv_fwd, conv_fwd_min = _time(conv_f, (x, w), args.repeats)
-      _, conv_fb_ms, conv_fb_min = _time(conv_fb, (x, w, r), args.repeats)
+      _, conv_fwd, conv_fwd_min, _ = _time(conv_f, (x, w), args.repeats)
+      _, conv_fb_ms, conv_fb_min, conv_fb_mb = _time(conv_fb, (x, w, r),
+                                                     args.repeats)
       for impl in impls:
         adder_f, adder_fb = _functions(_adder(impl), (s, s), padding)
-        c_fwd, fwd, fwd_min = _time(adder_f, (x, w), args.repeats)
-        c_fb, fb, fb_min = _time(adder_fb, (x, w, r), args.repeats)
+        c_fwd, fwd, fwd_min, _ = _time(adder_f, (x, w), args.repeats)
+        c_fb, fb, fb_min, fb_mb = _time(adder_fb, (x, w, r), args.repeats)
         row = dict(meta, layer=name, implementation=impl,
                    input_shape=list(x.shape), filter_shape=list(w.shape),
                    strides=[s, s], padding=padding, count_in_resnet20=count,
@@ -158,6 +167,8 @@ def main(argv=None) -> None:
                    conv_fwd_ms_min=round(conv_fwd_min, 3),
                    conv_fwd_bwd_ms_median=round(conv_fb_ms, 3),
                    conv_fwd_bwd_ms_min=round(conv_fb_min, 3),
+                   fwd_bwd_peak_mb=round(fb_mb, 2),
+                   conv_fwd_bwd_peak_mb=round(conv_fb_mb, 2),
                    first_call_s=round(c_fwd + c_fb, 2))
         line = (f"{name:24s} {impl:6s} {macs / 1e6:8.1f} {fwd:8.2f} "
                 f"{conv_fwd:7.2f} {fwd / conv_fwd:5.1f} {fb:8.2f} "

@@ -4,9 +4,10 @@
 
 Prints one JSON line: ms_per_step_median (and min/max) of steps waited on one
 by one, ms_per_step_pipelined (steps dispatched back to back, one wait at the
-end, as in a training loop), compile_s, peak_rss_mb and, on accelerators,
-peak_device_mb, with the device and versions (`--jsonl FILE` also appends
-it). Run the adder and mult variants in one session to compare them side by
+end, as in a training loop), compile_s, peak_rss_mb, compiled_memory_mb
+(XLA's memory analysis of the compiled step: peak, temporaries, arguments,
+outputs) and, on accelerators, peak_device_mb (the allocator's peak), with the
+device and versions (`--jsonl FILE` also appends it). Run the adder and mult variants in one session to compare them side by
 side.
 """
 
@@ -55,6 +56,18 @@ def build_step(model, learning_rate: float = 0.1):
   return optimizer, step
 
 
+def compiled_memory_mb(compiled) -> dict:
+  """XLA's own account of a compiled step's memory (arguments, outputs,
+  temporaries and their peak), in MiB; available on every backend."""
+  stats = compiled.memory_analysis()
+  out = {}
+  for name in ("peak_memory", "temp_size", "argument_size", "output_size"):
+    value = getattr(stats, f"{name}_in_bytes", None)
+    if value is not None:
+      out[name.replace("_size", "")] = round(value / 2**20, 1)
+  return out
+
+
 def peak_device_mb() -> float | None:
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if not stats or "peak_bytes_in_use" not in stats:
@@ -90,6 +103,8 @@ def main(argv=None) -> dict:
   opt_state = optimizer.init(params)
 
   start = time.perf_counter()
+  step = step.trace(params, batch_stats, opt_state, images, labels).lower(
+      ).compile()
   params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state,
                                               images, labels)
   jax.block_until_ready(loss)
@@ -122,6 +137,7 @@ def main(argv=None) -> dict:
       "compile_and_first_step_s": round(compile_s, 2),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "peak_device_mb": peak_device_mb(),
+      "compiled_memory_mb": compiled_memory_mb(step),
       "final_loss_finite": bool(jnp.isfinite(loss)),
       "backend": jax.default_backend(),
       "device": jax.devices()[0].device_kind,
