@@ -115,7 +115,7 @@ def layer_section(floor, ops_rows, tune, official) -> tuple[list[str], dict]:
             xla.get("fwd_ms_min"), conv.get("conv_fwd_ms_min"),
             pallas.get("fwd_bwd_ms_min"), mosaic.get("fwd_bwd_ms_min"),
             xla.get("fwd_bwd_ms_min"), conv.get("conv_fwd_bwd_ms_min"),
-            pallas.get("fwd_bwd_peak_mb"), conv.get("conv_fwd_bwd_peak_mb")]
+            pallas.get("fwd_bwd_buffers_mb"), conv.get("conv_fwd_bwd_buffers_mb")]
     o = off.get(name, {})
     row += [None if "forward_s" not in o else o["forward_s"] * 1e3,
             None if "fwd_bwd_s" not in o else o["fwd_bwd_s"] * 1e3,
@@ -127,7 +127,7 @@ def layer_section(floor, ops_rows, tune, official) -> tuple[list[str], dict]:
             "% floor (best tile)", "adder fwd ms (Triton)", "(Mosaic GPU)",
             "(pure jnp)", "cuDNN fwd ms", "adder f+b ms (Triton)",
             "(Mosaic GPU fwd)", "(pure jnp)", "cuDNN f+b ms",
-            "adder f+b MiB (XLA peak)", "cuDNN f+b MiB", "official fwd ms",
+            "adder f+b MiB (XLA buffers)", "cuDNN f+b MiB", "official fwd ms",
             "official f+b ms",
             "official f+b memory"]
   return _table(header, rows), fractions
@@ -146,7 +146,7 @@ def step_section(steps, official) -> tuple[list[str], dict]:
     rows.append([f"ours, {conv} ({impl})", r["batch"],
                  r.get("ms_per_step_pipelined"), r.get("ms_per_step_median"),
                  r.get("compile_and_first_step_s"), r.get("peak_device_mb"),
-                 (r.get("compiled_memory_mb") or {}).get("peak_memory")])
+                 (r.get("compiled_memory_mb") or {}).get("total")])
   for kind in ("adder", "mult"):
     r = off.get(f"resnet20_{kind}")
     if r:
@@ -156,7 +156,7 @@ def step_section(steps, official) -> tuple[list[str], dict]:
                    "", None if not mem else mem["peak_bytes"] / 2**20, ""])
   table = _table(["step", "batch", "ms/step (pipelined)",
                   "ms/step (each waited)", "compile + first step s",
-                  "peak device MiB (allocator)", "XLA peak MiB"], rows)
+                  "peak device MiB (allocator)", "XLA buffers MiB"], rows)
   candidates = [r for key, r in by.items() if key[0] == "adder"
                 and key[1] != "xla"]
   ours = min(candidates, key=lambda r: r["ms_per_step_pipelined"],

@@ -5,8 +5,8 @@
 Prints one JSON line: ms_per_step_median (and min/max) of steps waited on one
 by one, ms_per_step_pipelined (steps dispatched back to back, one wait at the
 end, as in a training loop), compile_s, peak_rss_mb, compiled_memory_mb
-(XLA's memory analysis of the compiled step: peak, temporaries, arguments,
-outputs) and, on accelerators, peak_device_mb (the allocator's peak), with the
+(XLA's memory analysis of the compiled step: temporaries, arguments, outputs,
+aliased, total) and, on accelerators, peak_device_mb (the allocator's peak), with the
 device and versions (`--jsonl FILE` also appends it). Run the adder and mult variants in one session to compare them side by
 side.
 """
@@ -60,11 +60,14 @@ def compiled_memory_mb(compiled) -> dict:
   """XLA's own account of a compiled step's memory (arguments, outputs,
   temporaries and their peak), in MiB; available on every backend."""
   stats = compiled.memory_analysis()
-  out = {}
-  for name in ("peak_memory", "temp_size", "argument_size", "output_size"):
-    value = getattr(stats, f"{name}_in_bytes", None)
-    if value is not None:
-      out[name.replace("_size", "")] = round(value / 2**20, 1)
+  out = {name.replace("_size", ""): round(
+      getattr(stats, f"{name}_in_bytes") / 2**20, 1)
+         for name in ("temp_size", "argument_size", "output_size",
+                      "alias_size")}
+  # peak_memory_in_bytes leaves temporaries out on the CPU backend (JAX
+  # 0.10.2), so the total is summed here.
+  out["total"] = round(out["temp"] + out["argument"] + out["output"]
+                       - out["alias"], 1)
   return out
 
 
