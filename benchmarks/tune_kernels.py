@@ -4,8 +4,9 @@
 
 For each ResNet-20 adder layer (benchmarks/floor.py's table) and each kernel
 (forward, input_grad) of the family for this backend (`kernels.gpu` on GPUs,
-`kernels.tpu` on TPUs), times every candidate `BlockSizes` (median of --reps,
-compile excluded), checks its result against `addernet_jax.reference` (relative
+`kernels.tpu` on TPUs; also the `kernels.mosaic_gpu` forward on Hopper), times
+every candidate `BlockSizes` (median over rounds of --reps calls dispatched
+back to back, compile excluded), checks its result against `addernet_jax.reference` (relative
 L2 error), and reports the heuristic's choice beside the fastest candidate.
 With --floor FILE (the JSON of benchmarks/floor.py) each time is also given as
 a fraction of that layer's floor. Prints one JSON object (last line).
@@ -33,22 +34,39 @@ from addernet_jax import reference  # noqa: E402
 from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
 from kernels import gpu, tpu  # noqa: E402
 
+try:
+  from kernels import mosaic_gpu  # noqa: E402
+except ImportError:  # pragma: no cover - a JAX without Pallas Mosaic GPU.
+  mosaic_gpu = None
+
 
 def candidates(family, kind: str, sh: dict, interpret: bool):
   """Candidate BlockSizes for one layer (the heuristic's first)."""
   platform = "cpu" if interpret else jax.default_backend()
-  first = family.get_block_sizes(kind, sh["xp"], sh["w"], sh["strides"],
-                                 platform)
+  if family is mosaic_gpu:
+    first = mosaic_gpu.get_block_sizes(sh["xp"], sh["w"], sh["strides"])
+  else:
+    first = family.get_block_sizes(kind, sh["xp"], sh["w"], sh["strides"],
+                                   platform)
   out = [first]
   if family is gpu:
     channels = sh["w"][3] if kind == "forward" else sh["w"][2]
     chans = sorted({min(c, gpu.layout.next_pow2(channels))
                     for c in (8, 16, 32, 64)})
-    grid = itertools.product((16, 32, 64, 128, 256), chans, (4, 8), (1, 2, 3))
+    # About 24 candidates a layer and kernel: one compile each (about a
+    # second on a GPU), so the whole sweep fits a 10-minute device call.
+    grid = itertools.product((32, 64, 128, 256), chans, (4, 8), (2,))
     for pix, ch, warps, stages in grid:
-      if pix * ch > 16384 or (interpret and (warps, stages) != (4, 2)):
+      if pix * ch > 16384 or (interpret and warps != 4):
         continue
       out.append(gpu.BlockSizes(pix, ch, warps, stages))
+  elif family is mosaic_gpu:
+    cout = sh["w"][3]
+    for pix, ch in itertools.product((64, 128), (8, 16, 32, 64)):
+      bs = mosaic_gpu.BlockSizes(pix, min(ch, mosaic_gpu.layout.round_up(cout, 8)))
+      if mosaic_gpu.unsupported_reason(sh["xp"], sh["w"], sh["strides"],
+                                       bs) is None:
+        out.append(bs)
   else:
     k = sh["w"][0] * sh["w"][1] * sh["w"][2]
     for m8, bk, bn in itertools.product((8, 16, 32), (64, 128, 256, k),
@@ -62,13 +80,15 @@ def candidates(family, kind: str, sh: dict, interpret: bool):
   return unique
 
 
-def _time(fn, reps):
+def _time(fn, reps, rounds: int = 3):
+  """Seconds per call: median over rounds of `reps` calls dispatched back to
+  back with one wait (the host round trip of a wait is not timed)."""
   jax.block_until_ready(fn())
   times = []
-  for _ in range(reps):
+  for _ in range(rounds):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
+    jax.block_until_ready([fn() for _ in range(reps)])
+    times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)
 
 
@@ -85,11 +105,21 @@ def main(argv=None):
                       help="cap per layer and kernel (0: all)")
   parser.add_argument("--layers", default="", help="comma-separated names")
   parser.add_argument("--floor", default=None, help="floor.py JSON output")
-  parser.add_argument("--out", default=None)
+  parser.add_argument("--out", default=None,
+                      help="JSON output, rewritten after every layer")
+  parser.add_argument("--mosaic", action=argparse.BooleanOptionalAction,
+                      default=None, help="also sweep the Mosaic GPU forward "
+                      "(default: on a Hopper or newer GPU)")
   args = parser.parse_args(argv)
+  if args.mosaic is None:
+    device = jax.devices()[0]
+    args.mosaic = (jax.default_backend() == "gpu" and
+                   float(getattr(device, "compute_capability", 0)) >= 9.0)
   backend = jax.default_backend()
   interpret = backend not in ("gpu", "tpu")
-  family = tpu if backend == "tpu" else gpu
+  families = {"tpu": [tpu]}.get(backend, [gpu])
+  if args.mosaic and mosaic_gpu is not None:
+    families.append(mosaic_gpu)
   batch = args.batch or (2 if interpret else 256)
   floors = {}
   if args.floor:
@@ -101,6 +131,9 @@ def main(argv=None):
     parser.error(f"unknown --layers {sorted(unknown)}; choose from "
                  f"{[layer[0] for layer in RESNET20_LAYERS]}")
   rows = []
+  result = {"device": str(jax.devices()[0].device_kind), "backend": backend,
+            "interpret": interpret, "jax": jax.__version__, "batch": batch,
+            "date": time.strftime("%Y-%m-%d"), "rows": rows}
   key = jax.random.key(0)
   for layer in RESNET20_LAYERS:
     if wanted and layer[0] not in wanted:
@@ -112,7 +145,9 @@ def main(argv=None):
     g = jax.random.normal(kg, sh["y"], jnp.float32)
     want = {"forward": reference.forward(xp, w, sh["strides"]),
             "input_grad": reference.input_grad(xp, w, g, sh["strides"])}
-    for kind in ("forward", "input_grad"):
+    for family, kind in [(f, k) for f in families
+                         for k in ("forward", "input_grad")
+                         if not (f is mosaic_gpu and k == "input_grad")]:
       cands = candidates(family, kind, sh, interpret)
       if args.max_candidates:
         cands = cands[:args.max_candidates]
@@ -137,19 +172,19 @@ def main(argv=None):
                           "error": f"{type(e).__name__}: {str(e)[:200]}"})
       ok = [r for r in results if "s" in r]
       best = min(ok, key=lambda r: r["s"]) if ok else None
-      rows.append({"layer": layer[0], "kind": kind, "heuristic": results[0],
-                   "best": best, "candidates": results})
-      print(json.dumps({"layer": layer[0], "kind": kind,
+      name = family.__name__.rsplit(".", 1)[-1]
+      rows.append({"layer": layer[0], "kind": kind, "family": name,
+                   "heuristic": results[0], "best": best,
+                   "candidates": results})
+      print(json.dumps({"layer": layer[0], "kind": kind, "family": name,
                         "heuristic_s": results[0].get("s"),
                         "best_s": best and best["s"],
                         "best": best and best["block_sizes"]}), flush=True)
-  result = {"device": str(jax.devices()[0].device_kind), "backend": backend,
-            "interpret": interpret, "jax": jax.__version__, "batch": batch,
-            "date": time.strftime("%Y-%m-%d"), "rows": rows}
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=1))
+      if args.out:  # after every layer: a sweep cut short keeps its results
+        Path(args.out).write_text(json.dumps(result, indent=1))
   print(json.dumps({k: v for k, v in result.items() if k != "rows"} |
                    {"summary": [{"layer": r["layer"], "kind": r["kind"],
+                                 "family": r["family"],
                                  "heuristic_s": r["heuristic"].get("s"),
                                  "best_s": r["best"] and r["best"]["s"]}
                                 for r in rows]}))
