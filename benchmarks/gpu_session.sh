@@ -16,6 +16,9 @@
 #             and the identical CNN (step.jsonl, with peak device memory)
 #   official  the seed release's unfold method in PyTorch, per layer and the
 #             whole step, with peak memory (official_torch.json)
+#   dw        filter-gradient formulations (cuDNN FP32, TF32, 3xTF32, per-tap
+#             matmuls at FP32 and bf16x6): time and error against float64
+#             (filter_grad.json)
 #   tune      block-size sweep of both kernels over the ResNet-20 layers
 #             (tune.json); the longest stage, so it runs last
 #   report    the markdown tables for benchmarks/RESULTS.md (report.md)
@@ -31,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-gpu_results}}
 shift || true
-STAGES=${*:-check floor ops step official tune report}
+STAGES=${*:-check floor ops step official dw tune report}
 mkdir -p "$RESULTS"
 LOG="$RESULTS/session.log"
 export PYTHONUNBUFFERED=1
@@ -88,13 +91,15 @@ for name in $STAGES; do
       if [[ "${QUICK:-0}" == 1 ]]; then extra="--warmup 1 --reps 1"; else extra=""; fi
       # shellcheck disable=SC2086
       stage official "$PY" benchmarks/official_torch.py --batch "$BATCH" $extra --out "$RESULTS/official_torch.json" ;;
+    dw)
+      stage dw "$PY" benchmarks/filter_grad.py --batch "$BATCH" --reps "$REPS" --out "$RESULTS/filter_grad.json" ;;
     tune)
       # shellcheck disable=SC2086
       stage tune "$PY" benchmarks/tune_kernels.py --batch "$BATCH" --reps "$REPS" --max_candidates "$CANDIDATES" $TUNE_LAYERS $( [[ -f "$RESULTS/floor.json" ]] && echo --floor "$RESULTS/floor.json" ) --out "$RESULTS/tune.json" ;;
     report)
       stage report "$PY" benchmarks/report.py "$RESULTS" --out "$RESULTS/report.md" ;;
     *)
-      echo "unknown stage '$name' (stages: check floor ops step official tune report)" | tee -a "$LOG"
+      echo "unknown stage '$name' (stages: check floor ops step official dw tune report)" | tee -a "$LOG"
       exit 2 ;;
   esac
 done

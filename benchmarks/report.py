@@ -192,6 +192,22 @@ def step_section(steps, official) -> tuple[list[str], dict]:
   return table, figures
 
 
+def filter_grad_section(dw) -> list[str]:
+  if not dw:
+    return ["Filter-gradient formulations: not measured (no filter_grad.json)."]
+  names = [k for k in dw["rows"][0] if k not in ("layer", "batch")]
+  rows = []
+  for row in dw["rows"]:
+    cells = [row["layer"]]
+    for name in names:
+      entry = row.get(name, {})
+      cells.append(entry.get("error", "")[:40] or
+                   f"{entry['s'] * 1e3:.3g} ms ({entry['rel_err']:.1e})")
+    rows.append(cells)
+  return [f"ms (relative L2 error against float64), {dw['device']}, JAX "
+          f"{dw['jax']}:", "", *_table(["layer", *names], rows)]
+
+
 def goals_section(fractions: dict, figures: dict) -> list[str]:
   def worst(values):
     values = [v for v in values if v is not None]
@@ -243,6 +259,7 @@ def main(argv=None) -> str:
   floor = _load_json(d / "floor.json")
   official = _load_json(d / "official_torch.json")
   tune = _load_json(d / "tune.json")
+  dw = _load_json(d / "filter_grad.json")
   ops_rows = _load_jsonl(d / "ops.jsonl")
   steps = _load_jsonl(d / "step.jsonl")
   layers, fractions = layer_section(floor, ops_rows, tune, official)
@@ -255,6 +272,8 @@ def main(argv=None) -> str:
       "### ResNet-20 adder layers (ms; kernel times are min over repeats)", "",
       *layers, "",
       "### ResNet-20 training step", "", *step_table, "",
+      "### Filter gradient (`benchmarks/filter_grad.py`)", "",
+      *filter_grad_section(dw), "",
       f"Measured on: {', '.join(versions) or 'nothing'}"
       + (f"; official method: {official['device']}, torch {official['torch']}"
          if official else ""), ""])
