@@ -34,13 +34,13 @@ log = logging.getLogger(__name__)
 class Backend(NamedTuple):
   """The two L1-specific computations an implementation provides.
 
-  `input_grad_takes_rows`: its input_grad accepts `rows=(start, stop)`, the
-  padded-input rows whose gradient is needed (the rest is padding the caller
-  crops), and may skip the others.
+  `input_grad_takes_window`: its input_grad accepts `rows=(start, stop)` and
+  `cols=(start, stop)`, the padded-input window whose gradient is needed (the
+  rest is padding the caller crops), and may skip the rest.
   """
   forward: Callable[[jax.Array, jax.Array, tuple[int, int]], jax.Array]
   input_grad: Callable[..., jax.Array]
-  input_grad_takes_rows: bool = False
+  input_grad_takes_window: bool = False
 
 
 XLA_BACKEND = Backend(reference.forward, reference.input_grad)
@@ -127,16 +127,18 @@ def _check_inputs(x, w) -> None:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _adder_padded(xp: jax.Array, w: jax.Array, strides: tuple[int, int],
                   implementation: str | None,
-                  rows: tuple[int, int]) -> jax.Array:
-  """The adder layer on the padded input; `rows` are xp's unpadded rows."""
-  del rows  # only the backward uses it
+                  window: tuple[tuple[int, int], tuple[int, int]]
+                  ) -> jax.Array:
+  """The adder layer on the padded input; `window` = the (rows, cols) of xp
+  that are not padding (only the backward uses it)."""
+  del window
   backend = _select_backend(implementation, xp.shape, w.shape, strides,
                             xp.dtype)
   return backend.forward(xp, w, strides).astype(jnp.result_type(xp, w))
 
 
-def _adder_padded_fwd(xp, w, strides, implementation, rows):
-  return _adder_padded(xp, w, strides, implementation, rows), (xp, w)
+def _adder_padded_fwd(xp, w, strides, implementation, window):
+  return _adder_padded(xp, w, strides, implementation, window), (xp, w)
 
 
 def _varying_axes(x) -> frozenset:
@@ -159,12 +161,13 @@ def _match_varying_axes(cotangent, primal):
   return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
-def _adder_padded_bwd(strides, implementation, rows, residuals, g):
+def _adder_padded_bwd(strides, implementation, window, residuals, g):
   xp, w = residuals
   backend = _select_backend(implementation, xp.shape, w.shape, strides,
                             xp.dtype)
-  if backend.input_grad_takes_rows:
-    dxp = backend.input_grad(xp, w, g, strides, rows=rows)
+  if backend.input_grad_takes_window:
+    dxp = backend.input_grad(xp, w, g, strides, rows=window[0],
+                             cols=window[1])
   else:
     dxp = backend.input_grad(xp, w, g, strides)
   dw = reference.filter_grad(xp, w, g, strides)
@@ -208,8 +211,9 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
   x, w = x.astype(dtype), w.astype(dtype)
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))) if any(
       p for pair in pads for p in pair) else x
-  rows = (pads[0][0], pads[0][0] + x.shape[1])
-  return _adder_padded(xp, w, strides, implementation, rows)
+  window = ((pads[0][0], pads[0][0] + x.shape[1]),
+            (pads[1][0], pads[1][0] + x.shape[2]))
+  return _adder_padded(xp, w, strides, implementation, window)
 
 
 def adder_conv_general_dilated(

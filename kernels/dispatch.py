@@ -78,7 +78,8 @@ def _backend(module, interpret: bool) -> Backend:
   return Backend(
       forward=functools.partial(module.forward, interpret=interpret),
       input_grad=functools.partial(module.input_grad, interpret=interpret),
-      input_grad_takes_rows=getattr(module, "INPUT_GRAD_TAKES_ROWS", False))
+      input_grad_takes_window=getattr(module, "INPUT_GRAD_TAKES_WINDOW",
+                                      False))
 
 
 @functools.lru_cache(maxsize=None)

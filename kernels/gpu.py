@@ -101,8 +101,8 @@ def get_block_sizes(kind: str, xp_shape, w_shape, strides: Strides,
   kh, kw, cin, cout = w_shape
   sh, sw = strides
   if kind == "forward":
-    ho, _ = layout.output_hw(xp_shape, w_shape, strides)
-    positions = ho * layout.cdiv(xp_shape[2], sw)
+    ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+    positions = ho * layout.next_pow2(wo)
     channels = cout
   else:
     positions = input_grad_plan(xp_shape, w_shape, strides)["positions"]
@@ -126,20 +126,83 @@ def _compiler_params(bs: BlockSizes, interpret: bool):
 # ----------------------------------------------------------------- forward --
 
 
+def pixel_tiles(rows: int, cols: int, pitch: int, block_pix: int) -> dict:
+  """Pixel tiles of `block_pix` pixels over a `rows` x `cols` window of a grid
+  stored flat with row `pitch` (>= cols); whichever computes fewer pixels of:
+
+  - 2-D tiles of `tile_rows` x `tile_cols` pixels (powers of two): when
+    `cols` is a power of two no program computes a pixel that is dropped;
+  - flat tiles: `block_pix` consecutive positions of the flat grid, which
+    include the `pitch - cols` columns past the window in every row (better
+    for odd widths, e.g. the 17-wide stride phases of a 34-wide input).
+  """
+  flat = layout.round_up(rows * pitch, block_pix)
+  best = {"flat": True, "tiles": flat // block_pix, "positions": flat,
+          "block_pix": block_pix}
+  tile_cols = min(layout.next_pow2(cols), block_pix)
+  while tile_cols >= 1:
+    tile_rows = block_pix // tile_cols
+    col_tiles, row_tiles = layout.cdiv(cols, tile_cols), layout.cdiv(rows,
+                                                                     tile_rows)
+    positions = row_tiles * tile_rows * col_tiles * tile_cols
+    if positions < best["positions"]:
+      best = {"flat": False, "tile_rows": tile_rows, "tile_cols": tile_cols,
+              "col_tiles": col_tiles, "row_tiles": row_tiles,
+              "tiles": row_tiles * col_tiles, "positions": positions,
+              "block_pix": block_pix}
+    tile_cols //= 2
+  return best
+
+
+def _tile_offsets(tiling: dict, pitch: int):
+  """Flat grid offsets of this program's pixels."""
+  tile = pl.program_id(1)
+  p = lax.broadcasted_iota(jnp.int32, (tiling["block_pix"],), 0)
+  if tiling["flat"]:
+    return tile * tiling["block_pix"] + p
+  row0 = lax.div(tile, tiling["col_tiles"]) * tiling["tile_rows"]
+  col0 = lax.rem(tile, tiling["col_tiles"]) * tiling["tile_cols"]
+  return ((row0 + lax.div(p, tiling["tile_cols"])) * pitch + col0
+          + lax.rem(p, tiling["tile_cols"]))
+
+
+def _tiles_reach(tiling: dict, pitch: int) -> int:
+  """One past the largest offset `_tile_offsets` produces."""
+  if tiling["flat"]:
+    return tiling["positions"]
+  return ((tiling["row_tiles"] * tiling["tile_rows"] - 1) * pitch
+          + tiling["col_tiles"] * tiling["tile_cols"])
+
+
+def _untile(y: jax.Array, tiling: dict, rows: int, cols: int,
+            pitch: int) -> jax.Array:
+  """[n, tiles, block_pix, ch] -> [n, rows, cols, ch]."""
+  n, ch = y.shape[0], y.shape[-1]
+  if tiling["flat"]:
+    y = y.reshape(n, tiling["positions"], ch)[:, :rows * pitch]
+    return y.reshape(n, rows, pitch, ch)[:, :, :cols]
+  y = y.reshape(n, tiling["row_tiles"], tiling["col_tiles"],
+                tiling["tile_rows"], tiling["tile_cols"], ch)
+  y = y.transpose(0, 1, 3, 2, 4, 5).reshape(
+      n, tiling["row_tiles"] * tiling["tile_rows"],
+      tiling["col_tiles"] * tiling["tile_cols"], ch)
+  return y[:, :rows, :cols]
+
+
 def _forward_kernel(x_ref, w_ref, o_ref, *, kw: int, strides: Strides,
-                    wq: int, num_taps: int, cin: int, block_pix: int):
+                    wq: int, num_taps: int, cin: int, tiling: dict):
   sh, sw = strides
-  f0 = pl.program_id(1) * block_pix
+  pixels = _tile_offsets(tiling, wq)
 
   def tap_body(t, acc):
     # lax.div / lax.rem (C semantics, fine for non-negative ints) lower to
     # plain integer ops in Triton; Python's // and % add sign fix-ups.
     i, j = lax.div(t, kw), lax.rem(t, kw)
     phase = lax.rem(i, sh) * sw + lax.rem(j, sw)
-    start = f0 + lax.div(i, sh) * wq + lax.div(j, sw)
+    index = pixels + (lax.div(i, sh) * wq + lax.div(j, sw))
 
     def channel_body(c, acc):
-      xv = x_ref[phase, pl.ds(start, block_pix), c].astype(jnp.float32)
+      xv = x_ref[phase, index, c].astype(jnp.float32)
       wv = w_ref[t, c, :].astype(jnp.float32)
       return acc + jnp.abs(xv[:, None] - wv[None, :])
     return lax.fori_loop(0, cin, channel_body, acc)
@@ -175,49 +238,50 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
       "forward", xp.shape, w.shape, strides,
       platform="cpu" if interpret else "gpu")
   xs, wq, taps = layout.phase_split(xp, strides, kh, kw)
-  positions = ho * wq
-  pos_pad = layout.round_up(positions, bs.block_pix)
+  tiling = pixel_tiles(ho, wo, wq, bs.block_pix)
   max_off = max(off for _, off in taps)
-  xs = layout.pad_axis(xs, 2, pos_pad + max_off)
+  xs = layout.pad_axis(xs, 2, _tiles_reach(tiling, wq) + max_off)
   cout_pad = layout.round_up(cout, bs.block_ch)
   wt = layout.pad_axis(w.reshape(kh * kw, cin, cout), 2, cout_pad)
   nph, length = xs.shape[1], xs.shape[2]
-  grid = (n, pos_pad // bs.block_pix, cout_pad // bs.block_ch)
+  grid = (n, tiling["tiles"], cout_pad // bs.block_ch)
   y = pl.pallas_call(
       functools.partial(_forward_kernel, kw=kw, strides=strides, wq=wq,
-                        num_taps=kh * kw, cin=cin, block_pix=bs.block_pix),
-      out_shape=jax.ShapeDtypeStruct((n, pos_pad, cout_pad), jnp.float32),
+                        num_taps=kh * kw, cin=cin, tiling=tiling),
+      out_shape=jax.ShapeDtypeStruct(
+          (n, tiling["tiles"], bs.block_pix, cout_pad), jnp.float32),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, nph, length, cin), lambda b, f, o: (b, 0, 0, 0)),
           pl.BlockSpec((kh * kw, cin, bs.block_ch), lambda b, f, o: (0, 0, o)),
       ],
-      out_specs=pl.BlockSpec((None, bs.block_pix, bs.block_ch),
-                             lambda b, f, o: (b, f, o)),
+      out_specs=pl.BlockSpec((None, None, bs.block_pix, bs.block_ch),
+                             lambda b, f, o: (b, f, 0, o)),
       compiler_params=_compiler_params(bs, interpret),
       interpret=interpret,
       name="adder_forward_gpu",
   )(xs, wt)
-  y = y[:, :positions].reshape(n, ho, wq, cout_pad)
-  return y[:, :, :wo, :cout]
+  return _untile(y, tiling, ho, wo, wq)[..., :cout]
 
 
 # ---------------------------------------------------------- input gradient --
 
 
 def input_grad_plan(xp_shape, w_shape, strides: Strides,
-                    rows: tuple[int, int] | None = None) -> dict:
+                    rows: tuple[int, int] | None = None,
+                    cols: tuple[int, int] | None = None) -> dict:
   """How `input_grad` splits the padded input into stride phases.
 
   Input pixel (a, b) = (s*a' + r, s*b' + t) receives gradient only from the
   taps i = r + s*m, j = t + s*m' (m, m' >= 0), through output (a' - m, b' - m').
   So each phase (r, t) is a stride-1 gather over its own taps, on a grid of
-  `rows` x `pitch` positions (pitch = phase width + the widest tap shift):
-  no multiply by the zeros a strided gradient would be spread with.
-  Returns rows, pitch, the top/left shifts (mh, mw), per phase the static
-  list of (tap index i*kw + j, offset into the shifted gradient), and the
-  window of phase rows [lo, hi) that covers the padded-input `rows` wanted
-  (all by default) with its `positions` = (hi - lo) * pitch.
+  `rows` x `width` positions laid out flat with a row `pitch` of width + the
+  widest tap shift: no multiply by the zeros a strided gradient would be
+  spread with. Returns those sizes, the top/left shifts (mh, mw), per phase
+  the static list of (tap index i*kw + j, offset into the shifted gradient),
+  and the phase rows [lo, hi) and columns [clo, chi) that cover the
+  padded-input `rows` and `cols` wanted (all by default), with `positions`,
+  the pixels computed per phase.
   """
   _, hp, wp, _ = xp_shape
   kh, kw = w_shape[:2]
@@ -232,111 +296,122 @@ def input_grad_plan(xp_shape, w_shape, strides: Strides,
                     + (mw - (j - t) // sw))
                    for i in range(r, kh, sh) for j in range(t, kw, sw))
       phases.append(taps)
-  start, stop = (0, hp) if rows is None else rows
-  if not 0 <= start < stop <= hp:
-    raise ValueError(f"gpu.input_grad: rows {rows} must satisfy 0 <= start < "
-                     f"stop <= {hp} (padded height of xp {tuple(xp_shape)})")
-  lo, hi = start // sh, layout.cdiv(stop, sh)
+  window = []
+  for name, span, size, stride in (("rows", rows, hp, sh),
+                                   ("cols", cols, wp, sw)):
+    start, stop = (0, size) if span is None else span
+    if not 0 <= start < stop <= size:
+      raise ValueError(f"gpu.input_grad: {name} {span} must satisfy 0 <= "
+                       f"start < stop <= {size} (xp {tuple(xp_shape)})")
+    window.append((start // stride, layout.cdiv(stop, stride)))
+  (lo, hi), (clo, chi) = window
   return {"rows": n_rows, "width": width, "pitch": pitch, "lo": lo, "hi": hi,
-          "positions": (hi - lo) * pitch, "mh": mh, "mw": mw,
-          "phases": phases}
+          "clo": clo, "chi": chi, "positions": (hi - lo) * (chi - clo),
+          "mh": mh, "mw": mw, "phases": phases}
 
 
 def _input_grad_kernel(x_ref, g_ref, w_ref, o_ref, *, taps, cout: int,
-                       block_pix: int):
-  f0 = pl.program_id(1) * block_pix
-  x = x_ref[...].astype(jnp.float32)
+                       tiling: dict, pitch: int, origin: int,
+                       block_ch: int):
+  pixels = _tile_offsets(tiling, pitch) + origin
+  channels = pl.ds(pl.program_id(2) * block_ch, block_ch)
+  x = x_ref[pixels, channels].astype(jnp.float32)
   acc = jnp.zeros(o_ref.shape, jnp.float32)
   for tap, offset in taps:  # static: at most kh*kw taps
-    start = f0 + offset
+    index = pixels + offset
 
-    def channel_body(o, acc, tap=tap, start=start):
-      gv = g_ref[pl.ds(start, block_pix), o].astype(jnp.float32)
+    def channel_body(o, acc, tap=tap, index=index):
+      gv = g_ref[index, o].astype(jnp.float32)
       wv = w_ref[tap, :, o].astype(jnp.float32)
       return acc + jnp.clip(wv[None, :] - x, -1.0, 1.0) * gv[:, None]
     acc = lax.fori_loop(0, cout, channel_body, acc)
   o_ref[...] = acc
 
 
-# Backends that take `rows=` in input_grad (see addernet_jax.ops.Backend).
-INPUT_GRAD_TAKES_ROWS = True
+# Backends that take `rows=` / `cols=` in input_grad (addernet_jax.ops.Backend).
+INPUT_GRAD_TAKES_WINDOW = True
 
 
 @functools.partial(jax.jit, static_argnames=("strides", "block_sizes",
-                                             "interpret", "rows"))
+                                             "interpret", "rows", "cols"))
 def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
                block_sizes: BlockSizes | None = None,
                interpret: bool = False,
-               rows: tuple[int, int] | None = None) -> jax.Array:
+               rows: tuple[int, int] | None = None,
+               cols: tuple[int, int] | None = None) -> jax.Array:
   """dxp[n,a,b,c] = sum over (tap, o) of clip(w - xp[n,a,b,c], -1, 1) * g.
 
   Same contract as `addernet_jax.reference.input_grad`: the gradient with
   respect to the padded input `[n, hp, wp, cin]`, float32. Strided layers run
   one launch per stride phase (`input_grad_plan`); phases no tap reaches
   (e.g. odd rows of a 1x1 stride-2 layer) are zeros without a launch.
-  With `rows=(start, stop)` only the padded-input rows in [start, stop) are
-  computed (the caller crops the padding away); the others are zeros. For a
-  3x3 layer on 8x8 maps that skips 2 of 10 rows.
+  With `rows=(start, stop)` / `cols=` only that window of the padded input
+  is computed (the caller crops the padding away) and the rest is zeros;
+  2-D pixel tiles (`pixel_tiles`) cover the window, so on ResNet-20 no
+  program computes a pixel that is dropped.
   """
   strides = tuple(int(s) for s in strides)
   layout.check_shapes("gpu.input_grad", xp.shape, w.shape, strides, g.shape)
   kh, kw, cin, cout = w.shape
   n, hp, wp, _ = xp.shape
   sh, sw = strides
-  plan = input_grad_plan(xp.shape, w.shape, strides, rows)
-  rows_all, width, pitch = plan["rows"], plan["width"], plan["pitch"]
-  lo, hi, positions = plan["lo"], plan["hi"], plan["positions"]
+  plan = input_grad_plan(xp.shape, w.shape, strides, rows, cols)
+  n_rows, width, pitch = plan["rows"], plan["width"], plan["pitch"]
+  lo, hi, clo, chi = plan["lo"], plan["hi"], plan["clo"], plan["chi"]
   bs = block_sizes or get_block_sizes(
       "input_grad", xp.shape, w.shape, strides,
       platform="cpu" if interpret else "gpu")
-  pos_pad = layout.round_up(positions, bs.block_pix)
+  tiling = pixel_tiles(hi - lo, chi - clo, pitch, bs.block_pix)
+  origin = lo * pitch + clo
+  reach = origin + _tiles_reach(tiling, pitch)
   cin_pad = layout.round_up(cin, bs.block_ch)
-  # Phases of x, each [hi - lo, pitch] flat: [n, sh*sw, pos_pad, cin_pad].
-  xq = jnp.pad(xp, ((0, 0), (0, rows_all * sh - hp), (0, width * sw - wp),
+  # Phases of x, each flat [n_rows * pitch]: [n, sh*sw, length, cin_pad].
+  xq = jnp.pad(xp, ((0, 0), (0, n_rows * sh - hp), (0, width * sw - wp),
                     (0, cin_pad - cin)))
-  xq = xq.reshape(n, rows_all, sh, width, sw, cin_pad)[:, lo:hi]
-  xq = xq.transpose(0, 2, 4, 1, 3, 5)
+  xq = xq.reshape(n, n_rows, sh, width, sw, cin_pad).transpose(0, 2, 4, 1, 3, 5)
   xq = jnp.pad(xq, ((0, 0),) * 4 + ((0, pitch - width), (0, 0)))
-  xq = layout.pad_axis(xq.reshape(n, sh * sw, positions, cin_pad), 2, pos_pad)
-  # The output gradient shifted by (mh, mw), flat with the same pitch; phase
-  # row lo of the computed window reads it lo rows further down.
+  xq = layout.pad_axis(xq.reshape(n, sh * sw, n_rows * pitch, cin_pad), 2,
+                       reach)
+  # The output gradient shifted by (mh, mw), flat with the same pitch.
   ho, wo = g.shape[1:3]
-  g_rows = max(rows_all, ho) + plan["mh"]
+  g_rows = max(n_rows, ho) + plan["mh"]
   gd = jnp.pad(g, ((0, 0), (plan["mh"], g_rows - plan["mh"] - ho),
                    (plan["mw"], pitch - plan["mw"] - wo), (0, 0)))
   gd = gd.reshape(n, g_rows * pitch, cout)
-  gd = layout.pad_axis(gd, 1, lo * pitch + pos_pad + plan["mh"] * pitch
-                       + plan["mw"])
+  gd = layout.pad_axis(gd, 1, reach + plan["mh"] * pitch + plan["mw"])
   wt = layout.pad_axis(w.reshape(kh * kw, cin, cout), 1, cin_pad)
-  glen = gd.shape[1]
-  grid = (n, pos_pad // bs.block_pix, cin_pad // bs.block_ch)
+  xlen, glen = xq.shape[2], gd.shape[1]
+  grid = (n, tiling["tiles"], cin_pad // bs.block_ch)
   phases = []
   for phase, taps in enumerate(plan["phases"]):
     if not taps:
-      phases.append(jnp.zeros((n, pos_pad, cin_pad), jnp.float32))
+      phases.append(jnp.zeros((n, hi - lo, chi - clo, cin_pad), jnp.float32))
       continue
-    taps = tuple((tap, offset + lo * pitch) for tap, offset in taps)
-    phases.append(pl.pallas_call(
+    out = pl.pallas_call(
         functools.partial(_input_grad_kernel, taps=taps, cout=cout,
-                          block_pix=bs.block_pix),
-        out_shape=jax.ShapeDtypeStruct((n, pos_pad, cin_pad), jnp.float32),
+                          tiling=tiling, pitch=pitch, origin=origin,
+                          block_ch=bs.block_ch),
+        out_shape=jax.ShapeDtypeStruct(
+            (n, tiling["tiles"], bs.block_pix, cin_pad), jnp.float32),
         grid=grid,
         in_specs=[
-            pl.BlockSpec((None, None, bs.block_pix, bs.block_ch),
-                         lambda b, f, c, phase=phase: (b, phase, f, c)),
+            pl.BlockSpec((None, None, xlen, cin_pad),
+                         lambda b, f, c, phase=phase: (b, phase, 0, 0)),
             pl.BlockSpec((None, glen, cout), lambda b, f, c: (b, 0, 0)),
             pl.BlockSpec((kh * kw, bs.block_ch, cout),
                          lambda b, f, c: (0, c, 0)),
         ],
-        out_specs=pl.BlockSpec((None, bs.block_pix, bs.block_ch),
-                               lambda b, f, c: (b, f, c)),
+        out_specs=pl.BlockSpec((None, None, bs.block_pix, bs.block_ch),
+                               lambda b, f, c: (b, f, 0, c)),
         compiler_params=_compiler_params(bs, interpret),
         interpret=interpret,
         name="adder_input_grad_gpu",
-    )(xq, gd, wt))
-  dx = jnp.stack(phases, axis=1)[:, :, :positions]
-  dx = dx.reshape(n, sh, sw, hi - lo, pitch, cin_pad)[..., :width, :]
-  dx = jnp.pad(dx, ((0, 0),) * 3 + ((lo, rows_all - hi), (0, 0), (0, 0)))
-  dx = dx.transpose(0, 3, 1, 4, 2, 5).reshape(n, rows_all * sh, width * sw,
+    )(xq, gd, wt)
+    phases.append(_untile(out, tiling, hi - lo, chi - clo, pitch))
+  dx = jnp.stack(phases, axis=1).reshape(n, sh, sw, hi - lo, chi - clo,
+                                         cin_pad)
+  dx = jnp.pad(dx, ((0, 0),) * 3 + ((lo, n_rows - hi), (clo, width - chi),
+                                    (0, 0)))
+  dx = dx.transpose(0, 3, 1, 4, 2, 5).reshape(n, n_rows * sh, width * sw,
                                               cin_pad)
   return dx[:, :hp, :wp, :cin]

@@ -221,13 +221,14 @@ def interpret_supported() -> bool:
   return hasattr(plgpu, "InterpretGPUParams")
 
 
-INPUT_GRAD_TAKES_ROWS = gpu.INPUT_GRAD_TAKES_ROWS
+INPUT_GRAD_TAKES_WINDOW = gpu.INPUT_GRAD_TAKES_WINDOW
 
 
 def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
                block_sizes: gpu.BlockSizes | None = None,
                interpret: bool = False,
-               rows: tuple[int, int] | None = None) -> jax.Array:
+               rows: tuple[int, int] | None = None,
+               cols: tuple[int, int] | None = None) -> jax.Array:
   """The Triton input gradient (`kernels.gpu.input_grad`)."""
   return gpu.input_grad(xp, w, g, strides, block_sizes=block_sizes,
-                        interpret=interpret, rows=rows)
+                        interpret=interpret, rows=rows, cols=cols)
