@@ -39,6 +39,7 @@ from jax import lax  # noqa: E402
 
 from addernet_jax import reference  # noqa: E402
 from benchmarks.resnet20_layers import RESNET20_LAYERS, layer_shapes  # noqa: E402
+from benchmarks.timing import per_call_seconds  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -87,12 +88,8 @@ def candidates():
 
 def _time(fn, args, reps: int, rounds: int = 3) -> float:
   jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    jax.block_until_ready([fn(*args) for _ in range(reps)])
-    times.append((time.perf_counter() - start) / reps)
-  return statistics.median(times)
+  return statistics.median(per_call_seconds(fn, args, reps=reps,
+                                            rounds=rounds))
 
 
 def main(argv=None) -> dict:

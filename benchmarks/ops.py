@@ -38,6 +38,7 @@ from addernet_jax import ops  # noqa: E402
 
 from benchmarks.resnet20_layers import RESNET20_LAYERS as LAYERS  # noqa: E402
 from benchmarks.resnet20_layers import layer_shapes  # noqa: E402
+from benchmarks.timing import per_call_seconds  # noqa: E402
 
 
 def _time(fn, args, repeats: int, rounds: int = 5
@@ -59,13 +60,8 @@ def _time(fn, args, repeats: int, rounds: int = 5
           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
   jax.block_until_ready(fn(*args))
   first = time.perf_counter() - start
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    outs = [fn(*args) for _ in range(repeats)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - start) * 1e3 / repeats)
-    del outs
+  times = [1e3 * t for t in per_call_seconds(fn, args, reps=repeats,
+                                              rounds=rounds)]
   return first, statistics.median(times), min(times), peak / 2**20
 
 

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from addernet_jax import reference  # noqa: E402
 from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
+from benchmarks.timing import per_call_seconds  # noqa: E402
 from kernels import gpu, tpu  # noqa: E402
 
 try:
@@ -84,12 +85,7 @@ def _time(fn, reps, rounds: int = 3):
   """Seconds per call: median over rounds of `reps` calls dispatched back to
   back with one wait (the host round trip of a wait is not timed)."""
   jax.block_until_ready(fn())
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready([fn() for _ in range(reps)])
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
+  return statistics.median(per_call_seconds(fn, reps=reps, rounds=rounds))
 
 
 def rel_err(a, b):

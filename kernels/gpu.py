@@ -98,8 +98,7 @@ def get_block_sizes(kind: str, xp_shape, w_shape, strides: Strides,
     raise ValueError(f"get_block_sizes: kind must be 'forward' or "
                      f"'input_grad', got {kind!r}")
   platform = platform or jax.default_backend()
-  kh, kw, cin, cout = w_shape
-  sh, sw = strides
+  cin, cout = w_shape[2:]
   if kind == "forward":
     ho, wo = layout.output_hw(xp_shape, w_shape, strides)
     positions = ho * layout.next_pow2(wo)
