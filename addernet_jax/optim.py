@@ -98,13 +98,14 @@ def _require(config: Any, key: str) -> Any:
 
 
 def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
-  """Length, in epochs, of the cosine (the official 400).
+  """Length, in epochs, of the cosine: the run's epochs plus one.
 
-  `num_epochs` when `num_train_steps` <= 0; otherwise the run's
-  `N = ceil(num_train_steps / steps_per_epoch)` epochs plus one, so that the
-  run follows epochs 1..N of an (N+1)-epoch cosine, as the official loop
-  follows epochs 1..399 of 400 (no step of the run gets a zero rate, and a
-  run shorter than an epoch trains at `learning_rate / 2`).
+  A run of `N` epochs (`num_epochs`, or `ceil(num_train_steps /
+  steps_per_epoch)` when `num_train_steps` > 0) follows epochs 1..N of an
+  (N+1)-epoch cosine, exactly as the official loop follows epochs 1..399 of
+  its 400-epoch cosine: every epoch of the run trains at a non-zero rate (a
+  1-epoch run at `learning_rate / 2`), and `num_epochs=399` is the official
+  CIFAR recipe to the step.
   """
   num_train_steps = int(_get(config, "num_train_steps", 0) or 0)
   if num_train_steps > 0:
@@ -112,7 +113,7 @@ def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
   num_epochs = _require(config, "num_epochs")
   if num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive, got {num_epochs!r}")
-  return float(num_epochs)
+  return float(num_epochs + 1)
 
 
 def learning_rate_schedule(config: Any, steps_per_epoch: int
@@ -120,17 +121,17 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int
   """The official per-epoch cosine, constant within each epoch.
 
   Official `main.py`: `for e in range(1, 400): lr = 0.05 * (1 + cos(pi * e /
-  400))` with 0.05 = lr0 / 2 (lr0 = 0.1). Our optimiser step `s` (0-based,
-  Optax's count) lies in our 0-based epoch `i = s // steps_per_epoch`, which is
-  the official epoch `e = i + 1`:
+  400))` with 0.05 = lr0 / 2 (lr0 = 0.1): 399 epochs. Our optimiser step `s`
+  (0-based, Optax's count) lies in our 0-based epoch `i = s // steps_per_epoch`,
+  which is the official epoch `e = i + 1`:
 
-      lr(s) = learning_rate / 2 * (1 + cos(pi * min(i + 1, E) / E))
-            = learning_rate * cos(pi * min(i + 1, E) / (2 E))**2
+      lr(s) = learning_rate / 2 * (1 + cos(pi * (i + 1) / E))
+            = learning_rate * cos(pi * (i + 1) / (2 E))**2
 
-(the second form, used here, keeps float32 precision near the end).
-  with `E = schedule_epochs(config, steps_per_epoch)` (400 for the official
-  recipe). Training `E - 1` epochs reproduces the official run exactly; an
-  E-th epoch would run at rate 0.
+  (the second form, used here, keeps float32 precision near the end) with
+  `E = schedule_epochs(config, steps_per_epoch)`, the run's `N` epochs plus
+  one. The last epoch of the run, `i + 1 = N = E - 1`, still trains at a
+  non-zero rate; the epoch index is clamped at `N` for steps past the end.
 
   Args:
     config: with `learning_rate`, `num_epochs` and `num_train_steps`.
@@ -147,7 +148,7 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int
 
   def schedule(count: chex.Numeric) -> jax.Array:
     epoch = jnp.asarray(count) // steps_per_epoch + 1  # the official epoch
-    epoch = jnp.minimum(epoch.astype(jnp.float32), total)
+    epoch = jnp.minimum(epoch.astype(jnp.float32), total - 1)
     return base * jnp.square(jnp.cos(jnp.pi * epoch / (2 * total)))
 
   return schedule

@@ -1,7 +1,7 @@
 """CIFAR-10, VGG-small AdderNet (the CIFAR VGG of LQ-Nets).
 
 The official CIFAR recipe (as configs/cifar10_resnet20.py): SGD lr 0.1 with a
-per-epoch cosine over 400 epochs, momentum 0.9, weight decay 5e-4, eta 0.2,
+per-epoch cosine of 400 epochs, 399 trained, momentum 0.9, weight decay 5e-4, eta 0.2,
 global batch 256, pad-4 random crop and horizontal flip.
 
 Run:

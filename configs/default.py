@@ -31,15 +31,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Global batch size over all devices and hosts (must divide by the number
   # of devices).
   config.batch_size = 256
-  # Training length in epochs (the last partial batch of each epoch is
-  # dropped)...
-  config.num_epochs = 400
+  # Training length in epochs: every epoch trains at a non-zero rate (the
+  # cosine below spans num_epochs + 1 epochs). 399 is the official CIFAR loop
+  # (`for epoch in range(1, 400)`), which the paper calls 400 epochs. The last
+  # partial batch of each epoch is dropped (CIFAR-10 at 256: 195 steps an
+  # epoch; the official PyTorch loader keeps it, 196 steps, the last of 80
+  # images)...
+  config.num_epochs = 399
   # ...unless this is > 0: then exactly this many steps (overrides
-  # num_epochs; the schedule is still laid out per epoch).
+  # num_epochs; the schedule is laid out over ceil(steps / steps per epoch)
+  # epochs, plus one, the same way).
   config.num_train_steps = -1
   # Base learning rate of SGD. The schedule is the official per-epoch cosine
-  # (addernet_jax.optim.learning_rate_schedule): epoch e (1-based) runs at
-  # learning_rate * cos(pi * e / (2 * num_epochs))**2, constant within it.
+  # (addernet_jax.optim.learning_rate_schedule): epoch e = 1..num_epochs runs
+  # at learning_rate / 2 * (1 + cos(pi * e / (num_epochs + 1))), constant
+  # within it; with num_epochs = 399 that is the official
+  # 0.05 * (1 + cos(pi * e / 400)) to the epoch.
   config.learning_rate = 0.1
   # Heavy-ball momentum (no Nesterov).
   config.momentum = 0.9

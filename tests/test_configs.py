@@ -78,7 +78,7 @@ def test_every_key_is_commented():
 def test_cifar10_resnet20_is_the_official_recipe():
   _, c = load(CONFIG_DIR / "cifar10_resnet20.py")
   assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay, c.eta,
-          c.num_epochs) == (256, 0.1, 0.9, 5e-4, 0.2, 400)
+          c.num_epochs) == (256, 0.1, 0.9, 5e-4, 0.2, 399)
   assert c.num_train_steps <= 0 and c.adaptive_lr
   assert c.dtype == "float32" and c.data_dir is None
 

@@ -158,8 +158,9 @@ def _official_lr(epoch: int, lr0: float = 0.1, total: float = 400) -> float:
 
 
 def test_schedule_matches_official_at_epoch_boundaries():
+  # The official loop: epochs 1..399 of a 400-epoch cosine = num_epochs=399.
   spe = 7
-  schedule = optim.learning_rate_schedule(_config(), spe)
+  schedule = optim.learning_rate_schedule(_config(num_epochs=399), spe)
   for epoch in (1, 2, 3, 100, 200, 398, 399):  # official epochs
     first, last = (epoch - 1) * spe, epoch * spe - 1
     for step in (first, last):
@@ -167,11 +168,28 @@ def test_schedule_matches_official_at_epoch_boundaries():
                                  rtol=1e-6, atol=1e-9)
   assert float(schedule(0)) == pytest.approx(0.05 * (1 + math.cos(math.pi /
                                                                    400)))
-  assert float(schedule(399 * spe)) == pytest.approx(0.0, abs=1e-9)
-  assert float(schedule(10_000 * spe)) == pytest.approx(0.0, abs=1e-9)
+  # Past the end the rate stays at the last epoch's (never negative).
+  assert float(schedule(10_000 * spe)) == pytest.approx(_official_lr(399),
+                                                      rel=1e-4)
   # jit-able with a traced count
   np.testing.assert_allclose(float(jax.jit(schedule)(jnp.int32(spe))),
                              _official_lr(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_epochs", [1, 2, 3, 50])
+def test_schedule_every_epoch_of_the_run_trains(num_epochs):
+  """A run of N epochs trains N epochs at a non-zero rate (an N-epoch cosine
+  would put the last epoch at cos(pi/2) = 0: a 1-epoch run would not learn)."""
+  spe = 4
+  schedule = optim.learning_rate_schedule(_config(num_epochs=num_epochs), spe)
+  rates = [float(schedule(s)) for s in range(num_epochs * spe)]
+  assert min(rates) > 0
+  for step, rate in enumerate(rates):
+    np.testing.assert_allclose(
+        rate, _official_lr(step // spe + 1, total=num_epochs + 1), rtol=1e-5)
+  assert all(a >= b for a, b in zip(rates, rates[1:]))
+  if num_epochs == 1:
+    np.testing.assert_allclose(rates[0], 0.05, rtol=1e-6)
 
 
 def test_schedule_num_train_steps_override():
