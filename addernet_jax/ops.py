@@ -49,7 +49,7 @@ XLA_BACKEND = Backend(reference.forward, reference.input_grad)
 def _pallas_backend(xp_shape, w_shape, strides, dtype) -> Backend | None:
   """The Pallas backend for these shapes, or None where it does not apply."""
   try:
-    from kernels import dispatch as kernel_dispatch  # pylint: disable=g-import-not-at-top
+    from addernet_jax.kernels import dispatch as kernel_dispatch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   return kernel_dispatch.backend_for(xp_shape, w_shape, strides, dtype)

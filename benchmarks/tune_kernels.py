@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 from addernet_jax import reference  # noqa: E402
 from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
 from benchmarks.timing import per_call_seconds  # noqa: E402
-from kernels import gpu, tpu  # noqa: E402
+from addernet_jax.kernels import gpu, tpu  # noqa: E402
 
 try:
-  from kernels import mosaic_gpu  # noqa: E402
+  from addernet_jax.kernels import mosaic_gpu  # noqa: E402
 except ImportError:  # pragma: no cover - a JAX without Pallas Mosaic GPU.
   mosaic_gpu = None
 

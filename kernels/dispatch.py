@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from addernet_jax.ops import Backend
-from kernels import gpu, layout, tpu
+from . import gpu, layout, tpu
 
 try:  # Mosaic GPU's Pallas API moves between JAX releases.
-  from kernels import mosaic_gpu
+  from . import mosaic_gpu
 except ImportError:  # pragma: no cover - a JAX without Pallas Mosaic GPU.
   mosaic_gpu = None
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import layout
+from . import layout
 
 try:  # Triton compiler params: jax.experimental.pallas.triton (0.10, 0.11).
   from jax.experimental.pallas import triton as _pltriton

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl  # noqa: F401  (pl.ds in kernels)
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import gpu, layout
+from . import gpu, layout
 
 Strides = tuple[int, int]
 

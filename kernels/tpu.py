@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import layout
+from . import layout
 
 Strides = tuple[int, int]
 LANES = 128

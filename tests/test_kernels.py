@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from addernet_jax import ops, reference
-from kernels import dispatch, gpu, layout, mosaic_gpu, tpu
+from addernet_jax.kernels import dispatch, gpu, layout, mosaic_gpu, tpu
 
 
 # ------------------------------------------------------ float64 reference --
@@ -517,7 +517,7 @@ def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
   assert isinstance(reason, str) and reason
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", gpu)
-  with caplog.at_level("WARNING", logger="kernels.dispatch"):
+  with caplog.at_level("WARNING", logger="addernet_jax.kernels.dispatch"):
     assert dispatch.backend_for(*shapes[:3]) is None
   assert "failed to build" in caplog.text and "using the XLA" in caplog.text
   monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", _ReferenceFamily)

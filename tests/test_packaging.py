@@ -1,0 +1,57 @@
+"""The kernels install and import as `addernet_jax.kernels`, never as a
+top-level `kernels` (a different package of that name exists on PyPI)."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CHECK = r"""
+import sys
+import kernels
+assert kernels.FOREIGN, "the foreign kernels module was replaced"
+import addernet_jax.ops as ops
+from addernet_jax.kernels import dispatch, gpu
+ops._pallas_backend((2, 10, 10, 3), (3, 3, 3, 4), (1, 1), "float32")
+assert sys.modules["kernels"] is kernels, sys.modules["kernels"]
+assert not hasattr(kernels, "dispatch")
+assert dispatch.__name__ == "addernet_jax.kernels.dispatch"
+assert gpu.__file__.startswith(sys.argv[1]), gpu.__file__
+print("ok")
+"""
+
+
+def test_a_foreign_kernels_package_is_left_alone(tmp_path):
+  foreign = tmp_path / "kernels"
+  foreign.mkdir()
+  (foreign / "__init__.py").write_text("FOREIGN = True\n")
+  env = {**os.environ, "PYTHONPATH": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-c", _CHECK, str(ROOT / "kernels")], cwd=tmp_path,
+      env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", (
+      result.stdout + result.stderr)
+
+
+@pytest.mark.slow
+def test_the_wheel_has_no_top_level_kernels(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+       str(tmp_path), str(ROOT)], capture_output=True, text=True,
+      timeout=300)
+  if result.returncode != 0 and "setuptools" in result.stderr and (
+      "Could not find" in result.stderr or "No matching" in result.stderr):
+    pytest.skip("no package index reachable to fetch the build backend")
+  assert result.returncode == 0, result.stderr[-2000:]
+  (wheel,) = tmp_path.glob("*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  top_level = {name.split("/")[0] for name in names}
+  assert "kernels" not in top_level, sorted(top_level)
+  for module in ("__init__", "dispatch", "gpu", "tpu", "layout",
+                 "mosaic_gpu"):
+    assert f"addernet_jax/kernels/{module}.py" in names, module
