@@ -190,31 +190,6 @@ class Evaluator:
                         momentum)
 
 
-def load_eval_split(config: ml_collections.ConfigDict
-                    ) -> tuple[np.ndarray, np.ndarray, str]:
-  """The evaluation split of an in-memory dataset, as training uses it:
-  the last `holdout_examples` training examples if that is > 0, else the test
-  split; at most `eval_max_examples` of them. Returns (images, labels,
-  description)."""
-  holdout = int(config.get("holdout_examples", 0) or 0)
-  if holdout > 0:
-    images, labels = data_lib.load_arrays(config.dataset, config.data_dir,
-                                          "train")
-    if holdout >= len(labels):
-      raise ValueError(f"config.holdout_examples={holdout} must be smaller "
-                       f"than the {len(labels)} training examples")
-    images, labels = images[-holdout:], labels[-holdout:]
-    source = f"last {holdout} training examples"
-  else:
-    images, labels = data_lib.load_arrays(config.dataset, config.data_dir,
-                                          "test")
-    source = "test split"
-  limit = int(config.get("eval_max_examples", -1) or -1)
-  if limit > 0:
-    images, labels = images[:limit], labels[:limit]
-  return images, labels, source
-
-
 def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
                        variables: dict[str, Any],
                        mesh: jax.sharding.Mesh | None = None
@@ -229,7 +204,11 @@ def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
   pipeline = config.get("input_pipeline", "auto")
   if (info.in_memory and pipeline != "streaming") or pipeline == "in_memory":
-    images, labels, _ = load_eval_split(config)
+    _, (images, labels) = data_lib.load_in_memory_splits(
+        config.dataset, config.data_dir,
+        holdout_examples=config.get("holdout_examples", 0),
+        eval_max_examples=config.get("eval_max_examples", -1),
+        with_train=False)
     return evaluator.evaluate_in_memory(
         params, batch_stats, InMemoryEvalSet(images, labels, mesh))
   it = data_lib.streaming_iterator(

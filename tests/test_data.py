@@ -326,8 +326,19 @@ def test_mnist_shared_training_set():
       np.bincount(y), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
                        5949])
   assert 33.0 < x.mean() < 33.5  # the well-known MNIST mean 0.1307 * 255
-  with pytest.raises(ValueError, match='t10k'):
+  with pytest.raises(ValueError,
+                     match=r't10k.*--config\.holdout_examples=10000'):
     data.load_arrays('mnist', str(folder), 'test')
+  train, (x_eval, y_eval) = data.load_in_memory_splits(
+      'mnist', str(folder), holdout_examples=10000, eval_max_examples=500)
+  np.testing.assert_array_equal(train[1], y[:50000])
+  np.testing.assert_array_equal(y_eval, y[50000:50500])
+  assert x_eval.shape == (500, 28, 28, 1)
+  no_train, (_, y_only) = data.load_in_memory_splits(
+      'mnist', str(folder), holdout_examples=10000, with_train=False)
+  assert no_train is None and len(y_only) == 10000
+  with pytest.raises(ValueError, match='holdout_examples=60000 must be'):
+    data.load_in_memory_splits('mnist', str(folder), holdout_examples=60000)
 
 
 # ---------------------------------------------------------- CIFAR-10 JPEG --

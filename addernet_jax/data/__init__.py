@@ -11,6 +11,7 @@ use, so that image-decoding worker processes start without importing JAX.
 """
 
 from addernet_jax.data.arrays import load_arrays
+from addernet_jax.data.arrays import load_in_memory_splits
 from addernet_jax.data.info import DATASET_NAMES
 from addernet_jax.data.info import DatasetInfo
 from addernet_jax.data.info import dataset_info
@@ -21,6 +22,7 @@ from addernet_jax.data.streaming import streaming_iterator
 __all__ = [
     'DATASET_NAMES', 'DatasetInfo', 'LAYOUTS_HELP', 'StreamingIterator',
     'augment_and_normalize', 'dataset_info', 'load_arrays',
+    'load_in_memory_splits',
     'streaming_iterator',
 ]
 

@@ -80,6 +80,46 @@ def load_arrays(name: str, data_dir: str | os.PathLike[str] | None,
   return local.check_arrays(images, labels, info, source)
 
 
+def load_in_memory_splits(
+    name: str, data_dir: str | os.PathLike[str] | None, *,
+    holdout_examples: int = 0, eval_max_examples: int = -1,
+    with_train: bool = True,
+) -> tuple[tuple[np.ndarray, np.ndarray] | None,
+           tuple[np.ndarray, np.ndarray]]:
+  """The training and evaluation arrays of a run, as training and `eval.py`
+  both use them.
+
+  Args:
+    name, data_dir: as for `load_arrays`.
+    holdout_examples: > 0: evaluate on the LAST this many training examples
+      and train on the rest (data without a test split); else the test split.
+    eval_max_examples: > 0: keep at most this many evaluation examples.
+    with_train: False returns None for the training pair (evaluation only;
+      the training split is still read when examples are held back).
+
+  Returns:
+    ((train images, labels) or None, (eval images, labels)).
+  """
+  holdout = int(holdout_examples or 0)
+  train = None
+  if holdout > 0:
+    images, labels = load_arrays(name, data_dir, 'train')
+    if holdout >= len(labels):
+      raise ValueError(f'config.holdout_examples={holdout} must be smaller '
+                       f'than the {len(labels)} training examples')
+    evaluation = images[-holdout:], labels[-holdout:]
+    if with_train:
+      train = images[:-holdout], labels[:-holdout]
+  else:
+    evaluation = load_arrays(name, data_dir, 'test')
+    if with_train:
+      train = load_arrays(name, data_dir, 'train')
+  limit = int(eval_max_examples or -1)
+  if limit > 0:
+    evaluation = evaluation[0][:limit], evaluation[1][:limit]
+  return train, evaluation
+
+
 def _cache_key(root: Path, split: str, name: str) -> tuple[str, list[str]]:
   paths, _, _ = local.list_imagefolder(root, split)
   h = hashlib.sha256(f'{name}|{split}|{root.resolve()}'.encode())

@@ -234,7 +234,10 @@ def load_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(
         f'MNIST IDX files in {str(root)!r} lack the {split} pair: need '
         f'{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]'
-        f' (found images: {images_path}, labels: {labels_path}).')
+        f' (found images: {images_path}, labels: {labels_path}).'
+        + (' To train without the test pair, evaluate on held-back '
+           'training images: --config.holdout_examples=10000.'
+           if split == 'test' else ''))
   return _read_idx(images_path, 3), _read_idx(labels_path, 1)
 
 
