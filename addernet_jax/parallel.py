@@ -7,7 +7,7 @@ parameters are replicated, and the per-device step runs in `shard_map` with
 statistics (classic pmap semantics). With `check_vma=True` the gradient of a
 per-shard loss w.r.t. replicated parameters is already summed over the axis
 and a following `pmean` is a no-op: N devices would step with N times the
-gradient (DESIGN.md §5). `data_parallel` always passes `check_vma=False`.
+gradient (docs/design.md §5). `data_parallel` always passes `check_vma=False`.
 
 Multi-host: call `initialize_distributed` before anything else touches JAX.
 """
@@ -175,7 +175,7 @@ def make_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   Devices are ordered by (process, id), so each process's devices form one
   contiguous block of the batch axis and `process_batch_slice` is a slice.
   The axis type is `Auto` (not `make_mesh`'s `Explicit` default) so that
-  un-annotated inputs can enter `shard_map` (DESIGN.md §5).
+  un-annotated inputs can enter `shard_map` (docs/design.md §5).
   """
   devices = list(jax.devices() if devices is None else devices)
   if not devices:

@@ -1,4 +1,4 @@
-"""CIFAR-10, ResNet-20 AdderNet: the official recipe (DESIGN.md §1), exact.
+"""CIFAR-10, ResNet-20 AdderNet: the official recipe (docs/design.md §1), exact.
 
 SGD lr 0.1 (per-epoch cosine over 400 epochs), momentum 0.9, weight decay
 5e-4 on all parameters, adaptive learning rate eta 0.2 on the adder filters,

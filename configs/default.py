@@ -13,7 +13,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The keys every training config has, with the official CIFAR recipe."""
   config = ml_collections.ConfigDict()
 
-  # ---- Task (DESIGN.md §2 shared keys). ----
+  # ---- Task (docs/design.md §2). ----
   # Dataset name: 'cifar10', 'cifar100', 'mnist', 'imagenet2012' or 'digits'.
   config.dataset = 'cifar10'
   # None: TensorFlow Datasets (downloads where the network allows). A local
@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Number of classes of the output layer (must match the dataset).
   config.num_classes = 10
 
-  # ---- Optimisation (official recipe: DESIGN.md §1). ----
+  # ---- Optimisation (official recipe: docs/design.md §1). ----
   # Global batch size over all devices and hosts (must divide by the number
   # of devices).
   config.batch_size = 256
@@ -84,12 +84,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval_max_examples = -1
   # > 0: hold back the LAST this many training examples as the evaluation
   # set instead of the test split (train on the rest). For data without a
-  # test split, e.g. the shared MNIST training files.
+  # test split, e.g. MNIST with only the train-*-idx files (10000).
   config.holdout_examples = 0
   # > 0: also report `eval_top1_recalibrated`, the test accuracy after
   # re-estimating the BatchNorm statistics on this many (un-augmented)
   # training batches: running statistics lag behind an AdderNet while the
-  # learning rate is high (DESIGN.md §5). 0 disables it.
+  # learning rate is high (docs/design.md §5). 0 disables it.
   config.recalibrate_bn_batches = 4
 
   # ---- Bookkeeping. ----

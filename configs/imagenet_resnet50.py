@@ -7,7 +7,7 @@ training; resize 256 and center crop 224 for evaluation), streamed from an
 ImageFolder (train/ and val/ class folders, as prepared for
 pytorch/examples/imagenet) by Grain worker processes. The paper trains with
 Nesterov momentum; this application uses the official release's heavy-ball
-SGD (DESIGN.md §1).
+SGD (docs/design.md §1).
 
 Run:
   python train.py --config configs/imagenet_resnet50.py \

@@ -7,8 +7,8 @@ augmentation).
 Run:
   python train.py --config configs/mnist_lenet5.py \
       --workdir /tmp/mnist_lenet5 --config.data_dir=/path/to/mnist
-  (CNN baseline: add --config.conv=mult; with only the training IDX files,
-  e.g. ../shared/data/mnist, add --config.holdout_examples=10000 to evaluate
+  (CNN baseline: add --config.conv=mult; with only the training IDX files
+  (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz), add --config.holdout_examples=10000 to evaluate
   on the last 10,000 training images instead of the test set.)
 
 Expected result: top-1 99.4% (AdderNet and CNN) on the MNIST test set

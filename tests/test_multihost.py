@@ -5,7 +5,7 @@ and joins `jax.distributed` through `parallel.initialize_distributed` (Gloo
 CPU collectives); together they train the AdderNet of test_parallel.py on
 the same global batches as one process with 4 devices, each loading only its
 rows. Every process runs under a timeout: a missing peer makes JAX abort the
-process (exit 134) rather than raise (DESIGN.md §5).
+process (exit 134) rather than raise (docs/design.md §5).
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def test_eight_devices_equal_one_device(runs):
   # Same loss curve, statistics and parameters up to float32 reduction order
   # (the batch is summed in another order over 8 shards). Measured on a
   # 2-core CPU: <= 1e-5 relative (L2, per leaf); 4 steps of a chaotic
-  # training (DESIGN.md §5) keep it at rounding level. Per-device BatchNorm
+  # training (docs/design.md §5) keep it at rounding level. Per-device BatchNorm
   # statistics or summed gradients give differences of order 1.
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
   for prefix in ("params/", "batch_stats/"):
