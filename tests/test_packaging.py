@@ -55,3 +55,23 @@ def test_the_wheel_has_no_top_level_kernels(tmp_path):
   for module in ("__init__", "dispatch", "gpu", "tpu", "layout",
                  "mosaic_gpu"):
     assert f"addernet_jax/kernels/{module}.py" in names, module
+
+
+def test_docs_and_code_point_only_to_files_a_clone_has():
+  """Nothing a user gets points to a design file or a data folder that lives
+  outside the repository (tests may read optional data beside a checkout)."""
+  result = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+  if result.returncode != 0:
+    pytest.skip("not a git checkout")
+  offenders = []
+  for name in result.stdout.split():
+    if name.startswith("tests/") or not name.endswith((".py", ".md", ".sh",
+                                                       ".toml")):
+      continue
+    text = (ROOT / name).read_text(encoding="utf-8", errors="replace")
+    for needle in ("DESIGN.md", "../shared"):
+      if needle in text:
+        offenders.append(f"{name}: {needle}")
+  assert not offenders, offenders
+  assert (ROOT / "docs" / "design.md").is_file()
