@@ -13,6 +13,14 @@ Accounting, as in the paper's #Mul/#Add columns:
 * an adder MAC (|x - w| accumulated) is two additions (the subtraction and
   the accumulation; the absolute value is free);
 * BatchNorm, biases, pooling and activations are not counted.
+
+Energy and latency are estimates from those counts, not measurements:
+`estimate_energy_pj` weighs each multiplication and addition by a published
+per-operation energy (`ENERGY_PJ`: Horowitz, "Computing's energy problem (and
+what we can do about it)", ISSCC 2014, 45 nm), and `estimate_cycles` by a
+processor's per-operation latency in cycles (`CYCLES`: the AdderNet paper's
+VIA Nano 2000 example), one operation after another (no parallelism, no
+memory traffic).
 """
 
 from __future__ import annotations
@@ -127,6 +135,57 @@ def format_count(n: int) -> str:
   return str(n)
 
 
+# Energy per operation in picojoules, 45 nm process: M. Horowitz, "Computing's
+# energy problem (and what we can do about it)", ISSCC 2014, Figure 1.1.9
+# (the figures the AdderNet papers use).
+ENERGY_PJ = {
+    "fp32": {"mul": 3.7, "add": 0.9},
+    "fp16": {"mul": 1.1, "add": 0.4},
+    "int8": {"mul": 0.2, "add": 0.03},
+}
+
+# Latency per operation in clock cycles. "via_nano_2000": the example of the
+# AdderNet paper (Chen et al., CVPR 2020, section 3.3): float multiplication 4
+# cycles, addition 2, so LeNet-5 takes about 1.7M cycles as an AdderNet
+# against 2.6M as a CNN.
+CYCLES = {
+    "via_nano_2000": {"mul": 4, "add": 2},
+}
+
+
+def _check_key(table: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+  if key not in table:
+    raise ValueError(f"unknown {what} {key!r}; choose one of {sorted(table)}")
+  return table[key]
+
+
+def estimate_energy_pj(totals: dict[str, int], precision: str = "fp32"
+                       ) -> float:
+  """Energy of `totals` ({"mul", "add"} counts) in picojoules, at the 45 nm
+  per-operation energies of `ENERGY_PJ[precision]` ("fp32", "fp16",
+  "int8"). An estimate of the arithmetic only: memory access, which often
+  dominates, is not included."""
+  cost = _check_key(ENERGY_PJ, precision, "precision")
+  return totals["mul"] * cost["mul"] + totals["add"] * cost["add"]
+
+
+def estimate_cycles(totals: dict[str, int], processor: str = "via_nano_2000"
+                    ) -> int:
+  """Latency of `totals` in clock cycles with the per-operation latencies of
+  `CYCLES[processor]`, every operation after the previous one (the
+  accounting of the AdderNet paper's example)."""
+  cost = _check_key(CYCLES, processor, "processor")
+  return totals["mul"] * cost["mul"] + totals["add"] * cost["add"]
+
+
+def format_energy(pj: float) -> str:
+  """Picojoules -> '1.23 uJ' (pJ, nJ, uJ, mJ)."""
+  for unit, scale in (("mJ", 1e9), ("uJ", 1e6), ("nJ", 1e3)):
+    if pj >= scale:
+      return f"{pj / scale:.2f} {unit}"
+  return f"{pj:.1f} pJ"
+
+
 # Input sizes of the paper's experiments (MNIST 28x28, CIFAR 32x32,
 # ImageNet 224x224).
 PAPER_INPUTS = {"lenet5_bn": (28, 28, 1), "vgg_small": (32, 32, 3),
@@ -149,5 +208,50 @@ def markdown_table() -> str:
   return "\n".join(rows)
 
 
+def markdown_energy_table(precision: str = "fp32",
+                          processor: str = "via_nano_2000") -> str:
+  """Estimated energy (`estimate_energy_pj` at `precision`) and latency
+  (`estimate_cycles` on `processor`) of one forward pass of one image, ANN
+  vs CNN, for every model at its paper input size."""
+  rows = [f"| model | input | ANN energy ({precision}) | CNN energy "
+          f"({precision}) | ANN / CNN energy | ANN cycles ({processor}) | "
+          "CNN cycles | ANN / CNN cycles |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for name in models_lib.MODEL_NAMES:
+    shape = PAPER_INPUTS[name]
+    ann = count_ops(name, shape, conv="adder")["total"]
+    cnn = count_ops(name, shape, conv="mult")["total"]
+    e_ann, e_cnn = (estimate_energy_pj(t, precision) for t in (ann, cnn))
+    c_ann, c_cnn = (estimate_cycles(t, processor) for t in (ann, cnn))
+    rows.append(
+        f"| {name} | {'x'.join(map(str, shape))} | {format_energy(e_ann)} | "
+        f"{format_energy(e_cnn)} | {e_ann / e_cnn:.2f} | "
+        f"{format_count(c_ann)} | {format_count(c_cnn)} | "
+        f"{c_ann / c_cnn:.2f} |")
+  return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m addernet_jax.opcount [--table ops|energy|all] [--precision
+  fp32|fp16|int8] [--processor via_nano_2000]`: markdown tables."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m addernet_jax.opcount",
+      description="#Mul/#Add, energy and latency estimates of every model.")
+  parser.add_argument("--table", choices=("ops", "energy", "all"),
+                      default="all")
+  parser.add_argument("--precision", choices=sorted(ENERGY_PJ),
+                      default="fp32")
+  parser.add_argument("--processor", choices=sorted(CYCLES),
+                      default="via_nano_2000")
+  args = parser.parse_args(argv)
+  if args.table in ("ops", "all"):
+    print(markdown_table())
+  if args.table == "all":
+    print()
+  if args.table in ("energy", "all"):
+    print(markdown_energy_table(args.precision, args.processor))
+
+
 if __name__ == "__main__":
-  print(markdown_table())
+  main()

@@ -107,3 +107,47 @@ def test_format_count():
   assert opcount.format_count(40_370_176) == "40.37M"
   assert opcount.format_count(870) == "870"
   assert opcount.format_count(1_814_073_344) == "1.81G"
+
+
+# ------------------------------------------------------- energy, latency --
+
+def test_paper_latency_example_from_the_paper_counts():
+  """AdderNet paper, section 3.3: LeNet-5 on a VIA Nano 2000 (multiply 4
+  cycles, add 2) takes about 1.7M cycles as an AdderNet (870K additions)
+  against 2.6M as a CNN (435K multiplications and 435K additions)."""
+  ann = {"mul": 0, "add": 870_000}
+  cnn = {"mul": 435_000, "add": 435_000}
+  assert opcount.estimate_cycles(ann) == 1_740_000
+  assert opcount.estimate_cycles(cnn) == 2_610_000
+
+
+def test_lenet_latency_and_energy_with_our_counts():
+  ann = opcount.count_ops("lenet5_bn", (28, 28, 1), conv="adder")["total"]
+  cnn = opcount.count_ops("lenet5_bn", (28, 28, 1), conv="mult")["total"]
+  macs = 416_520  # conv 117,600 + 240,000, fc 48,000 + 10,080 + 840
+  assert opcount.estimate_cycles(ann) == 2 * 2 * macs
+  assert opcount.estimate_cycles(cnn) == (4 + 2) * macs
+  # ISSCC 2014, 45 nm: fp32 add 0.9 pJ, multiply 3.7 pJ.
+  assert opcount.estimate_energy_pj(ann) == pytest.approx(2 * macs * 0.9)
+  assert opcount.estimate_energy_pj(cnn) == pytest.approx(macs * (3.7 + 0.9))
+  assert opcount.estimate_energy_pj(cnn, "int8") == pytest.approx(
+      macs * (0.2 + 0.03))
+  # An adder MAC (two fp32 additions, 1.8 pJ) against a multiplication MAC
+  # (4.6 pJ): 39% of the energy; in int8 the adder MAC costs 26%.
+  assert opcount.estimate_energy_pj(ann) / opcount.estimate_energy_pj(
+      cnn) == pytest.approx(1.8 / 4.6)
+
+
+def test_energy_and_latency_reject_unknown_settings():
+  totals = {"mul": 1, "add": 1}
+  with pytest.raises(ValueError, match="precision 'fp8'.*fp16"):
+    opcount.estimate_energy_pj(totals, "fp8")
+  with pytest.raises(ValueError, match="processor 'z80'"):
+    opcount.estimate_cycles(totals, "z80")
+
+
+def test_energy_table_has_every_model():
+  table = opcount.markdown_energy_table()
+  for name in opcount.models_lib.MODEL_NAMES:
+    assert f"| {name} |" in table
+  assert "| lenet5_bn | 28x28x1 | 749.74 nJ | 1.92 uJ | 0.39 |" in table
