@@ -12,23 +12,36 @@ preemptible training run needs:
   directory that is ignored (and cleaned up), never a half-written step; old
   checkpoints are deleted only after a new one has been committed;
 - integrity: a CRC32 of every array is saved beside the state and checked after
-  restoring; a step that fails to restore (truncated or garbled files, missing
-  metadata, checksum mismatch) is reported with a warning, moved aside to
-  `<directory>.corrupted/` and the previous step is used instead;
+  restoring. A step that is clearly damaged (a CRC32 mismatch, truncated,
+  garbled or missing files, unparseable JSON) is reported with a warning naming
+  the step, the file or array and the kind of damage; when an older step
+  restores, the damaged ones are moved aside to `<directory>.corrupted/` and
+  the run resumes from the older step. Any other error while reading (out of
+  memory, an I/O error, a library version mismatch) raises `CheckpointError`
+  and touches nothing;
+- no silent fresh start: when every step is damaged, or none is left but
+  `<directory>.corrupted/` holds steps moved there earlier, `restore` raises
+  `CheckpointError` (what is damaged, where it is, what to do) instead of
+  returning None;
 - structure check: a checkpoint of another architecture is refused before any
   array is read, with a ValueError naming the first mismatching parameter and
   both shapes;
 - errors while saving (disk full, permission denied, ...) raise
-  `CheckpointError` naming the directory, the step and the cause.
+  `CheckpointError` naming the directory, the step and the cause;
+- local paths only: a URL (`gs://bucket/x`) is refused with a clear error
+  rather than becoming a local folder `./gs:/bucket/x` (mount the bucket).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -36,6 +49,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -43,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 STATE, META, CHECKSUMS = "state", "meta", "checksums"
 _METADATA_FILE = "_CHECKPOINT_METADATA"
+_PYTREE_METADATA_FILE = "_METADATA"  # Orbax's tree metadata, in `state/`
+CORRUPTED_SUFFIX = ".corrupted"
 _ERRNO_HINTS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -57,12 +73,35 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written or no valid checkpoint could be read."""
 
 
+class CheckpointCorruptedError(CheckpointError):
+  """A checkpoint step is damaged: what is wrong is in the message.
+
+  Attributes:
+    step: the damaged step.
+    damage: which file or array is damaged, and how.
+  """
+
+  def __init__(self, step: int, directory: str | os.PathLike, damage: str):
+    self.step, self.damage = step, damage
+    super().__init__(f"checkpoint step {step} in {str(directory)!r} is "
+                     f"damaged: {damage}")
+
+
 class CheckpointStructureError(ValueError):
   """A checkpoint's tree does not match the model it is restored into."""
 
 
 # --------------------------------------------------------------------------
 # Helpers.
+
+
+def _short(text: str, limit: int = 400) -> str:
+  """`text` on one line, without TensorStore's spec dumps, at most `limit`
+  characters."""
+  for marker in (" [tensorstore_spec=", " See full TensorStore details"):
+    text = text.split(marker, 1)[0]
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _describe_cause(exc: BaseException) -> str:
@@ -74,7 +113,7 @@ def _describe_cause(exc: BaseException) -> str:
       os_error = cur
       break
     cur = cur.__cause__ or cur.__context__
-  text = f"{type(exc).__name__}: {exc}"
+  text = f"{type(exc).__name__}: {_short(str(exc))}"
   if os_error is not None:
     text = f"{_ERRNO_HINTS[os_error.errno]} ({text})"
   else:
@@ -88,6 +127,32 @@ def _describe_cause(exc: BaseException) -> str:
   return text
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def require_local_path(path: str | os.PathLike, what: str = "directory"
+                       ) -> Path:
+  """`path` as a local `Path`; a URL such as `gs://bucket/x` is refused.
+
+  `pathlib` would quietly turn `gs://bucket/x` into the local folder
+  `gs:/bucket/x`. Checkpoints, metrics and TensorBoard logs are written with
+  local file operations here, so an object store has to be mounted (e.g.
+  gcsfuse) and its mount point given instead.
+
+  Raises:
+    CheckpointError: naming the path and what to do.
+  """
+  text = os.fspath(path)
+  match = _URL.match(text)
+  if match:
+    raise CheckpointError(
+        f"{what} {text!r} is a {match.group(1)}:// URL, which is not "
+        f"supported: checkpoints and logs are written to local or mounted "
+        f"file systems only; mount the bucket (e.g. with gcsfuse) and pass "
+        f"the mount point")
+  return Path(text).expanduser()
+
+
 def check_writable(path: str | os.PathLike) -> Path:
   """Creates `path` if needed and checks a file can be written in it.
 
@@ -98,10 +163,11 @@ def check_writable(path: str | os.PathLike) -> Path:
     The path, resolved.
 
   Raises:
-    CheckpointError: naming the path and the cause (permission denied,
-      read-only file system, a file in the way, disk full, ...).
+    CheckpointError: naming the path and the cause (a URL instead of a local
+      path, permission denied, read-only file system, a file in the way,
+      disk full, ...).
   """
-  path = Path(path).expanduser()
+  path = require_local_path(path)
   try:
     path.mkdir(parents=True, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
@@ -238,7 +304,7 @@ def _jsonable(x: Any) -> Any:
 
 def _resolve_dir(path: str | os.PathLike) -> Path:
   """`<path>/checkpoints` if it exists (a workdir was given), else `path`."""
-  path = Path(path).expanduser()
+  path = require_local_path(path, "checkpoint directory")
   sub = path / "checkpoints"
   return sub if sub.is_dir() else path
 
@@ -247,6 +313,220 @@ def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def non_finite_leaves(tree: Any) -> dict[str, int]:
+  """The floating-point leaves of `tree` that hold NaN or Inf.
+
+  Returns:
+    `{path: number of non-finite values}` (empty if all are finite), paths
+    as in the checksums ("params/conv1/kernel").
+  """
+  flat = {path: leaf for path, leaf in _flatten(tree).items()
+          if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)}
+  counts = jax.device_get(_count_non_finite(list(flat.values())))
+  return {path: int(n) for path, n in zip(flat, counts) if n}
+
+
+@jax.jit
+def _count_non_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.sum(~jnp.isfinite(leaf)) for leaf in leaves]
+
+
+# --------------------------------------------------------------------------
+# Telling a damaged step from other errors while reading one.
+
+# TensorStore raises ValueError("<STATUS_CODE>: <message>").
+_TS_STATUS = re.compile(r"^([A-Z][A-Z_]+): ")
+# Status codes that always mean the bytes on disk are wrong.
+_TS_DAMAGE = {"DATA_LOSS": "garbled", "OUT_OF_RANGE": "truncated",
+              "NOT_FOUND": "missing"}
+# Codes that also mean a usage or version problem: damage only when the
+# message says that decoding the stored bytes failed.
+_TS_DAMAGE_IF_DECODING = ("FAILED_PRECONDITION", "INVALID_ARGUMENT")
+_DECODING_WORDS = ("decompress", "zstd", "invalid json", "error decoding",
+                   "error parsing json", "truncated", "checksum")
+# Python errors that say the file system is missing something, not that it
+# failed (those are OSErrors too).
+_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _chain(exc: BaseException):
+  """`exc`, its cause, the cause's cause, ..."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+
+
+def _relative(path: str, step_dir: Path) -> str:
+  try:
+    return str(Path(path).relative_to(step_dir)) + ("/" if path.endswith("/")
+                                                   else "")
+  except ValueError:
+    return path
+
+
+def _unparseable_json_files(step_dir: Path) -> list[tuple[str, str]]:
+  """`(file, error)` for each metadata file of a step that is not valid JSON
+  (Orbax's metadata files are JSON; array data under `d/` and the OCDBT
+  manifests are binary)."""
+  bad = []
+  for f in sorted(step_dir.rglob("*")):
+    rel = f.relative_to(step_dir)
+    if not f.is_file() or "d" in rel.parts[:-1] or f.suffix in (".txt",
+                                                                ".ocdbt"):
+      continue
+    try:
+      json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+      bad.append((str(rel), str(e)))
+    except OSError:
+      continue
+  return bad
+
+
+def _tensorstore_damage(message: str, step_dir: Path) -> str | None:
+  """What a TensorStore error says is damaged, or None if it is not damage."""
+  status = _TS_STATUS.match(message)
+  if not status:
+    return None
+  code, text = status.group(1), _short(message, limit=10_000)
+  if code in _TS_DAMAGE:
+    kind = _TS_DAMAGE[code]
+  elif (code in _TS_DAMAGE_IF_DECODING and
+        any(w in text.lower() for w in _DECODING_WORDS)):
+    kind = "undecodable"
+  else:
+    return None
+  files = re.findall(r'local file "([^"]+)"', text)
+  key = re.search(r'Error reading "([^"]+)" in OCDBT', text)
+  if files and not files[-1].endswith("/"):
+    where = f"file {_relative(files[-1], step_dir)!r}"
+  elif key:
+    array, _, chunk = key.group(1).rpartition("/")
+    where = (f"the metadata ({chunk}) of array {array!r}" if
+             chunk.startswith(".") else
+             f"chunk {chunk} of array {array!r}")
+    if files:
+      where += f" in {_relative(files[-1], step_dir)!r}"
+  else:
+    where = "a file"
+  detail = text.rsplit(f'local file "{files[-1]}"', 1)[-1] if files else text
+  detail = detail.lstrip(": ") or text
+  if not detail.startswith(code):
+    detail = f"{code}: {detail}"
+  return f"{where} is {kind} ({_short(detail, limit=300)})"
+
+
+def _damage_of(exc: BaseException, step_dir: Path) -> str | None:
+  """How a step is damaged according to the error of reading it, or None when
+  the error does not show damage (memory, I/O, permissions, versions, ...):
+  only then may the caller move the step aside."""
+  chain = list(_chain(exc))
+  for link in chain:
+    if isinstance(link, MemoryError):
+      return None
+    if isinstance(link, OSError) and not isinstance(link, _MISSING):
+      return None
+    status = _TS_STATUS.match(str(link))
+    if (isinstance(link, ValueError) and status and
+        _tensorstore_damage(str(link), step_dir) is None):
+      return None
+  for link in chain:
+    if isinstance(link, CheckpointCorruptedError):
+      return link.damage
+    if isinstance(link, (json.JSONDecodeError, UnicodeDecodeError)):
+      bad = _unparseable_json_files(step_dir)
+      if not bad:
+        return f"a metadata file is not valid JSON ({_short(str(link))})"
+      if len(bad) == 1:
+        return (f"file {bad[0][0]!r} is not valid JSON, truncated or garbled "
+                f"({_short(bad[0][1], 120)})")
+      names = ", ".join(repr(f) for f, _ in bad[:4])
+      more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+      return (f"{len(bad)} files are not valid JSON, truncated or garbled: "
+              f"{names}{more} (first: {_short(bad[0][1], 120)})")
+    if isinstance(link, _MISSING) and link.filename:
+      return f"file {_relative(str(link.filename), step_dir)!r} is missing"
+    if isinstance(link, ValueError):
+      damage = _tensorstore_damage(str(link), step_dir)
+      if damage is not None:
+        return damage
+  return None
+
+
+def _is_orphaned_read_error(exc: BaseException | None) -> bool:
+  """Whether `exc` is the aftermath of a failed Orbax read (see
+  `_install_read_error_filters`)."""
+  for link in _chain(exc) if exc is not None else ():
+    text = str(link)
+    if isinstance(link, RuntimeError) and text == "Event loop is closed":
+      return True
+    if text.startswith("Encountered error while reading array index"):
+      return True
+    if isinstance(link, ValueError) and _TS_STATUS.match(text):
+      return True
+  return False
+
+
+_filters_installed = False
+
+
+def _install_read_error_filters() -> None:
+  """Hides the aftermath of a failed read that `restore` reports itself.
+
+  When one TensorStore read of a step fails, Orbax's `asyncio.gather` raises
+  at once and its event loop closes while the sibling reads are in flight:
+  they then print "RuntimeError: Event loop is closed" (through
+  `sys.unraisablehook`, from TensorStore's threads, at any later time) and
+  asyncio logs "Task exception was never retrieved" with a traceback. These
+  say nothing new and would bury the one-line error; they are logged at
+  DEBUG level instead. Any other unraisable error or asyncio log is kept.
+  """
+  global _filters_installed
+  if _filters_installed:
+    return
+  _filters_installed = True
+  previous_hook = sys.unraisablehook
+
+  def unraisable_hook(unraisable):
+    if _is_orphaned_read_error(unraisable.exc_value):
+      logger.debug("after a failed checkpoint read: %s",
+                   _short(str(unraisable.exc_value)))
+      return
+    previous_hook(unraisable)
+
+  sys.unraisablehook = unraisable_hook
+
+  class _AsyncioFilter(logging.Filter):
+
+    def filter(self, record: logging.LogRecord) -> bool:
+      if ("exception was never retrieved" in str(record.msg) and
+          record.exc_info and _is_orphaned_read_error(record.exc_info[1])):
+        logger.debug("after a failed checkpoint read: %s",
+                     _short(str(record.exc_info[1])))
+        return False
+      return True
+
+  logging.getLogger("asyncio").addFilter(_AsyncioFilter())
+
+
+class _OrbaxCheckpointManager(ocp.CheckpointManager):
+  """Orbax's manager, except that a step whose metrics file is damaged is
+  listed without metrics (and is not ranked as the best) instead of making
+  the whole directory unusable: Orbax reads the metrics of every step when
+  it starts and lets a JSON error through."""
+
+  def metrics(self, step: int) -> Any:
+    try:
+      return super().metrics(step)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      logger.warning("checkpoint step %d in %s: the metrics file is damaged "
+                     "(%s); the step is not ranked as the best", step,
+                     self.directory, _short(str(e)))
+      return None
 
 
 # --------------------------------------------------------------------------
@@ -283,7 +563,8 @@ class CheckpointManager:
                        f"{max_to_keep!r}")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    self.directory = Path(directory).expanduser().absolute()
+    self.directory = require_local_path(directory,
+                                        "checkpoint directory").absolute()
     if not read_only:
       check_writable(self.directory)
     elif not self.directory.is_dir():
@@ -326,7 +607,7 @@ class CheckpointManager:
     handlers = {STATE: ocp.StandardCheckpointHandler(),
                 META: ocp.JsonCheckpointHandler(),
                 CHECKSUMS: ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(self.directory, options=options,
+    return _OrbaxCheckpointManager(self.directory, options=options,
                                  item_handlers=handlers)
 
   # -- queries -------------------------------------------------------------
@@ -360,6 +641,22 @@ class CheckpointManager:
   def metrics(self, step: int) -> dict[str, Any] | None:
     """The metrics saved with `step` (None if none)."""
     return self._mgr.metrics(step)
+
+  @property
+  def corrupted_directory(self) -> Path:
+    """Where damaged steps are moved: `<directory>.corrupted`."""
+    return self.directory.parent / (self.directory.name + CORRUPTED_SUFFIX)
+
+  def quarantined_steps(self) -> list[int]:
+    """Steps moved to `corrupted_directory` as damaged, ascending (unfinished
+    step directories moved there are not counted: they never held a
+    checkpoint)."""
+    root = self.corrupted_directory
+    if not root.is_dir():
+      return []
+    names = (re.fullmatch(r"(\d+)-\d{8}-\d{6}(-\d+)?", p.name)
+             for p in root.iterdir())
+    return sorted({int(m.group(1)) for m in names if m})
 
   # -- saving --------------------------------------------------------------
 
@@ -464,18 +761,58 @@ class CheckpointManager:
     metadata = self._mgr.item_metadata(step)
     tree = metadata[STATE] if STATE in metadata else None
     if tree is None:
-      raise CheckpointError(f"step {step} has no '{STATE}' item metadata")
+      if not (self.directory / str(step) / STATE /
+              _PYTREE_METADATA_FILE).exists():
+        raise CheckpointCorruptedError(
+            step, self.directory,
+            f"file '{STATE}/{_PYTREE_METADATA_FILE}' is missing")
+      raise CheckpointError(f"checkpoint step {step} in "
+                            f"{str(self.directory)!r}: Orbax found no "
+                            f"'{STATE}' item metadata")
     return tree
 
   def restore_step(self, step: int, abstract_state: Any, *,
                    partial: bool = False) -> tuple[Any, dict[str, Any]]:
     """Restores exactly `step`; raises on any problem (no fallback).
 
+    Args:
+      step: a committed step.
+      abstract_state: the tree to restore into (see `restore`).
+      partial: `abstract_state` may be a part of the saved state (e.g. only
+        the parameters and batch statistics, for an evaluation).
+
+    Returns:
+      `(state, meta)`.
+
     Raises:
       CheckpointStructureError (a ValueError): another architecture.
-      Exception: anything unreadable, or CheckpointError on a checksum
-        mismatch.
+      CheckpointCorruptedError: the step is damaged (a CRC32 mismatch,
+        truncated, garbled, missing or unparseable files); the message names
+        the file or array and the kind of damage.
+      CheckpointError: reading failed for another reason (out of memory, an
+        I/O error, a library version mismatch, ...): nothing says the step is
+        damaged.
     """
+    _install_read_error_filters()
+    try:
+      return self._restore_step(step, abstract_state, partial)
+    except (CheckpointStructureError, CheckpointCorruptedError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      damage = _damage_of(e, self.directory / str(step))
+      if damage is not None:
+        raise CheckpointCorruptedError(step, self.directory, damage) from e
+      step_dir = self.directory / str(step)
+      raise CheckpointError(
+          f"reading checkpoint step {step} in {str(self.directory)!r} "
+          f"failed: {_describe_cause(e)}; this does not show damage to the "
+          f"checkpoint, so nothing was moved: fix the cause (memory, file "
+          f"system, library versions) and rerun; if the step is damaged "
+          f"after all, move {str(step_dir)!r} elsewhere to resume from the "
+          f"previous one") from e
+
+  def _restore_step(self, step: int, abstract_state: Any, partial: bool
+                    ) -> tuple[Any, dict[str, Any]]:
     where = f"checkpoint step {step} in {str(self.directory)!r}"
     check_structure(self._read_metadata(step), abstract_state, where=where,
                     allow_extra=partial)
@@ -483,6 +820,9 @@ class CheckpointManager:
     has_sums = (self.directory / str(step) / CHECKSUMS).exists()
     if self.verify_checksums and has_sums:
       items[CHECKSUMS] = ocp.args.JsonRestore()
+    elif self.verify_checksums:
+      logger.warning("%s has no checksums; its arrays are not verified",
+                     where)
     if partial:
       # Only the leaves of `abstract_state` (e.g. params and batch_stats for
       # an evaluation): Orbax's partial PyTree restore of the state item.
@@ -503,45 +843,78 @@ class CheckpointManager:
       now = tree_checksums(state)
       bad = [p for p, crc in now.items() if p in saved and saved[p] != crc]
       if bad:
-        raise CheckpointError(f"{where}: checksum mismatch in {len(bad)} "
-                              f"array(s), first {bad[0]!r}")
+        more = f"; {len(bad) - 1} more array(s) differ too" if bad[1:] else ""
+        raise CheckpointCorruptedError(
+            step, self.directory,
+            f"array {bad[0]!r} does not match its CRC32 (saved "
+            f"0x{saved[bad[0]]:08x}, read 0x{now[bad[0]]:08x}): its stored "
+            f"bytes changed after it was written{more}")
     return state, dict(restored[META] or {})
 
-  def _quarantine(self, step: int) -> None:
-    """Moves a bad step out of the way so later saves can reuse its number."""
+  def _quarantine(self, step: int, unfinished: bool = False) -> None:
+    """Moves a step out of the way so later saves can reuse its number."""
     if self.read_only:
       return
     if jax.process_index() == 0:
       src = self.directory / str(step)
-      dst_root = self.directory.parent / (self.directory.name + ".corrupted")
-      dst = dst_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+      tag = "unfinished-" if unfinished else ""
+      name = f"{step}-{tag}{time.strftime('%Y%m%d-%H%M%S')}"
+      dst, n = self.corrupted_directory / name, 1
+      while dst.exists():
+        dst, n = self.corrupted_directory / f"{name}-{n}", n + 1
       try:
-        dst_root.mkdir(parents=True, exist_ok=True)
+        self.corrupted_directory.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
-        logger.warning("moved the unreadable checkpoint %s to %s", src, dst)
+        logger.warning("moved the %s checkpoint %s to %s",
+                       "unfinished" if unfinished else "damaged", src, dst)
       except OSError as e:
-        logger.warning("could not move the unreadable checkpoint %s aside "
-                       "(%s)", src, _describe_cause(e))
+        logger.warning("could not move the %s checkpoint %s aside (%s)",
+                       "unfinished" if unfinished else "damaged", src,
+                       _describe_cause(e))
     _barrier(f"addernet_quarantine_{step}")
     self._reload()
+
+  def _refuse_fresh_start(self) -> None:
+    """Raises if damaged steps were moved aside earlier (see `restore`)."""
+    quarantined = self.quarantined_steps()
+    if quarantined:
+      moved = str(self.corrupted_directory)
+      raise CheckpointError(
+          f"no checkpoint is left in {str(self.directory)!r} to resume from, "
+          f"but {moved!r} holds damaged step(s) "
+          f"{', '.join(map(str, quarantined))} moved there earlier; refusing "
+          f"to start over from step 0 silently. To start over, move or "
+          f"delete that folder (e.g. mv {moved} {moved}.old) and rerun; to "
+          f"resume from one of those steps, repair it and move it back to "
+          f"{str(self.directory)}/<step>")
 
   def restore(self, abstract_state: Any
               ) -> tuple[Any, dict[str, Any]] | None:
     """The latest valid checkpoint as `(state, meta)`, or None if none exist.
 
-    Unfinished step directories are ignored. A step that cannot be restored
-    (corrupted or truncated files, checksum mismatch) is logged as a warning,
-    moved aside to `<directory>.corrupted/`, and the previous step is tried.
+    Unfinished step directories are moved aside. A damaged step (see
+    `restore_step`) is reported with a warning naming the step, the file or
+    array and the damage, and the previous step is tried; once one restores,
+    the damaged newer steps are moved to `<directory>.corrupted/` (so the run
+    can write those step numbers again) and a warning says so. Nothing is
+    moved when no step restores.
 
     Args:
       abstract_state: the tree to restore into, e.g.
         `jax.eval_shape(create_state, ...)` or a tree of
         `jax.ShapeDtypeStruct` carrying the target shardings.
 
+    Returns:
+      `(state, meta)`, or None when there is no checkpoint and none was ever
+      moved aside (a fresh start).
+
     Raises:
       CheckpointStructureError (ValueError): the checkpoint belongs to another
         architecture (first mismatching parameter and both shapes named).
-      CheckpointError: checkpoints exist but none could be restored.
+      CheckpointError: every step is damaged (each named, nothing moved); or
+        no step is left but damaged ones were moved aside earlier (rather
+        than starting over from step 0 silently); or a step could not be
+        read for a reason other than damage (nothing moved).
     """
     if not self.read_only:
       self._raise_pending_errors()
@@ -549,52 +922,62 @@ class CheckpointManager:
     for step in unfinished:
       logger.warning("ignoring unfinished checkpoint directory %s (no %s)",
                      self.directory / str(step), _METADATA_FILE)
-      self._quarantine(step)
+      self._quarantine(step, unfinished=True)
     steps = self.all_steps()[::-1]
-    if not steps:
-      return None
-    failures = []
+    damaged: list[CheckpointCorruptedError] = []
     for step in steps:
       try:
         state, meta = self.restore_step(step, abstract_state)
-      except CheckpointStructureError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        cause = _describe_cause(e)
-        failures.append(f"step {step}: {cause}")
-        logger.warning(
-            "checkpoint step %d in %s is corrupted or unreadable (%s); "
-            "falling back to the previous checkpoint", step, self.directory,
-            cause)
-        self._quarantine(step)
+      except CheckpointCorruptedError as e:
+        damaged.append(e)
+        logger.warning("%s; trying the previous checkpoint", e)
         continue
-      if failures:
-        logger.warning("resuming from checkpoint step %d instead of step %d "
-                       "(newer checkpoints were unreadable)", step, steps[0])
+      for bad in damaged:
+        self._quarantine(bad.step)
+      if damaged:
+        logger.warning(
+            "resuming from checkpoint step %d instead of step %d: the damaged "
+            "step(s) %s were moved to %s", step, steps[0],
+            ", ".join(str(e.step) for e in damaged), self.corrupted_directory)
+      newer = [s for s in self.quarantined_steps()
+               if s > step and s not in {e.step for e in damaged}]
+      if newer:
+        logger.warning("resuming from checkpoint step %d although %s holds "
+                       "damaged newer step(s) %s", step,
+                       self.corrupted_directory, ", ".join(map(str, newer)))
       return state, meta
-    raise CheckpointError(
-        f"no checkpoint in {str(self.directory)!r} could be restored: "
-        + "; ".join(failures))
+    if damaged:
+      raise CheckpointError(
+          f"every checkpoint in {str(self.directory)!r} is damaged, so there "
+          f"is nothing to resume from: "
+          + "; ".join(f"step {e.step}: {e.damage}" for e in damaged)
+          + f". Nothing was moved or deleted; refusing to start over from "
+          f"step 0 silently. To start over, move the folder aside (e.g. mv "
+          f"{self.directory} {self.directory}.damaged) and rerun; to resume, "
+          f"restore the damaged files from a copy")
+    self._refuse_fresh_start()
+    return None
 
 
 def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
                      abstract_state: Any, which: str = "latest") -> Any:
-  """Restores a state for evaluation, read-only.
+  """Restores a state for evaluation, read-only (nothing is ever moved).
 
   Args:
     workdir_or_checkpoints_dir: a training workdir (its `checkpoints/` is
       used) or a checkpoint directory.
     abstract_state: the tree to restore into; it may be a part of the saved
       state (e.g. only `params` and `batch_stats`).
-    which: "latest" (the newest readable step; falls back past corrupted
-      ones with a warning) or "best" (by the metric saved with each step;
-      the latest if no step has metrics).
+    which: "latest" (the newest readable step; falls back past damaged
+      ones with a warning naming the damage) or "best" (by the metric saved
+      with each step; the latest if no step has metrics).
 
   Returns:
     The restored tree.
 
   Raises:
-    CheckpointError: no checkpoint, or none readable.
+    CheckpointError: no checkpoint, every one damaged (each named), the
+      "best" one damaged, or a step unreadable for another reason.
     CheckpointStructureError (ValueError): another architecture.
   """
   if which not in ("latest", "best"):
@@ -606,7 +989,11 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
   try:
     steps = mgr.all_steps()[::-1]
     if not steps:
-      raise CheckpointError(f"no checkpoint found in {str(directory)!r}")
+      moved = mgr.quarantined_steps()
+      raise CheckpointError(
+          f"no checkpoint found in {str(directory)!r}" +
+          (f" (damaged step(s) {', '.join(map(str, moved))} were moved to "
+           f"{str(mgr.corrupted_directory)!r})" if moved else ""))
     if which == "best":
       best = mgr.best_step()
       if best is None:
@@ -614,17 +1001,15 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
                        directory, mgr.best_metric)
       else:
         return mgr.restore_step(best, abstract_state, partial=True)[0]
-    failures = []
+    damaged = []
     for step in steps:
       try:
         return mgr.restore_step(step, abstract_state, partial=True)[0]
-      except CheckpointStructureError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(f"step {step}: {_describe_cause(e)}")
-        logger.warning("checkpoint step %d in %s is unreadable (%s); trying "
-                       "the previous one", step, directory, failures[-1])
-    raise CheckpointError(f"no checkpoint in {str(directory)!r} could be "
-                          f"restored: " + "; ".join(failures))
+      except CheckpointCorruptedError as e:
+        damaged.append(e)
+        logger.warning("%s; trying the previous checkpoint", e)
+    raise CheckpointError(
+        f"every checkpoint in {str(directory)!r} is damaged: "
+        + "; ".join(f"step {e.step}: {e.damage}" for e in damaged))
   finally:
     mgr.close()

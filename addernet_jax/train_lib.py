@@ -93,6 +93,11 @@ class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or Inf (the run stops, nothing is saved)."""
 
 
+class NonFiniteStateError(NonFiniteLossError):
+  """The parameters, batch statistics or optimizer state hold NaN or Inf at a
+  checkpoint (the run stops, that checkpoint is not saved)."""
+
+
 # Errors caused by the user's input: the command line prints them as one
 # line ("error: ...") and exits non-zero, without a traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
@@ -324,19 +329,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   return info
 
 
-def _check_workdir(workdir: str | os.PathLike[str]) -> Path:
-  path = Path(workdir).expanduser().absolute()
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test_{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise ValueError(f"workdir {str(path)!r} is not writable: "
-                     f"{e.strerror or e}") from None
-  return path
-
-
 class InMemoryData:
   """A training split and an evaluation split resident on every device."""
 
@@ -428,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
   info = validate_config(config, num_devices)
-  workdir = _check_workdir(workdir)
+  workdir = ckpt_lib.check_writable(workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
 
@@ -611,6 +603,19 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             "dataset": config.dataset,
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
+    # The loss checked for step s comes from the parameters before that
+    # step's update: check what is about to be saved.
+    non_finite = ckpt_lib.non_finite_leaves(
+        {"params": state.params, "batch_stats": state.batch_stats,
+         "opt_state": state.opt_state})
+    if non_finite:
+      first = next(iter(non_finite))
+      kept = (f"the last checkpoint, step {last_saved}, is kept"
+              if last_saved > 0 else "no checkpoint was written")
+      raise NonFiniteStateError(
+          f"the training state is not finite after step {step}: {first!r} "
+          f"has {non_finite[first]} NaN/Inf value(s) ({len(non_finite)} "
+          f"array(s) affected); stopping without saving step {step} ({kept})")
     # Steps without an evaluation still pass metrics (ranked last for
     # "best"), which keeps Orbax from warning about missing metrics.
     metrics = {k: float(v) for k, v in (eval_metrics or last_train).items()
@@ -705,8 +710,7 @@ def restore_variables(config: ml_collections.ConfigDict,
   abstract = _abstract({"step": jax.ShapeDtypeStruct((), jnp.int32),
                         "params": variables["params"],
                         "batch_stats": variables.get("batch_stats", {})}, rep)
-  return ckpt_lib.restore_for_eval(Path(workdir).expanduser(), abstract,
-                                   which=which)
+  return ckpt_lib.restore_for_eval(workdir, abstract, which=which)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,

@@ -1,9 +1,12 @@
-"""Faults: corrupted checkpoints, full disks, unwritable dirs, SIGTERM."""
+"""Faults: damaged checkpoints, read errors that are not damage, full disks,
+unwritable dirs, URLs as directories, non-finite states, SIGTERM."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
@@ -88,12 +92,35 @@ def _garble_meta_json(step_dir: Path) -> None:
   (step_dir / "meta" / "metadata").write_text('{"step": 2, ')
 
 
-CORRUPTIONS = [_truncate, _garble, _garble_all_data, _drop_state_metadata,
-               _garble_meta_json]
+def _overwrite_array_data(step_dir: Path) -> None:
+  """Random bytes over every array data file; the JSON metadata is intact."""
+  rng = np.random.default_rng(0)
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and "/d/" in str(f):
+      f.write_bytes(rng.bytes(f.stat().st_size))
 
 
-@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
-def test_corrupted_latest_falls_back_with_warning(tmp_path, corrupt, caplog):
+def _truncate_every_file(step_dir: Path) -> None:
+  for f in step_dir.rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+# (damage, what the warning must say about it)
+CORRUPTIONS = [
+    (_truncate, "truncated"),
+    (_garble, "CRC32"),
+    (_garble_all_data, "garbled"),
+    (_overwrite_array_data, "garbled"),
+    (_drop_state_metadata, "'state/_METADATA' is missing"),
+    (_garble_meta_json, "'meta/metadata' is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("corrupt,damage", CORRUPTIONS,
+                         ids=[f.__name__ for f, _ in CORRUPTIONS])
+def test_corrupted_latest_falls_back_with_warning(tmp_path, corrupt, damage,
+                                                  caplog):
   directory = tmp_path / "checkpoints"
   save_two(directory)
   corrupt(directory / "2")
@@ -103,25 +130,166 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, corrupt, caplog):
       assert_state(state, 1)
       assert meta == {"step": 1}
       text = caplog.text
-      assert "step 2" in text and "falling back" in text, text
+      assert "checkpoint step 2" in text and "is damaged" in text, text
+      assert damage in text, text
       assert "resuming from checkpoint step 1 instead of step 2" in text
       # The bad step was moved aside (kept for inspection), so the run can
       # write step 2 again.
       assert not (directory / "2").exists()
-      assert list((tmp_path / "checkpoints.corrupted").iterdir())
+      assert mgr.quarantined_steps() == [2]
       assert mgr.save(2, make_state(2), {"step": 2}, force=True)
     with ckpt.CheckpointManager(directory) as mgr:
       assert_state(mgr.restore(ABSTRACT)[0], 2)
 
 
-def test_all_corrupted_is_an_error_not_a_fresh_start(tmp_path):
+def test_every_step_damaged_refuses_to_start_over(tmp_path):
+  """The measured failure: array data of both steps damaged, metadata
+  intact. Each restore names both steps and the damage, moves nothing and
+  never returns None (a fresh start); once steps have been moved aside, an
+  empty directory is refused too, until the user moves them away."""
+  directory = tmp_path / "checkpoints"
+  save_two(directory)
+  for step in (1, 2):
+    _overwrite_array_data(directory / str(step))
+  for _ in range(2):  # a rerun gets the same answer
+    with ckpt.CheckpointManager(directory) as mgr:
+      with pytest.raises(ckpt.CheckpointError) as err:
+        mgr.restore(ABSTRACT)
+    msg = str(err.value)
+    assert "every checkpoint" in msg and "refusing to start over" in msg, msg
+    assert "step 2: file 'state/d/" in msg and "step 1: file" in msg, msg
+    assert "garbled" in msg and "Nothing was moved" in msg, msg
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+    assert not (tmp_path / "checkpoints.corrupted").exists()
+
+  # What an earlier version left behind: both steps moved aside.
+  corrupted = tmp_path / "checkpoints.corrupted"
+  corrupted.mkdir()
+  for step in (1, 2):
+    shutil.move(directory / str(step), corrupted / f"{step}-20250101-120000")
+  with ckpt.CheckpointManager(directory) as mgr:
+    with pytest.raises(ckpt.CheckpointError) as err:
+      mgr.restore(ABSTRACT)
+  msg = str(err.value)
+  assert "holds damaged step(s) 1, 2" in msg and str(corrupted) in msg, msg
+  assert "refusing to start over from step 0" in msg and "mv " in msg, msg
+  with pytest.raises(ckpt.CheckpointError, match=r"step\(s\) 1, 2 were moved"):
+    ckpt.restore_for_eval(directory, ABSTRACT)
+  # Moving them away is the explicit decision to start over.
+  corrupted.rename(tmp_path / "old")
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert mgr.restore(ABSTRACT) is None
+
+
+def test_truncated_files_name_the_step_the_files_and_what_to_do(tmp_path):
+  directory = tmp_path / "checkpoints"
+  with ckpt.CheckpointManager(directory) as mgr:
+    for step in (1, 2):   # with metrics: Orbax reads them when it starts
+      mgr.save(step, make_state(step), {"step": step},
+               metrics={"eval_top1": 0.5})
+  for step in (1, 2):
+    _truncate_every_file(directory / str(step))
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert mgr.all_steps() == [1, 2]
+    with pytest.raises(ckpt.CheckpointError) as err:
+      mgr.restore(ABSTRACT)
+  msg = str(err.value)
+  assert str(directory) in msg, msg
+  for step in (1, 2):
+    assert f"step {step}: " in msg, msg
+  assert "files are not valid JSON, truncated or garbled" in msg, msg
+  assert "'state/_METADATA'" in msg or "'meta/metadata'" in msg, msg
+  assert f"mv {directory} " in msg, msg
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+
+
+def test_damaged_metrics_file_does_not_block_the_directory(tmp_path, caplog):
+  """Orbax reads every step's metrics when it starts; one truncated metrics
+  file used to make the whole directory unusable (a bare JSON error)."""
+  directory = tmp_path / "ck"
+  with ckpt.CheckpointManager(directory) as mgr:
+    for step in (1, 2):
+      mgr.save(step, make_state(step), {"step": step},
+               metrics={"eval_top1": 0.1 * step})
+  (directory / "2" / "metrics" / "metrics").write_text('{"eval_to')
+  with caplog.at_level(logging.WARNING, logger="addernet_jax.checkpoint"):
+    with ckpt.CheckpointManager(directory) as mgr:
+      assert mgr.all_steps() == [1, 2]
+      assert mgr.best_step() == 1
+      assert_state(mgr.restore(ABSTRACT)[0], 1)   # step 2 is damaged
+  assert "step 2" in caplog.text and "metrics file is damaged" in caplog.text
+  assert "'metrics/metrics' is not valid JSON" in caplog.text
+
+
+def _flip_one_bit_of_an_array(step_dir: Path, mgr: ckpt.CheckpointManager,
+                              step: int) -> ckpt.CheckpointCorruptedError:
+  """Flips one bit inside the stored (compressed) data of the largest array
+  and returns the error of restoring the step. A flip that breaks the
+  compressed stream is reported by TensorStore; the test wants one that
+  decodes to different values, which only the CRC32 can catch: it tries
+  positions from the middle of the data until one does."""
+  data_file = _largest_data_file(step_dir)
+  original = data_file.read_bytes()
+  size = len(original)
+  for pos in range(size // 2, size // 8, -max(1, size // 64)):
+    data = bytearray(original)
+    data[pos] ^= 1 << (pos % 8)
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointCorruptedError) as err:
+      mgr.restore_step(step, ABSTRACT)
+    if "CRC32" in str(err.value):
+      return err.value
+    data_file.write_bytes(original)
+  raise AssertionError("no single-bit flip decoded to different values")
+
+
+def test_one_flipped_bit_is_caught_by_the_crc32(tmp_path, caplog):
   directory = tmp_path / "ck"
   save_two(directory)
-  _truncate(directory / "1")
-  _truncate(directory / "2")
+  with ckpt.CheckpointManager(directory, read_only=True) as mgr:
+    error = _flip_one_bit_of_an_array(directory / "2", mgr, 2)
+  assert error.step == 2
+  assert "array 'params/conv/adder_kernel' does not match its CRC32" in str(
+      error), error
+  with caplog.at_level(logging.WARNING, logger="addernet_jax.checkpoint"):
+    with ckpt.CheckpointManager(directory) as mgr:
+      assert_state(mgr.restore(ABSTRACT)[0], 1)
+  assert "'params/conv/adder_kernel' does not match its CRC32" in caplog.text
+
+
+_NOT_DAMAGE = [
+    OSError(errno.EIO, "Input/output error"),
+    MemoryError("out of memory"),
+    ValueError("RESOURCE_EXHAUSTED: Error reading local file: out of memory"),
+    ValueError("UNAVAILABLE: Error reading gs://b/x: 503 Service Unavailable"),
+    ValueError("Unsupported checkpoint format: written by a newer Orbax"),
+]
+
+
+@pytest.mark.parametrize("cause", _NOT_DAMAGE,
+                         ids=lambda e: type(e).__name__ + ":" + str(e)[:12])
+def test_errors_that_are_not_damage_move_nothing(tmp_path, monkeypatch,
+                                                 cause):
+  directory = tmp_path / "ck"
+  save_two(directory)
+
+  def failing_restore(self, *args, **kwargs):
+    raise cause
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
   with ckpt.CheckpointManager(directory) as mgr:
-    with pytest.raises(ckpt.CheckpointError, match="could be restored"):
+    with pytest.raises(ckpt.CheckpointError) as err:
       mgr.restore(ABSTRACT)
+    assert not isinstance(err.value, ckpt.CheckpointCorruptedError)
+    msg = str(err.value)
+    assert "reading checkpoint step 2" in msg and "nothing was moved" in msg
+    assert str(cause)[:20] in msg, msg
+    with pytest.raises(ckpt.CheckpointError, match="nothing was moved"):
+      ckpt.restore_for_eval(directory, ABSTRACT)
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+  assert not (tmp_path / "ck.corrupted").exists()
+  monkeypatch.undo()
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert_state(mgr.restore(ABSTRACT)[0], 2)
 
 
 def test_eval_restore_skips_corrupted_without_moving_it(tmp_path):
@@ -131,6 +299,115 @@ def test_eval_restore_skips_corrupted_without_moving_it(tmp_path):
   got = ckpt.restore_for_eval(directory, ABSTRACT)
   assert_state(got, 1)
   assert (directory / "2").is_dir()  # read-only: nothing moved
+  _truncate(directory / "1")
+  with pytest.raises(ckpt.CheckpointError, match="every checkpoint.*step 2: "
+                     ".*truncated.*step 1: .*truncated"):
+    ckpt.restore_for_eval(directory, ABSTRACT)
+
+
+def test_urls_are_refused_not_turned_into_local_folders(tmp_path,
+                                                        monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  url = "gs://bucket/run"
+  for call in (lambda: ckpt.check_writable(url),
+               lambda: ckpt.CheckpointManager(url),
+               lambda: ckpt.CheckpointManager(Path(url)),  # gs:/bucket/run
+               lambda: ckpt.restore_for_eval(url, ABSTRACT),
+               lambda: ckpt.check_writable(epath.Path(url))):
+    with pytest.raises(ckpt.CheckpointError, match="gs:// URL.*mount"):
+      call()
+  assert list(tmp_path.iterdir()) == []   # no ./gs:/bucket/run
+
+
+def test_non_finite_leaves():
+  tree = {"params": {"w": jnp.array([1.0, jnp.nan, jnp.inf]),
+                     "b": jnp.ones(3, jnp.bfloat16)},
+          "step": jnp.array(3), "rng": jnp.zeros(2, jnp.uint32)}
+  assert ckpt.non_finite_leaves(tree) == {"params/w": 2}
+  assert ckpt.non_finite_leaves({"params": {"b": jnp.ones(2)}}) == {}
+
+
+def _smoke_config(**overrides):
+  sys.path.insert(0, str(ROOT))
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.update(conv="mult", **overrides)
+  return config
+
+
+@pytest.mark.slow
+def test_training_stops_before_saving_a_non_finite_state(tmp_path):
+  """The loss checked at step s comes from the parameters before that step's
+  update: with an infinite learning rate, step 1's loss is finite but its
+  parameters are not, and the checkpoint of step 1 must not be written."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(learning_rate=float("inf"), num_train_steps=2,
+                         checkpoint_every_steps=1)
+  with pytest.raises(train_lib.NonFiniteStateError) as err:
+    train_lib.train_and_evaluate(config, tmp_path)
+  msg = str(err.value)
+  assert "not finite after step 1" in msg and "'params/" in msg, msg
+  assert "without saving step 1" in msg, msg
+  assert isinstance(err.value, train_lib.NonFiniteLossError)  # train.py
+  assert not [p for p in (tmp_path / "checkpoints").iterdir()]
+
+
+def test_train_refuses_a_url_workdir_before_training(tmp_path, monkeypatch):
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ckpt.CheckpointError, match="'gs://bucket/run' is a "
+                     "gs:// URL"):
+    train_lib.train_and_evaluate(_smoke_config(), "gs://bucket/run")
+  assert list(tmp_path.iterdir()) == []
+
+
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(cache)}
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  for noise in ("Traceback", "Event loop is closed", "never retrieved"):
+    assert noise not in proc.stderr, proc.stderr[-4000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-4000:]
+  return errors[0]
+
+
+@pytest.mark.slow
+def test_cli_with_every_checkpoint_damaged_never_starts_over(tmp_path):
+  """train.py and eval.py end to end on the measured failure: both
+  checkpoints' array data damaged, metadata intact."""
+  from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = _smoke_config()
+  # Checkpoints of the smoke run's structure, without compiling a training
+  # step (the run fails before it would use their values).
+  state = train_lib.create_train_state(
+      config, jax.random.PRNGKey(0),
+      data_lib.dataset_info(config.dataset).image_shape, steps_per_epoch=5)
+  workdir, cache = tmp_path / "run", tmp_path / "jax_cache"
+  checkpoints = workdir / "checkpoints"
+  with ckpt.CheckpointManager(checkpoints) as mgr:
+    for step in (2, 3):
+      mgr.save(step, state.replace(step=step), {"step": step},
+               metrics={"eval_top1": 0.5})
+  for step in (2, 3):
+    _overwrite_array_data(checkpoints / str(step))
+  train = ("train.py", "--config", "configs/smoke.py", "--workdir",
+           str(workdir), "--config.conv=mult")
+  for _ in range(2):  # the rerun of the rerun too
+    line = _one_line_error(_cli(*train, cache=cache))
+    assert "every checkpoint" in line and "step 3: file" in line, line
+    assert "step 2: file" in line and "refusing to start over" in line, line
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "3"]
+  line = _one_line_error(_cli("eval.py", "--config", "configs/smoke.py",
+                              "--config.conv=mult", "--checkpoint",
+                              str(workdir), cache=cache))
+  assert "every checkpoint" in line and "garbled" in line, line
 
 
 def test_disk_full_while_saving_raises_and_keeps_previous(tmp_path,
