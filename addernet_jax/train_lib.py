@@ -8,7 +8,7 @@ averaged with `lax.pmean` before the optimizer (so the adaptive learning rate
 sees the global gradient) and BatchNorm averages its batch statistics over the
 axis, so N devices compute what one device computes with the same global
 batch, up to float32 reduction order. `check_vma=False` gives the classic pmap
-semantics (DESIGN.md §5: with `check_vma=True` the gradient of replicated
+semantics (docs/design.md §5: with `check_vma=True` the gradient of replicated
 parameters is already summed and a following pmean does nothing).
 
 In-memory datasets (MNIST, CIFAR, digits) live whole on every device as
@@ -334,23 +334,11 @@ class InMemoryData:
 
   def __init__(self, config: ml_collections.ConfigDict,
                info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh):
-    images, labels = data_lib.load_arrays(config.dataset, config.data_dir,
-                                          "train")
-    holdout = int(config.get("holdout_examples", 0) or 0)
-    if holdout > 0:
-      if holdout >= len(labels):
-        raise ValueError(f"config.holdout_examples={holdout} must be smaller "
-                         f"than the {len(labels)} training examples")
-      eval_images, eval_labels = images[-holdout:], labels[-holdout:]
-      images, labels = images[:-holdout], labels[:-holdout]
-      self.eval_source = f"last {holdout} training examples (held back)"
-    else:
-      eval_images, eval_labels = data_lib.load_arrays(
-          config.dataset, config.data_dir, "test")
-      self.eval_source = "test split"
-    limit = int(config.get("eval_max_examples", -1) or -1)
-    if limit > 0:
-      eval_images, eval_labels = eval_images[:limit], eval_labels[:limit]
+    (images, labels), (eval_images, eval_labels) = (
+        data_lib.load_in_memory_splits(
+            config.dataset, config.data_dir,
+            holdout_examples=config.get("holdout_examples", 0),
+            eval_max_examples=config.get("eval_max_examples", -1)))
     self.num_train = len(labels)
     self.steps_per_epoch = self.num_train // config.batch_size
     if self.steps_per_epoch == 0:
@@ -432,13 +420,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if use_in_memory(config, info):
     data = InMemoryData(config, info, mesh)
     steps_per_epoch = data.steps_per_epoch
-    num_train = data.num_train
   else:
     data = None
     guess = _latest_step_dir(workdir / "checkpoints")
     train_iter = _streaming_train(config, info, guess)
     steps_per_epoch = train_iter.steps_per_epoch
-    num_train = train_iter.num_examples
   try:
     mgr = ckpt_lib.CheckpointManager(
         workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
@@ -476,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                    config.eval_batch_size)
     lr_fn = optim.learning_rate_schedule(config, steps_per_epoch)
     summary = _loop(config, workdir, mesh, info, state, start_step,
-                    total_steps, steps_per_epoch, num_train, data, train_iter,
+                    total_steps, steps_per_epoch, data, train_iter,
                     data_key, train_step, evaluator, lr_fn, mgr, is_main,
                     resumed_meta)
   finally:
@@ -549,10 +535,9 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
 
 
 def _loop(config, workdir, mesh, info, state, start_step, total_steps,
-          steps_per_epoch, num_train, data, train_iter, data_key, train_step,
+          steps_per_epoch, data, train_iter, data_key, train_step,
           evaluator, lr_fn, mgr, is_main, resumed_meta) -> dict[str, Any]:
   """The training loop proper (see `train_and_evaluate`)."""
-  del num_train
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   writer = MetricsWriter(workdir, is_main)
   every = config.checkpoint_every_steps

@@ -1,0 +1,175 @@
+"""Serialises a trained model for serving with `jax.export`.
+
+    python -m addernet_jax.export --config configs/cifar10_resnet20.py \
+        --checkpoint WORKDIR --output resnet20.jaxexport
+    python -m addernet_jax.export --config configs/cifar10_resnet20.py \
+        --torch_checkpoint ResNet20-AdderNet.pth --output resnet20.jaxexport
+
+The file holds one inference function, weights included: float32 images in
+[0, 1], NHWC, any batch size (a symbolic batch dimension) -> float32 logits.
+Normalisation and BatchNorm (running statistics) are inside. It runs with
+JAX alone, without this repository:
+
+    import jax, numpy as np
+    exported = jax.export.deserialize(open("resnet20.jaxexport", "rb").read())
+    logits = exported.call(np.zeros((8, 32, 32, 3), np.float32))
+
+The adder layers are exported in their pure-jnp form (the Pallas kernels are
+platform-specific custom calls), lowered for every platform asked for
+(default CPU and CUDA; `jax.export` refuses to run it on another).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+from jax import export as jax_export
+import jax.numpy as jnp
+import ml_collections
+
+from addernet_jax import data as data_lib
+from addernet_jax import models
+from addernet_jax import train_lib
+
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+
+def pixels_to_logits(model: Any, variables: dict[str, Any],
+                     info: data_lib.DatasetInfo) -> Callable[[jax.Array],
+                                                             jax.Array]:
+  """`f(images)`: float images in [0, 1], NHWC -> float32 logits, in
+  inference mode (running BatchNorm statistics), normalised as in training."""
+  variables = {"params": variables["params"],
+               "batch_stats": variables.get("batch_stats", {})}
+
+  def f(images: jax.Array) -> jax.Array:
+    mean = jnp.asarray(info.mean, jnp.float32)
+    std = jnp.asarray(info.std, jnp.float32)
+    x = (images.astype(jnp.float32) - mean) / std
+    return model.apply(variables, x, train=False).astype(jnp.float32)
+
+  return f
+
+
+def load_variables(config: ml_collections.ConfigDict, *,
+                   checkpoint: str | os.PathLike[str] | None = None,
+                   which: str = "latest",
+                   torch_checkpoint: str | os.PathLike[str] | None = None
+                   ) -> tuple[Any, dict[str, Any]]:
+  """(model, variables as host arrays) of a training workdir or an
+  official-layout PyTorch checkpoint; the model uses the pure-jnp adder."""
+  if (checkpoint is None) == (torch_checkpoint is None):
+    raise ValueError("give exactly one of checkpoint (a training workdir) and"
+                     " torch_checkpoint (a .pth file)")
+  dtype = train_lib.get_dtype(config.dtype)
+  if torch_checkpoint is not None:
+    from addernet_jax import convert  # pylint: disable=g-import-not-at-top
+    if not Path(torch_checkpoint).is_file():
+      raise FileNotFoundError(
+          f"torch checkpoint {str(torch_checkpoint)!r} does not exist")
+    variables = convert.load_torch_checkpoint(torch_checkpoint, config.model)
+    kwargs = convert.infer_model_kwargs(variables)
+    num_classes, conv = kwargs["num_classes"], kwargs["conv"]
+  else:
+    restored = train_lib.restore_variables(config, checkpoint, which)
+    variables = {"params": restored["params"],
+                 "batch_stats": restored["batch_stats"]}
+    num_classes, conv = config.num_classes, config.conv
+  model = models.get_model(config.model, num_classes=num_classes, conv=conv,
+                           dtype=dtype, implementation="xla")
+  return model, jax.device_get(variables)
+
+
+def export_model(model: Any, variables: dict[str, Any],
+                 info: data_lib.DatasetInfo, *,
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS
+                 ) -> jax_export.Exported:
+  """`jax.export.Exported` of `pixels_to_logits` with a symbolic batch."""
+  unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
+  if unknown or not platforms:
+    raise ValueError(f"platforms must be among cpu, cuda, rocm, tpu; got "
+                     f"{list(platforms)}")
+  (batch,) = jax_export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((batch, *info.image_shape), jnp.float32)
+  fn = jax.jit(pixels_to_logits(model, variables, info))
+  return jax_export.export(fn, platforms=tuple(platforms))(spec)
+
+
+def save(exported: jax_export.Exported, path: str | os.PathLike[str]) -> Path:
+  """Writes `exported.serialize()` to `path` (atomically); returns it."""
+  path = Path(path).expanduser()
+  if path.is_dir():
+    raise ValueError(f"output {str(path)!r} is a directory; give a file name")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_bytes(exported.serialize())
+  os.replace(tmp, path)
+  return path
+
+
+def load(path: str | os.PathLike[str]) -> jax_export.Exported:
+  """The `jax.export.Exported` saved at `path` (call it with `.call(x)`)."""
+  try:
+    return jax_export.deserialize(bytearray(Path(path).read_bytes()))
+  except FileNotFoundError:
+    raise FileNotFoundError(f"exported model {str(path)!r} does not exist"
+                            ) from None
+  except Exception as e:  # flatbuffers raises assorted errors on bad bytes
+    raise ValueError(f"{str(path)!r} is not a jax.export file: "
+                     f"{type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------- CLI --
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      "config", None, "The training config of the model (configs/*.py).",
+      lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A training workdir.")
+  flags.DEFINE_enum("which", "latest", ["latest", "best"],
+                    "With --checkpoint: the latest or the best checkpoint.")
+  flags.DEFINE_string("torch_checkpoint", None,
+                      "An official-layout PyTorch .pth file.")
+  flags.DEFINE_string("output", None, "Where to write the exported model.")
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                    "Platforms to lower for (cpu, cuda, rocm, tpu).")
+  flags.mark_flags_as_required(["config", "output"])
+
+
+def main(argv: Sequence[str]) -> int:
+  """Exports; the last line printed is a JSON object with `output`,
+  `bytes`, `platforms` and `input_shape`."""
+  if len(argv) > 1:
+    return train_lib.cli_error(f"unexpected arguments: {list(argv[1:])}")
+  try:
+    config = FLAGS.config
+    info = data_lib.dataset_info(config.dataset)
+    model, variables = load_variables(
+        config, checkpoint=FLAGS.checkpoint, which=FLAGS.which,
+        torch_checkpoint=FLAGS.torch_checkpoint)
+    exported = export_model(model, variables, info,
+                            platforms=FLAGS.platforms)
+    path = save(exported, FLAGS.output)
+  except train_lib.USER_ERRORS as e:
+    return train_lib.cli_error(e)
+  print(json.dumps({"output": str(path), "bytes": path.stat().st_size,
+                    "platforms": list(exported.platforms),
+                    "input_shape": ["batch", *info.image_shape],
+                    "input": "float32 pixels in [0, 1]"}), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=train_lib.cli_parse_flags)
