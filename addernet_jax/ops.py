@@ -6,12 +6,17 @@ Backward: dw = sum (xp - w) g  (full-precision gradient, returned raw)
 
 `implementation` selects who computes the forward and the input gradient:
 "xla" (pure jnp, `addernet_jax.reference`) or "pallas" (`kernels/`); None
-picks Pallas on GPU/TPU and XLA elsewhere. The filter gradient always uses the
-convolution weight-gradient identity (see `reference.filter_grad`).
+picks Pallas on GPU/TPU and XLA elsewhere. Pallas kernels are used only after
+`kernels.dispatch` has built, run and compared them with XLA on the exact
+call (once per process and call signature; failures fall back along Mosaic
+GPU -> Triton -> XLA with one log line); `record_backends` says what ran.
+The filter gradient always uses the convolution weight-gradient identity
+(see `reference.filter_grad`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -37,42 +42,90 @@ class Backend(NamedTuple):
   `input_grad_takes_window`: its input_grad accepts `rows=(start, stop)` and
   `cols=(start, stop)`, the padded-input window whose gradient is needed (the
   rest is padding the caller crops), and may skip the rest.
+  `name`: what runs: "xla", or the Pallas kernel family that dispatch chose
+  and checked ("triton", "mosaic_gpu", "tpu"; see `kernels.dispatch`).
   """
   forward: Callable[[jax.Array, jax.Array, tuple[int, int]], jax.Array]
   input_grad: Callable[..., jax.Array]
   input_grad_takes_window: bool = False
+  name: str = "xla"
 
 
-XLA_BACKEND = Backend(reference.forward, reference.input_grad)
+XLA_BACKEND = Backend(reference.forward, reference.input_grad, False, "xla")
+_REFERENCE = (reference.forward, reference.input_grad)
+
+Window = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _pallas_backend(xp_shape, w_shape, strides, dtype) -> Backend | None:
-  """The Pallas backend for these shapes, or None where it does not apply."""
+@functools.lru_cache(maxsize=None)
+def _kernel_dispatch():
+  """`addernet_jax.kernels.dispatch`, or None (logged once) where it cannot
+  be imported: any exception, e.g. an AttributeError from a Pallas API that
+  moved in the installed JAX, not only an ImportError."""
   try:
-    from addernet_jax.kernels import dispatch as kernel_dispatch  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    from addernet_jax.kernels import dispatch  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    log.warning("adder_conv: the Pallas kernels cannot be imported (%s: %s); "
+                "using the XLA implementation.", type(e).__name__, e)
     return None
-  return kernel_dispatch.backend_for(xp_shape, w_shape, strides, dtype)
+  return dispatch
+
+
+def _pallas_backend(xp_shape, w_shape, strides, dtype,
+                    window: Window | None = None) -> Backend | None:
+  """The checked Pallas backend for this call, or None (use XLA)."""
+  dispatch = _kernel_dispatch()
+  if dispatch is None:
+    return None
+  rows, cols = window if window is not None else (None, None)
+  kernels = dispatch.backend_for(xp_shape, w_shape, strides, dtype, rows=rows,
+                                 cols=cols, reference=_REFERENCE)
+  if kernels is None:
+    return None
+  return Backend(kernels.forward, kernels.input_grad,
+                 kernels.input_grad_takes_window, kernels.name)
 
 
 _warned: set[tuple[Any, ...]] = set()
+_recorders: list[list[dict[str, Any]]] = []
+
+
+@contextlib.contextmanager
+def record_backends():
+  """Records which implementation each adder layer traced inside the block
+  runs: yields a list that receives one dict per forward and per input
+  gradient traced (`kind`, `implementation`: "xla" or the kernel family,
+  `requested`, shapes, strides, dtype). Benchmarks label their rows with it.
+  """
+  record: list[dict[str, Any]] = []
+  _recorders.append(record)
+  try:
+    yield record
+  finally:
+    _recorders.remove(record)
 
 
 def _select_backend(implementation: str | None, xp_shape, w_shape,
-                    strides, dtype) -> Backend:
-  if implementation == "xla":
-    return XLA_BACKEND
-  if implementation is None and jax.default_backend() not in ("gpu", "tpu"):
-    return XLA_BACKEND
-  backend = _pallas_backend(xp_shape, w_shape, strides, dtype)
-  if backend is None:
-    key = (implementation, tuple(xp_shape), tuple(w_shape), tuple(strides))
-    if key not in _warned:
-      _warned.add(key)
-      log.warning("adder_conv: no Pallas kernel for input %s, filters %s, "
-                  "strides %s; using the XLA implementation.",
-                  tuple(xp_shape), tuple(w_shape), tuple(strides))
-    return XLA_BACKEND
+                    strides, dtype, window: Window | None = None,
+                    kind: str = "forward") -> Backend:
+  backend = XLA_BACKEND
+  if implementation == "pallas" or (implementation is None and
+                                    jax.default_backend() in ("gpu", "tpu")):
+    backend = _pallas_backend(xp_shape, w_shape, strides, dtype, window)
+    if backend is None:
+      key = (implementation, tuple(xp_shape), tuple(w_shape), tuple(strides))
+      if key not in _warned:
+        _warned.add(key)
+        log.warning("adder_conv: no Pallas kernel for input %s, filters %s, "
+                    "strides %s; using the XLA implementation.",
+                    tuple(xp_shape), tuple(w_shape), tuple(strides))
+      backend = XLA_BACKEND
+  for record in _recorders:
+    record.append({"kind": kind, "implementation": backend.name,
+                   "requested": implementation or "default",
+                   "xp_shape": tuple(int(d) for d in xp_shape),
+                   "w_shape": tuple(int(d) for d in w_shape),
+                   "strides": tuple(strides), "dtype": jnp.dtype(dtype).name})
   return backend
 
 
@@ -130,10 +183,10 @@ def _adder_padded(xp: jax.Array, w: jax.Array, strides: tuple[int, int],
                   window: tuple[tuple[int, int], tuple[int, int]]
                   ) -> jax.Array:
   """The adder layer on the padded input; `window` = the (rows, cols) of xp
-  that are not padding (only the backward uses it)."""
-  del window
+  that are not padding (the input gradient is needed there only; dispatch
+  checks the kernels on exactly that call)."""
   backend = _select_backend(implementation, xp.shape, w.shape, strides,
-                            xp.dtype)
+                            xp.dtype, window, "forward")
   return backend.forward(xp, w, strides).astype(jnp.result_type(xp, w))
 
 
@@ -164,7 +217,7 @@ def _match_varying_axes(cotangent, primal):
 def _adder_padded_bwd(strides, implementation, window, residuals, g):
   xp, w = residuals
   backend = _select_backend(implementation, xp.shape, w.shape, strides,
-                            xp.dtype)
+                            xp.dtype, window, "input_grad")
   if backend.input_grad_takes_window:
     dxp = backend.input_grad(xp, w, g, strides, rows=window[0],
                              cols=window[1])

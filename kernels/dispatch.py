@@ -1,169 +1,482 @@
-"""Picks the Pallas kernels for `addernet_jax.ops` (its `implementation="pallas"`).
+"""Picks the Pallas kernels for `addernet_jax.ops`, and checks each before use.
 
-`backend_for(xp_shape, w_shape, strides)` returns an `addernet_jax.ops.Backend`
-or None (ops then falls back to XLA with a one-time log line):
+`backend_for(xp_shape, w_shape, strides, dtype, rows=, cols=, reference=)`
+returns a `Kernels` (this module's own small tuple of plain callables, which
+`addernet_jax.ops` wraps; nothing here imports `addernet_jax`) or None, in
+which case ops uses its XLA implementation.
 
-- "gpu": the Triton-lowered kernels of `kernels.gpu` (see below for why).
-- "tpu": the Mosaic TPU kernels of `kernels.tpu`.
-- "cpu": the `kernels.gpu` kernels in Pallas interpret mode, so that the test
-  suite exercises the kernel logic on every CI run (set
-  `ADDERNET_CPU_KERNELS=tpu` or `=mosaic` to interpret the TPU kernels or the
-  Mosaic GPU forward instead; the latter needs JAX >= 0.11).
+Families and the fallback chain. A kernel family is a module of this package
+with `forward(xp, w, strides, *, interpret)` and `input_grad(xp, w, g,
+strides, *, interpret[, rows, cols])` (`FAMILY_MODULES`):
+
+- "triton": `kernels.gpu`, Pallas with the Triton lowering (CUDA cores).
+- "mosaic_gpu": `kernels.mosaic_gpu`, a Pallas Mosaic GPU forward (Hopper)
+  with the Triton input gradient.
+- "tpu": `kernels.tpu`, Pallas Mosaic TPU.
+
+Each platform tries a chain of families in order and falls back to XLA after
+the last: on a GPU `ADDERNET_GPU_KERNELS` names it ("triton", the default;
+"mosaic" = Mosaic GPU -> Triton; "xla" = none; or a comma-separated list of
+family names), on a TPU it is ("tpu",), and on the CPU the families run in
+Pallas interpret mode, chosen with `ADDERNET_CPU_KERNELS` ("gpu" = Triton,
+the default; "tpu"; "mosaic" = Mosaic GPU -> Triton, JAX >= 0.11), so that
+the test suite exercises the kernel logic and this dispatch on every run.
+A family is skipped (and the next tried) when it cannot be imported (any
+exception, not only ImportError), does not take the shapes (the family's own
+`unsupported_reason`), cannot interpret on this JAX, or fails its check.
+
+Check on first use (`kernel_failure`). Once per process and distinct call
+(family, shapes, dtype, input-gradient window), before a family is used:
+build the exact forward and input-gradient calls `ops` will make (the
+operands' dtype, the window), run them on random data of the call's shapes,
+and compare with the XLA reference `ops` passes (relative L2 and max error,
+`TOLERANCE` by dtype; a non-finite value never passes). A family that fails
+to build, fails at run time, returns other shapes or computes wrong numbers
+is logged once (family, shapes, reason) and the next in the chain is tried.
+The check runs eagerly, ahead-of-time compiled on concrete data, so it works
+while `jax.jit` or `jax.shard_map` traces the caller (inside `shard_map` on
+the per-device shapes). Operands are capped at
+`ADDERNET_KERNEL_PROBE_MAX_MB` (default 1024 MiB, the kernel's and the
+reference's outputs included): a larger call is checked on fewer images (the
+batch is only the outermost grid axis of every kernel), every other
+dimension exact. `ADDERNET_KERNEL_PROBE=0` turns the check off, `=1` turns
+it on in interpret mode too (off there by default: on the CPU the kernels
+are a test vehicle, and the check would double their compile time).
+
+Limit: on CUDA an illegal memory access is sticky (the process's context is
+lost), so after such a failure the XLA fallback fails too; the log line then
+names the kernel that caused it.
 
 GPU lowering choice. The adder kernels are broadcast-subtract-abs-accumulate
-loops on CUDA cores: no tensor-core (wgmma) work. Triton lays out the register
-tiles and broadcasts itself and lowers the same kernel source on JAX 0.10 to
-0.12 (deprecated since 0.11, still present; selected explicitly with Triton
-`CompilerParams`, so the `jax_pallas_use_mosaic_gpu` default does not matter),
-and runs on Ampere too; Mosaic GPU (Hopper and newer) is JAX's supported GPU
-backend. Triton is the default by reasoning, not measurement: no GPU was
-available when this was written. The choice is switchable with `ADDERNET_GPU_KERNELS`:
-"triton" (default), "mosaic" (`kernels.mosaic_gpu`: a Mosaic GPU forward, for
-Hopper, with the Triton input gradient; written so the choice can be made by
-measuring both with `benchmarks/gpu_session.sh`) or "xla" (no Pallas kernel).
+loops on CUDA cores: no tensor-core (wgmma) work. Triton lays out the
+register tiles and broadcasts itself and lowers the same kernel source on JAX
+0.10 to 0.12 (deprecated since 0.11, still present; selected explicitly with
+Triton `CompilerParams`), and runs on Ampere too; Mosaic GPU (Hopper and
+newer) is JAX's supported GPU backend. Triton is the default by reasoning,
+not measurement; `benchmarks/gpu_session.sh` measures both.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import os
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from addernet_jax.ops import Backend
-from . import gpu, layout, tpu
-
-try:  # Mosaic GPU's Pallas API moves between JAX releases.
-  from . import mosaic_gpu
-except ImportError:  # pragma: no cover - a JAX without Pallas Mosaic GPU.
-  mosaic_gpu = None
+from . import layout
 
 log = logging.getLogger(__name__)
 
-# Offsets inside the Triton kernels are int32 unless an operand exceeds 4 GiB;
-# the TPU path builds a patches matrix, which we cap to keep memory bounded.
-MAX_TPU_PATCHES_BYTES = 4 << 30
+# Family name -> the module of this package that implements it (a module
+# object may stand in, e.g. in tests).
+FAMILY_MODULES: dict[str, Any] = {"triton": "gpu", "mosaic_gpu": "mosaic_gpu",
+                                  "tpu": "tpu"}
+# Names accepted in ADDERNET_GPU_KERNELS / ADDERNET_CPU_KERNELS besides the
+# family names (a comma-separated list of either is a chain).
+GPU_CHAINS = {"triton": ("triton",), "mosaic": ("mosaic_gpu", "triton"),
+              "xla": ()}
+CPU_CHAINS = {"gpu": ("triton",), "triton": ("triton",), "tpu": ("tpu",),
+              "mosaic": ("mosaic_gpu", "triton"), "xla": ()}
+TPU_CHAIN = ("tpu",)
 
-# "mosaic": the Mosaic GPU forward (Hopper) with the Triton input gradient;
-# shapes it does not take use the Triton pair.
-_GPU_FAMILIES = {"triton": gpu}
-if mosaic_gpu is not None:
-  _GPU_FAMILIES["mosaic"] = mosaic_gpu
+# The TPU path builds a patches matrix, which we cap to keep memory bounded.
+MAX_TPU_PATCHES_BYTES = 4 << 30
+# Kernel-vs-reference tolerance (relative L2 and max error relative to the
+# reference's largest value) by input dtype. The kernels and the reference
+# both accumulate in float32 from the same (exactly representable) inputs:
+# measured differences are ~1e-7..2e-6; a wrong tap, tile or index is O(1).
+TOLERANCE = {"float32": 2e-4, "float16": 5e-3, "bfloat16": 2e-2}
+PROBE_SEED = 0x5EED
+
+
+class Kernels(NamedTuple):
+  """One kernel family's two calls, as `addernet_jax.ops` will make them.
+
+  `input_grad_takes_window`: `input_grad` accepts `rows=(start, stop)` and
+  `cols=(start, stop)` of the padded input (the rest is padding the caller
+  crops) and may skip the rest.
+  """
+  name: str
+  forward: Callable[..., jax.Array]
+  input_grad: Callable[..., jax.Array]
+  input_grad_takes_window: bool = False
+  interpret: bool = False
+
+
+# ------------------------------------------------------------- families --
+
+_lock = threading.RLock()
+_imported: dict[tuple[str, Any], tuple[Any, str | None]] = {}
+_checked: dict[tuple, tuple[Any, str | None]] = {}
+_logged: set[tuple] = set()
+
+
+def reset() -> None:
+  """Forgets every check, import attempt and logged line (for tests)."""
+  with _lock:
+    _imported.clear()
+    _checked.clear()
+    _logged.clear()
+
+
+def load_family(name: str) -> tuple[Any, str | None]:
+  """(module, None), or (None, why it cannot be imported). Any exception at
+  import (an AttributeError from a moved Pallas API, say) counts."""
+  entry = FAMILY_MODULES.get(name)
+  if entry is None:
+    return None, f"unknown kernel family {name!r} (known: {sorted(FAMILY_MODULES)})"
+  if not isinstance(entry, str):
+    return entry, None
+  key = (name, entry)
+  with _lock:
+    if key not in _imported:
+      try:
+        _imported[key] = (importlib.import_module(f".{entry}", __package__),
+                          None)
+      except Exception as e:  # pylint: disable=broad-except
+        _imported[key] = (None, f"import of kernels.{entry} failed: "
+                          f"{_one_line(e)}")
+    return _imported[key]
+
+
+def make_kernels(name: str, module: Any, interpret: bool) -> Kernels:
+  """The `Kernels` of family `name` implemented by `module`."""
+  return Kernels(
+      name=name,
+      forward=functools.partial(module.forward, interpret=interpret),
+      input_grad=functools.partial(module.input_grad, interpret=interpret),
+      input_grad_takes_window=bool(getattr(module, "INPUT_GRAD_TAKES_WINDOW",
+                                           False)),
+      interpret=interpret)
+
+
+def chain_for(platform: str) -> tuple[tuple[str, ...], bool]:
+  """(family names to try in order, interpret) on `platform`."""
+  if platform == "gpu":
+    return _parse_chain("ADDERNET_GPU_KERNELS", "triton", GPU_CHAINS), False
+  if platform == "tpu":
+    return TPU_CHAIN, False
+  if platform == "cpu":
+    return _parse_chain("ADDERNET_CPU_KERNELS", "gpu", CPU_CHAINS), True
+  return (), False
+
+
+def _parse_chain(variable: str, default: str,
+                 aliases: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+  value = os.environ.get(variable, default).strip().lower() or default
+  chain: list[str] = []
+  for token in filter(None, (t.strip() for t in value.split(","))):
+    names = aliases.get(token, (token,) if token in FAMILY_MODULES else None)
+    if names is None:
+      _log_once(("env", variable, token), logging.WARNING,
+                "kernels.dispatch: %s=%r: %r is not one of %s or a family %s; "
+                "ignored", variable, value, token, sorted(aliases),
+                sorted(FAMILY_MODULES))
+      continue
+    chain += [n for n in names if n not in chain]
+  return tuple(chain)
+
+
+# ------------------------------------------------------------- shapes --
 
 
 def unsupported_reason(xp_shape: Sequence[int], w_shape: Sequence[int],
                        strides: Sequence[int], platform: str) -> str | None:
-  """Why the kernels do not take these shapes, or None if they do."""
+  """Why no kernel takes these shapes on `platform`, or None."""
   try:
     layout.check_shapes("dispatch", tuple(xp_shape), tuple(w_shape),
                         tuple(strides))
   except ValueError as e:
     return str(e)
   if platform == "tpu":
-    ho, wo = layout.output_hw(xp_shape, w_shape, strides)
-    k = w_shape[0] * w_shape[1] * w_shape[2]
-    patches = 4 * k * xp_shape[0] * ho * wo
-    if patches > MAX_TPU_PATCHES_BYTES:
-      return (f"TPU patches matrix would take {patches} bytes "
-              f"(> {MAX_TPU_PATCHES_BYTES})")
+    return _tpu_patches_reason(xp_shape, w_shape, strides)
   return None
 
 
-def _backend(module, interpret: bool) -> Backend:
-  return Backend(
-      forward=functools.partial(module.forward, interpret=interpret),
-      input_grad=functools.partial(module.input_grad, interpret=interpret),
-      input_grad_takes_window=getattr(module, "INPUT_GRAD_TAKES_WINDOW",
-                                      False))
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_failure(module, xp_shape: tuple[int, ...], w_shape: tuple[int, ...],
-                   strides: tuple[int, int], dtype: str) -> str | None:
-  """Why `module`'s kernels fail to lower or compile for these shapes, or None.
-
-  Run once per shape on a real GPU/TPU before the kernels are used, so that a
-  kernel the installed JAX, Triton or Mosaic cannot build (a deprecated
-  lowering removed, an op it does not support) becomes a logged XLA fallback
-  rather than an error in the user's step. Costs one kernel compile per shape.
-  `ADDERNET_KERNEL_PROBE=0` skips it.
-  """
-  if os.environ.get("ADDERNET_KERNEL_PROBE", "1") == "0":
-    return None
+def _tpu_patches_reason(xp_shape, w_shape, strides) -> str | None:
   ho, wo = layout.output_hw(xp_shape, w_shape, strides)
-  xp = jax.ShapeDtypeStruct(xp_shape, jnp.dtype(dtype))
-  w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
-  g = jax.ShapeDtypeStruct((xp_shape[0], ho, wo, w_shape[3]), jnp.float32)
-  try:
-    jax.jit(lambda a, b: module.forward(a, b, strides)).trace(
-        xp, w).lower().compile()
-    jax.jit(lambda a, b, c: module.input_grad(a, b, c, strides)).trace(
-        xp, w, g).lower().compile()
-  except Exception as e:  # pylint: disable=broad-except
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  k = w_shape[0] * w_shape[1] * w_shape[2]
+  patches = 4 * k * xp_shape[0] * ho * wo
+  if patches > MAX_TPU_PATCHES_BYTES:
+    return (f"TPU patches matrix would take {patches} bytes "
+            f"(> {MAX_TPU_PATCHES_BYTES})")
   return None
 
 
-def _checked_backend(module, xp_shape, w_shape, strides, dtype) -> Backend | None:
-  reason = kernel_failure(module, tuple(int(d) for d in xp_shape),
-                          tuple(int(d) for d in w_shape), strides,
-                          jnp.dtype(dtype).name)
-  if reason is not None:
-    log.warning("kernels.dispatch: the %s kernels failed to build for xp %s, "
-                "w %s, strides %s (%s); using the XLA implementation.",
-                module.__name__, tuple(xp_shape), tuple(w_shape), strides,
-                reason)
+def _family_refuses(name: str, module: Any, xp_shape, w_shape, strides,
+                    interpret: bool) -> str | None:
+  if interpret and not getattr(module, "interpret_supported", lambda: True)():
+    return f"no interpret mode on JAX {jax.__version__}"
+  if name == "tpu":
+    reason = _tpu_patches_reason(xp_shape, w_shape, strides)
+    if reason:
+      return reason
+  refuses = getattr(module, "unsupported_reason", None)
+  if refuses is not None:
+    try:
+      return refuses(tuple(xp_shape), tuple(w_shape), tuple(strides))
+    except Exception as e:  # pylint: disable=broad-except
+      return f"unsupported_reason raised {_one_line(e)}"
+  return None
+
+
+# ---------------------------------------------------- check on first use --
+
+
+def probe_enabled(interpret: bool = False) -> bool:
+  """`ADDERNET_KERNEL_PROBE`: "0" off, "1" on; unset: on for kernels compiled
+  for a device, off in interpret mode (the CPU, where the kernels run only as
+  a test vehicle and the check would double their compile time)."""
+  value = os.environ.get("ADDERNET_KERNEL_PROBE", "")
+  return value == "1" if value in ("0", "1") else not interpret
+
+
+def _probe_budget_bytes() -> int:
+  try:
+    return int(float(os.environ.get("ADDERNET_KERNEL_PROBE_MAX_MB", "1024"))
+               * 2**20)
+  except ValueError:
+    return 1024 * 2**20
+
+
+def probe_batch(xp_shape, w_shape, strides, dtype) -> int:
+  """Images the check runs: the call's batch, or fewer to fit the budget.
+
+  Per image: the inputs (xp, g) in `dtype`, and in float32 the kernel's
+  and the reference's outputs (y and dxp each), about what is live at once.
+  """
+  n = int(xp_shape[0])
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  xp_px = math.prod(xp_shape[1:])
+  y_px = ho * wo * w_shape[3]
+  per_image = (jnp.dtype(dtype).itemsize * (xp_px + y_px)
+               + 4 * 2 * (xp_px + y_px))
+  fixed = 3 * 4 * math.prod(w_shape)
+  return max(1, min(n, (_probe_budget_bytes() - fixed) // max(per_image, 1)))
+
+
+def _one_line(e: BaseException) -> str:
+  """The exception in one line: its first line, and its last where they
+  differ (a runtime error's text often ends with the cause's traceback)."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  text = lines[0][:300] if lines else ""
+  if len(lines) > 1:
+    text += f" ... {lines[-1][:300]}"
+  return f"{type(e).__name__}: {text}"
+
+
+def _uniform(seed: jax.Array, shape, dtype, salt: int) -> jax.Array:
+  """Counter-based hash noise, uniform with unit variance in [-sqrt(3),
+  sqrt(3)): cheap to compile (threefry normals took 25 s on a busy CPU) and
+  never constant. Every element differs from its neighbours."""
+  x = lax.iota(jnp.uint32, math.prod(shape))
+  x = x + (seed.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+           + jnp.uint32((salt * 0x85EBCA6B) & 0xFFFFFFFF))
+  for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):
+    x = x ^ (x >> shift)
+    if mult is not None:
+      x = x * jnp.uint32(mult)
+  u = (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+  return ((u - 0.5) * jnp.float32(2 * math.sqrt(3.0))).reshape(shape).astype(
+      dtype)
+
+
+def _rel_errors(got, want) -> list[jax.Array]:
+  got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+  diff = got - want
+  scale_l2 = jnp.maximum(jnp.linalg.norm(want), 1e-30)
+  scale_max = jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
+  return [jnp.linalg.norm(diff) / scale_l2,
+          jnp.max(jnp.abs(diff)) / scale_max]
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(xp_shape, w_shape, strides, dtype_name, rows, cols, reference):
+  """The compiled data and comparison programs of one call signature (shared
+  by every family checked on it)."""
+  dtype = jnp.dtype(dtype_name)
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  g_shape = (xp_shape[0], ho, wo, w_shape[3])
+  crop = (slice(None), slice(*(rows or (None, None))),
+          slice(*(cols or (None, None))), slice(None))
+
+  def data(seed):
+    return (_uniform(seed, xp_shape, dtype, 1), _uniform(seed, w_shape, dtype, 2),
+            _uniform(seed, g_shape, dtype, 3))
+
+  def compare(xp, w, g, y, dxp):
+    dx = dxp[crop]
+    out = [jnp.all(jnp.isfinite(y)), jnp.all(jnp.isfinite(dx))]
+    if reference is not None:
+      out += _rel_errors(y, reference[0](xp, w, strides))
+      out += _rel_errors(dx, reference[1](xp, w, g, strides)[crop])
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in out])
+
+  spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
+  data_c = jax.jit(data).trace(spec((), jnp.int32)).lower().compile()
+  compare_c = jax.jit(compare).trace(
+      spec(xp_shape, dtype), spec(w_shape, dtype), spec(g_shape, dtype),
+      spec(g_shape, jnp.float32), spec(xp_shape, jnp.float32)).lower().compile()
+  return data_c, compare_c
+
+
+def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
+                  w_shape: Sequence[int], strides: Sequence[int],
+                  dtype: Any, *, rows: tuple[int, int] | None = None,
+                  cols: tuple[int, int] | None = None,
+                  reference: tuple[Callable, Callable] | None = None
+                  ) -> str | None:
+  """Why `kernels` must not be used for this call, or None (not cached).
+
+  Builds ahead of time the forward and the input gradient exactly as `ops`
+  calls them (xp, w and g in `dtype`, passed as arguments; the (rows, cols)
+  window where the family takes one), runs them on random data of the
+  call's shapes (`probe_batch` images), and compares them with `reference =
+  (forward, input_grad)` (XLA) inside the window. Without a reference only
+  building, running and finite outputs are checked.
+  """
+  xp_shape, w_shape = tuple(map(int, xp_shape)), tuple(map(int, w_shape))
+  strides = tuple(map(int, strides))
+  dtype = jnp.dtype(dtype)
+  rows = None if rows is None else tuple(map(int, rows))
+  cols = None if cols is None else tuple(map(int, cols))
+  xp_shape = (probe_batch(xp_shape, w_shape, strides, dtype), *xp_shape[1:])
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  g_shape = (xp_shape[0], ho, wo, w_shape[3])
+  window = {}
+  if kernels.input_grad_takes_window:
+    window = {k: v for k, v in (("rows", rows), ("cols", cols))
+              if v is not None}
+
+  def run(xp, w, g):  # float32 here: no eager op may run outside a program
+    return (kernels.forward(xp, w, strides).astype(jnp.float32),
+            kernels.input_grad(xp, w, g, strides, **window).astype(
+                jnp.float32))
+
+  try:
+    data_c, compare_c = _programs(xp_shape, w_shape, strides, dtype.name,
+                                  rows, cols, reference)
+    xp, w, g = data_c(np.int32(PROBE_SEED))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"could not be checked (the check's own programs failed): {_one_line(e)}"
+  try:
+    compiled = jax.jit(run).trace(xp, w, g).lower().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"does not build: {_one_line(e)}"
+  try:
+    y, dxp = compiled(xp, w, g)
+    jax.block_until_ready((y, dxp))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"fails at run time: {_one_line(e)}"
+  if tuple(y.shape) != g_shape or tuple(dxp.shape) != xp_shape:
+    return (f"returns shapes {tuple(y.shape)} and {tuple(dxp.shape)}, "
+            f"expected {g_shape} and {xp_shape}")
+  try:
+    stats = np.asarray(compare_c(xp, w, g, y, dxp))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"could not be compared with XLA: {_one_line(e)}"
+  del xp, w, g, y, dxp
+  if not stats[0] or not stats[1]:
+    which = " and ".join(n for n, ok in (("forward", stats[0]),
+                                         ("input gradient", stats[1]))
+                         if not ok)
+    return f"computes non-finite values ({which}) on finite random data"
+  if reference is not None:
+    tol = TOLERANCE.get(dtype.name, TOLERANCE["float32"])
+    errors = stats[2:]
+    if not np.all(errors <= tol):
+      return (f"computes wrong numbers: relative error against XLA forward "
+              f"{errors[0]:.1e} (L2) / {errors[1]:.1e} (max), input gradient "
+              f"{errors[2]:.1e} / {errors[3]:.1e} (tolerance {tol:g} for "
+              f"{dtype.name})")
+  return None
+
+
+def kernel_failure(name: str, module: Any, xp_shape, w_shape, strides, dtype,
+                   *, rows=None, cols=None, interpret: bool = False,
+                   reference: tuple[Callable, Callable] | None = None
+                   ) -> str | None:
+  """`check_kernels` of family `name` (implemented by `module`), once per
+  process and distinct call; None when `ADDERNET_KERNEL_PROBE=0`."""
+  if not probe_enabled(interpret):
     return None
-  return _backend(module, interpret=False)
+  key = (name, id(module), tuple(map(int, xp_shape)), tuple(map(int, w_shape)),
+         tuple(map(int, strides)), jnp.dtype(dtype).name,
+         None if rows is None else tuple(rows),
+         None if cols is None else tuple(cols), interpret, reference)
+  with _lock:
+    if key not in _checked:  # the module is kept so that its id stays unique
+      _checked[key] = (module, check_kernels(
+          make_kernels(name, module, interpret), xp_shape, w_shape, strides,
+          dtype, rows=rows, cols=cols, reference=reference))
+    return _checked[key][1]
+
+
+def _log_once(key, level, message, *args) -> None:
+  with _lock:
+    if key in _logged:
+      return
+    _logged.add(key)
+  log.log(level, message, *args)
 
 
 def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
-                strides: Sequence[int],
-                dtype: Any = jnp.float32) -> Backend | None:
-  """The Pallas backend for these shapes on the default JAX backend, or None.
+                strides: Sequence[int], dtype: Any = jnp.float32, *,
+                rows: tuple[int, int] | None = None,
+                cols: tuple[int, int] | None = None,
+                reference: tuple[Callable, Callable] | None = None
+                ) -> Kernels | None:
+  """The first family of this platform's chain that takes, builds, runs and
+  matches `reference` for this exact call; None (XLA) when none does.
 
-  None (with a log line saying why) where the kernels do not take the shapes
-  or, on a GPU/TPU, fail to build for them (`kernel_failure`).
+  Args:
+    xp_shape, w_shape, strides: the padded input NHWC, filters HWIO, strides.
+    dtype: the dtype of xp, w and the output gradient.
+    rows, cols: the padded-input window whose gradient the caller keeps.
+    reference: `(forward, input_grad)` of the XLA implementation the
+      kernels are checked against (`addernet_jax.reference`'s, from ops).
   """
   platform = jax.default_backend()
+  xp_shape, w_shape = tuple(map(int, xp_shape)), tuple(map(int, w_shape))
   strides = tuple(int(s) for s in strides)
   reason = unsupported_reason(xp_shape, w_shape, strides, platform)
   if reason is not None:
-    log.info("kernels.dispatch: no kernel for xp %s, w %s, strides %s: %s",
-             tuple(xp_shape), tuple(w_shape), strides, reason)
+    _log_once(("shape", xp_shape, w_shape, strides), logging.INFO,
+              "kernels.dispatch: no kernel for xp %s, w %s, strides %s: %s",
+              xp_shape, w_shape, strides, reason)
     return None
-  if platform == "gpu":
-    choice = os.environ.get("ADDERNET_GPU_KERNELS", "triton").lower()
-    module = _GPU_FAMILIES.get(choice)
-    if module is None:
-      if choice != "xla":
-        log.warning("kernels.dispatch: ADDERNET_GPU_KERNELS=%r is not one of "
-                    "%s or 'xla'", choice, sorted(_GPU_FAMILIES))
-      return None
-    if module is mosaic_gpu and mosaic_gpu is not None:
-      why = mosaic_gpu.unsupported_reason(tuple(xp_shape), tuple(w_shape),
-                                          strides)
-      if why is not None:
-        log.info("kernels.dispatch: Mosaic GPU forward does not take xp %s, "
-                 "w %s (%s); using the Triton kernels", tuple(xp_shape),
-                 tuple(w_shape), why)
-        module = gpu
-    return _checked_backend(module, xp_shape, w_shape, strides, dtype)
-  if platform == "tpu":
-    return _checked_backend(tpu, xp_shape, w_shape, strides, dtype)
-  if platform == "cpu":
-    choice = os.environ.get("ADDERNET_CPU_KERNELS", "gpu").lower()
-    if choice == "mosaic" and mosaic_gpu is not None and (
-        mosaic_gpu.interpret_supported()) and (
-        mosaic_gpu.unsupported_reason(tuple(xp_shape), tuple(w_shape),
-                                      strides) is None):
-      return _backend(mosaic_gpu, interpret=True)
-    return _backend(tpu if choice == "tpu" else gpu, interpret=True)
+  chain, interpret = chain_for(platform)
+  dtype_name = jnp.dtype(dtype).name
+  for position, name in enumerate(chain):
+    then = (chain[position + 1] if position + 1 < len(chain)
+            else "the XLA implementation")
+    module, why = load_family(name)
+    level = logging.WARNING
+    if module is not None:
+      why = _family_refuses(name, module, xp_shape, w_shape, strides,
+                            interpret)
+      level = logging.INFO  # a family that does not take a shape: expected
+      if why is None:
+        why = kernel_failure(name, module, xp_shape, w_shape, strides,
+                             dtype_name, rows=rows, cols=cols,
+                             interpret=interpret, reference=reference)
+        level = logging.WARNING
+    if why is None:
+      return make_kernels(name, module, interpret)
+    _log_once((name, xp_shape, w_shape, strides, dtype_name, rows, cols),
+              level, "kernels.dispatch: %s kernels %s for xp %s, w %s, "
+              "strides %s, %s, window rows %s cols %s: %s; using %s.",
+              name, "not used" if level == logging.INFO else "rejected",
+              xp_shape, w_shape, strides, dtype_name, rows, cols, why, then)
   return None
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from addernet_jax import ops, reference
+from addernet_jax import ops
 from addernet_jax.kernels import dispatch, gpu, layout, mosaic_gpu, tpu
 
 
@@ -452,25 +452,31 @@ def test_kernels_lower_for_device(family, platform, markers, xp_shape, w_shape,
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="checks the CPU (interpret-mode) dispatch")
 def test_dispatch_on_cpu_interprets_gpu_kernels():
+  dispatch.reset()
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
-  assert isinstance(backend, ops.Backend)
+  assert isinstance(backend, dispatch.Kernels)
+  assert backend.name == "triton" and backend.interpret
   assert backend.forward.func is gpu.forward
   assert backend.forward.keywords == {"interpret": True}
   assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 4, 5), (1, 1)) is None
   assert dispatch.backend_for((2, 2, 2, 3), (3, 3, 3, 5), (1, 1)) is None
+  # ops wraps it in its own Backend, named after the family that runs.
+  wrapped = ops._pallas_backend((2, 7, 9, 3), (3, 3, 3, 5), (1, 1), "float32")
+  assert isinstance(wrapped, ops.Backend) and wrapped.name == "triton"
 
 
 def test_dispatch_switches(monkeypatch):
-  # No GPU/TPU here to build the kernels on: the build probe is tested below.
-  monkeypatch.setattr(dispatch, "kernel_failure", lambda *args: None)
+  # No GPU/TPU here to build the kernels on: the check on first use is
+  # tested in tests/test_dispatch.py with injected failures.
+  monkeypatch.setattr(dispatch, "kernel_failure", lambda *a, **k: None)
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu")
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
   assert backend.input_grad.func is tpu.input_grad
   assert backend.input_grad.keywords == {"interpret": True}
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)).forward.func \
-      is tpu.forward
+  backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
+  assert backend.forward.func is tpu.forward and backend.name == "tpu"
   # A patches matrix over the cap is refused on TPU (XLA fallback), not run.
   assert dispatch.backend_for((4096, 226, 226, 64), (3, 3, 64, 64),
                               (1, 1)) is None
@@ -479,59 +485,44 @@ def test_dispatch_switches(monkeypatch):
   assert dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) is None
   monkeypatch.setenv("ADDERNET_GPU_KERNELS", "triton")
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
-  assert backend.forward.func is gpu.forward
+  assert backend.forward.func is gpu.forward and backend.name == "triton"
   assert backend.forward.keywords == {"interpret": False}
   monkeypatch.setenv("ADDERNET_GPU_KERNELS", "mosaic")
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
   assert backend.forward.func is mosaic_gpu.forward
+  assert backend.name == "mosaic_gpu"
   # Shapes the Mosaic GPU forward does not take run the Triton pair.
   backend = dispatch.backend_for((1, 300, 300, 3), (7, 7, 3, 8), (1, 1))
-  assert backend.forward.func is gpu.forward
+  assert backend.forward.func is gpu.forward and backend.name == "triton"
   assert dispatch.mac_count((2, 7, 9, 3), (3, 3, 3, 5), (1, 1)) == (
       2 * 5 * 7 * 3 * 3 * 3 * 5)
 
 
-class _ReferenceFamily:
-  """A kernel family that builds anywhere (the pure-jnp functions)."""
-  __name__ = "reference_family"
-
-  @staticmethod
-  def forward(xp, w, strides, interpret=False):
-    del interpret
-    return reference.forward(xp, w, strides)
-
-  @staticmethod
-  def input_grad(xp, w, g, strides, interpret=False):
-    del interpret
-    return reference.input_grad(xp, w, g, strides)
-
-
 def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
                                                               caplog):
-  """On a GPU, a kernel the installed JAX cannot build becomes an XLA fallback."""
-  dispatch.kernel_failure.cache_clear()
+  """On a "GPU" (this CPU), the real Triton kernels cannot be built: the
+  check on first use says so, and ops runs XLA with no error."""
+  dispatch.reset()
   shapes = ((2, 7, 9, 3), (3, 3, 3, 5), (1, 1), "float32")
-  assert dispatch.kernel_failure(_ReferenceFamily, *shapes) is None
-  # The Triton kernels cannot be built for this CPU: a reason, not an error.
-  reason = dispatch.kernel_failure(gpu, *shapes)
-  assert isinstance(reason, str) and reason
+  reason = dispatch.kernel_failure("triton", gpu, *shapes,
+                                   reference=ops._REFERENCE)
+  assert reason is not None and reason.startswith("does not build"), reason
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", gpu)
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "triton")
   with caplog.at_level("WARNING", logger="addernet_jax.kernels.dispatch"):
-    assert dispatch.backend_for(*shapes[:3]) is None
-  assert "failed to build" in caplog.text and "using the XLA" in caplog.text
-  monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", _ReferenceFamily)
-  backend = dispatch.backend_for(*shapes[:3])
-  assert backend.forward.func is _ReferenceFamily.forward
+    assert dispatch.backend_for(*shapes[:3], reference=ops._REFERENCE) is None
+  assert "triton kernels rejected" in caplog.text
+  assert "using the XLA implementation" in caplog.text
   # Through the custom VJP the fallback gives the XLA result, with no error.
-  monkeypatch.setitem(dispatch._GPU_FAMILIES, "triton", gpu)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 5, 7, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
-  got = ops.adder_conv(x, w, padding="SAME", implementation="pallas")
+  with ops.record_backends() as record:
+    got = ops.adder_conv(x, w, padding="SAME", implementation="pallas")
+  assert [r["implementation"] for r in record] == ["xla"]
   want = ops.adder_conv(x, w, padding="SAME", implementation="xla")
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  dispatch.kernel_failure.cache_clear()
+  dispatch.reset()
 
 
 def _loss_and_grads(x, w, strides, padding, implementation):

@@ -1,0 +1,425 @@
+"""`kernels.dispatch`: every kernel is built, run and compared with XLA on the
+exact call before use, and failures fall back Mosaic GPU -> Triton -> XLA.
+
+Failures are injected on the CPU: kernel families (module stand-ins) that
+raise at import, at build, at run time, return wrong shapes, non-finite or
+wrong numbers, plus real Pallas kernels in interpret mode that fail to build
+or miscompute. Correct stand-ins are small per-tap jnp functions (they
+compile in a fraction of a second); the comparison is with
+`addernet_jax.reference`, as in production.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from addernet_jax import ops
+from addernet_jax.kernels import dispatch, gpu, layout
+
+LOGGER = "addernet_jax.kernels.dispatch"
+# One small call shared by most tests (so the comparison program compiles
+# once): x [2, 5, 6, 3], 3x3 filters to 4 channels, SAME, stride 1.
+X_SHAPE, W_SHAPE = (2, 5, 6, 3), (3, 3, 3, 4)
+XP_SHAPE, WINDOW = (2, 7, 8, 3), ((1, 6), (1, 7))
+
+
+def _naive_forward(xp, w, strides):
+  kh, kw = w.shape[:2]
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  y = jnp.zeros((xp.shape[0], ho, wo, w.shape[3]), jnp.float32)
+  for i in range(kh):
+    for j in range(kw):
+      v = xp[:, i:i + strides[0] * (ho - 1) + 1:strides[0],
+             j:j + strides[1] * (wo - 1) + 1:strides[1]].astype(jnp.float32)
+      y = y - jnp.abs(v[..., None] - w[i, j].astype(jnp.float32)).sum(-2)
+  return y
+
+
+def _naive_input_grad(xp, w, g, strides):
+  kh, kw = w.shape[:2]
+  ho, wo = g.shape[1:3]
+  dxp = jnp.zeros(xp.shape, jnp.float32)
+  for i in range(kh):
+    for j in range(kw):
+      sl = (slice(None), slice(i, i + strides[0] * (ho - 1) + 1, strides[0]),
+            slice(j, j + strides[1] * (wo - 1) + 1, strides[1]))
+      clipped = jnp.clip(w[i, j].astype(jnp.float32)
+                         - xp[sl].astype(jnp.float32)[..., None], -1, 1)
+      dxp = dxp.at[sl].add((clipped * g.astype(jnp.float32)[..., None, :]
+                            ).sum(-1))
+  return dxp
+
+
+def family(name="fake", forward=None, input_grad=None, takes_window=True,
+           **attrs):
+  """A kernel family: correct unless `forward` / `input_grad` replace a part.
+  Records every call's (kind, shapes, dtypes, window) in `.calls`."""
+  calls = []
+
+  def fwd(xp, w, strides, interpret=False):
+    calls.append(("forward", xp.shape, xp.dtype, w.dtype, interpret))
+    return (forward or _naive_forward)(xp, w, strides)
+
+  def dx(xp, w, g, strides, interpret=False, rows=None, cols=None):
+    calls.append(("input_grad", xp.shape, g.dtype, rows, cols))
+    out = (input_grad or _naive_input_grad)(xp, w, g, strides)
+    if rows is not None:  # like the Triton kernel: zeros outside the window
+      mask = jnp.zeros(xp.shape[:3], bool).at[:, rows[0]:rows[1],
+                                               cols[0]:cols[1]].set(True)
+      out = jnp.where(mask[..., None], out, 0.0)
+    return out
+
+  return types.SimpleNamespace(__name__=name, forward=fwd, input_grad=dx,
+                               INPUT_GRAD_TAKES_WINDOW=takes_window,
+                               calls=calls, **attrs)
+
+
+def _raise(message):
+  def fail(*args, **kwargs):
+    raise NotImplementedError(message)
+  return fail
+
+
+def _fails_at_run_time(xp, w, strides):
+  """Builds, then raises while the compiled program runs (as a launch error
+  or an illegal address would)."""
+  def crash(y):
+    raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS (injected)")
+  y = _naive_forward(xp, w, strides)
+  return jax.pure_callback(crash, jax.ShapeDtypeStruct(y.shape, y.dtype), y)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch(monkeypatch):
+  dispatch.reset()
+  ops._warned.clear()
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "1")
+  monkeypatch.delenv("ADDERNET_GPU_KERNELS", raising=False)
+  monkeypatch.delenv("ADDERNET_CPU_KERNELS", raising=False)
+  yield
+  dispatch.reset()
+
+
+def _on_gpu(monkeypatch, chain="mosaic", **families):
+  """Pretend to be on a GPU whose families are the given stand-ins."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", chain)
+  for name, module in families.items():
+    monkeypatch.setitem(dispatch.FAMILY_MODULES, name, module)
+
+
+def _check(module, dtype="float32", window=WINDOW):
+  return dispatch.check_kernels(
+      dispatch.make_kernels("fake", module, False), XP_SHAPE, W_SHAPE, (1, 1),
+      dtype, rows=window[0], cols=window[1], reference=ops._REFERENCE)
+
+
+def _wrong_edge(xp, w, strides):  # a ragged-edge tile computed wrongly
+  return _naive_forward(xp, w, strides).at[:, -1, -1, :].add(3.0)
+
+
+@pytest.mark.parametrize("module,expected", [
+    (family(), None),
+    (family(forward=_raise("Mosaic lowering: unsupported op (injected)")),
+     r"^does not build: NotImplementedError: Mosaic lowering"),
+    (family(forward=_fails_at_run_time),
+     r"^fails at run time: .*ILLEGAL_ADDRESS \(injected\)"),
+    (family(forward=_wrong_edge),
+     r"^computes wrong numbers: relative error against XLA forward .* "
+     r"\(tolerance 0.0002 for float32\)"),
+    (family(input_grad=lambda *a: 1.01 * _naive_input_grad(*a)),
+     r"^computes wrong numbers: .*input gradient 1\.0e-02"),
+    (family(forward=lambda *a: _naive_forward(*a).at[0, 0, 0, 0].set(jnp.nan)),
+     r"^computes non-finite values \(forward\)"),
+    (family(forward=lambda xp, w, s: _naive_forward(xp, w, s)[:, :-1]),
+     r"^returns shapes \(2, 4, 6, 4\) and \(2, 7, 8, 3\), expected"),
+], ids=["correct", "build", "run", "wrong-forward", "wrong-dx", "nan",
+        "shape"])
+def test_check_catches_each_failure_kind(module, expected):
+  reason = _check(module)
+  if expected is None:
+    assert reason is None
+  else:
+    assert reason is not None and re.search(expected, reason), reason
+
+
+def test_check_uses_the_exact_call_dtype_and_window():
+  """bfloat16 xp, w and g (as ops passes them), the (rows, cols) window of a
+  family that takes one, all shapes exact; the bf16 tolerance applies."""
+  module = family()
+  assert _check(module, "bfloat16") is None
+  assert ("forward", XP_SHAPE, jnp.bfloat16, jnp.bfloat16, False) in \
+      module.calls
+  assert ("input_grad", XP_SHAPE, jnp.bfloat16, (1, 6), (1, 7)) in \
+      module.calls
+  # Outside the window the kernel writes zeros: not compared, not an error.
+  module = family(takes_window=False)
+  assert _check(module) is None
+  assert ("input_grad", XP_SHAPE, jnp.float32, None, None) in module.calls
+
+
+def test_large_calls_are_checked_on_fewer_images(monkeypatch):
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE_MAX_MB", "1")
+  n = dispatch.probe_batch((256, 34, 34, 16), (3, 3, 16, 16), (1, 1),
+                           "float32")
+  assert 1 <= n < 256
+  per_image = (4 + 8) * (34 * 34 * 16 + 32 * 32 * 16)
+  assert n * per_image <= 2**20
+  monkeypatch.delenv("ADDERNET_KERNEL_PROBE_MAX_MB")
+  assert dispatch.probe_batch((256, 34, 34, 16), (3, 3, 16, 16), (1, 1),
+                              "float32") == 256
+
+
+def test_fallback_chain_mosaic_then_triton_then_xla(monkeypatch, caplog):
+  mosaic = family("mosaic", forward=_fails_at_run_time)
+  triton = family("triton")
+  _on_gpu(monkeypatch, mosaic_gpu=mosaic, triton=triton)
+  with caplog.at_level(logging.INFO, logger=LOGGER):
+    for _ in range(3):  # checked and logged once per call signature
+      kernels = dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1), "float32",
+                                     rows=WINDOW[0], cols=WINDOW[1],
+                                     reference=ops._REFERENCE)
+      assert kernels.name == "triton" and not kernels.interpret
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1, caplog.text
+  text = warnings[0].getMessage()
+  for part in ("mosaic_gpu kernels rejected", str(XP_SHAPE), str(W_SHAPE),
+               "float32", "fails at run time", "ILLEGAL_ADDRESS",
+               "using triton"):
+    assert part in text, text
+  assert sum(c[0] == "forward" for c in mosaic.calls) == 1
+  # Triton wrong too: XLA, with its own line.
+  dispatch.reset()
+  monkeypatch.setitem(dispatch.FAMILY_MODULES, "triton",
+                      family(forward=_wrong_edge))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    assert dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1), "float32",
+                                rows=WINDOW[0], cols=WINDOW[1],
+                                reference=ops._REFERENCE) is None
+  assert "triton kernels rejected" in caplog.text
+  assert "computes wrong numbers" in caplog.text
+  assert "using the XLA implementation" in caplog.text
+
+
+def test_family_that_does_not_take_the_shapes_is_skipped(monkeypatch, caplog):
+  mosaic = family("mosaic", unsupported_reason=lambda *a: "slab exceeds a "
+                  "TMA box (injected)")
+  _on_gpu(monkeypatch, mosaic_gpu=mosaic, triton=family())
+  with caplog.at_level(logging.INFO, logger=LOGGER):
+    kernels = dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
+                                   reference=ops._REFERENCE)
+  assert kernels.name == "triton" and mosaic.calls == []
+  assert "mosaic_gpu kernels not used" in caplog.text
+  assert "TMA box (injected)" in caplog.text
+
+
+def test_import_errors_of_any_kind_fall_back(monkeypatch, caplog):
+  """An AttributeError at import (a Pallas API that moved) is a fallback,
+  not an exception in the user's program, in dispatch and in ops."""
+  def import_module(name, package=None):
+    if name == ".mosaic_gpu":
+      raise AttributeError("module 'plgpu' has no attribute 'load'")
+    return __import__("importlib").import_module(name, package)
+  monkeypatch.setattr(dispatch, "importlib",
+                      types.SimpleNamespace(import_module=import_module))
+  _on_gpu(monkeypatch, triton=family())
+  monkeypatch.setitem(dispatch.FAMILY_MODULES, "mosaic_gpu", "mosaic_gpu")
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    kernels = dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
+                                   reference=ops._REFERENCE)
+  assert kernels.name == "triton"
+  assert "import of kernels.mosaic_gpu failed: AttributeError" in caplog.text
+  # ops: dispatch itself failing to import.
+  ops._kernel_dispatch.cache_clear()
+  real_import = __import__
+
+  def broken_import(name, *args, **kwargs):
+    if name == "addernet_jax.kernels" or name.endswith("kernels.dispatch"):
+      raise AttributeError("partially initialised module (injected)")
+    return real_import(name, *args, **kwargs)
+  monkeypatch.setattr("builtins.__import__", broken_import)
+  try:
+    with caplog.at_level(logging.WARNING, logger="addernet_jax.ops"):
+      assert ops._pallas_backend(XP_SHAPE, W_SHAPE, (1, 1), "float32") is None
+  finally:
+    monkeypatch.undo()
+    ops._kernel_dispatch.cache_clear()
+  assert "cannot be imported (AttributeError" in caplog.text
+
+
+def test_env_chain_and_probe_switch(monkeypatch, caplog):
+  wrong = family(forward=_wrong_edge)
+  _on_gpu(monkeypatch, "triton", triton=wrong)
+  assert dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
+                              reference=ops._REFERENCE) is None
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "0")  # unchecked: used as is
+  assert dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
+                              reference=ops._REFERENCE).name == "triton"
+  # Interpret mode (CPU) is checked only when asked for.
+  monkeypatch.delenv("ADDERNET_KERNEL_PROBE")
+  assert dispatch.probe_enabled(interpret=False)
+  assert not dispatch.probe_enabled(interpret=True)
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "mosaic_gpu, bogus")
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    assert dispatch.chain_for("gpu") == (("mosaic_gpu",), False)
+  assert "'bogus' is not one of" in caplog.text
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "xla")
+  assert dispatch.chain_for("gpu") == ((), False)
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "mosaic")
+  assert dispatch.chain_for("cpu") == (("mosaic_gpu", "triton"), True)
+
+
+def _loss_grads(x, w, implementation, dtype=jnp.float32):
+  def loss(x, w):
+    y = ops.adder_conv(x.astype(dtype), w.astype(dtype), padding="SAME",
+                       implementation=implementation)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32) / 3.0))
+  return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.standard_normal(X_SHAPE), jnp.float32),
+          jnp.asarray(rng.standard_normal(W_SHAPE), jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_loss_grads():
+  return _loss_grads(*_data(), "xla")
+
+
+def test_under_jit_a_rejected_chain_gives_the_xla_result(monkeypatch):
+  """Mosaic GPU fails to build, Triton miscomputes its input gradient: the
+  check runs eagerly while jit traces the step, and the step is XLA's."""
+  _on_gpu(monkeypatch, mosaic_gpu=family(forward=_raise("no wgmma")),
+          triton=family(input_grad=lambda *a: -_naive_input_grad(*a)))
+  x, w = _data()
+  with ops.record_backends() as record:
+    val, grads = _loss_grads(x, w, "pallas")
+  assert {(r["kind"], r["implementation"]) for r in record} == {
+      ("forward", "xla"), ("input_grad", "xla")}
+  want_val, want_grads = _xla_loss_grads()
+  np.testing.assert_allclose(val, want_val, rtol=1e-6)
+  for a, b in zip(grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_under_jit_a_passing_family_runs_and_is_recorded(monkeypatch):
+  triton = family()
+  _on_gpu(monkeypatch, "triton", triton=triton)
+  x, w = _data()
+  with ops.record_backends() as record:
+    _, grads = _loss_grads(x, w, None, jnp.bfloat16)  # default on a "GPU"
+  assert [(r["kind"], r["implementation"], r["dtype"]) for r in record] == [
+      ("forward", "triton", "bfloat16"), ("input_grad", "triton", "bfloat16")]
+  # The probe ran exactly the call the step makes: bf16 g, the VJP's window.
+  probe_dx = [c for c in triton.calls if c[0] == "input_grad"]
+  assert probe_dx[0] == ("input_grad", XP_SHAPE, jnp.bfloat16, (1, 6), (1, 7))
+  assert all(c == probe_dx[0] for c in probe_dx)
+  assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_inside_shard_map_the_check_sees_local_shapes(monkeypatch, check_vma):
+  """The per-device step of train.py: the check runs on the local batch while
+  shard_map traces, and a rejected family falls back there too."""
+  triton = family(forward=_wrong_edge)
+  _on_gpu(monkeypatch, "triton", triton=triton)
+  mesh = jax.make_mesh((1,), ("b",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x, w = _data()
+
+  def loss(x, w):
+    y = ops.adder_conv(x, w, padding="SAME", implementation="pallas")
+    return jax.lax.pmean(jnp.sum(jnp.sin(y / 3.0)), "b")
+  step = jax.jit(jax.shard_map(jax.grad(loss, (0, 1)), mesh=mesh,
+                               in_specs=(P("b"), P()),
+                               out_specs=(P("b"), P()), check_vma=check_vma))
+  with ops.record_backends() as record:
+    grads = step(x, w)
+  assert {r["implementation"] for r in record} == {"xla"}
+  assert triton.calls[0][1] == XP_SHAPE  # the local (here: whole) batch
+  for a, b in zip(grads, _xla_loss_grads()[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------ real Pallas kernels in interpret mode --
+
+
+def _pallas_forward_without_abs(xp, w, strides, interpret=True):
+  """A real Pallas kernel that miscomputes: it forgets the absolute value."""
+  del interpret
+  n, hp, wp, c = xp.shape
+  ho, wo = layout.output_hw(xp.shape, w.shape, strides)
+  kh, kw, _, cout = w.shape
+
+  def kernel(x_ref, w_ref, o_ref):
+    acc = jnp.zeros((ho, wo, cout), jnp.float32)
+    for i in range(kh):
+      for j in range(kw):
+        v = x_ref[0, i:i + ho, j:j + wo, :].astype(jnp.float32)
+        acc -= (v[..., None] - w_ref[i, j].astype(jnp.float32)).sum(-2)
+    o_ref[0] = acc
+  return pl.pallas_call(
+      kernel, grid=(n,),
+      in_specs=[pl.BlockSpec((1, hp, wp, c), lambda b: (b, 0, 0, 0)),
+                pl.BlockSpec(w.shape, lambda b: (0, 0, 0, 0))],
+      out_specs=pl.BlockSpec((1, ho, wo, cout), lambda b: (b, 0, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((n, ho, wo, cout), jnp.float32),
+      interpret=True)(xp, w)
+
+
+def _pallas_that_does_not_build(xp, w, strides, interpret=True):
+  """A real Pallas kernel whose block does not match its operand's rank."""
+  del strides, interpret
+  return pl.pallas_call(
+      lambda x_ref, o_ref: None, grid=(1,),
+      in_specs=[pl.BlockSpec((1, 1), lambda b: (0, 0))],
+      out_specs=pl.BlockSpec((1, 1), lambda b: (0, 0)),
+      out_shape=jax.ShapeDtypeStruct((1, 1), jnp.float32),
+      interpret=True)(xp)
+
+
+def test_real_interpret_kernels_checked_and_rejected(monkeypatch, caplog):
+  """The Triton kernels in interpret mode pass; a Pallas forward that
+  miscomputes and one that does not build are rejected, on the CPU chain."""
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "mosaic")
+  monkeypatch.setitem(dispatch.FAMILY_MODULES, "triton", family(
+      forward=_pallas_forward_without_abs))
+  monkeypatch.setitem(dispatch.FAMILY_MODULES, "mosaic_gpu", family(
+      forward=_pallas_that_does_not_build))
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    assert dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1), rows=WINDOW[0],
+                                cols=WINDOW[1],
+                                reference=ops._REFERENCE) is None
+  assert "mosaic_gpu kernels rejected" in caplog.text
+  assert "does not build" in caplog.text
+  assert "triton kernels rejected" in caplog.text
+  assert "computes wrong numbers" in caplog.text
+  monkeypatch.setitem(dispatch.FAMILY_MODULES, "triton", gpu)
+  dispatch.reset()
+  kernels = dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1), rows=WINDOW[0],
+                                 cols=WINDOW[1], reference=ops._REFERENCE)
+  assert kernels.name == "triton" and kernels.interpret
+  assert kernels.forward.func is gpu.forward
+
+
+def test_check_runs_once_per_signature_and_is_cheap_to_repeat(monkeypatch):
+  module = family()
+  _on_gpu(monkeypatch, "triton", triton=module)
+  for dtype in ("float32", "float32", "bfloat16", "float32", "bfloat16"):
+    dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1), dtype, rows=WINDOW[0],
+                         cols=WINDOW[1], reference=ops._REFERENCE)
+  forwards = [c for c in module.calls if c[0] == "forward"]
+  assert [c[2] for c in forwards] == [jnp.float32, jnp.bfloat16]
