@@ -12,6 +12,12 @@ call (once per process and call signature; failures fall back along Mosaic
 GPU -> Triton -> XLA with one log line); `record_backends` says what ran.
 The filter gradient always uses the convolution weight-gradient identity
 (see `reference.filter_grad`).
+
+`gradient="exact"` keeps the forward (same backend, same values) and replaces
+the backward by the true derivative of the forward (`_adder_padded_exact`):
+dx = sum sign(w - xp) g, dw = sum sign(xp - w) g, with sign(0) = 0. It exists
+to measure gradient masking (adversarial attacks, `addernet_jax.attacks`),
+not for training.
 """
 
 from __future__ import annotations
@@ -231,10 +237,116 @@ def _adder_padded_bwd(strides, implementation, window, residuals, g):
 _adder_padded.defvjp(_adder_padded_fwd, _adder_padded_bwd)
 
 
+# ------------------------------------------------------- exact gradient --
+# `adder_conv(..., gradient="exact")`: the forward of `_adder_padded`, the
+# backward the true derivative of the forward, d|d|/dd = sign(d) with
+# sign(0) = 0 (a tie x == w contributes nothing; jnp.abs's own derivative
+# would say 1). Pure jnp on every platform, in the per-tap form of
+# `reference`: one (tap, channel block) step of a `lax.scan` at a time, no
+# tensor of size (output x taps x channels). The filter gradient is a
+# separate scan, so XLA drops it when only the input gradient is used.
+
+GRADIENTS = ("official", "exact")
+
+
+def _exact_input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
+                      strides: tuple[int, int]) -> jax.Array:
+  """dxp[n, p*s+i, q*s+j, c] += sum_o sign(w[i,j,c,o] - xp[...]) g[n,p,q,o]
+  (float32, the shape of the padded input `xp`)."""
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  n, _, _, _ = xp.shape
+  _, ho, wo, _ = g.shape
+  nb = -(-cout // reference.TERMS_PER_STEP)
+  ob = -(-cout // nb)
+  # Zero output-gradient channels contribute sign(.) * 0 = 0.
+  extra = ((0, 0), (0, 0), (0, 0), (0, nb * ob - cout))
+  w = jnp.pad(w.astype(jnp.float32), extra)
+  g = jnp.pad(g.astype(jnp.float32), extra)
+  xp = xp.astype(jnp.float32)
+  span = (sh * (ho - 1) + 1, sw * (wo - 1) + 1)
+
+  def step(dxp, k):
+    tap, o0 = k // nb, (k % nb) * ob
+    i, j = tap // kw, tap % kw
+    window = lax.dynamic_slice(xp, (0, i, j, 0), (n, *span, cin))
+    view = window[:, ::sh, ::sw] if (sh, sw) != (1, 1) else window
+    ws = lax.dynamic_slice(w, (i, j, 0, o0), (1, 1, cin, ob))[0, 0]
+    gs = lax.dynamic_slice(g, (0, 0, 0, o0), (n, ho, wo, ob))
+    contrib = jnp.sign(ws[:, 0] - view) * gs[..., 0:1]
+    for o in range(1, ob):
+      contrib = contrib + jnp.sign(ws[:, o] - view) * gs[..., o:o + 1]
+    if (sh, sw) != (1, 1):  # back onto the strided window
+      contrib = lax.pad(contrib, jnp.float32(0), ((0, 0, 0), (0, 0, sh - 1),
+                                                  (0, 0, sw - 1), (0, 0, 0)))
+    acc = lax.dynamic_slice(dxp, (0, i, j, 0), (n, *span, cin))
+    return lax.dynamic_update_slice(dxp, acc + contrib, (0, i, j, 0)), None
+
+  dxp, _ = lax.scan(step, jnp.zeros_like(xp), jnp.arange(kh * kw * nb))
+  return dxp
+
+
+def _exact_filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
+                       strides: tuple[int, int]) -> jax.Array:
+  """dw[i,j,c,o] = sum_{n,p,q} sign(xp[n, p*s+i, q*s+j, c] - w[i,j,c,o])
+  g[n,p,q,o] (float32)."""
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  n = xp.shape[0]
+  _, ho, wo, _ = g.shape
+  nb = -(-cin // reference.TERMS_PER_STEP)
+  cb = -(-cin // nb)
+  xp = jnp.pad(xp.astype(jnp.float32),
+               ((0, 0), (0, 0), (0, 0), (0, nb * cb - cin)))
+  w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, 0), (0, nb * cb - cin),
+                                      (0, 0)))
+  g = g.astype(jnp.float32)
+
+  def step(carry, k):
+    tap, c0 = k // nb, (k % nb) * cb
+    i, j = tap // kw, tap % kw
+    window = lax.dynamic_slice(
+        xp, (0, i, j, c0), (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, cb))
+    view = window[:, ::sh, ::sw] if (sh, sw) != (1, 1) else window
+    ws = lax.dynamic_slice(w, (i, j, c0, 0), (1, 1, cb, cout))[0, 0]
+    rows = [jnp.sum(jnp.sign(view[..., c:c + 1] - ws[c]) * g, axis=(0, 1, 2))
+            for c in range(cb)]
+    return carry, jnp.stack(rows)
+
+  _, dw = lax.scan(step, None, jnp.arange(kh * kw * nb))
+  return dw.reshape(kh, kw, nb * cb, cout)[:, :, :cin]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _adder_padded_exact(xp: jax.Array, w: jax.Array, strides: tuple[int, int],
+                        implementation: str | None,
+                        window: tuple[tuple[int, int], tuple[int, int]]
+                        ) -> jax.Array:
+  """`_adder_padded` (same forward) with the true derivative as backward."""
+  return _adder_padded(xp, w, strides, implementation, window)
+
+
+def _adder_padded_exact_fwd(xp, w, strides, implementation, window):
+  return (_adder_padded(xp, w, strides, implementation, window), (xp, w))
+
+
+def _adder_padded_exact_bwd(strides, implementation, window, residuals, g):
+  del implementation, window
+  xp, w = residuals
+  dxp = _exact_input_grad(xp, w, g, strides)
+  dw = _exact_filter_grad(xp, w, g, strides)
+  return (_match_varying_axes(dxp.astype(xp.dtype), xp),
+          _match_varying_axes(dw.astype(w.dtype), w))
+
+
+_adder_padded_exact.defvjp(_adder_padded_exact_fwd, _adder_padded_exact_bwd)
+
+
 def adder_conv(x: jax.Array, w: jax.Array, *,
                strides: int | Sequence[int] = (1, 1),
                padding: Padding = "SAME",
-               implementation: str | None = None) -> jax.Array:
+               implementation: str | None = None,
+               gradient: str = "official") -> jax.Array:
   """Adder convolution of `x` (NHWC) with filters `w` (HWIO) -> NHWC.
 
   Args:
@@ -244,14 +356,22 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
     padding: "SAME", "VALID" or `((top, bottom), (left, right))`. Padded taps
       are real zeros and contribute `-|w|`, as in the official release.
     implementation: None (best for the backend), "xla" or "pallas".
+    gradient: "official": the AdderNet backward (HardTanh-clipped input
+      gradient, full-precision filter gradient); "exact": the true
+      derivative of the forward, sign(w - x) and sign(x - w) with sign(0) = 0
+      (for attacks and gradient-masking studies; the forward is the same).
 
   Returns:
     `[n, ho, wo, cout]` in the promoted input dtype, accumulated in float32.
-    Differentiable with the AdderNet custom VJP (not the true derivative).
+    Differentiable with the AdderNet custom VJP (not the true derivative)
+    unless `gradient="exact"`.
   """
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(f"adder_conv: implementation must be None, 'xla' or "
                      f"'pallas', got {implementation!r}")
+  if gradient not in GRADIENTS:
+    raise ValueError(f"adder_conv: gradient must be 'official' or 'exact', "
+                     f"got {gradient!r}")
   _check_inputs(x, w)
   strides = _normalize_pair(strides, "strides")
   pads = _explicit_padding(padding, x.shape[1:3], w.shape[:2], strides)
@@ -266,7 +386,8 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
       p for pair in pads for p in pair) else x
   window = ((pads[0][0], pads[0][0] + x.shape[1]),
             (pads[1][0], pads[1][0] + x.shape[2]))
-  return _adder_padded(xp, w, strides, implementation, window)
+  op = _adder_padded_exact if gradient == "exact" else _adder_padded
+  return op(xp, w, strides, implementation, window)
 
 
 def adder_conv_general_dilated(
@@ -276,7 +397,8 @@ def adder_conv_general_dilated(
     dimension_numbers: Any = None, feature_group_count: int = 1,
     batch_group_count: int = 1, precision: Any = None,
     preferred_element_type: Any = None, out_sharding: Any = None, *,
-    implementation: str | None = None) -> jax.Array:
+    implementation: str | None = None, gradient: str = "official"
+) -> jax.Array:
   """`adder_conv` behind the signature of `jax.lax.conv_general_dilated`.
 
   Pass it as `flax.linen.Conv(..., conv_general_dilated=...)` (or to
@@ -305,7 +427,8 @@ def adder_conv_general_dilated(
   w = jnp.transpose(rhs, dn.rhs_spec)            # -> O I H W
   w = jnp.transpose(w, (2, 3, 1, 0))             # -> H W I O
   y = adder_conv(x, w, strides=tuple(window_strides), padding=padding,
-                 implementation=implementation)  # N H W O
+                 implementation=implementation,
+                 gradient=gradient)  # N H W O
   y = jnp.transpose(y, (0, 3, 1, 2))             # -> N C H W
   y = jnp.transpose(y, tuple(int(i) for i in np.argsort(dn.out_spec)))
   if preferred_element_type is not None:
