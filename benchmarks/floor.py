@@ -9,17 +9,19 @@ Measures, on the default JAX device:
     comparison, a chain of FMAs (1 instruction per step);
   - memory bandwidth, with a large copy-like kernel (`y = x + 1`, bytes read
     plus bytes written).
-Then derives each ResNet-20 adder layer's floor at `--batch` for the forward
-and the input gradient: max(instructions / rate, bytes / bandwidth), with
-2 FP32 instructions per forward MAC and 4 per input-gradient MAC
-(subtract, clip = min + max, FMA). Prints one JSON object (last line).
-Every figure is measured here; run it on the device you report.
+Then derives each ResNet-20 adder layer's floor at `--batch` for the forward,
+the input gradient and the filter gradient: max(instructions / rate, bytes /
+bandwidth), with the instructions per MAC of `INSTR_PER_MAC` (the one floor
+model: `benchmarks/ops.py` and `benchmarks/report.py` use these figures).
+Prints one JSON object (last line). Every figure is measured here; run it on
+the device you report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -33,7 +35,36 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.resnet20_layers import RESNET20_LAYERS, layer_shapes  # noqa: E402,F401
 
-INSTR_PER_MAC = {"forward": 2, "input_grad": 4}
+# FP32 instructions per MAC on CUDA cores, the floor model of every benchmark:
+#   forward      subtract, accumulate |d| (abs is a free operand modifier): 2
+#   input_grad   subtract, clip as min + max, FMA with the output gradient: 4
+#   filter_grad  the convolution weight-gradient identity, one FMA: 1
+INSTR_PER_MAC = {"forward": 2, "input_grad": 4, "filter_grad": 1}
+KINDS = tuple(INSTR_PER_MAC)
+
+
+def traffic_bytes(kind: str, sh: dict, itemsize: int = 4) -> int:
+  """Fewest bytes `kind` moves for one layer (`layer_shapes` dict): each
+  operand read once and each result written once."""
+  size = {k: math.prod(sh[k]) for k in ("xp", "w", "y")}
+  return itemsize * {"forward": size["xp"] + size["w"] + size["y"],
+                     "input_grad": 2 * size["xp"] + size["w"] + size["y"],
+                     "filter_grad": size["xp"] + 2 * size["w"] + size["y"]
+                     }[kind]
+
+
+def floor_s(kind: str, sh: dict, instr_per_s: float | None,
+            bytes_per_s: float | None, itemsize: int = 4
+            ) -> tuple[float, str]:
+  """(seconds, "compute" or "memory") below which `kind` cannot run on one
+  layer: max(instructions / rate, bytes / bandwidth); a rate left out
+  (None or 0) does not bound."""
+  t_compute = (INSTR_PER_MAC[kind] * sh["macs"] / instr_per_s
+               if instr_per_s else 0.0)
+  t_memory = (traffic_bytes(kind, sh, itemsize) / bytes_per_s
+              if bytes_per_s else 0.0)
+  return max(t_compute, t_memory), ("compute" if t_compute >= t_memory
+                                    else "memory")
 
 
 def _time(fn, *args, reps: int) -> float:
@@ -84,20 +115,17 @@ def bandwidth(nbytes: int, reps: int) -> dict:
 
 def layer_floors(batch: int, instr_per_s: float, bytes_per_s: float,
                  itemsize: int = 4) -> list[dict]:
-  """Each ResNet-20 adder layer's forward and input-gradient floor (seconds)."""
+  """Each ResNet-20 adder layer's forward, input-gradient and filter-gradient
+  floor (seconds), and forward + backward as their sum."""
   rows = []
   for layer in RESNET20_LAYERS:
     sh = layer_shapes(batch, layer)
-    size = {k: int(jnp.prod(jnp.array(v))) for k, v in sh.items()
-            if k in ("xp", "w", "y")}
-    traffic = {"forward": (size["xp"] + size["w"] + size["y"]) * itemsize,
-               "input_grad": (2 * size["xp"] + size["w"] + size["y"]) * itemsize}
-    row = {"layer": layer[0], "count": layer[1], "macs": sh["macs"]}
-    for kind, instr in INSTR_PER_MAC.items():
-      t_compute = instr * sh["macs"] / instr_per_s
-      t_memory = traffic[kind] / bytes_per_s
-      row[f"{kind}_floor_s"] = max(t_compute, t_memory)
-      row[f"{kind}_bound"] = "compute" if t_compute >= t_memory else "memory"
+    row = {"layer": layer[0], "count": layer[1], "macs": sh["macs"],
+           "instr_per_mac": INSTR_PER_MAC}
+    for kind in KINDS:
+      row[f"{kind}_floor_s"], row[f"{kind}_bound"] = floor_s(
+          kind, sh, instr_per_s, bytes_per_s, itemsize)
+    row["fwd_bwd_floor_s"] = sum(row[f"{kind}_floor_s"] for kind in KINDS)
     rows.append(row)
   return rows
 
@@ -122,7 +150,7 @@ def main(argv=None) -> dict:
   instr = max(rate["adder_chain_instr_per_s"], rate["fma_chain_instr_per_s"])
   floors = layer_floors(args.batch, instr, bw["bytes_per_s"])
   net = {kind: sum(r["count"] * r[f"{kind}_floor_s"] for r in floors)
-         for kind in INSTR_PER_MAC}
+         for kind in KINDS}
   result = {
       "device": str(jax.devices()[0].device_kind),
       "backend": jax.default_backend(),
@@ -134,6 +162,7 @@ def main(argv=None) -> dict:
       "layers": floors,
       "resnet20_adder_forward_floor_s": net["forward"],
       "resnet20_adder_input_grad_floor_s": net["input_grad"],
+      "resnet20_adder_filter_grad_floor_s": net["filter_grad"],
   }
   if args.out:
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -5,9 +5,12 @@
 For each ResNet-20 adder layer (benchmarks/floor.py's table) and each kernel
 (forward, input_grad) of the family for this backend (`kernels.gpu` on GPUs,
 `kernels.tpu` on TPUs; also the `kernels.mosaic_gpu` forward on Hopper), times
-every candidate `BlockSizes` (median over rounds of --reps calls dispatched
-back to back, compile excluded), checks its result against `addernet_jax.reference` (relative
-L2 error), and reports the heuristic's choice beside the fastest candidate.
+every candidate `BlockSizes` first checks its result against
+`addernet_jax.reference` (relative L2 error, `TOLERANCE`; non-finite fails),
+then times the candidates that pass (median over rounds of --reps calls
+dispatched back to back, compile excluded), and reports the heuristic's
+choice beside the fastest candidate that passed: a tile that computes wrong
+numbers is recorded with its error (`passed: false`) and never picked.
 With --floor FILE (the JSON of benchmarks/floor.py) each time is also given as
 a fraction of that layer's floor. Prints one JSON object (last line).
 On the CPU it runs the kernels in interpret mode at --batch 2 (a script check,
@@ -34,6 +37,10 @@ from addernet_jax import reference  # noqa: E402
 from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
 from benchmarks.timing import per_call_seconds  # noqa: E402
 from addernet_jax.kernels import gpu, tpu  # noqa: E402
+
+# Relative L2 error against the float32 reference above which a candidate
+# fails (the kernels measure ~1e-7..2e-6; a wrong tile is O(1)).
+TOLERANCE = 1e-4
 
 try:
   from addernet_jax.kernels import mosaic_gpu  # noqa: E402
@@ -156,23 +163,30 @@ def main(argv=None):
           fn = lambda bs=bs: family.input_grad(xp, w, g, sh["strides"],
                                                block_sizes=bs,
                                                interpret=interpret)
+        entry = {"block_sizes": bs.__dict__}
         try:
           err = rel_err(fn(), want[kind])
-          t = _time(fn, args.reps)
-          entry = {"block_sizes": bs.__dict__, "s": t, "rel_err": err}
-          if layer[0] in floors:
-            entry["fraction_of_floor"] = floors[layer[0]][f"{kind}_floor_s"] / t
-          results.append(entry)
-        except Exception as e:  # a candidate that does not compile.
-          results.append({"block_sizes": bs.__dict__,
-                          "error": f"{type(e).__name__}: {str(e)[:200]}"})
-      ok = [r for r in results if "s" in r]
+          entry.update(rel_err=err, passed=bool(err <= TOLERANCE))
+          if entry["passed"]:  # a wrong tile is neither timed nor picked
+            t = _time(fn, args.reps)
+            entry["s"] = t
+            if layer[0] in floors:
+              entry["fraction_of_floor"] = (
+                  floors[layer[0]][f"{kind}_floor_s"] / t)
+        except Exception as e:  # a candidate that does not compile or run.
+          entry.update(passed=False,
+                       error=f"{type(e).__name__}: {str(e)[:200]}")
+        results.append(entry)
+      ok = [r for r in results if r.get("passed") and "s" in r]
       best = min(ok, key=lambda r: r["s"]) if ok else None
       name = family.__name__.rsplit(".", 1)[-1]
       rows.append({"layer": layer[0], "kind": kind, "family": name,
-                   "heuristic": results[0], "best": best,
-                   "candidates": results})
+                   "tolerance": TOLERANCE, "heuristic": results[0],
+                   "best": best, "candidates": results,
+                   "failed": sum(not r.get("passed") for r in results)})
       print(json.dumps({"layer": layer[0], "kind": kind, "family": name,
+                        "heuristic_passed": results[0].get("passed"),
+                        "failed": rows[-1]["failed"],
                         "heuristic_s": results[0].get("s"),
                         "best_s": best and best["s"],
                         "best": best and best["block_sizes"]}), flush=True)
