@@ -11,9 +11,12 @@
 #   ops       per layer: adder forward / forward+backward, Pallas (Triton, then
 #             the Mosaic GPU forward) and pure jnp, against lax.conv (cuDNN),
 #             as fractions of the floor (ops.jsonl)
-#   step      the ResNet-20 training step at batch 256: adder with the Pallas
-#             kernels (Triton; Mosaic GPU forward), adder on the pure-jnp path,
-#             and the identical CNN (step.jsonl, with peak device memory)
+#   step      the real ResNet-20 training step (train_lib: the config's
+#             optimizer, on-device augmentation) and its per-epoch evaluation
+#             at batch 256: adder with the Pallas kernels (Triton; Mosaic GPU
+#             forward), adder on the pure-jnp path, and the identical CNN
+#             (step.jsonl: what ran in every layer, gradients against XLA,
+#             peak device memory)
 #   official  the seed release's unfold method in PyTorch, per layer and the
 #             whole step, with peak memory (official_torch.json)
 #   dw        filter-gradient formulations (cuDNN FP32, TF32, 3xTF32, per-tap
@@ -29,7 +32,9 @@
 # tool's output folder) or ./gpu_results. QUICK=1 runs every stage at toy
 # sizes (a check of the script on any machine; its figures mean nothing).
 # The device machines lack nothing these stages import (jax, flax, optax,
-# numpy, torch, pytest, hypothesis).
+# numpy, torch, pytest, hypothesis). benchmarks/gpu_diagnose.sh is the
+# one-call alternative: the goal table plus compiled-kernel dumps and ptxas
+# figures within one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-gpu_results}}
@@ -45,8 +50,10 @@ STAGE_TIMEOUT=${STAGE_TIMEOUT:-420}
 if [[ "${QUICK:-0}" == 1 ]]; then
   BATCH=2; STEPS=2; REPS=1; CANDIDATES=1; FLOOR_ARGS="--elements 65536 --steps 8 --copy_mb 4 --reps 2"
   OPS_LAYERS="--layers 0,5"; TUNE_LAYERS="--layers s3_3x3_64-64"
+  STEP_ARGS="--num_train 64 --num_test 32"
 else
   BATCH=256; STEPS=20; REPS=10; CANDIDATES=0; FLOOR_ARGS=""; OPS_LAYERS=""; TUNE_LAYERS=""
+  STEP_ARGS=""
 fi
 
 stage() {  # stage NAME COMMAND...: run one stage under the time limit, log it.
@@ -85,7 +92,8 @@ for name in $STAGES; do
     step)
       for variant in "adder pallas triton" "adder pallas mosaic" "adder xla triton" "mult xla triton"; do
         set -- $variant
-        ADDERNET_GPU_KERNELS=$3 stage "step-$1-$2-$3" "$PY" benchmarks/train_step.py --model resnet20 --conv "$1" --implementation "$2" --batch "$BATCH" --steps "$STEPS" --jsonl "$RESULTS/step.jsonl"
+        # shellcheck disable=SC2086
+        ADDERNET_GPU_KERNELS=$3 stage "step-$1-$2-$3" "$PY" benchmarks/train_step.py --model resnet20 --conv "$1" --implementation "$2" --batch "$BATCH" --steps "$STEPS" $STEP_ARGS --jsonl "$RESULTS/step.jsonl"
       done ;;
     official)
       if [[ "${QUICK:-0}" == 1 ]]; then extra="--warmup 1 --reps 1"; else extra=""; fi

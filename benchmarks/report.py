@@ -121,6 +121,10 @@ def ops_problem(row: dict) -> str | None:
 def step_problem(row: dict) -> str | None:
   """Why a step.jsonl row is not a verified measurement of its label."""
   ran = row.get("ran")
+  if row.get("model", "resnet20") != "resnet20" or "cifar10" not in row.get(
+      "config", "cifar10"):
+    return (f"not the CIFAR-10 ResNet-20 recipe ({row.get('model')}, "
+            f"{row.get('config')})")
   if ran is None or "error_vs_xla" not in row:
     return "no record of what ran"
   if row.get("conv") == "mult":
@@ -293,7 +297,8 @@ def step_section(steps, official) -> tuple[list[str], dict]:
   for (conv, impl), r in by.items():
     problem = step_problem(r)
     err = (r.get("error_vs_xla") or {}).get("grads_rel_l2")
-    rows.append([f"ours, {conv} ({impl})", r["batch"],
+    rows.append([f"ours, {r.get('model', 'resnet20')} {conv} ({impl})",
+                 r["batch"],
                  r.get("ms_per_step_pipelined"), r.get("ms_per_step_median"),
                  r.get("eval_s_per_epoch"),
                  r.get("compile_and_first_step_s"), r.get("peak_device_mb"),

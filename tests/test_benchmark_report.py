@@ -276,3 +276,13 @@ def test_tune_never_picks_a_tile_that_fails_its_check(tmp_path, monkeypatch):
     for entry in row["candidates"][:3]:
       assert entry["passed"] is False and "s" not in entry
   assert all("out of resources" in r["candidates"][2]["error"] for r in rows)
+
+
+def test_step_goals_use_only_the_cifar10_resnet20_recipe(tmp_path):
+  results = _results()
+  for row in results["step.jsonl"]:
+    row.update(model="lenet5_bn", config="configs/mnist_lenet5.py")
+  text = _report(tmp_path, results)
+  assert _goal_row(text, "ResNet-20 step, adder / CNN")[2:] == [
+      "not measured", "unverified"]
+  assert "not the CIFAR-10 ResNet-20 recipe (lenet5_bn" in text

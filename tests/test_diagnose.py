@@ -1,0 +1,139 @@
+"""benchmarks/diagnose.py and gpu_diagnose.sh without a GPU: ptxas parsing,
+the size-limited archive, the summary, and the dump stage lowering the
+kernels for CUDA with Pallas' Triton IR kept (the script's dry run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name):
+  spec = importlib.util.spec_from_file_location(
+      name, ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+diagnose = _module("diagnose")
+
+PTXAS_OUTPUT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'adder_forward_gpu' for 'sm_90a'
+ptxas info    : Function properties for adder_forward_gpu
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 16384 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function 'adder_input_grad_gpu' for 'sm_90a'
+ptxas info    : Function properties for adder_input_grad_gpu
+    48 bytes stack frame, 44 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 255 registers, 392 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas_registers_spills_stack_smem():
+  rows = diagnose.parse_ptxas(PTXAS_OUTPUT, "m.ptx")
+  assert rows == [
+      {"source": "m.ptx", "function": "adder_forward_gpu", "stack_bytes": 0,
+       "spill_store_bytes": 0, "spill_load_bytes": 0, "registers": 96,
+       "barriers": 1, "smem_bytes": 16384},
+      {"source": "m.ptx", "function": "adder_input_grad_gpu",
+       "stack_bytes": 48, "spill_store_bytes": 44, "spill_load_bytes": 40,
+       "registers": 255}]
+
+
+@pytest.mark.skipif(diagnose.find_ptxas() is None, reason="no ptxas here")
+def test_ptxas_stage_on_a_real_ptx_file(tmp_path):
+  (tmp_path / "xla").mkdir()
+  (tmp_path / "xla" / "module.ptx").write_text(
+      ".version 8.0\n.target sm_90\n.address_size 64\n"
+      ".visible .entry adder_forward_gpu(.param .u64 p)\n{\n ret;\n}\n")
+  diagnose.main(["ptxas", str(tmp_path)])
+  rows = json.loads((tmp_path / "ptxas.json").read_text())
+  assert rows[0]["function"] == "adder_forward_gpu"
+  assert rows[0]["registers"] >= 0 and rows[0]["spill_store_bytes"] == 0
+  assert "===== xla/module.ptx (sm_90) =====" in (
+      tmp_path / "ptxas.txt").read_text()
+
+
+def test_pack_stays_under_the_limit_dropping_the_least_useful(tmp_path):
+  root = tmp_path / "dumps"
+  for sub in ("ttir", "ptx", "mosaic", "xla"):
+    (root / sub).mkdir(parents=True)
+  (root / "ttir" / "a.txt").write_text("tt.func @adder_forward_gpu\n")
+  (root / "ptx" / "a.ptx").write_text(".entry adder_forward_gpu\n")
+  (root / "kernels.json").write_text("{}")
+  (root / "mosaic" / "k.mlir-passes.txt").write_bytes(os.urandom(900_000))
+  (root / "xla" / "m.sass").write_bytes(os.urandom(300_000))
+  (root / "xla" / "m.after_optimizations.txt").write_text("HLO\n" * 1000)
+  out = tmp_path / "dumps.tar.gz"
+  diagnose.main(["pack", str(root), str(out), "--max_mb", "0.5"])
+  assert out.stat().st_size <= 0.5 * 2**20
+  names = tarfile.open(out).getnames()
+  assert "dumps/ttir/a.txt" in names and "dumps/ptx/a.ptx" in names
+  assert "dumps/kernels.json" in names
+  assert "dumps/xla/m.after_optimizations.txt" in names  # HLO kept: fits
+  assert "dumps/mosaic/k.mlir-passes.txt" not in names
+  assert not (tmp_path / "dumps.tmp").exists()
+
+
+def test_summary_reports_kernels_ptxas_stages_and_fallbacks(tmp_path):
+  (tmp_path / "kernels.json").write_text(json.dumps({
+      "backend": "gpu", "jax": "0.0", "device": "H200", "batch": 256,
+      "triton_ptx": "in the XLA dump",
+      "kernels": [{"layer": "s1", "family": "triton", "kind": "forward",
+                   "status": "compiled", "lower_s": 0.5, "compile_s": 1.5}]}))
+  (tmp_path / "ptxas.json").write_text(json.dumps(
+      diagnose.parse_ptxas(PTXAS_OUTPUT, "m.ptx")))
+  log = tmp_path / "diagnose.log"
+  log.write_text(
+      "=== tune (limit 120 s): python ...\n=== tune: exit 0 after 41 s\n"
+      "=== step: exit 124 after 160 s\n"
+      "WARNING kernels.dispatch: mosaic_gpu kernels rejected for xp (256, "
+      "34, 34, 16), w (3, 3, 16, 16), strides (1, 1), float32, window rows "
+      "(1, 33) cols (1, 33): fails at run time: XlaRuntimeError: ...; using "
+      "triton.\n")
+  text = diagnose.main(["summary", str(tmp_path), "--log", str(log),
+                        "--out", str(tmp_path / "summary.md")]) or (
+                            tmp_path / "summary.md").read_text()
+  assert "| s1 | triton | forward | compiled | 0.5 | 1.5 |" in text
+  assert "| m.ptx | adder_input_grad_gpu | 255 | 44 | 40 | 48 |  |" in text
+  assert "tune ok (41 s), step exit 124 (160 s)" in text
+  assert "Dispatch fallbacks logged: 1." in text
+  assert "mosaic_gpu kernels rejected" in text
+
+
+def test_dump_lowers_each_kernel_for_cuda_and_keeps_the_triton_ir(tmp_path):
+  """The dump stage on a machine without a GPU (the dry run): every kernel
+  is lowered for CUDA, Pallas' Triton IR kept, nothing compiled."""
+  diagnose.main(["dump", str(tmp_path), "--batch", "2", "--layers",
+                 "s3_1x1_32-64_s2"])
+  index = json.loads((tmp_path / "kernels.json").read_text())
+  kernels = {(k["family"], k["kind"]): k for k in index["kernels"]}
+  assert set(kernels) == {("triton", "forward"), ("triton", "input_grad"),
+                          ("mosaic_gpu", "forward")}
+  for (family, kind), k in kernels.items():
+    assert k["status"] == "lowered (no GPU)", k
+    if family == "triton":
+      ttir = (tmp_path / k["ttir"]).read_text()
+      assert "tt.func" in ttir and f"adder_{kind}_gpu" in ttir
+  from jax.experimental import pallas as pl  # the debug switch is undone
+  assert pl.pallas_call.__module__.startswith("jax")
+
+
+def test_gpu_diagnose_script_is_valid_bash_and_documented():
+  script = ROOT / "benchmarks" / "gpu_diagnose.sh"
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  text = script.read_text()
+  for stage in ("env", "floor", "tune", "dump", "ptxas", "step-adder",
+                "step-mult", "ops", "report"):
+    assert f"stage {stage}" in text
+  assert "QUICK" in text and "DIAG_BUDGET" in text
