@@ -36,15 +36,21 @@ import numpy as np  # noqa: E402
 from addernet_jax import reference  # noqa: E402
 from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
 from benchmarks.timing import per_call_seconds  # noqa: E402
-from addernet_jax.kernels import gpu, tpu  # noqa: E402
+from addernet_jax.kernels import gpu  # noqa: E402
 
 # Relative L2 error against the float32 reference above which a candidate
 # fails (the kernels measure ~1e-7..2e-6; a wrong tile is O(1)).
 TOLERANCE = 1e-4
 
+# Families whose Pallas API this JAX may lack: any exception at import (an
+# AttributeError from a moved API too) leaves that family out.
+try:
+  from addernet_jax.kernels import tpu  # noqa: E402
+except Exception:  # pylint: disable=broad-except  # pragma: no cover
+  tpu = None
 try:
   from addernet_jax.kernels import mosaic_gpu  # noqa: E402
-except ImportError:  # pragma: no cover - a JAX without Pallas Mosaic GPU.
+except Exception:  # pylint: disable=broad-except  # pragma: no cover
   mosaic_gpu = None
 
 
