@@ -118,6 +118,13 @@ def _on_gpu(monkeypatch, chain="mosaic", **families):
     monkeypatch.setitem(dispatch.FAMILY_MODULES, name, module)
 
 
+def _backend(dtype="float32"):
+  """dispatch.backend_for on the shared call, as ops makes it."""
+  return dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1), dtype,
+                              rows=WINDOW[0], cols=WINDOW[1],
+                              reference=ops._REFERENCE)
+
+
 def _check(module, dtype="float32", window=WINDOW):
   return dispatch.check_kernels(
       dispatch.make_kernels("fake", module, False), XP_SHAPE, W_SHAPE, (1, 1),
@@ -217,8 +224,7 @@ def test_family_that_does_not_take_the_shapes_is_skipped(monkeypatch, caplog):
                   "TMA box (injected)")
   _on_gpu(monkeypatch, mosaic_gpu=mosaic, triton=family())
   with caplog.at_level(logging.INFO, logger=LOGGER):
-    kernels = dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
-                                   reference=ops._REFERENCE)
+    kernels = _backend()
   assert kernels.name == "triton" and mosaic.calls == []
   assert "mosaic_gpu kernels not used" in caplog.text
   assert "TMA box (injected)" in caplog.text
@@ -236,8 +242,7 @@ def test_import_errors_of_any_kind_fall_back(monkeypatch, caplog):
   _on_gpu(monkeypatch, triton=family())
   monkeypatch.setitem(dispatch.FAMILY_MODULES, "mosaic_gpu", "mosaic_gpu")
   with caplog.at_level(logging.WARNING, logger=LOGGER):
-    kernels = dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
-                                   reference=ops._REFERENCE)
+    kernels = _backend()
   assert kernels.name == "triton"
   assert "import of kernels.mosaic_gpu failed: AttributeError" in caplog.text
   # ops: dispatch itself failing to import.
@@ -261,11 +266,9 @@ def test_import_errors_of_any_kind_fall_back(monkeypatch, caplog):
 def test_env_chain_and_probe_switch(monkeypatch, caplog):
   wrong = family(forward=_wrong_edge)
   _on_gpu(monkeypatch, "triton", triton=wrong)
-  assert dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
-                              reference=ops._REFERENCE) is None
+  assert _backend() is None
   monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "0")  # unchecked: used as is
-  assert dispatch.backend_for(XP_SHAPE, W_SHAPE, (1, 1),
-                              reference=ops._REFERENCE).name == "triton"
+  assert _backend().name == "triton"
   # Interpret mode (CPU) is checked only when asked for.
   monkeypatch.delenv("ADDERNET_KERNEL_PROBE")
   assert dispatch.probe_enabled(interpret=False)
