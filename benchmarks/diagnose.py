@@ -5,7 +5,7 @@ and explains). Subcommands, each writing as it goes so that a stage cut short
 by its time limit keeps what it did:
 
     python benchmarks/diagnose.py dump DIR [--batch 256] [--layers a,b]
-        [--families triton,mosaic_gpu]
+        [--families triton,triton_simt,mosaic_gpu]
   For each ResNet-20 adder layer and kernel (forward and input gradient of
   each family, the input gradient with the window `ops` passes), builds the
   kernel alone as `ops` calls it and keeps: the Pallas kernel jaxpr and the
@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.resnet20_layers import RESNET20_LAYERS, layer_shapes  # noqa: E402
 
-FAMILY_MODULES = {"triton": "gpu", "mosaic_gpu": "mosaic_gpu"}
+FAMILY_MODULES = {"triton": "gpu", "mosaic_gpu": "mosaic_gpu",
+                  "triton_simt": "triton_simt"}
 
 
 def _safe(name: str) -> str:
@@ -418,7 +419,7 @@ def main(argv=None) -> None:
   p.add_argument("dir")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--layers", default="")
-  p.add_argument("--families", default="triton,mosaic_gpu")
+  p.add_argument("--families", default="triton,triton_simt,mosaic_gpu")
   p = sub.add_parser("ptxas")
   p.add_argument("dir")
   p.add_argument("--timeout", type=int, default=60)

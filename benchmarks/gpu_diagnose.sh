@@ -28,7 +28,8 @@
 #
 #   env      versions, nvidia-smi (clocks, memory), ptxas version
 #   floor    FP32 instruction rate, copy bandwidth, each layer's floor
-#   tune     the heuristic tile of each kernel on all 7 ResNet-20 layers,
+#   tune     the heuristic tile of each kernel (Triton, Triton SIMT, and the
+#            Mosaic GPU forward on Hopper) on all 7 ResNet-20 layers,
 #            checked against the reference, then timed (the kernel goals)
 #   dump     every kernel built alone with dumps on (benchmarks/diagnose.py)
 #   ptxas    registers, spills, stack, shared memory per kernel function
@@ -136,7 +137,7 @@ stage env 30 bash -c env_info
 # shellcheck disable=SC2086
 stage floor 60 "$PY" benchmarks/floor.py --batch "$BATCH" $FLOOR_ARGS --out "$RES/floor.json"
 # shellcheck disable=SC2086
-stage tune 120 "$PY" benchmarks/tune_kernels.py --batch "$BATCH" --reps "$REPS" --max_candidates 1 $TUNE_LAYERS $( [[ -f "$RES/floor.json" ]] && echo --floor "$RES/floor.json" ) --out "$RES/tune.json"
+stage tune 120 "$PY" benchmarks/tune_kernels.py --batch "$BATCH" --reps "$REPS" --max_candidates 1 --families gpu,triton_simt $TUNE_LAYERS $( [[ -f "$RES/floor.json" ]] && echo --floor "$RES/floor.json" ) --out "$RES/tune.json"
 # shellcheck disable=SC2086
 XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$DUMP/xla --xla_dump_hlo_as_text" \
   MOSAIC_GPU_DUMP_TO="$DUMP/mosaic" \

@@ -45,7 +45,8 @@ GOALS = {"forward_floor": 0.50, "input_grad_floor": 0.35, "step_vs_cnn": 2.0,
 ALL_LAYERS = tuple(layer[0] for layer in RESNET20_LAYERS)
 # ADDERNET_GPU_KERNELS label -> the family dispatch must have run.
 FAMILY_OF_LABEL = {"triton": "triton", "mosaic": "mosaic_gpu",
-                   "mosaic_gpu": "mosaic_gpu", "xla": "xla"}
+                   "mosaic_gpu": "mosaic_gpu", "simt": "triton_simt",
+                   "triton_simt": "triton_simt", "xla": "xla"}
 # tune.json family (module) name -> dispatch's family name.
 FAMILY_OF_MODULE = {"gpu": "triton", "mosaic_gpu": "mosaic_gpu",
                     "tpu": "tpu"}

@@ -13,6 +13,9 @@ choice beside the fastest candidate that passed: a tile that computes wrong
 numbers is recorded with its error (`passed: false`) and never picked.
 With --floor FILE (the JSON of benchmarks/floor.py) each time is also given as
 a fraction of that layer's floor. Prints one JSON object (last line).
+The input gradient runs with the (rows, cols) window `ops` passes, as
+dispatch runs it, and is checked inside that window. `--families
+gpu,triton_simt` names the kernel modules (default `kernels.gpu`).
 On the CPU it runs the kernels in interpret mode at --batch 2 (a script check,
 not a measurement worth reporting).
 """
@@ -20,6 +23,8 @@ not a measurement worth reporting).
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import itertools
 import json
 import statistics
@@ -54,14 +59,21 @@ except Exception:  # pylint: disable=broad-except  # pragma: no cover
   mosaic_gpu = None
 
 
-def candidates(family, kind: str, sh: dict, interpret: bool):
-  """Candidate BlockSizes for one layer (the heuristic's first)."""
+def candidates(family, kind: str, sh: dict, interpret: bool,
+               window: dict | None = None):
+  """Candidate BlockSizes for one layer (the heuristic's first: the tile
+  dispatch runs, given the input-gradient window where the heuristic takes
+  one). Families other than gpu, mosaic_gpu and tpu: the heuristic only."""
   platform = "cpu" if interpret else jax.default_backend()
   if family is mosaic_gpu:
     first = mosaic_gpu.get_block_sizes(sh["xp"], sh["w"], sh["strides"])
   else:
+    extra = {}
+    if kind == "input_grad" and window and "rows" in inspect.signature(
+        family.get_block_sizes).parameters:
+      extra = window
     first = family.get_block_sizes(kind, sh["xp"], sh["w"], sh["strides"],
-                                   platform)
+                                   platform, **extra)
   out = [first]
   if family is gpu:
     channels = sh["w"][3] if kind == "forward" else sh["w"][2]
@@ -81,7 +93,7 @@ def candidates(family, kind: str, sh: dict, interpret: bool):
       if mosaic_gpu.unsupported_reason(sh["xp"], sh["w"], sh["strides"],
                                        bs) is None:
         out.append(bs)
-  else:
+  elif family is tpu:
     k = sh["w"][0] * sh["w"][1] * sh["w"][2]
     for m8, bk, bn in itertools.product((8, 16, 32), (64, 128, 256, k),
                                         (8, 16, 32)):
@@ -116,6 +128,9 @@ def main(argv=None):
   parser.add_argument("--floor", default=None, help="floor.py JSON output")
   parser.add_argument("--out", default=None,
                       help="JSON output, rewritten after every layer")
+  parser.add_argument("--families", default=None,
+                      help="comma-separated kernel modules (default: gpu, or "
+                      "tpu on TPUs), e.g. gpu,triton_simt")
   parser.add_argument("--mosaic", action=argparse.BooleanOptionalAction,
                       default=None, help="also sweep the Mosaic GPU forward "
                       "(default: on a Hopper or newer GPU)")
@@ -127,7 +142,10 @@ def main(argv=None):
   backend = jax.default_backend()
   interpret = backend not in ("gpu", "tpu")
   families = {"tpu": [tpu]}.get(backend, [gpu])
-  if args.mosaic and mosaic_gpu is not None:
+  if args.families:
+    families = [importlib.import_module(f"addernet_jax.kernels.{name}")
+                for name in args.families.split(",") if name]
+  if args.mosaic and mosaic_gpu is not None and mosaic_gpu not in families:
     families.append(mosaic_gpu)
   batch = args.batch or (2 if interpret else 256)
   floors = {}
@@ -154,10 +172,17 @@ def main(argv=None):
     g = jax.random.normal(kg, sh["y"], jnp.float32)
     want = {"forward": reference.forward(xp, w, sh["strides"]),
             "input_grad": reference.input_grad(xp, w, g, sh["strides"])}
+    # The input-gradient window ops passes (the rows and columns it keeps):
+    # timed and checked as dispatch runs it.
+    _, _, h, w_in, _, _, _, _, pad = layer
+    window = {"rows": (pad, pad + h), "cols": (pad, pad + w_in)}
+    crop = (slice(None), slice(pad, pad + h), slice(pad, pad + w_in))
     for family, kind in [(f, k) for f in families
                          for k in ("forward", "input_grad")
                          if not (f is mosaic_gpu and k == "input_grad")]:
-      cands = candidates(family, kind, sh, interpret)
+      takes_window = getattr(family, "INPUT_GRAD_TAKES_WINDOW", False)
+      cands = candidates(family, kind, sh, interpret,
+                         window if takes_window else None)
       if args.max_candidates:
         cands = cands[:args.max_candidates]
       results = []
@@ -166,12 +191,14 @@ def main(argv=None):
           fn = lambda bs=bs: family.forward(xp, w, sh["strides"], block_sizes=bs,
                                             interpret=interpret)
         else:
-          fn = lambda bs=bs: family.input_grad(xp, w, g, sh["strides"],
-                                               block_sizes=bs,
-                                               interpret=interpret)
+          fn = lambda bs=bs: family.input_grad(
+              xp, w, g, sh["strides"], block_sizes=bs, interpret=interpret,
+              **(window if takes_window else {}))
         entry = {"block_sizes": bs.__dict__}
         try:
-          err = rel_err(fn(), want[kind])
+          got = fn()
+          err = (rel_err(got, want[kind]) if kind == "forward" else
+                 rel_err(got[crop], want[kind][crop]))
           entry.update(rel_err=err, passed=bool(err <= TOLERANCE))
           if entry["passed"]:  # a wrong tile is neither timed nor picked
             t = _time(fn, args.reps)

@@ -12,12 +12,14 @@ strides, *, interpret[, rows, cols])` (`FAMILY_MODULES`):
 - "triton": `kernels.gpu`, Pallas with the Triton lowering (CUDA cores).
 - "mosaic_gpu": `kernels.mosaic_gpu`, a Pallas Mosaic GPU forward (Hopper)
   with the Triton input gradient.
+- "triton_simt": `kernels.triton_simt`, Pallas Triton kernels shaped like a
+  SIMT SGEMM (register tiles, channel-major operands).
 - "tpu": `kernels.tpu`, Pallas Mosaic TPU.
 
 Each platform tries a chain of families in order and falls back to XLA after
 the last: on a GPU `ADDERNET_GPU_KERNELS` names it ("triton", the default;
-"mosaic" = Mosaic GPU -> Triton; "xla" = none; or a comma-separated list of
-family names), on a TPU it is ("tpu",), and on the CPU the families run in
+"mosaic" = Mosaic GPU -> Triton; "simt" = Triton SIMT -> Triton; "xla" =
+none; or a comma-separated list of family names), on a TPU it is ("tpu",), and on the CPU the families run in
 Pallas interpret mode, chosen with `ADDERNET_CPU_KERNELS` ("gpu" = Triton,
 the default; "tpu"; "mosaic" = Mosaic GPU -> Triton, JAX >= 0.11), so that
 the test suite exercises the kernel logic and this dispatch on every run.
@@ -79,13 +81,14 @@ log = logging.getLogger(__name__)
 # Family name -> the module of this package that implements it (a module
 # object may stand in, e.g. in tests).
 FAMILY_MODULES: dict[str, Any] = {"triton": "gpu", "mosaic_gpu": "mosaic_gpu",
-                                  "tpu": "tpu"}
+                                  "triton_simt": "triton_simt", "tpu": "tpu"}
 # Names accepted in ADDERNET_GPU_KERNELS / ADDERNET_CPU_KERNELS besides the
 # family names (a comma-separated list of either is a chain).
 GPU_CHAINS = {"triton": ("triton",), "mosaic": ("mosaic_gpu", "triton"),
-              "xla": ()}
+              "simt": ("triton_simt", "triton"), "xla": ()}
 CPU_CHAINS = {"gpu": ("triton",), "triton": ("triton",), "tpu": ("tpu",),
-              "mosaic": ("mosaic_gpu", "triton"), "xla": ()}
+              "mosaic": ("mosaic_gpu", "triton"),
+              "simt": ("triton_simt", "triton"), "xla": ()}
 TPU_CHAIN = ("tpu",)
 
 # The TPU path builds a patches matrix, which we cap to keep memory bounded.

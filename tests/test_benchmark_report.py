@@ -253,8 +253,10 @@ def test_tune_never_picks_a_tile_that_fails_its_check(tmp_path, monkeypatch):
     y = reference.forward(xp, w, strides)
     return {wrong: y + 1.0, nan: y * jnp.nan}.get(block_sizes, y)
 
-  @functools.partial(jax.jit, static_argnames=static)
-  def input_grad(xp, w, g, strides, block_sizes=None, interpret=False):
+  @functools.partial(jax.jit, static_argnames=static + ("rows", "cols"))
+  def input_grad(xp, w, g, strides, block_sizes=None, interpret=False,
+                 rows=None, cols=None):
+    assert (rows, cols) == ((0, 16), (0, 16))  # the window ops passes
     if block_sizes == broken:
       raise ValueError("Triton: out of resources (injected)")
     dx = reference.input_grad(xp, w, g, strides)

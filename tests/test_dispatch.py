@@ -279,6 +279,8 @@ def test_env_chain_and_probe_switch(monkeypatch, caplog):
   assert "'bogus' is not one of" in caplog.text
   monkeypatch.setenv("ADDERNET_GPU_KERNELS", "xla")
   assert dispatch.chain_for("gpu") == ((), False)
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "simt")
+  assert dispatch.chain_for("gpu") == (("triton_simt", "triton"), False)
   monkeypatch.setenv("ADDERNET_CPU_KERNELS", "mosaic")
   assert dispatch.chain_for("cpu") == (("mosaic_gpu", "triton"), True)
 
