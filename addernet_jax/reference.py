@@ -15,6 +15,25 @@ channels) into one vectorised loop over the accumulator; a `lax.fori_loop` over
 (tap, channel block) keeps the program, and the compile time, small. Reducing
 over channels inside each tap instead was 3-10x slower.
 
+Accumulation (float32 fidelity; see benchmarks/RESULTS.md): adder outputs are
+large (-700 to -2400 on the official ResNet-20) while what the following
+BatchNorm keeps is their per-channel spread (2-12), i.e. the last bits of the
+sum. Folding every term into one running accumulator loses them (measured 3-4x
+further from float64 than the official float32 code). So:
+
+- forward: each (tap, channel block) is summed into a fresh block partial, and
+  the accumulator receives `partial - m_k`, where `m_k[o] = sum_c |w[c, o]|`
+  over the block: `|x - w| - |w|` is at most `|x|`, so the accumulator stays
+  at the scale of the inputs instead of the outputs and its rounding errors
+  shrink accordingly. The total `sum_k m_k` is added back once at the end,
+  summed with error-free transformations (`exact_sum`), so the result is
+  rounded once at the output's scale. Same accuracy as Kahan-compensating the
+  block partials (measured), without a second loop carry, which doubled the
+  forward's time on the CPU (XLA materialises both carries every step).
+- input gradient (signed terms, no large offset): two-level partial sums, a
+  fresh block partial per (tap, output-channel block) added into a fresh
+  per-tap partial, added into the accumulator once per tap.
+
 The input gradient is computed in gather form: every padded-input position sums
 the contributions of the taps that see it, read from shifted views of the
 output gradient, so nothing is scattered or padded-and-added. Strided layers
@@ -29,6 +48,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from addernet_jax.kernels.layout import block_offsets
 
 Strides = tuple[int, int]
 
@@ -90,15 +111,21 @@ def _fold(num_steps: int, step: Callable[[jax.Array | int, jax.Array],
 
 
 def forward(xp: jax.Array, w: jax.Array, strides: Strides) -> jax.Array:
-  """y[n,p,q,o] = -sum_{i,j,c} |xp[n, p*s+i, q*s+j, c] - w[i,j,c,o]| (float32)."""
+  """y[n,p,q,o] = -sum_{i,j,c} |xp[n, p*s+i, q*s+j, c] - w[i,j,c,o]| (float32).
+
+  Accumulates offset block partials (module docstring): the accumulator holds
+  `sum_k (partial_k - m_k)`, the result is `-(acc + sum_k m_k)`, with the
+  total as an exact pair `hi + lo`.
+  """
   kh, kw, cin, cout = w.shape
   sh, sw = strides
   n = xp.shape[0]
   ho, wo = _out_hw(xp, w, strides)
   nb, cb = _blocks(cin)
-  # Zero channels contribute |0 - 0| = 0.
+  # Zero channels contribute |0 - 0| = 0 (and 0 to the offsets).
   xp = _pad_axis(xp.astype(jnp.float32), 3, nb * cb)
   w = _pad_axis(w.astype(jnp.float32), 2, nb * cb)
+  offsets, (hi, lo) = block_offsets(w.reshape(kh * kw * nb, cb, cout))
 
   def step(k, acc):
     tap, c0 = k // nb, (k % nb) * cb
@@ -107,12 +134,13 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides) -> jax.Array:
         xp, (0, i, j, c0), (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, cb))
     view = window[:, ::sh, ::sw] if (sh, sw) != (1, 1) else window
     ws = lax.dynamic_slice(w, (i, j, c0, 0), (1, 1, cb, cout))[0, 0]
-    for c in range(cb):
-      acc = acc + jnp.abs(view[..., c:c + 1] - ws[c])
-    return acc
+    partial = jnp.abs(view[..., 0:1] - ws[0])
+    for c in range(1, cb):
+      partial = partial + jnp.abs(view[..., c:c + 1] - ws[c])
+    return acc + (partial - lax.dynamic_index_in_dim(offsets, k, 0, False))
 
   init = jnp.zeros((n, ho, wo, cout), jnp.float32)
-  return -_fold(kh * kw * nb, step, init)
+  return -(hi + (_fold(kh * kw * nb, step, init) + lo))
 
 
 def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
@@ -145,18 +173,29 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
     x_rt = lax.slice(xq, (0, r, t, 0), xq.shape, (1, sh, sw, 1))
     rows, cols = len(range(r, kh, sh)), len(range(t, kw, sw))
 
-    def step(k, acc):
-      tap, o0 = k // nb, (k % nb) * ob
+    def block(tap, b):
+      """Fresh partial over output channels [b*ob, (b+1)*ob) of one tap."""
+      o0 = b * ob
       di, dj = tap // cols, tap % cols
       gv = lax.dynamic_slice(gp, (0, dh - di, dw - dj, o0), (n, hq, wq, ob))
       ws = lax.dynamic_slice(w, (r + sh * di, t + sw * dj, 0, o0),
                              (1, 1, cin, ob))[0, 0]
-      for o in range(ob):
-        acc = acc + jnp.clip(ws[:, o] - x_rt, -1.0, 1.0) * gv[..., o:o + 1]
-      return acc
+      partial = jnp.clip(ws[:, 0] - x_rt, -1.0, 1.0) * gv[..., 0:1]
+      for o in range(1, ob):
+        partial = partial + jnp.clip(ws[:, o] - x_rt, -1.0, 1.0) * gv[
+            ..., o:o + 1]
+      return partial
+
+    def tap_step(tap, acc):
+      # Two-level partial sums: blocks into a fresh per-tap partial.
+      partial = block(tap, 0)
+      if nb > 1:
+        partial = lax.fori_loop(1, nb, lambda b, p: p + block(tap, b),
+                                partial)
+      return acc + partial
 
     init = jnp.zeros_like(x_rt)
-    return _fold(rows * cols * nb, step, init) if rows * cols else init
+    return _fold(rows * cols, tap_step, init) if rows * cols else init
 
   if sh == sw == 1:
     return phase_grad(0, 0)

@@ -127,3 +127,61 @@ def fold_patches_t(dp: jax.Array, xp_shape, kh: int, kw: int, strides,
          (j, wp - j - (sw * (wo - 1) + 1), sw - 1),
          (0, 0, 0)))
   return out
+
+
+def exact_sum(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`sum(a, axis=0)` of a float32 array as an unevaluated pair `hi + lo`.
+
+  A pairwise sum whose rounding errors are recovered exactly at every level
+  (Knuth's TwoSum) and carried separately: `hi` is the float32 sum rounded
+  once, `lo` what that rounding dropped. For the per-channel totals of the
+  forward's offsets, which must carry neither the sequential rounding error of
+  a sum in the thousands nor, once added to every output, their own final
+  rounding (a constant per channel, which averaging over the pixels does not
+  remove). Only for small arrays (filter-sized).
+  """
+  s = a.astype(jnp.float32)
+  err = jnp.zeros(s.shape[1:], jnp.float32)
+  while s.shape[0] > 1:
+    if s.shape[0] % 2:
+      s = jnp.concatenate([s, jnp.zeros((1,) + s.shape[1:], s.dtype)])
+    x, y = s[0::2], s[1::2]
+    t = x + y
+    z = t - x
+    err = err + jnp.sum((x - (t - z)) + (y - z), axis=0)
+    s = t
+  hi = s[0] + err
+  return hi, err - (hi - s[0])
+
+
+def block_offsets(w_blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Offsets of the forward's block partials (the accumulation of
+  `addernet_jax.reference.forward` and of every forward kernel).
+
+  Each block of (tap, channel) terms is summed into a fresh partial and the
+  accumulator receives `partial - m[block]` with `m[block, o] = sum |w|` over
+  the block: `|x - w| - |w|` is at most `|x|`, so the accumulator stays at the
+  scale of the inputs, not of the outputs (in the thousands; the BatchNorm
+  that follows keeps only their per-channel spread), and so do its rounding
+  errors. The result is `-(hi + (acc + lo))`, with `hi + lo` the exact total
+  of the offsets.
+
+  `m` is summed sequentially over the terms, in the order the block partials
+  add theirs (a first term, then the others), so that a pixel whose inputs
+  are exact zeros (ReLU outputs, padding) contributes exactly 0 to the
+  accumulator, not a rounding difference that is the same at every such pixel
+  (a bias of up to 1e-4 on the per-channel mean when XLA reduced `m` in
+  another order).
+
+  Args:
+    w_blocks: `[blocks, terms, cout]` filters in the kernel's block order
+      (zero-padded; zeros add nothing).
+
+  Returns:
+    `m` `[blocks, cout]` and `(hi, lo)` `[cout]` each (`exact_sum(m)`).
+  """
+  a = jnp.abs(w_blocks.astype(jnp.float32))
+  m = a[:, 0]
+  for c in range(1, a.shape[1]):
+    m = m + a[:, c]
+  return m, exact_sum(m)

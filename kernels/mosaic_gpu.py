@@ -10,10 +10,14 @@ algorithm, warpgroup programming model:
   the pixel slab its taps read, `[phases, cin, block_pix + max tap offset]`,
   and its filters `[taps, cin, block_ch]` into shared memory;
 - the float32 accumulator `[block_pix, block_ch]` lives in registers in the
-  WGMMA layout; for every tap (unrolled) and input channel (a loop) it adds
-  `|x[tap offset : + block_pix] - w[tap, c, :]|`, the pixel vector loaded in
-  the row layout and the filter row in the column layout, both broadcast;
-- the negated accumulator goes back to HBM through shared memory with TMA.
+  WGMMA layout; for every tap (unrolled) and block of input channels (a
+  loop) a fresh partial sums `|x[tap offset : + block_pix] - w[tap, c, :]|`
+  over the block's channels (a loop), the pixel vector loaded in the row
+  layout and the filter row in the column layout, both broadcast, and the
+  accumulator receives the partial minus the block's sum of |w| (the
+  accumulation of `kernels.gpu.forward`, see `layout.block_offsets`);
+- the accumulator goes back to HBM through shared memory with TMA, and
+  `forward` adds back the exact total of the offsets.
 
 The input gradient is `kernels.gpu.input_grad` (Triton): `ADDERNET_GPU_KERNELS=
 mosaic` selects this forward with it. Verified in Mosaic GPU interpret mode on
@@ -87,11 +91,15 @@ def _plan(xp_shape, w_shape, strides, bs: BlockSizes) -> dict:
   slab = layout.round_up(bs.block_pix + max_off, 32)
   cin = layout.round_up(cin, 4)
   phases = sh * sw
+  # Offsets of the block partials (gpu.forward_blocks over the padded
+  # channels), rows padded to 4 for the copy.
+  blocks = gpu.forward_blocks(cin)
+  offset_rows = layout.round_up(kh * kw * blocks[0], 4)
   smem = 4 * (phases * cin * slab + kh * kw * cin * bs.block_ch
-              + bs.block_pix * bs.block_ch)
+              + offset_rows * bs.block_ch + bs.block_pix * bs.block_ch)
   return {"taps": taps, "slab": slab, "phases": phases, "wq": wq, "cin": cin,
-          "positions": ho * wq, "smem_bytes": smem,
-          "hq": layout.cdiv(hp, sh)}
+          "positions": ho * wq, "smem_bytes": smem, "blocks": blocks,
+          "offset_rows": offset_rows, "hq": layout.cdiv(hp, sh)}
 
 
 def unsupported_reason(xp_shape, w_shape, strides,
@@ -104,6 +112,9 @@ def unsupported_reason(xp_shape, w_shape, strides,
             f"reach) exceeds a TMA box of {MAX_TMA_BOX}")
   if w_shape[2] > MAX_TMA_BOX or w_shape[0] * w_shape[1] > MAX_TMA_BOX:
     return f"filters {tuple(w_shape)} exceed a TMA box of {MAX_TMA_BOX}"
+  if plan["offset_rows"] > MAX_TMA_BOX:
+    return (f"{plan['offset_rows']} rows of block offsets (filters "
+            f"{tuple(w_shape)}) exceed a TMA box of {MAX_TMA_BOX}")
   if plan["smem_bytes"] > SMEM_BUDGET_BYTES:
     return (f"needs {plan['smem_bytes']} bytes of shared memory "
             f"(> {SMEM_BUDGET_BYTES})")
@@ -125,8 +136,14 @@ def get_block_sizes(xp_shape, w_shape, strides) -> BlockSizes:
   return BlockSizes(block_pix=64, block_ch=8)
 
 
-def _forward_body(x_gmem, w_gmem, o_gmem, x_smem, w_smem, o_smem, barrier, *,
-                  taps, cin: int, block_pix: int, block_ch: int):
+def _forward_body(x_gmem, w_gmem, m_gmem, o_gmem, x_smem, w_smem, m_smem,
+                  o_smem, barrier, *, taps, cin: int, block_pix: int,
+                  block_ch: int):
+  # Accumulation (float32 fidelity, the scheme of `kernels.gpu.forward` and
+  # `addernet_jax.reference`, see `layout.block_offsets`): per tap, blocks of
+  # at most gpu.FORWARD_BLOCK channels summed into a fresh partial; the
+  # accumulator receives `partial - m[block]` (m = the block's sum of |w|), so
+  # it stays at the inputs' scale; `forward` adds back the exact total.
   b = lax.axis_index("b")
   f0 = lax.axis_index("f") * block_pix
   o0 = lax.axis_index("o") * block_ch
@@ -135,20 +152,39 @@ def _forward_body(x_gmem, w_gmem, o_gmem, x_smem, w_smem, o_smem, barrier, *,
                           barrier.at[0])
   plgpu.copy_gmem_to_smem(w_gmem.at[:, :, pl.ds(o0, block_ch)], w_smem,
                           barrier.at[0])
+  plgpu.copy_gmem_to_smem(m_gmem.at[:, pl.ds(o0, block_ch)], m_smem,
+                          barrier.at[0])
   plgpu.barrier_wait(barrier.at[0])
   shape = (block_pix, block_ch)
-  acc = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+  nb, cb = gpu.forward_blocks(cin)
+  last = cin - (nb - 1) * cb
+
+  def zeros():
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
+                             plgpu.Layout.WGMMA)
+
+  acc = zeros()
   for t, (phase, offset) in enumerate(taps):   # static: kh*kw taps
-    def channel_body(c, acc, t=t, phase=phase, offset=offset):
-      xv = _load(x_smem.at[phase, c, pl.ds(offset, block_pix)],
-                 plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-      wv = _load(w_smem.at[t, c], plgpu.Layout.WGMMA.reduce(0)
-                 ).astype(jnp.float32)
-      diff = (lax.broadcast_in_dim(xv, shape, [0])
-              - lax.broadcast_in_dim(wv, shape, [1]))
-      return acc + jnp.abs(diff)
-    acc = lax.fori_loop(0, cin, channel_body, acc)
-  o_smem[...] = -acc
+    def add_block(blk, size, acc, t=t, phase=phase, offset=offset):
+      c0 = blk * cb
+
+      def channel_body(c, part):
+        xv = _load(x_smem.at[phase, c0 + c, pl.ds(offset, block_pix)],
+                   plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        wv = _load(w_smem.at[t, c0 + c], plgpu.Layout.WGMMA.reduce(0)
+                   ).astype(jnp.float32)
+        diff = (lax.broadcast_in_dim(xv, shape, [0])
+                - lax.broadcast_in_dim(wv, shape, [1]))
+        return part + jnp.abs(diff)
+      part = lax.fori_loop(0, size, channel_body, zeros())
+      mv = _load(m_smem.at[t * nb + blk], plgpu.Layout.WGMMA.reduce(0))
+      return acc + (part - lax.broadcast_in_dim(mv, shape, [1]))
+
+    if nb > 1:
+      acc = lax.fori_loop(0, nb - 1,
+                          lambda blk, a, f=add_block: f(blk, cb, a), acc)
+    acc = add_block(nb - 1, last, acc)
+  o_smem[...] = acc
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, pl.ds(f0, block_pix),
                                             pl.ds(o0, block_ch)])
@@ -188,6 +224,10 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
                        cout_pad)
   wt = layout.pad_axis(wt, 1, cin_pad)
   cin = cin_pad
+  nb, cb = plan["blocks"]
+  offsets, (hi, lo) = layout.block_offsets(
+      layout.pad_axis(wt, 1, nb * cb).reshape(kh * kw * nb, cb, cout_pad))
+  offsets = layout.pad_axis(offsets, 0, plan["offset_rows"])
   body = functools.partial(_forward_body, taps=tuple(plan["taps"]), cin=cin,
                            block_pix=bs.block_pix, block_ch=bs.block_ch)
   kernel = plgpu.kernel(
@@ -196,16 +236,17 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
       scratch_types=[
           plgpu.SMEM((plan["phases"], cin, plan["slab"]), jnp.float32),
           plgpu.SMEM((kh * kw, cin, bs.block_ch), jnp.float32),
+          plgpu.SMEM((plan["offset_rows"], bs.block_ch), jnp.float32),
           plgpu.SMEM((bs.block_pix, bs.block_ch), jnp.float32),
-          plgpu.Barrier(num_arrivals=2, num_barriers=1),
+          plgpu.Barrier(num_arrivals=3, num_barriers=1),
       ],
       grid=(n, pos_pad // bs.block_pix, cout_pad // bs.block_ch),
       grid_names=("b", "f", "o"),
       **({"interpret": _interpret_params()} if interpret else {}),
   )
-  y = kernel(xs, wt)
-  y = y[:, :plan["positions"]].reshape(n, ho, wq, cout_pad)
-  return y[:, :, :wo, :cout]
+  acc = kernel(xs, wt, offsets)
+  acc = acc[:, :plan["positions"]].reshape(n, ho, wq, cout_pad)[:, :, :wo]
+  return -(hi[:cout] + (acc[..., :cout] + lo[:cout]))
 
 
 def _interpret_params():

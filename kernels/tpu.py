@@ -87,6 +87,34 @@ def _interpret_arg(interpret: bool):
   return pltpu.InterpretParams() if interpret else False
 
 
+# Accumulation (float32 fidelity, the scheme of `addernet_jax.reference`; see
+# `layout.block_offsets`): patch rows are summed in groups of at most GROUP
+# rows into fresh per-output-channel partials; the accumulator receives
+# `partial - m[group]` (m = the group's sum of |w|, scalars in SMEM like the
+# filters), so it stays at the inputs' scale instead of the outputs'
+# (thousands). The kernel returns the accumulator; `forward` adds back the
+# exact total of the offsets, `-(hi + (acc + lo))`. The input gradient sums
+# each grid step's block of output channels (GROUP at most per partial) into a
+# fresh partial before adding it to the accumulated row.
+GROUP = 16
+
+
+def _groups(block_k: int) -> tuple[int, int]:
+  """(groups, rows of the last group) of a K chunk of `block_k` rows."""
+  num = layout.cdiv(block_k, GROUP)
+  return num, block_k - (num - 1) * GROUP
+
+
+def _smem_blocks(a, bs: BlockSizes, rows: int):
+  """`[k chunks * rows, n_pad]` -> `[o blocks, k chunks, 1, rows * block_n]`:
+  SMEM blocks of (rows * block_n) scalars, row-major (row, o); the block's
+  last two dims equal the array's, as Mosaic requires of blocks that are not
+  (8, 128)."""
+  kb, n_pad = a.shape[0] // rows, a.shape[1]
+  a = a.reshape(kb, rows, n_pad // bs.block_n, bs.block_n).transpose(2, 0, 1, 3)
+  return a.reshape(n_pad // bs.block_n, kb, 1, rows * bs.block_n)
+
+
 def _prepare(xp, w, strides, bs: BlockSizes):
   kh, kw, cin, cout = w.shape
   n = xp.shape[0]
@@ -100,31 +128,47 @@ def _prepare(xp, w, strides, bs: BlockSizes):
   pt = pt.reshape(k_pad, m_pad // LANES, LANES)
   wk = jnp.pad(w.astype(jnp.float32).reshape(k, cout),
                ((0, k_pad - k), (0, n_pad - cout)))
-  # SMEM blocks of (block_k * block_n) scalars, row-major (k, o).
-  wb = wk.reshape(k_pad // bs.block_k, bs.block_k, n_pad // bs.block_n,
-                  bs.block_n).transpose(2, 0, 1, 3)
-  # [o blocks, k blocks, 1, block_k * block_n]: the block's last two dims
-  # equal the array's, as Mosaic requires of blocks that are not (8, 128).
-  wb = wb.reshape(n_pad // bs.block_n, k_pad // bs.block_k, 1,
-                  bs.block_k * bs.block_n)
-  return pt, wb, (k, m, k_pad, m_pad, n_pad, ho, wo)
+  return pt, wk, (k, m, k_pad, m_pad, n_pad, ho, wo)
+
+
+def _forward_offsets(wk, bs: BlockSizes):
+  """Per (K chunk, group) offsets as SMEM blocks, and their total (hi, lo)."""
+  k_pad, n_pad = wk.shape
+  groups, _ = _groups(bs.block_k)
+  chunks = wk.reshape(k_pad // bs.block_k, bs.block_k, n_pad)
+  chunks = layout.pad_axis(chunks, 1, groups * GROUP)
+  offsets, total = layout.block_offsets(
+      chunks.reshape(k_pad // bs.block_k * groups, GROUP, n_pad))
+  return _smem_blocks(offsets, bs, groups), total
 
 
 # ----------------------------------------------------------------- forward --
 
 
-def _forward_kernel(w_ref, p_ref, o_ref, *, block_k: int, block_n: int):
+def _forward_kernel(w_ref, m_ref, p_ref, o_ref, *, block_k: int,
+                    block_n: int):
   @pl.when(pl.program_id(2) == 0)
   def _init():
     o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
-  def body(kk, accs):
-    pk = p_ref[kk]
-    return tuple(acc - jnp.abs(pk - w_ref[kk * block_n + o])
-                 for o, acc in enumerate(accs))
+  groups, last = _groups(block_k)
 
-  accs = lax.fori_loop(0, block_k, body,
-                       tuple(o_ref[o] for o in range(block_n)))
+  def group(g, rows, accs):
+    k0 = g * GROUP
+    parts = [None] * block_n
+    for r in range(rows):  # static: the group's rows, in order
+      pk = p_ref[k0 + r]
+      for o in range(block_n):
+        term = jnp.abs(pk - w_ref[(k0 + r) * block_n + o])
+        parts[o] = term if r == 0 else parts[o] + term
+    return tuple(acc + (part - m_ref[g * block_n + o])
+                 for o, (acc, part) in enumerate(zip(accs, parts)))
+
+  accs = tuple(o_ref[o] for o in range(block_n))
+  if groups > 1:
+    accs = lax.fori_loop(0, groups - 1,
+                         lambda g, a: group(g, GROUP, a), accs)
+  accs = group(groups - 1, last, accs)
   for o in range(block_n):
     o_ref[o] = accs[o]
 
@@ -144,10 +188,13 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
   bs = block_sizes or get_block_sizes("forward", xp.shape, w.shape, strides,
                                       platform="cpu" if interpret else "tpu")
   cout = w.shape[3]
-  pt, wb, (_, m, k_pad, m_pad, n_pad, ho, wo) = _prepare(xp, w, strides, bs)
+  pt, wk, (_, m, k_pad, m_pad, n_pad, ho, wo) = _prepare(xp, w, strides, bs)
+  wb = _smem_blocks(wk, bs, bs.block_k)
+  mb, (hi, lo) = _forward_offsets(wk, bs)
+  groups, _ = _groups(bs.block_k)
   grid = (m_pad // (bs.block_m8 * LANES), n_pad // bs.block_n,
           k_pad // bs.block_k)
-  yt = pl.pallas_call(
+  acc = pl.pallas_call(
       functools.partial(_forward_kernel, block_k=bs.block_k,
                         block_n=bs.block_n),
       out_shape=jax.ShapeDtypeStruct((n_pad, m_pad // LANES, LANES),
@@ -155,6 +202,9 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, None, None, bs.block_k * bs.block_n),
+                       lambda mi, oi, ki: (oi, ki, 0, 0),
+                       memory_space=pltpu.SMEM),
+          pl.BlockSpec((None, None, None, groups * bs.block_n),
                        lambda mi, oi, ki: (oi, ki, 0, 0),
                        memory_space=pltpu.SMEM),
           pl.BlockSpec((bs.block_k, bs.block_m8, LANES),
@@ -166,9 +216,10 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=_interpret_arg(interpret),
       name="adder_forward_tpu",
-  )(wb, pt)
-  y = yt.reshape(n_pad, m_pad)[:cout, :m]
-  return y.T.reshape(xp.shape[0], ho, wo, cout)
+  )(wb, mb, pt)
+  acc = acc.reshape(n_pad, m_pad)[:cout, :m].T
+  y = -(hi[:cout] + (acc + lo[:cout]))
+  return y.reshape(xp.shape[0], ho, wo, cout)
 
 
 # ---------------------------------------------------------- input gradient --
@@ -185,8 +236,12 @@ def _input_grad_kernel(w_ref, p_ref, g_ref, o_ref, *, block_k: int,
   def body(kk, carry):
     pk = p_ref[kk]
     acc = o_ref[kk]
-    for o in range(block_n):
-      acc = acc + jnp.clip(w_ref[kk * block_n + o] - pk, -1.0, 1.0) * gs[o]
+    for o0 in range(0, block_n, GROUP):  # fresh partials of <= GROUP terms
+      part = None
+      for o in range(o0, min(o0 + GROUP, block_n)):
+        term = jnp.clip(w_ref[kk * block_n + o] - pk, -1.0, 1.0) * gs[o]
+        part = term if part is None else part + term
+      acc = acc + part
     o_ref[kk] = acc
     return carry
 
@@ -208,7 +263,8 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
                                       strides,
                                       platform="cpu" if interpret else "tpu")
   kh, kw, _, cout = w.shape
-  pt, wb, (k, m, k_pad, m_pad, n_pad, ho, wo) = _prepare(xp, w, strides, bs)
+  pt, wk, (k, m, k_pad, m_pad, n_pad, ho, wo) = _prepare(xp, w, strides, bs)
+  wb = _smem_blocks(wk, bs, bs.block_k)
   gt = g.astype(jnp.float32).reshape(m, cout).T
   gt = jnp.pad(gt, ((0, n_pad - cout), (0, m_pad - m)))
   gt = gt.reshape(n_pad, m_pad // LANES, LANES)
