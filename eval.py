@@ -8,6 +8,19 @@
 The last line printed is one JSON object with top1, top5 (fractions), loss
 and num_examples. With `--config.holdout_examples=N` the evaluation set is
 the last N training examples, as in training.
+
+Adversarial robustness (white-box, untargeted, L-infinity, pixels in [0, 1];
+see addernet_jax/attacks.py):
+
+  python eval.py --config configs/cifar10_resnet20.py \
+      --torch_checkpoint ResNet20-AdderNet.pth --config.data_dir=... \
+      --attacks=fgsm,bim7,pgd7,mim5,rfgsm5 [--attack_grad=both] \
+      [--attack_eps=8/255] [--attack_step=2/255] [--attack_seed=0] \
+      [--attack_max_examples=1000]
+
+prints one table row per attack and gradient (clean and attacked top-1 on
+the attacked examples) before the JSON line, which then also has an
+"attacks" object with the rows.
 """
 
 import json
@@ -16,6 +29,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from addernet_jax import attacks as attacks_lib
 from addernet_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -28,6 +42,21 @@ flags.DEFINE_enum("which", "latest", ["latest", "best"], "With --checkpoint: "
                   "the latest checkpoint or the best by eval_top1.")
 flags.DEFINE_string("torch_checkpoint", None, "An official-layout PyTorch "
                     ".pth file (converted with addernet_jax.convert).")
+flags.DEFINE_list("attacks", [], "Adversarial attacks to run after the "
+                  "evaluation, e.g. fgsm,bim7,pgd7,mim5,rfgsm5 (fgsm, bimN, "
+                  "pgdN, mimN, rfgsmN: N gradient steps).")
+flags.DEFINE_string("attack_eps", "8/255", "L-infinity radius in [0, 1] "
+                    "pixel units (a number or a fraction like 8/255).")
+flags.DEFINE_string("attack_step", "2/255", "Step size of the iterative "
+                    "attacks (FGSM's step is eps).")
+flags.DEFINE_enum("attack_grad", "both", ["official", "exact", "both"],
+                  "The adder layers' gradient the attacker follows: the "
+                  "official HardTanh-clipped backward, the exact derivative "
+                  "of the forward, or both (one row each).")
+flags.DEFINE_integer("attack_seed", 0, "Seed of the random starts (pgdN, "
+                     "rfgsmN).")
+flags.DEFINE_integer("attack_max_examples", -1, "> 0: attack only this "
+                     "many evenly spaced examples of the evaluation split.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -38,12 +67,25 @@ def main(argv):
     return train_lib.cli_error("give exactly one of --checkpoint WORKDIR "
                                "and --torch_checkpoint FILE")
   try:
+    if FLAGS.attacks:  # Fail on a bad flag before the evaluation runs.
+      attacks_lib.parse_attacks(FLAGS.attacks)
+      attacks_lib.parse_size(FLAGS.attack_eps)
+      attacks_lib.parse_size(FLAGS.attack_step)
     if FLAGS.torch_checkpoint is not None:
       result = train_lib.evaluate_torch_checkpoint(FLAGS.config,
                                                    FLAGS.torch_checkpoint)
     else:
       result = train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint,
                                              which=FLAGS.which)
+    if FLAGS.attacks:
+      print(attacks_lib.TABLE_HEADER, flush=True)
+      result["attacks"] = attacks_lib.evaluate_attacks(
+          FLAGS.config, FLAGS.attacks, checkpoint=FLAGS.checkpoint,
+          which=FLAGS.which, torch_checkpoint=FLAGS.torch_checkpoint,
+          gradient=FLAGS.attack_grad, eps=FLAGS.attack_eps,
+          step=FLAGS.attack_step, seed=FLAGS.attack_seed,
+          max_examples=FLAGS.attack_max_examples,
+          on_row=lambda row: print(attacks_lib.format_row(row), flush=True))
   except train_lib.USER_ERRORS as e:
     return train_lib.cli_error(e)
   print(json.dumps(result), flush=True)

@@ -3,6 +3,9 @@
 Every adder filter is stored under the parameter name `ADDER_KERNEL`
 ("adder_kernel"), so optimisers can select adder filters by parameter path
 (`addernet_jax.optim.adder_mask`) whatever the module is called.
+
+Every layer takes `gradient` ("official" or "exact", see `ops.adder_conv`):
+which backward the layer's autodiff follows; the forward is the same.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _dense_as_conv(x: jax.Array, kernel: jax.Array,
-                   implementation: str | None) -> jax.Array:
+                   implementation: str | None,
+                   gradient: str = "official") -> jax.Array:
   """A 1x1 adder on a 1x1 map: y[n, o] = -sum_c |x[n, c] - kernel[c, o]|."""
   if x.ndim < 2:
     raise ValueError(f"AdderDense: input must have a feature axis, got shape "
@@ -34,7 +38,7 @@ def _dense_as_conv(x: jax.Array, kernel: jax.Array,
   batch_shape = x.shape[:-1]
   x2 = x.reshape((-1, 1, 1, x.shape[-1]))
   y = ops.adder_conv(x2, kernel[None, None], padding="VALID",
-                     implementation=implementation)
+                     implementation=implementation, gradient=gradient)
   return y.reshape(batch_shape + (kernel.shape[-1],))
 
 
@@ -52,6 +56,8 @@ class AdderConv(nn.Module):
     param_dtype: dtype of the filters.
     kernel_init: filter initialiser; N(0, 1) as in the official release.
     implementation: None, "xla" or "pallas" (see `ops.adder_conv`).
+    gradient: "official" (the AdderNet backward) or "exact" (the true
+      derivative of the forward; for attacks), see `ops.adder_conv`.
   """
   features: int
   kernel_size: int | Sequence[int] = (3, 3)
@@ -63,6 +69,7 @@ class AdderConv(nn.Module):
   kernel_init: Any = nn.initializers.normal(stddev=1.0)
   bias_init: Any = nn.initializers.zeros
   implementation: str | None = None
+  gradient: str = "official"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -78,7 +85,8 @@ class AdderConv(nn.Module):
       padding = ((padding, padding), (padding, padding))
     y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
                        strides=_pair(self.strides), padding=padding,
-                       implementation=self.implementation)
+                       implementation=self.implementation,
+                       gradient=self.gradient)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,),
                         self.param_dtype)
@@ -95,6 +103,7 @@ class AdderDense(nn.Module):
   kernel_init: Any = nn.initializers.normal(stddev=1.0)
   bias_init: Any = nn.initializers.zeros
   implementation: str | None = None
+  gradient: str = "official"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -102,7 +111,7 @@ class AdderDense(nn.Module):
                         (x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = _dense_as_conv(x.astype(dtype), kernel.astype(dtype),
-                       self.implementation)
+                       self.implementation, self.gradient)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,),
                         self.param_dtype)
@@ -120,7 +129,8 @@ class AdderConvNNX(nnx.Module):
                use_bias: bool = False, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32,
                kernel_init: Any = nnx.initializers.normal(stddev=1.0),
-               implementation: str | None = None, rngs: nnx.Rngs):
+               implementation: str | None = None,
+               gradient: str = "official", rngs: nnx.Rngs):
     kh, kw = _pair(kernel_size)
     self.adder_kernel = nnx.Param(kernel_init(
         rngs.params(), (kh, kw, in_features, out_features), param_dtype))
@@ -131,13 +141,15 @@ class AdderConvNNX(nnx.Module):
                     if isinstance(padding, int) else padding)
     self.dtype = dtype
     self.implementation = implementation
+    self.gradient = gradient
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.adder_kernel[...]
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
                        strides=self.strides, padding=self.padding,
-                       implementation=self.implementation)
+                       implementation=self.implementation,
+                       gradient=self.gradient)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -150,19 +162,21 @@ class AdderDenseNNX(nnx.Module):
                use_bias: bool = False, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32,
                kernel_init: Any = nnx.initializers.normal(stddev=1.0),
-               implementation: str | None = None, rngs: nnx.Rngs):
+               implementation: str | None = None,
+               gradient: str = "official", rngs: nnx.Rngs):
     self.adder_kernel = nnx.Param(kernel_init(
         rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
                  if use_bias else None)
     self.dtype = dtype
     self.implementation = implementation
+    self.gradient = gradient
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.adder_kernel[...]
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = _dense_as_conv(x.astype(dtype), kernel.astype(dtype),
-                       self.implementation)
+                       self.implementation, self.gradient)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,8 @@ MODEL_NAMES = ("lenet5_bn", "vgg_small", *CIFAR_RESNET_DEPTHS,
 
 def get_model(name: str, *, num_classes: int, conv: str = "adder",
               dtype: Any = jnp.float32, bn_axis_name: str | None = None,
-              implementation: str | None = None) -> nn.Module:
+              implementation: str | None = None,
+              gradient: str = "official") -> nn.Module:
   """A Linen model of the paper.
 
   Args:
@@ -36,6 +38,8 @@ def get_model(name: str, *, num_classes: int, conv: str = "adder",
     bn_axis_name: mesh axis over which BatchNorm statistics are averaged in
       data-parallel training (None: local batch statistics).
     implementation: adder kernel choice passed to `ops.adder_conv`.
+    gradient: the backward of the adder layers, "official" or "exact" (the
+      true derivative; see `ops.adder_conv`). No effect with `conv="mult"`.
 
   Returns:
     A module used as `model.apply(variables, x, train=bool, mutable=...)`,
@@ -43,8 +47,16 @@ def get_model(name: str, *, num_classes: int, conv: str = "adder",
   """
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  if gradient not in ("official", "exact"):
+    raise ValueError(f"gradient must be 'official' or 'exact', got "
+                     f"{gradient!r}")
   conv_layer = common.conv_factory(conv, dtype=dtype,
                                    implementation=implementation)
+  dense_layer = common.dense_factory(conv, dtype=dtype,
+                                     implementation=implementation)
+  if conv == "adder" and gradient != "official":
+    conv_layer = functools.partial(conv_layer, gradient=gradient)
+    dense_layer = functools.partial(dense_layer, gradient=gradient)
   kwargs = dict(num_classes=num_classes, conv=conv_layer, dtype=dtype,
                 bn_axis_name=bn_axis_name)
   if name in CIFAR_RESNET_DEPTHS:
@@ -55,7 +67,5 @@ def get_model(name: str, *, num_classes: int, conv: str = "adder",
   if name == "vgg_small":
     return VGGSmall(**kwargs)
   if name == "lenet5_bn":
-    return LeNet5BN(dense=common.dense_factory(conv, dtype=dtype,
-                                               implementation=implementation),
-                    **kwargs)
+    return LeNet5BN(dense=dense_layer, **kwargs)
   raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
