@@ -1,0 +1,439 @@
+"""The paper's figures (addernet_jax.figures): the numbers behind them and the
+command line, on synthetic data, bundled digits and small models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from addernet_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+from addernet_jax import convert, figures, layers, models, train_lib
+from addernet_jax.data import local
+from addernet_jax.models import lenet_plus
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_written(files, max_png_bytes=150_000):
+  png, svg = map(Path, files)
+  assert png.read_bytes()[:8] == PNG_MAGIC
+  assert 1_000 < png.stat().st_size < max_png_bytes
+  assert svg.read_text(encoding="utf-8").lstrip().startswith("<?xml")
+
+
+# ------------------------------------------------------------------ fits --
+
+
+@pytest.mark.parametrize("family", ["laplace", "gaussian"])
+def test_the_right_family_wins_on_synthetic_samples(family):
+  rng = np.random.default_rng(0)
+  loc, scale = 0.3, 2.0
+  w = (rng.laplace(loc, scale, 20_000) if family == "laplace" else
+       rng.normal(loc, scale, 20_000))
+  fits = figures.weight_fits(w.astype(np.float32).reshape(100, 200))
+  assert fits["better"] == family
+  assert fits["num_weights"] == 20_000
+  assert abs(fits["loglik_difference"]) > 0.02
+  winner = fits[family]
+  assert winner["loc"] == pytest.approx(loc, abs=0.05)
+  assert winner["scale"] == pytest.approx(scale, rel=0.03)
+
+
+def test_fits_are_the_closed_form_maximum_likelihood():
+  w = np.random.default_rng(1).standard_t(3, 5_000)
+  lap, gau = figures.fit_laplace(w), figures.fit_gaussian(w)
+  assert lap["loc"] == np.median(w)
+  assert lap["scale"] == pytest.approx(np.mean(np.abs(w - np.median(w))))
+  # At the MLE, mean |w - m| / b = 1 and mean (w - mu)^2 / s^2 = 1.
+  assert lap["loglik"] == pytest.approx(-np.log(2 * lap["scale"]) - 1)
+  assert gau["loglik"] == pytest.approx(
+      -0.5 * np.log(2 * np.pi * np.var(w)) - 0.5)
+  # Moving either fit's parameters lowers its likelihood.
+  for dl, ds in ((0.1, 0), (0, 0.1), (0, -0.1)):
+    assert np.mean(figures.laplace_logpdf(
+        w, lap["loc"] + dl, lap["scale"] * (1 + ds))) < lap["loglik"]
+    assert np.mean(figures.gaussian_logpdf(
+        w, gau["loc"] + dl, gau["scale"] * (1 + ds))) < gau["loglik"]
+
+
+@pytest.mark.parametrize("bad", [[1.0], [2.0, 2.0, 2.0], [0.0, np.nan, 1.0]])
+def test_fits_refuse_degenerate_values(bad):
+  with pytest.raises(ValueError):
+    figures.weight_fits(bad)
+
+
+def test_laplace_beats_gaussian_on_the_official_resnet20_adder_layers(
+    shared_data):
+  path = shared_data / "official-resnet20" / "ResNet20-AdderNet.pth"
+  if not path.is_file():
+    pytest.skip(f"{path} is absent")
+  params = convert.load_torch_checkpoint(path, "resnet20")["params"]
+  adder = [l for l in figures.filter_layers(params)
+           if l not in ("conv1", "fc")]
+  assert len(adder) == 20
+  for layer in adder:
+    fits = figures.weight_fits(figures._layer_kernel(params, layer))  # pylint: disable=protected-access
+    # Measured: 0.08 to 0.26 nats per weight in every one of the 20 layers.
+    assert fits["better"] == "laplace", (layer, fits)
+    assert fits["loglik_difference"] > 0.05, (layer, fits)
+
+
+def _fake_workdir(root: Path, conv: str, seed: int) -> tuple[Path, dict]:
+  """A workdir with one checkpoint laid out as training saves it (a state
+  with step/params/batch_stats, and the meta), holding random LeNet-5-BN
+  parameters: adder filters N(0, 1), CNN filters U(-1/sqrt(fan_in), ...) as
+  at initialisation (shapes from `jax.eval_shape`: nothing is compiled)."""
+  model = models.get_model("lenet5_bn", num_classes=10, conv=conv)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    if getattr(path[-1], "key", None) == "kernel":
+      bound = 1 / np.sqrt(np.prod(leaf.shape[:-1]))
+      return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
+    return rng.normal(0, 1, leaf.shape).astype(np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  state = {"step": np.asarray(390, np.int32), **variables}
+  meta = {"step": 390, "epoch": 2.0, "steps_per_epoch": 195, "seed": seed,
+          "model": "lenet5_bn", "conv": conv, "dataset": "mnist"}
+  workdir = root / conv
+  with ckpt_lib.CheckpointManager(workdir / "checkpoints",
+                                  best_metric=None) as mgr:
+    mgr.save(390, state, meta, force=True)
+    mgr.wait_until_finished()
+  return workdir, variables["params"]
+
+
+def test_weights_command_reads_workdirs(tmp_path, capsys):
+  adder, adder_params = _fake_workdir(tmp_path, "adder", 0)
+  mult, mult_params = _fake_workdir(tmp_path, "mult", 1)
+  out = tmp_path / "fig" / "weights.png"
+  assert figures.main(["weights", "--workdirs", str(adder), str(mult),
+                       "--output", str(out)]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  _check_written(result["files"])
+  first, second = result["panels"]
+  assert (first["conv"], first["step"], first["epoch"]) == ("adder", 390, 2.0)
+  assert second["conv"] == "mult"
+  expected = figures.weight_fits(adder_params["conv2"]["adder_kernel"])
+  for family in ("laplace", "gaussian"):
+    assert first["fits"][family] == pytest.approx(expected[family])
+  # As initialised: N(0, 1) adder filters are Gaussian; uniform CNN filters
+  # are closer to a Gaussian than to a Laplace too.
+  assert first["fits"]["better"] == second["fits"]["better"] == "gaussian"
+  assert first["fits"]["gaussian"]["scale"] == pytest.approx(1.0, rel=0.05)
+  np.testing.assert_array_equal(
+      figures.load_layer_weights(mult, "fc1")["weights"],
+      mult_params["fc1"]["kernel"])
+
+
+def test_weights_command_errors(tmp_path, capsys):
+  adder, _ = _fake_workdir(tmp_path, "adder", 0)
+  cases = [
+      (["--workdirs", str(tmp_path / "missing")], "does not exist"),
+      (["--workdirs", str(tmp_path)], "no training checkpoint"),
+      (["--workdirs", str(adder), "--layer", "conv9"],
+       "no layer 'conv9'; layers with filters: conv1, conv2, fc1"),
+      (["--torch_checkpoints", str(tmp_path / "x.pth")], "does not exist"),
+      ([], "give --workdirs and/or --torch_checkpoints"),
+  ]
+  for args, message in cases:
+    assert figures.main(["weights", *args, "--output",
+                         str(tmp_path / "w.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0]
+  assert figures.main(["weights", "--workdirs", str(adder), "--output",
+                       str(tmp_path / "w.jpg")]) == 1
+  assert "must end in .png" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- curves --
+
+
+def _write_metrics(workdir: Path, lines) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "metrics.jsonl", "w", encoding="utf-8") as f:
+    for line in lines:
+      f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def _run_lines(scale: float):
+  lines = []
+  for epoch in (1, 2, 3):
+    for k in (1, 2):
+      step = (epoch - 1) * 10 + 5 * k
+      lines.append({"step": step, "train_loss": scale / step,
+                    "train_top1": 1 - scale / step, "images_per_sec": 10.0,
+                    "lr": 0.1 / epoch, "epoch": step / 10})
+    lines.append({"step": epoch * 10, "eval_loss": scale / epoch,
+                  "eval_top1": 1 - 0.1 * scale / epoch, "eval_top5": 1.0,
+                  "eval_top1_recalibrated": 1 - 0.05 * scale / epoch,
+                  "epoch": float(epoch)})
+  return lines
+
+
+def test_read_metrics_keeps_the_last_line_of_each_step(tmp_path):
+  lines = _run_lines(1.0)
+  # A resumed run repeats steps after its checkpoint; a killed one may leave
+  # half a line; a non-finite loss is written as a string.
+  lines[3] = {**lines[3], "train_loss": 99.0}
+  lines += [lines[4], '{"step": 3', {"step": 30, "train_loss": "nan",
+                                     "train_top1": 0.5, "lr": 0.01,
+                                     "epoch": 3.0}]
+  _write_metrics(tmp_path, lines)
+  metrics = figures.read_metrics(tmp_path)
+  steps = [r["step"] for r in metrics["train"]]
+  assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
+  assert [r["step"] for r in metrics["eval"]] == [10, 20, 30]
+  assert metrics["train"][2]["train_loss"] == 99.0
+  assert np.isnan(metrics["train"][-1]["train_loss"])
+  summary = figures.curve_summary(metrics)
+  assert summary["last_epoch"] == 3.0
+  assert summary["best_eval_top1"] == pytest.approx(1 - 0.1 / 3)
+  assert summary["last_eval_top1_recalibrated"] == pytest.approx(1 - 0.05 / 3)
+
+
+def test_curves_command(tmp_path, capsys):
+  _write_metrics(tmp_path / "adder", _run_lines(1.0))
+  _write_metrics(tmp_path / "mult", _run_lines(0.5))
+  out = tmp_path / "curves.png"
+  assert figures.main(["curves", "--workdirs", str(tmp_path / "adder"),
+                       str(tmp_path / "mult"), "--labels", "ANN", "CNN",
+                       "--output", str(out)]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  _check_written(result["files"])
+  assert set(result["runs"]) == {"ANN", "CNN"}
+  assert result["runs"]["CNN"]["last_eval_top1"] == pytest.approx(1 - 0.05 / 3)
+  for args, message in [
+      (["--workdirs", str(tmp_path / "nope")], "does not exist"),
+      (["--workdirs", str(tmp_path)], "metrics.jsonl' does not exist"),
+      (["--workdirs", str(tmp_path / "adder"), "--labels", "a", "b"],
+       "--labels has 2 names for 1 workdirs")]:
+    assert figures.main(["curves", *args, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+# ------------------------------------------------------- gradient norms --
+
+
+def _probe_gradients(model, variables, x, labels, names):
+  """For each layer in `names`: its input and dL/d(its output) for the
+  training loss, found by intercepting the layer's call and adding a zero
+  perturbation to its output (no use of the adder backward)."""
+  shapes = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.module.name in names and context.method_name == "__call__":
+      shapes[context.module.name] = out.shape
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.apply(variables, x, train=True,
+                                       mutable=["batch_stats"]))
+
+  def loss_with(deltas):
+    inputs = {}
+
+    def add_delta(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      name = context.module.name
+      if name in names and context.method_name == "__call__":
+        inputs[name] = args[0]
+        return out + deltas[name]
+      return out
+
+    with nn.intercept_methods(add_delta):
+      logits, _ = model.apply(variables, x, train=True,
+                              mutable=["batch_stats"])
+    return train_lib.cross_entropy_loss(logits, labels), inputs
+
+  zeros = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
+  g, inputs = jax.jit(jax.grad(loss_with, has_aux=True))(zeros)
+  return ({k: np.asarray(v, np.float64) for k, v in inputs.items()},
+          {k: np.asarray(v, np.float64) for k, v in g.items()})
+
+
+class _TinyAdderNet(nn.Module):
+  """Adder conv (5x5, zero padding 2) - BN - ReLU - max pool - adder dense -
+  BN: the layer kinds of LeNet-5-BN, small enough to compile in seconds."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train,
+                                   momentum=0.9, name=name)
+    x = layers.AdderConv(3, (5, 5), padding=((2, 2), (2, 2)),
+                         name="conv1")(x)
+    x = nn.max_pool(nn.relu(bn("bn1")(x)), (2, 2), strides=(2, 2))
+    x = layers.AdderDense(10, name="fc")(x.reshape((x.shape[0], -1)))
+    return bn("bn2")(x)
+
+
+def test_adder_gradients_match_the_official_formula_directly():
+  images, labels = local.load_digits("train")
+  images, labels = images[:24], np.asarray(labels[:24], np.int32)
+  model = _TinyAdderNet()
+  x = figures._normalize(images, "digits")  # pylint: disable=protected-access
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x[:1]))()
+  grads, loss = jax.jit(lambda v: figures.layer_gradients(
+      model, v, x, labels))(variables)
+  assert np.isfinite(loss)
+  assert list(grads) == ["conv1", "fc"]
+  norms = figures.l2_norms(grads)
+  for name, g in grads.items():
+    assert np.all(np.isfinite(g)) and norms[name] > 0
+    assert norms[name] == pytest.approx(
+        np.sqrt(np.sum(np.square(np.asarray(g, np.float64)))))
+  params = variables["params"]
+  # fc: dW[c, o] = sum_n (x[n, c] - W[c, o]) * g[n, o].
+  inputs, out_grads = _probe_gradients(model, variables, x, labels,
+                                       ("conv1", "fc"))
+  xin, g = inputs["fc"], out_grads["fc"]
+  w = np.asarray(params["fc"]["adder_kernel"], np.float64)
+  direct = np.einsum("nco,no->co", xin[:, :, None] - w[None], g)
+  np.testing.assert_allclose(grads["fc"], direct, rtol=1e-4,
+                             atol=1e-4 * np.abs(direct).max())
+  # conv1: dW[i, j, c, o] = sum_{n,p,q} (xp[n, p+i, q+j, c] - W[i, j, c, o])
+  # * g[n, p, q, o] with xp the input zero-padded by 2.
+  xin, g = inputs["conv1"], out_grads["conv1"]
+  w = np.asarray(params["conv1"]["adder_kernel"], np.float64)
+  xp = np.pad(xin, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  out_h, out_w = g.shape[1:3]
+  direct = np.zeros_like(w)
+  for i in range(5):
+    for j in range(5):
+      view = xp[:, i:i + out_h, j:j + out_w, :]
+      direct[i, j] = (np.einsum("npqc,npqo->co", view, g)
+                      - w[i, j] * g.sum(axis=(0, 1, 2))[None, :])
+  np.testing.assert_allclose(grads["conv1"], direct, rtol=1e-4,
+                             atol=1e-4 * np.abs(direct).max())
+
+
+@pytest.mark.slow
+def test_gradient_norm_trace_adder_smaller_than_cnn():
+  images, labels = local.load_digits("train")
+  traces = {conv: figures.gradient_norm_trace(
+      conv, images[:96], labels[:96], dataset="digits", steps=2,
+      batch_size=32) for conv in ("adder", "mult")}
+  for trace in traces.values():
+    assert trace["layers"] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert np.asarray(trace["norms"]).shape == (2, 5)
+    assert np.all(np.isfinite(trace["norms"]))
+    assert np.all(np.isfinite(trace["losses"]))
+  # At initialisation (measured on MNIST: 0.004-0.012 against 1.9-4.9; on
+  # these digits the same orders), every adder layer's gradient is smaller.
+  first = {c: np.asarray(t["norms"][0]) for c, t in traces.items()}
+  assert np.all(first["adder"] * 10 < first["mult"])
+
+
+def test_gradients_command_errors(tmp_path, capsys):
+  out = str(tmp_path / "g.png")
+  for args, message in [
+      (["--data_dir", str(tmp_path / "none")], "does not exist"),
+      ([], "--data_dir is required for mnist"),
+      (["--dataset", "digits", "--batch_size", "5000"], "fewer than")]:
+    assert figures.main(["gradients", *args, "--output", out]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+# -------------------------------------------------------------- features --
+
+
+def test_feature_geometry_tells_rays_from_clusters():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), 200)
+  angles = labels * 2 * np.pi / 10
+  # CNN-like: classes along rays from the origin, spread in length.
+  r = rng.uniform(1, 10, labels.size)
+  ang = angles + rng.normal(0, 0.08, labels.size)
+  rays = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+  # AdderNet-like: round clusters around centres away from the origin.
+  centres = 5 * np.stack([np.cos(angles), np.sin(angles)], 1) + 3
+  blobs = centres + rng.normal(0, 0.5, (labels.size, 2))
+  g_rays = figures.feature_geometry(rays, labels)
+  g_blobs = figures.feature_geometry(blobs, labels)
+  assert g_rays["angle_top1"] > 0.99 and g_rays["radial_elongation"] > 5
+  assert g_rays["centre_top1"] < g_rays["angle_top1"]
+  assert g_blobs["centre_top1"] > 0.99
+  assert 0.8 < g_blobs["radial_elongation"] < 1.25
+  with pytest.raises(ValueError, match=r"need \[N, 2\] features"):
+    figures.feature_geometry(np.zeros((4, 3)), np.zeros(4))
+
+
+@pytest.mark.parametrize("conv", [
+    pytest.param("adder", marks=pytest.mark.slow), "mult"])
+def test_lenet_plus_plus_features_shape(conv):
+  images, labels = local.load_digits("test")
+  model = lenet_plus.lenet_plus_plus(conv=conv, widths=(2, 2, 2, 2, 2, 2))
+  x = figures._normalize(images[:2], "digits")  # pylint: disable=protected-access
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x,
+                                         train=False))()
+  assert figures.filter_layers(variables["params"]) == [
+      "classifier", *(f"conv{i}" for i in range(1, 7)), "fc_features"]
+  kernel_name = "adder_kernel" if conv == "adder" else "kernel"
+  assert variables["params"]["classifier"][kernel_name].shape == (2, 10)
+  assert ("bias" in variables["params"]["classifier"]) == (conv == "mult")
+  features, logits = figures.extract_features(model, variables, images[:37],
+                                              "digits", batch_size=16)
+  assert features.shape == (37, 2) and logits.shape == (37, 10)
+  assert np.all(np.isfinite(features))
+  if conv == "adder":  # logits = -L1 distance to the classifier's centres
+    centres = np.asarray(variables["params"]["classifier"]["adder_kernel"])
+    expected = -np.abs(features[:, :, None] - centres[None]).sum(axis=1)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="6 convolutions"):
+    lenet_plus.lenet_plus_plus(widths=(2, 2)).init(jax.random.PRNGKey(0), x)
+
+
+def test_features_command_errors(tmp_path, capsys):
+  out = str(tmp_path / "f.png")
+  for args, message in [
+      (["--widths", "4,4"], "--widths must be 6 positive integers"),
+      (["--widths", "a,b"], "6 comma-separated integers"),
+      (["--data_dir", str(tmp_path / "none")], "does not exist"),
+      (["--dataset", "digits", "--holdout_examples", "0", "--batch_size",
+        "4000"], "make no batch of 4000")]:
+    assert figures.main(["features", *args, "--output", out]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_features_command_on_digits(tmp_path, capsys):
+  out = tmp_path / "features.png"
+  assert figures.main([
+      "features", "--dataset", "digits", "--holdout_examples", "0",
+      "--train_examples", "0", "--epochs", "2", "--batch_size", "64",
+      "--widths", "2,2,4,4,8,8", "--output", str(out)]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  _check_written(result["files"])
+  assert result["eval_examples"] == 359
+  for conv in ("adder", "mult"):
+    assert np.isfinite(result[conv]["final_train_loss"])
+    assert 0.0 <= result[conv]["eval_top1"] <= 1.0
+
+
+def test_plot_features_writes_small_files(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), 300)
+  panels = []
+  for conv in ("adder", "mult"):
+    features = rng.normal(0, 1, (labels.size, 2)) + labels[:, None]
+    panels.append({"conv": conv, "features": features, "labels": labels,
+                   "top1": 0.9, "classifier": rng.normal(0, 1, (2, 10)),
+                   "geometry": figures.feature_geometry(features, labels)})
+  _check_written(figures.plot_features(panels, str(tmp_path / "f.png"),
+                                       "synthetic"))
