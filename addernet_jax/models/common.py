@@ -103,7 +103,12 @@ class BatchNorm(nn.Module):
       x32 = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
       axis_name = None if self.is_initializing() else self.axis_name
       count = int(np.prod([x.shape[a] for a in axes]))
-      mean = jnp.mean(x32, axis=axes)
+      # The mean of values in the thousands with a spread of a few units
+      # (adder outputs): summed after subtracting one sample per channel, so
+      # the float32 sum runs at the spread's scale (XLA's plain reduction was
+      # 2x further from float64 than PyTorch's; the shifted one matches it).
+      shift = lax.stop_gradient(x32[(0,) * len(axes)])
+      mean = shift + jnp.mean(x32 - shift, axis=axes)
       if axis_name is not None:
         mean = lax.pmean(mean, axis_name)
       var = jnp.mean(jnp.square(x32 - mean), axis=axes)
