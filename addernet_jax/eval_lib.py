@@ -9,6 +9,7 @@ per-device work runs in `jax.shard_map` over the mesh axis
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterator
 
@@ -90,7 +91,9 @@ class Evaluator:
     local = eval_batch_size // num_devices
     apply = model.apply
 
-    def in_memory(params, batch_stats, images, labels, batch_index):
+    # Every program adds its batch's sums to the running totals itself (one
+    # program per batch, not one per metric): see `parallel.DispatchWindow`.
+    def in_memory(params, batch_stats, images, labels, batch_index, totals):
       n = images.shape[0]
       pos = (batch_index * eval_batch_size + lax.axis_index(BATCH_AXIS) * local
              + jnp.arange(local, dtype=jnp.int32))
@@ -99,12 +102,14 @@ class Evaluator:
       x = data_lib.augment_and_normalize(images[idx], None, info, train=False)
       logits = apply({"params": params, "batch_stats": batch_stats}, x,
                      train=False)
-      return lax.psum(_sums(logits, labels[idx], mask), BATCH_AXIS)
+      return jax.tree.map(jnp.add, totals, lax.psum(
+          _sums(logits, labels[idx], mask), BATCH_AXIS))
 
-    def streamed(params, batch_stats, images, labels, mask):
+    def streamed(params, batch_stats, images, labels, mask, totals):
       logits = apply({"params": params, "batch_stats": batch_stats}, images,
                      train=False)
-      return lax.psum(_sums(logits, labels, mask), BATCH_AXIS)
+      return jax.tree.map(jnp.add, totals, lax.psum(
+          _sums(logits, labels, mask), BATCH_AXIS))
 
     def batch_stats_of(params, batch_stats, images, perm, batch_size,
                        batch_index):
@@ -122,20 +127,27 @@ class Evaluator:
       return jax.jit(parallel.data_parallel(fn, mesh, in_specs=in_specs,
                                             out_specs=P()))
 
-    self._in_memory = shard(in_memory, (P(),) * 5)
+    self._in_memory = shard(in_memory, (P(),) * 6)
     self._streamed = shard(streamed, (P(), P(), P(BATCH_AXIS), P(BATCH_AXIS),
-                                      P(BATCH_AXIS)))
+                                      P(BATCH_AXIS), P()))
     self._batch_stats_fn = batch_stats_of
     self._recal_cache: dict[int, Any] = {}
+
+  def _zero_totals(self) -> dict[str, jax.Array]:
+    zero = np.zeros((), np.float32)
+    return jax.device_put({"loss": zero, "top1": zero, "top5": zero,
+                           "count": zero},
+                          parallel.replicated_sharding(self.mesh))
 
   def evaluate_in_memory(self, params: Any, batch_stats: Any,
                          eval_set: InMemoryEvalSet) -> dict[str, float]:
     """loss, top1, top5 (fractions) and num_examples over `eval_set`."""
-    totals = None
+    window = parallel.DispatchWindow.for_mesh(self.mesh)
+    totals = self._zero_totals()
     for i in range(math.ceil(eval_set.num_examples / self.batch_size)):
-      out = self._in_memory(params, batch_stats, eval_set.images,
-                            eval_set.labels, i)
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      totals = self._in_memory(params, batch_stats, eval_set.images,
+                               eval_set.labels, i, totals)
+      window.push(totals)
     return _finish(totals)
 
   def evaluate_stream(self, params: Any, batch_stats: Any,
@@ -144,18 +156,19 @@ class Evaluator:
     """The same over per-process batches {'image', 'label', 'mask'} (e.g.
     `data.streaming_iterator(..., train=False)`); with `max_examples` > 0 it
     stops after the first batch that reaches that many examples."""
-    totals, seen = None, 0
+    window = parallel.DispatchWindow.for_mesh(self.mesh)
+    totals, seen = self._zero_totals(), 0
     for batch in batches:
       arrays = parallel.global_batch_from_local(
           {"image": batch["image"], "label": batch["label"],
            "mask": batch["mask"]}, self.mesh)
-      out = self._streamed(params, batch_stats, arrays["image"],
-                           arrays["label"], arrays["mask"])
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      totals = self._streamed(params, batch_stats, arrays["image"],
+                              arrays["label"], arrays["mask"], totals)
+      window.push(totals)
       seen += self.batch_size
       if 0 < max_examples <= seen:
         break
-    if totals is None:
+    if seen == 0:
       raise ValueError("the evaluation split is empty")
     return _finish(totals)
 
@@ -171,23 +184,50 @@ class Evaluator:
     statistics. The result is the average of the per-batch statistics
     (PyTorch's `update_bn` with a cumulative average).
     """
-    fn = self._recal_cache.get(batch_size)
-    if fn is None:
-      fn = jax.jit(parallel.data_parallel(
-          lambda p, b, im, pm, i: self._batch_stats_fn(p, b, im, pm,
-                                                       batch_size, i),
-          self.mesh, in_specs=(P(),) * 5, out_specs=P()))
-      self._recal_cache[batch_size] = fn
-    zeros = jax.tree.map(jnp.zeros_like, batch_stats)
-    ones = jax.tree.map(jnp.ones_like, batch_stats)
+    # A handful of programs, each over the whole tree of statistics (not one
+    # per leaf, dozens for a ResNet): see `parallel.DispatchWindow`.
+    fns = self._recal_cache.get(batch_size)
+    if fns is None:
+      stats = lambda p, b, im, pm, i: self._batch_stats_fn(p, b, im, pm,
+                                                           batch_size, i)
+      add_stats = lambda p, b, im, pm, i, total: jax.tree.map(
+          jnp.add, total, stats(p, b, im, pm, i))
+      fns = (jax.jit(parallel.data_parallel(stats, self.mesh,
+                                            in_specs=(P(),) * 5,
+                                            out_specs=P())),
+             jax.jit(parallel.data_parallel(add_stats, self.mesh,
+                                            in_specs=(P(),) * 6,
+                                            out_specs=P())))
+      self._recal_cache[batch_size] = fns
+    fn, fn_add = fns
+    window = parallel.DispatchWindow.for_mesh(self.mesh)
+    zeros, ones = _zeros_and_ones(batch_stats)
     first = fn(params, zeros, images, perm, 0)
+    window.push(first)
     from_ones = fn(params, ones, images, perm, 0)
-    momentum = jax.tree.map(lambda a, b: jnp.mean(b - a), first, from_ones)
+    window.push(from_ones)
     total = first
     for i in range(1, num_batches):
-      total = jax.tree.map(jnp.add, total, fn(params, zeros, images, perm, i))
-    return jax.tree.map(lambda s, m: s / (num_batches * (1.0 - m)), total,
-                        momentum)
+      total = fn_add(params, zeros, images, perm, i, total)
+      window.push(total)
+    return _average_stats(total, first, from_ones, num_batches)
+
+
+@jax.jit
+def _zeros_and_ones(tree: Any) -> tuple[Any, Any]:
+  return (jax.tree.map(jnp.zeros_like, tree), jax.tree.map(jnp.ones_like, tree))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _average_stats(total: Any, first: Any, from_ones: Any,
+                   num_batches: int) -> Any:
+  """The sum of `num_batches` batches' (1 - momentum) * statistics divided
+  by num_batches * (1 - momentum), the momentum measured per leaf as the
+  mean of `from_ones - first` (the same pass from unit and zero statistics).
+  """
+  momentum = jax.tree.map(lambda a, b: jnp.mean(b - a), first, from_ones)
+  return jax.tree.map(lambda s, m: s / (num_batches * (1.0 - m)), total,
+                      momentum)
 
 
 def evaluate_variables(config: ml_collections.ConfigDict, model: Any,

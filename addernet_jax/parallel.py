@@ -14,6 +14,7 @@ Multi-host: call `initialize_distributed` before anything else touches JAX.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -31,7 +32,8 @@ BATCH_AXIS = "batch"
 __all__ = ["BATCH_AXIS", "initialize_distributed", "make_mesh",
            "replicated_sharding", "batch_sharding", "process_batch_slice",
            "global_batch_from_local", "data_parallel", "PreemptionFlag",
-           "install_preemption_handler", "detect_cluster"]
+           "install_preemption_handler", "detect_cluster",
+           "CPU_DISPATCH_DEPTH", "dispatch_depth", "DispatchWindow"]
 
 
 # --------------------------------------------------------------------------
@@ -285,3 +287,76 @@ def data_parallel(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
   from jax.experimental.shard_map import shard_map as legacy  # pylint: disable=g-import-not-at-top
   return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                 check_rep=False)
+
+
+# --------------------------------------------------------------------------
+# How far the host may run ahead of the devices.
+#
+# XLA:CPU (jaxlib 0.10) deadlocks when the host dispatches too far ahead of
+# several CPU devices of one process. Its client runs every multi-device
+# program as one task per device on a thread pool of max(#cores, #devices)
+# threads (2 threads for 2 devices on a 2-core machine), one such program at a
+# time, and the per-device tasks of a program with a collective (the
+# gradient/metric `pmean`, the evaluation's `psum`) block in the collective
+# until every device's task has arrived. The pool also runs the "launch" tasks
+# that enqueue each dispatched program, and a launch waits while its device
+# already has 32 programs launched and unfinished. Once the host is 32
+# programs ahead, such a waiting launch holds a pool thread; if the other
+# threads hold the devices of the running collective that already arrived,
+# the last device's task never gets a thread: "Expected 2 threads to join the
+# rendezvous, but only 1 of them arrived on time", and XLA aborts the process
+# (exit 134) after 40 s. Load on the machine makes devices slower than the
+# host and so the run-ahead (and the abort) likelier. Keeping fewer than 32
+# programs in flight per device means a launch never waits, so no pool thread
+# is ever held by one. GPU, TPU and single-device CPU runs are unaffected and
+# keep their unbounded asynchronous dispatch.
+
+#: Programs a loop keeps in flight on a multi-device CPU mesh; far below
+#: XLA:CPU's 32 per device, and deep enough to overlap the host's dispatch
+#: with the devices' work (the devices run one program at a time anyway).
+CPU_DISPATCH_DEPTH = 4
+
+
+def dispatch_depth(mesh: jax.sharding.Mesh) -> int | None:
+  """How many dispatched programs a loop over `mesh` may leave unfinished.
+
+  `CPU_DISPATCH_DEPTH` when this process has several CPU devices on `mesh`
+  (see the comment above: deeper dispatch can deadlock XLA:CPU), else None
+  (no limit: one device, GPUs and TPUs).
+  """
+  local = [d for d in mesh.devices.flat
+           if d.process_index == jax.process_index()]
+  if len(local) > 1 and all(d.platform == "cpu" for d in local):
+    return CPU_DISPATCH_DEPTH
+  return None
+
+
+class DispatchWindow:
+  """Bounds the programs a host loop has dispatched but not yet finished.
+
+  Call `push(outputs)` with an output of every program the loop dispatches
+  (any pytree of arrays); once more than `depth` are pending it blocks until
+  the oldest is ready. `depth=None` never blocks (nor keeps references).
+  """
+
+  def __init__(self, depth: int | None):
+    if depth is not None and depth < 1:
+      raise ValueError(f"DispatchWindow depth must be >= 1 or None, got "
+                       f"{depth}")
+    self.depth = depth
+    self._pending: collections.deque[Any] = collections.deque()
+
+  @classmethod
+  def for_mesh(cls, mesh: jax.sharding.Mesh) -> "DispatchWindow":
+    return cls(dispatch_depth(mesh))
+
+  def push(self, outputs: Any) -> None:
+    if self.depth is None:
+      return
+    self._pending.append(outputs)
+    while len(self._pending) > self.depth:
+      jax.block_until_ready(self._pending.popleft())
+
+  def clear(self) -> None:
+    """Forgets the pending outputs (after the loop blocked on them itself)."""
+    self._pending.clear()

@@ -560,6 +560,10 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
   t_start = t_last
   last_saved = start_step if start_step > 0 else -1
   preempted = False
+  # At most a few steps in flight on a multi-device CPU mesh (XLA:CPU
+  # deadlocks in a collective when the host runs 32 programs ahead; see
+  # parallel.DispatchWindow); no limit on one device, GPUs and TPUs.
+  window = parallel.DispatchWindow.for_mesh(mesh)
 
   def flush_metrics() -> None:
     nonlocal pending, pending_first, t_last, step_last, last_train
@@ -623,6 +627,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
               {"image": batch["image"], "label": batch["label"]}, mesh)
           state, metrics = train_step(state, batch["image"], batch["label"])
         pending.append(metrics)
+        window.push(metrics)
         step += 1
         bar.update(1)
         if step == start_step + 1:  # exclude compilation from images/s
