@@ -15,8 +15,8 @@ Attacks (`parse_attack` names; the number is the count of gradient steps):
   mimN     N steps of size `step` along sign(g), g <- mu * g + grad / ||grad||_1
            per example, mu = 1.0                       (Dong et al. 2018)
   rfgsmN   a random step x + (eps / 2) * sign(N(0, 1)), then N steps of size
-           `step` (R+FGSM of Tramer et al. 2018, iterated as in torchattacks'
-           RFGSM; the original is one step of eps - eps/2)
+           `step` (R+FGSM of Tramer et al. 2018, iterated; the original takes
+           one gradient step of eps - eps/2)
 
 The gradient the attacker follows is the model's autodiff gradient: build the
 model with `models.get_model(..., gradient="official")` for the AdderNet

@@ -3,7 +3,8 @@
 Each attack is checked against a closed form or an independent NumPy
 re-implementation on tiny models, the eps-ball and [0, 1] box on a tiny
 adder network with both gradients, determinism under a seed, and 2 host
-devices against 1 (in a subprocess, as tests/test_parallel.py does).
+devices against 1 (in a subprocess, as tests/test_parallel.py does; it also
+checks the exact gradient inside a shard_map with check_vma=True).
 Run as a script, this file is that subprocess's worker.
 """
 
@@ -397,6 +398,24 @@ def _worker(args: argparse.Namespace) -> None:
                            attacks.example_keys(9, "pgd3", jnp.arange(10)),
                            attacks.parse_attack("pgd3"))
   np.save(Path(args.out) / "direct_exact_pgd3.npy", np.asarray(direct))
+  # The exact gradient inside a user's shard_map with check_vma=True.
+  from addernet_jax import ops
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+  xs = jax.random.normal(jax.random.key(0), (4, 7, 6, 3))
+  ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+
+  def loss(w, x, sharded=True):
+    value = jnp.mean(ops.adder_conv(x, w, strides=2, gradient="exact") ** 2)
+    return jax.lax.pmean(value, "b") if sharded else value
+
+  grads = jax.jit(jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh,
+                                in_specs=(P(), P("b")),
+                                out_specs=(P(), P("b"))))(ws, xs)
+  want = jax.jit(jax.grad(lambda w, x: loss(w, x, False), argnums=(0, 1)))(
+      ws, xs)
+  out["vma_max_err"] = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                           for a, b in zip(grads, want))
   (Path(args.out) / "results.json").write_text(json.dumps(out))
 
 
@@ -411,6 +430,7 @@ def test_two_devices_equal_one_device(tmp_path):
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads((tmp_path / "results.json").read_text())
+  assert results.pop("vma_max_err") < 1e-5
   assert len(results) == 4, sorted(results)
   for key, r in results.items():
     if not key.startswith("2/"):
