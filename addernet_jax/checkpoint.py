@@ -533,6 +533,17 @@ class _OrbaxCheckpointManager(ocp.CheckpointManager):
 # The manager.
 
 
+def _directory_not_empty(error: BaseException) -> bool:
+  """Whether `error` or one of its causes is an OSError ENOTEMPTY."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOTEMPTY:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class CheckpointManager:
   """Saves and restores `(state, meta)` pairs under `directory/<step>`.
 
@@ -725,8 +736,20 @@ class CheckpointManager:
       items[CHECKSUMS] = ocp.args.JsonSave(tree_checksums(state))
     metrics = None if metrics is None else _jsonable(dict(metrics))
     try:
-      self._mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                     force=True)
+      try:
+        self._mgr.save(step, args=ocp.args.Composite(**items),
+                       metrics=metrics, force=True)
+      except Exception as e:  # pylint: disable=broad-except
+        if not _directory_not_empty(e):
+          raise
+        # Orbax removes the temporary folder an earlier failed save left
+        # behind while that save's last writes may still land in it: wait
+        # for them, then try once more.
+        logger.warning("retrying the save of step %d: %s", step, e)
+        self._reset_manager()
+        time.sleep(1.0)
+        self._mgr.save(step, args=ocp.args.Composite(**items),
+                       metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._reset_manager()
       raise CheckpointError(
