@@ -1,7 +1,10 @@
 """One training step from the official ResNet-20 checkpoint against float64.
 
-    python benchmarks/fidelity.py --data_dir ../shared/data/official-resnet20 \
+    python benchmarks/fidelity.py --data_dir DIR \
         --images 64 [--kernels] [--out fidelity.json]
+
+(DIR holds ResNet20-AdderNet.pth, the official release, and
+cifar10_test_lossless_297.npz, CIFAR-10 test images with the official logits.)
 
 The truth is the official method (unfold + broadcast forward, the official
 backward with its gradient normalisation, `torch.optim.SGD(lr, momentum 0.9,
