@@ -416,8 +416,9 @@ def worst(rows: dict) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", type=Path, default=Path(__file__).resolve(
-      ).parents[2] / "shared" / "data" / "official-resnet20")
+  parser.add_argument("--data_dir", type=Path, required=True,
+                      help="folder with ResNet20-AdderNet.pth and "
+                      "cifar10_test_lossless_297.npz")
   parser.add_argument("--images", type=int, default=64)
   parser.add_argument("--kernels", action="store_true",
                       help="also the Pallas forwards in interpret mode")
