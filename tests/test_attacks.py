@@ -419,6 +419,7 @@ def _worker(args: argparse.Namespace) -> None:
   (Path(args.out) / "results.json").write_text(json.dumps(out))
 
 
+@pytest.mark.slow  # about 20 s: a subprocess with 2 host devices
 def test_two_devices_equal_one_device(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH",
