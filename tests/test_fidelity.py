@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +68,13 @@ def test_adder_layers_given_exact_inputs(result):
 
 @pytest.mark.slow
 def test_step_gradients_and_updates(result):
-  assert np.isclose(result["loss"]["ours"], result["loss"]["truth"],
-                    rtol=1e-5)
+  # The loss is one number, so its error is noisy: within 2x the official
+  # float32 code's, or within 1e-5 of the truth (measured at 32 images:
+  # official 5.3e-5, ours 9.2e-5, relative).
+  loss = result["loss"]
+  errors = {side: abs(loss[side] - loss["truth"]) / abs(loss["truth"])
+            for side in ("ours", "official_f32")}
+  assert errors["ours"] <= max(RATIO * errors["official_f32"], 1e-5), errors
   bad = _over(result["grads"], "gradient") + _over(result["updates"],
                                                    "update")
   assert not bad, "\n".join(bad)
