@@ -23,6 +23,7 @@ not a measurement worth reporting).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import itertools
@@ -63,7 +64,8 @@ def candidates(family, kind: str, sh: dict, interpret: bool,
                window: dict | None = None):
   """Candidate BlockSizes for one layer (the heuristic's first: the tile
   dispatch runs, given the input-gradient window where the heuristic takes
-  one). Families other than gpu, mosaic_gpu and tpu: the heuristic only."""
+  one). Families other than gpu, triton_simt, mosaic_gpu and tpu: the
+  heuristic only."""
   platform = "cpu" if interpret else jax.default_backend()
   if family is mosaic_gpu:
     first = mosaic_gpu.get_block_sizes(sh["xp"], sh["w"], sh["strides"])
@@ -86,6 +88,8 @@ def candidates(family, kind: str, sh: dict, interpret: bool,
       if pix * ch > 16384 or (interpret and warps != 4):
         continue
       out.append(gpu.BlockSizes(pix, ch, warps, stages))
+  elif getattr(family, "__name__", "").endswith("triton_simt"):
+    out.extend(simt_candidates(family, kind, first, interpret))
   elif family is mosaic_gpu:
     cout = sh["w"][3]
     for pix, ch in itertools.product((64, 128), (8, 16, 32, 64)):
@@ -104,6 +108,51 @@ def candidates(family, kind: str, sh: dict, interpret: bool,
       seen.add(bs)
       unique.append(bs)
   return unique
+
+
+def simt_candidates(simt, kind: str, first, interpret: bool) -> list:
+  """The `kernels.triton_simt` sweep: every register tile R x C (R in 1, 2,
+  4, 8; C in 4, 8) with every warp split (and, forward, every accumulation)
+  the register estimate admits (unrolling less where that makes a tile
+  fit), at the heuristic's other options (--layers and --max_candidates fit
+  the sweep to a device call); then, on the heuristic's tile, each option
+  varied alone: forward accumulation (kahan, tap, flat), input-gradient clip
+  (xorsign, minmax), unroll (1, 2, 4, 8), software-pipelining depth (1, 2,
+  3). Input-gradient tiles stop at R*C = 32 (larger ones did not finish
+  building). In interpret mode only the option variants (a script check)."""
+  out = []
+  if not interpret:
+    # Forward: also each accumulation, as it sets the registers a tile needs
+    # (8x8 fits only without compensation).
+    modes = simt.ACCUMULATE if kind == "forward" else (first.accumulate,)
+    for r, c, (wp, wc), mode in itertools.product(
+        (1, 2, 4, 8), (4, 8), simt.WARPS, modes):
+      if kind == "input_grad" and r * c > 32:
+        continue
+      bs = dataclasses.replace(first, pix_per_thread=r, ch_per_thread=c,
+                               warps_pix=wp, warps_ch=wc, accumulate=mode)
+      while not simt.blocks_per_sm(kind, bs) and bs.unroll > 1:
+        bs = dataclasses.replace(bs, unroll=bs.unroll // 2)  # fewer operands
+      if simt.blocks_per_sm(kind, bs):
+        out.append(bs)
+  options = {"unroll": (1, 2, 4, 8), "num_stages": (1, 2, 3)}
+  if kind == "forward":
+    options["accumulate"] = simt.ACCUMULATE
+  else:
+    options["clip"] = simt.CLIP
+  if interpret:  # interpret mode runs no software pipeline: skip stages.
+    options.pop("num_stages")
+  for name, values in options.items():
+    for value in values:
+      try:
+        bs = dataclasses.replace(first, **{name: value})
+        if name == "unroll" and first.chunk % value:
+          bs = dataclasses.replace(bs, chunk=value * (first.chunk // value))
+      except ValueError:  # e.g. a chunk that is no multiple of unroll
+        continue
+      if interpret or simt.blocks_per_sm(kind, bs):
+        out.append(bs)
+  return out
 
 
 def _time(fn, reps, rounds: int = 3):

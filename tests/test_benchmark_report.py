@@ -288,3 +288,30 @@ def test_step_goals_use_only_the_cifar10_resnet20_recipe(tmp_path):
   assert _goal_row(text, "ResNet-20 step, adder / CNN")[2:] == [
       "not measured", "unverified"]
   assert "not the CIFAR-10 ResNet-20 recipe (lenet5_bn" in text
+
+
+@pytest.mark.parametrize("kind", ["forward", "input_grad"])
+def test_tune_sweeps_the_simt_family(kind):
+  """The triton_simt sweep: register tiles x warp splits the register
+  estimate admits, and each option varied alone on the heuristic's tile."""
+  from addernet_jax.kernels import triton_simt as simt  # pylint: disable=g-import-not-at-top
+  tune = _module("tune_kernels")
+  sh = {"xp": (256, 18, 18, 32), "w": (3, 3, 32, 32), "strides": (1, 1)}
+  first = simt.get_block_sizes(kind, sh["xp"], sh["w"], sh["strides"], "gpu",
+                               num_sms=132)
+  cands = tune.simt_candidates(simt, kind, first, interpret=False)
+  assert all(simt.blocks_per_sm(kind, bs) for bs in cands)
+  tiles = {(bs.pix_per_thread, bs.ch_per_thread) for bs in cands}
+  assert {(1, 4), (2, 8)} <= tiles
+  assert (4, 8) in tiles  # forward: without compensation or unrolled less
+  option = "accumulate" if kind == "forward" else "clip"
+  values = simt.ACCUMULATE if kind == "forward" else simt.CLIP
+  assert {getattr(bs, option) for bs in cands} == set(values)
+  assert {bs.num_stages for bs in cands} == {1, 2, 3}
+  assert {bs.unroll for bs in cands} >= {1, 2, 4}
+  # Interpret mode (a script check on the CPU): the option variants only.
+  first = simt.get_block_sizes(kind, sh["xp"], sh["w"], sh["strides"], "cpu")
+  cands = tune.simt_candidates(simt, kind, first, interpret=True)
+  assert {(bs.pix_per_thread, bs.ch_per_thread) for bs in cands} == {
+      (first.pix_per_thread, first.ch_per_thread)}
+  assert {getattr(bs, option) for bs in cands} == set(values)
