@@ -461,6 +461,7 @@ def _run_cli(*args: str, cache: Path, timeout: float = 1800):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.extended  # the attacks and their evaluator are tested in-process
 @pytest.mark.slow
 def test_eval_cli_prints_a_row_per_attack_and_gradient(tmp_path):
   cache = tmp_path / "jax_cache"

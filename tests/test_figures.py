@@ -411,6 +411,7 @@ def test_features_command_errors(tmp_path, capsys):
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.extended  # the LeNet++ model and the figure code have their own tests
 @pytest.mark.slow
 def test_features_command_on_digits(tmp_path, capsys):
   out = tmp_path / "features.png"

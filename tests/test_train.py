@@ -235,6 +235,7 @@ def write_random_cifar(folder: Path, num_train: int, num_test: int) -> None:
                    "labels": rng.integers(0, 10, n).tolist()}, f)
 
 
+@pytest.mark.extended  # the same 8-vs-1 check runs in-process in test_parallel.py
 @pytest.mark.slow
 def test_eight_devices_equal_one_device(jax_cache, tmp_path):
   """Same global batch on 8 devices and on 1: the same step up to float32
@@ -266,6 +267,7 @@ def test_eight_devices_equal_one_device(jax_cache, tmp_path):
   assert worst[0] < 1e-4, worst
 
 
+@pytest.mark.extended  # a 1-epoch MNIST run learns: test_mnist_one_epoch_learns
 @pytest.mark.slow
 def test_digits_config_reaches_95_percent(jax_cache, tmp_path):
   start = time.perf_counter()
