@@ -281,6 +281,30 @@ def test_teacher_config_is_plain_sgd_of_the_recipe():
   assert config.conv == "adder" and config.adaptive_lr  # unchanged
 
 
+TWO_DEVICE_KERNEL = """
+import jax, jax.numpy as jnp, numpy as np
+from addernet_jax import distill, parallel
+P = jax.sharding.PartitionSpec
+assert jax.device_count() == 2
+d = jnp.asarray(np.random.default_rng(0).uniform(0, 9, (6, 3, 3, 4)),
+                jnp.float32)
+mesh = parallel.make_mesh()
+f = jax.jit(parallel.data_parallel(
+    lambda x: distill.kernel_map(x, 1.5, parallel.BATCH_AXIS), mesh,
+    in_specs=P(parallel.BATCH_AXIS), out_specs=P(parallel.BATCH_AXIS)))
+np.testing.assert_allclose(np.asarray(f(d)),
+                           np.asarray(distill.kernel_map(d, 1.5)), rtol=1e-5)
+print("ok")
+"""
+
+
+def test_kernel_bandwidth_is_that_of_the_global_batch(jax_cache):
+  """On 2 devices each half of the batch is mapped with the moments of the
+  whole batch: the maps equal those of one device."""
+  result = _run(jax_cache, "-c", TWO_DEVICE_KERNEL)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
 # ---------------------------------------------------------- end to end --
 
 
