@@ -48,8 +48,9 @@ import optax
 from addernet_jax import layers
 
 DISTILL_KINDS = ("none", "pkkd")
-# Exponents of the normalised kernel maps are clipped to this magnitude
-# (exp(10) = 2.2e4) so that one outlier cannot overflow float32 (choice).
+# Exponents of `normalized_kernel` are clipped above at this value (exp(10)
+# = 2.2e4) so that no input can overflow float32 (`kernel_map` centres at
+# the minimum distance, where its exponents are <= 0).
 MAX_EXPONENT = 10.0
 VARIANCE_FLOOR = 1e-12
 
@@ -63,12 +64,13 @@ def _float(x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------- kernels --
 
 
-def channel_moments(distance: jax.Array, axis_name: str | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-  """Mean and standard deviation of `distance` per output channel (last
-  axis), over every other axis and, with `axis_name`, over every device
-  (the moments of the global batch, as BatchNorm computes them). Both are
-  `stop_gradient`-ed: they set the kernel's bandwidth, they are not trained.
+def channel_statistics(distance: jax.Array, axis_name: str | None = None
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Minimum, mean and standard deviation of `distance` per output channel
+  (last axis), over every other axis and, with `axis_name`, over every
+  device (those of the global batch; the moments as BatchNorm computes
+  them). All are `stop_gradient`-ed: they set the kernel's bandwidth and
+  normalisation, they are not trained.
   """
   d = lax.stop_gradient(_float(distance))
   axes = tuple(range(d.ndim - 1))
@@ -76,9 +78,11 @@ def channel_moments(distance: jax.Array, axis_name: str | None = None
   if axis_name is not None:
     mean = lax.pmean(mean, axis_name)
   var = jnp.mean(jnp.square(d - mean), axis=axes)
+  low = jnp.min(d, axis=axes)
   if axis_name is not None:
     var = lax.pmean(var, axis_name)
-  return mean, jnp.sqrt(jnp.maximum(var, VARIANCE_FLOOR))
+    low = lax.pmin(low, axis_name)
+  return low, mean, jnp.sqrt(jnp.maximum(var, VARIANCE_FLOOR))
 
 
 def normalized_kernel(distance: jax.Array, bandwidth: jax.Array,
@@ -92,10 +96,10 @@ def normalized_kernel(distance: jax.Array, bandwidth: jax.Array,
   bandwidth)` keeps the values in float32 range (adder outputs are in the
   thousands: `exp(-1000 / sigma)` is 0 in float32 for any useful sigma) and
   does not change which inputs the kernel finds close. The exponent is
-  clipped to +-MAX_EXPONENT.
+  clipped above at MAX_EXPONENT.
   """
   z = (center - _float(distance)) / bandwidth
-  return jnp.exp(jnp.clip(z, -MAX_EXPONENT, MAX_EXPONENT))
+  return jnp.exp(jnp.minimum(z, MAX_EXPONENT))
 
 
 def kernel_map(distance: jax.Array, sigma_scale: float,
@@ -104,10 +108,12 @@ def kernel_map(distance: jax.Array, sigma_scale: float,
 
   The bandwidth of each filter (output channel) is `sigma_scale` times the
   standard deviation of its distances over the (global) batch, and the map
-  is normalised at their mean (see `normalized_kernel`); both are constants
-  of the step (choice: the paper's sigma_a, sigma_c are not published; a
-  bandwidth at the scale of the data is the usual rule, and the spread, not
-  the mean, is the scale of adder outputs, see docs/pkkd.md).
+  is normalised at their minimum (see `normalized_kernel`), so its values
+  lie in (0, 1] like those of the kernel itself, 1 for the closest
+  patch-filter pair of the batch; both are constants of the step (choice:
+  the paper's sigma_a, sigma_c are not published; a bandwidth at the scale
+  of the data is the usual rule, and the spread, not the mean, is the scale
+  of adder outputs, see docs/pkkd.md).
 
   Args:
     distance: [..., C] non-negative distances (L1 for an adder layer,
@@ -116,11 +122,11 @@ def kernel_map(distance: jax.Array, sigma_scale: float,
     axis_name: the data-parallel mesh axis (None: this batch only).
 
   Returns:
-    float32 [..., C], 1 at the channel's mean distance, larger for closer
-    pairs.
+    float32 [..., C] in (0, 1]: 1 at the channel's smallest distance,
+    smaller for farther pairs.
   """
-  mean, std = channel_moments(distance, axis_name)
-  return normalized_kernel(distance, sigma_scale * std, mean)
+  low, _, std = channel_statistics(distance, axis_name)
+  return normalized_kernel(distance, sigma_scale * std, low)
 
 
 def window_sum_of_squares(x: jax.Array, kernel_shape: tuple[int, ...], *,

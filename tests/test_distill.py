@@ -34,26 +34,29 @@ def _x64():
 # ------------------------------------------------------------- kernels --
 
 
-def test_kernel_map_is_one_at_the_mean_and_decreasing():
+def test_kernel_map_is_in_0_1_and_decreasing():
   rng = np.random.default_rng(0)
   d = jnp.asarray(rng.uniform(500, 600, size=(4, 3, 3, 5)), jnp.float32)
   k = distill.kernel_map(d, sigma_scale=1.0)
-  assert k.shape == d.shape and bool(jnp.all(k > 0))
+  assert k.shape == d.shape and bool(jnp.all(k > 0)) and bool(jnp.all(k <= 1))
   # Per channel: larger distance -> smaller value.
   flat_d = np.asarray(d).reshape(-1, 5)
   flat_k = np.asarray(k).reshape(-1, 5)
   for c in range(5):
     order = np.argsort(flat_d[:, c])
     assert np.all(np.diff(flat_k[order, c]) <= 0)
-  # The value at the channel's mean distance is 1.
-  mean = flat_d.mean(0)
-  at_mean = distill.normalized_kernel(jnp.asarray(mean), jnp.ones(5),
-                                      jnp.asarray(mean))
-  np.testing.assert_allclose(np.asarray(at_mean), 1.0)
+  # 1 at the channel's closest pair, exp(-1 / sigma_scale) one standard
+  # deviation farther.
+  np.testing.assert_allclose(flat_k.max(0), 1.0)
+  np.testing.assert_allclose(
+      np.asarray(distill.normalized_kernel(
+          jnp.asarray(flat_d.min(0) + flat_d.std(0)),
+          jnp.asarray(flat_d.std(0)), jnp.asarray(flat_d.min(0)))),
+      np.exp(-1.0), rtol=1e-5)
 
 
 def test_kernel_map_ignores_the_scale_and_offset_of_the_distances():
-  """Bandwidth = spread, centre = mean: adder outputs in the thousands and
+  """Bandwidth = spread, centre = minimum: adder outputs in the thousands and
   CNN distances of order one map alike (docs/pkkd.md)."""
   with _x64():
     rng = np.random.default_rng(1)
@@ -87,7 +90,7 @@ def test_normalized_kernel_is_the_laplace_and_gaussian_kernel():
     np.testing.assert_allclose(
         np.asarray(distill.normalized_kernel(jnp.asarray(l1), sigma, c)),
         np.exp(-l1 / sigma) / np.exp(-c / sigma), rtol=1e-12)
-    # The exponent is clipped: no overflow for outliers.
+    # The exponent is clipped above: no overflow.
     big = distill.normalized_kernel(jnp.asarray([-1e6]), 1.0, 0.0)
     assert float(big[0]) == pytest.approx(np.exp(distill.MAX_EXPONENT))
 
@@ -134,8 +137,8 @@ def test_squared_l2_distance_of_a_convolution(stride, pad):
 
 def _np_kernel_map(d, scale):
   axes = tuple(range(d.ndim - 1))
-  mean, std = d.mean(axes), d.std(axes)
-  return np.exp(np.clip((mean - d) / (scale * std), -10, 10))
+  low, std = d.min(axes), d.std(axes)
+  return np.exp((low - d) / (scale * std))
 
 
 def _np_log_softmax(z):
