@@ -20,6 +20,9 @@ device count either). The last partial batch of every epoch is dropped.
 Streaming datasets (ImageNet) come from `data.streaming_iterator`, one slice
 per process, assembled with `parallel.global_batch_from_local`.
 
+With `config.distill = "pkkd"` the state also holds a CNN teacher and the
+step is `distill.make_pkkd_core` (docs/pkkd.md), in the same shard_map.
+
 Everything a step depends on is a function of (seed, step), so a run resumed
 from a checkpoint ends bit-identical to an uninterrupted one (same program,
 same device count).
