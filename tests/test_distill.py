@@ -324,7 +324,7 @@ def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                         + " --xla_force_host_platform_device_count=2"))
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=1800)
 
 
 def _last_json(result: subprocess.CompletedProcess) -> dict:
