@@ -20,6 +20,9 @@ device count either). The last partial batch of every epoch is dropped.
 Streaming datasets (ImageNet) come from `data.streaming_iterator`, one slice
 per process, assembled with `parallel.global_batch_from_local`.
 
+With `config.distill = "pkkd"` the state also holds a CNN teacher and the
+step is `distill.make_pkkd_core` (docs/pkkd.md), in the same shard_map.
+
 Everything a step depends on is a function of (seed, step), so a run resumed
 from a checkpoint ends bit-identical to an uninterrupted one (same program,
 same device count).
@@ -48,6 +51,7 @@ import optax
 
 from addernet_jax import checkpoint as ckpt_lib
 from addernet_jax import data as data_lib
+from addernet_jax import distill
 from addernet_jax import eval_lib
 from addernet_jax import models
 from addernet_jax import optim
@@ -179,9 +183,39 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
   variables = model.init(init_rng, dummy, train=False)
   params = variables["params"]
   tx = optim.make_optimizer(config, params, steps_per_epoch=steps_per_epoch)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           batch_stats=variables.get("batch_stats", {}),
-                           rng=aug_rng)
+  fields = dict(apply_fn=model.apply, params=params, tx=tx,
+                batch_stats=variables.get("batch_stats", {}), rng=aug_rng)
+  if distill.distill_kind(config) == "pkkd":
+    return _create_pkkd_state(config, init_rng, dummy, fields,
+                              steps_per_epoch)
+  return TrainState.create(**fields)
+
+
+def _create_pkkd_state(config: ml_collections.ConfigDict, init_rng: jax.Array,
+                       dummy: jax.Array, fields: dict[str, Any],
+                       steps_per_epoch: int | None
+                       ) -> distill.DistillTrainState:
+  """The student's state (`fields`, initialised exactly as a plain run
+  with the same seed) plus a CNN teacher of the same architecture, the
+  identity linear transformations of the distilled layers, and the
+  teacher's plain SGD (docs/pkkd.md)."""
+  settings = distill.settings_from_config(config)
+  t_config = distill.teacher_config(config)
+  teacher = build_model(t_config)
+  t_vars = teacher.init(jax.random.fold_in(init_rng, 1), dummy, train=False)
+  channels = distill.distilled_layers(
+      fields["apply_fn"], {"params": fields["params"],
+                           "batch_stats": fields["batch_stats"]},
+      dummy, settings.layers)
+  t_params = {"model": t_vars["params"],
+              "transform": distill.identity_transforms(channels)}
+  t_tx = optim.make_optimizer(t_config, t_params,
+                              steps_per_epoch=steps_per_epoch)
+  return distill.DistillTrainState.create(
+      **fields, teacher_params=t_params,
+      teacher_batch_stats=t_vars.get("batch_stats", {}),
+      teacher_opt_state=t_tx.init(t_params), teacher_apply_fn=teacher.apply,
+      teacher_tx=t_tx)
 
 
 # ----------------------------------------------------------------- steps --
@@ -209,6 +243,16 @@ def _train_core(state: TrainState, images: jax.Array, labels: jax.Array
   return new_state, metrics
 
 
+def make_core(config: ml_collections.ConfigDict,
+              steps_per_epoch: int = 1) -> Callable:
+  """The per-device update of `config.distill`: the plain SGD step, or
+  PKKD's joint student/teacher step (`distill.make_pkkd_core`)."""
+  if distill.distill_kind(config) == "pkkd":
+    return distill.make_pkkd_core(
+        distill.settings_from_config(config, steps_per_epoch), BATCH_AXIS)
+  return _train_core
+
+
 def augment_batch(images_uint8: jax.Array, step_key: jax.Array,
                   positions: jax.Array, info: data_lib.DatasetInfo
                   ) -> jax.Array:
@@ -222,12 +266,14 @@ def augment_batch(images_uint8: jax.Array, step_key: jax.Array,
 
 def make_in_memory_train_step(mesh: jax.sharding.Mesh,
                               info: data_lib.DatasetInfo,
-                              global_batch_size: int) -> Callable:
+                              global_batch_size: int,
+                              core: Callable = _train_core) -> Callable:
   """jit(shard_map(step)) for a dataset resident on every device.
 
   The returned function is `step(state, images, labels, perm, step_in_epoch)
   -> (state, metrics)`, with `images`/`labels` the whole training set and
-  `perm` the epoch's order (all replicated).
+  `perm` the epoch's order (all replicated). `core(state, images, labels)`
+  is the per-device update (`make_core`).
   """
   num_devices = mesh.devices.size
   local = global_batch_size // num_devices
@@ -239,18 +285,19 @@ def make_in_memory_train_step(mesh: jax.sharding.Mesh,
     step_key = jax.random.fold_in(state.rng, state.step)
     x = augment_batch(images[idx], step_key,
                       offset + jnp.arange(local, dtype=jnp.int32), info)
-    return _train_core(state, x, labels[idx])
+    return core(state, x, labels[idx])
 
   return jax.jit(parallel.data_parallel(per_device, mesh,
                                         in_specs=(P(),) * 5,
                                         out_specs=(P(), P())))
 
 
-def make_streaming_train_step(mesh: jax.sharding.Mesh) -> Callable:
+def make_streaming_train_step(mesh: jax.sharding.Mesh,
+                              core: Callable = _train_core) -> Callable:
   """jit(shard_map(step)) for batches sharded over the mesh:
   `step(state, images, labels) -> (state, metrics)`."""
   return jax.jit(parallel.data_parallel(
-      _train_core, mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
+      core, mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
       out_specs=(P(), P())))
 
 
@@ -326,6 +373,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   if config.model not in models.MODEL_NAMES:
     raise ValueError(f"config.model must be one of {models.MODEL_NAMES}, got "
                      f"{config.model!r}")
+  if distill.distill_kind(config) == "pkkd":
+    distill.settings_from_config(config)
   return info
 
 
@@ -382,8 +431,12 @@ def _fetch_metrics(pending: list[dict[str, jax.Array]], first_step: int
     raise NonFiniteLossError(
         f"training loss is {losses[bad[0]]} at step {step}; stopping without "
         "saving (the last good checkpoint is kept)")
-  return {"train_loss": float(losses.mean()),
-          "train_top1": float(np.mean([m["top1"] for m in stacked]))}
+  result = {"train_loss": float(losses.mean()),
+            "train_top1": float(np.mean([m["top1"] for m in stacked]))}
+  for key in stacked[0]:  # e.g. PKKD's teacher_loss, feature_loss
+    if key not in ("loss", "top1"):
+      result[f"train_{key}"] = float(np.mean([m[key] for m in stacked]))
+  return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -454,17 +507,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_iter.close()
       train_iter = _streaming_train(config, info, start_step)
 
+    core = make_core(config, steps_per_epoch)
     if data is not None:
-      train_step = make_in_memory_train_step(mesh, info, config.batch_size)
+      train_step = make_in_memory_train_step(mesh, info, config.batch_size,
+                                             core)
     else:
-      train_step = make_streaming_train_step(mesh)
+      train_step = make_streaming_train_step(mesh, core)
     evaluator = eval_lib.Evaluator(build_model(config), info, mesh,
                                    config.eval_batch_size)
+    teacher_evaluator = None
+    if isinstance(state, distill.DistillTrainState):
+      teacher_evaluator = eval_lib.Evaluator(
+          build_model(distill.teacher_config(config)), info, mesh,
+          config.eval_batch_size)
     lr_fn = optim.learning_rate_schedule(config, steps_per_epoch)
     summary = _loop(config, workdir, mesh, info, state, start_step,
                     total_steps, steps_per_epoch, data, train_iter,
                     data_key, train_step, evaluator, lr_fn, mgr, is_main,
-                    resumed_meta)
+                    resumed_meta, teacher_evaluator)
   finally:
     if train_iter is not None:
       train_iter.close()
@@ -504,8 +564,9 @@ def _streaming_train(config, info, start_step: int):
 
 
 def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
-              epoch) -> dict[str, float]:
-  """Test metrics with running statistics (and recalibrated ones)."""
+              epoch, teacher_evaluator=None) -> dict[str, float]:
+  """Test metrics with running statistics (and recalibrated ones; and the
+  PKKD teacher's accuracy, in-memory data only)."""
   if data is not None:
     results = evaluator.evaluate_in_memory(state.params, state.batch_stats,
                                            data.eval)
@@ -518,6 +579,10 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
           config.batch_size, batches)
       recal = evaluator.evaluate_in_memory(state.params, stats, data.eval)
       results["top1_recalibrated"] = recal["top1"]
+    if teacher_evaluator is not None:  # PKKD: the CNN teacher's accuracy
+      results["teacher_top1"] = teacher_evaluator.evaluate_in_memory(
+          state.teacher_params["model"], state.teacher_batch_stats,
+          data.eval)["top1"]
   else:
     it = data_lib.streaming_iterator(
         config.dataset, config.data_dir, "test",
@@ -536,7 +601,8 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
 
 def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           steps_per_epoch, data, train_iter, data_key, train_step,
-          evaluator, lr_fn, mgr, is_main, resumed_meta) -> dict[str, Any]:
+          evaluator, lr_fn, mgr, is_main, resumed_meta,
+          teacher_evaluator=None) -> dict[str, Any]:
   """The training loop proper (see `train_and_evaluate`)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   writer = MetricsWriter(workdir, is_main)
@@ -590,6 +656,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             "steps_per_epoch": steps_per_epoch, "seed": config.seed,
             "model": config.model, "conv": config.conv,
             "dataset": config.dataset,
+            "distill": distill.distill_kind(config),
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
     # The loss checked for step s comes from the parameters before that
@@ -641,7 +708,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             and step < total_steps):
           flush_metrics()
           eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
-                                   steps_per_epoch, epoch)
+                                   steps_per_epoch, epoch, teacher_evaluator)
           writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
           last_eval = eval_metrics
           log.info("step %d: %s", step, eval_metrics)
@@ -657,7 +724,8 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
       flush_metrics()
       if not preempted:
         last_eval = _evaluate(config, evaluator, state, data, info, mesh,
-                              steps_per_epoch, step // steps_per_epoch)
+                              steps_per_epoch, step // steps_per_epoch,
+                              teacher_evaluator)
         writer.write(step, {**last_eval, "epoch": step / steps_per_epoch})
         save(last_eval, force=True)
       mgr.wait_until_finished()
@@ -669,6 +737,9 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
              "train_loss": last_train.get("train_loss"),
              "train_top1": last_train.get("train_top1"),
              **last_eval,
+             **{k: v for k, v in last_train.items()
+                if k.startswith(("train_teacher", "train_distill",
+                                 "train_kd", "train_feature"))},
              "images_per_sec": last_train.get("images_per_sec"),
              "wall_s": round(time.perf_counter() - t_start, 2)}
   if "eval_top1" not in summary:

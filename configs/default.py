@@ -61,6 +61,44 @@ def get_base_config() -> ml_collections.ConfigDict:
   # PRNG seed: initialisation, data order and augmentation.
   config.seed = 0
 
+  # ---- Distillation (docs/pkkd.md). ----
+  # 'none': plain training. 'pkkd': kernel based progressive distillation
+  # (Xu et al., NeurIPS 2020): a CNN of the same architecture (conv='mult')
+  # is initialised and trained together with the adder network, one jitted
+  # step updating both; the adder network (the student, conv must be
+  # 'adder') also learns from the CNN's outputs and kernel-mapped features.
+  # Checkpoints hold both networks; eval.py evaluates the student.
+  config.distill = 'none'
+  # PKKD settings (used only with distill='pkkd').
+  config.pkkd = ml_collections.ConfigDict()
+  # Weight of the student's cross-entropy with the ground truth.
+  config.pkkd.ce_weight = 1.0
+  # Weight of the output distillation, T^2 * KL(teacher || student) of the
+  # softmax at temperature T (the teacher's outputs are not trained by it).
+  config.pkkd.kd_weight = 1.0
+  # Temperature T of that softmax.
+  config.pkkd.temperature = 1.0
+  # Weight of the kernel based feature distillation: mean over the distilled
+  # layers of the squared error between the student's Laplace-kernel map and
+  # the linearly transformed Gaussian-kernel map of the teacher.
+  config.pkkd.feature_weight = 1.0
+  # Kernel bandwidth of each filter, in standard deviations of its distances
+  # over the global batch (sigma_a for the L1 distances of an adder filter,
+  # 2 sigma_c^2 for the squared L2 distances of a CNN filter).
+  config.pkkd.sigma_scale = 1.0
+  # Comma-separated fnmatch patterns of the distilled adder layers, by
+  # module path ('layer3_*/conv2', 'conv1,conv2', ...); '*': every adder
+  # layer of the student (the stem and classifier are not adder layers).
+  config.pkkd.layers = '*'
+  # Epochs over which the distillation terms ramp up linearly from ~0 to
+  # their weights (0: full weight from the first step).
+  config.pkkd.warmup_epochs = 0.0
+  # The teacher's SGD learning rate (None: config.learning_rate, same
+  # schedule); the teacher never uses the adaptive learning rate.
+  config.pkkd.teacher_learning_rate = config_dict.placeholder(float)
+  # The teacher's weight decay (None: config.weight_decay).
+  config.pkkd.teacher_weight_decay = config_dict.placeholder(float)
+
   # ---- Input pipeline. ----
   # 'auto': MNIST/CIFAR/digits on the devices, ImageNet streamed; 'streaming'
   # forces the Grain pipeline (an ImageFolder data_dir); 'in_memory' the other.

@@ -32,6 +32,11 @@ EXPERIMENTS = {
     "digits_lenet5": ("digits", "lenet5_bn", 10),
     "smoke": ("digits", "lenet5_bn", 10),
 }
+PKKD_EXPERIMENTS = {f"{name}_pkkd": EXPERIMENTS[name] for name in (
+    "cifar10_resnet20", "cifar10_resnet32", "cifar100_resnet20",
+    "cifar100_resnet32", "cifar10_vgg_small", "cifar100_vgg_small",
+    "imagenet_resnet18", "imagenet_resnet50")}
+EXPERIMENTS.update(PKKD_EXPERIMENTS)
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py")
                       if p.stem not in ("__init__", "default"))
 
@@ -87,6 +92,17 @@ def test_imagenet_recipe():
   for name in ("imagenet_resnet18", "imagenet_resnet50"):
     _, c = load(CONFIG_DIR / f"{name}.py")
     assert (c.batch_size, c.learning_rate, c.num_epochs) == (256, 0.1, 150)
+
+
+def test_pkkd_configs_are_their_base_recipe_with_distillation():
+  for name in PKKD_EXPERIMENTS:
+    _, c = load(CONFIG_DIR / f"{name}.py")
+    _, base = load(CONFIG_DIR / f"{name[:-len('_pkkd')]}.py")
+    assert c.distill == "pkkd" and base.distill == "none"
+    assert c.conv == "adder" and c.adaptive_lr
+    for key in ("batch_size", "learning_rate", "num_epochs", "weight_decay",
+                "momentum", "eta"):
+      assert c[key] == base[key], (name, key)
 
 
 def test_mnist_recipe():

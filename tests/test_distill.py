@@ -1,0 +1,400 @@
+"""PKKD (addernet_jax.distill): the kernel maps, the distances, the loss
+against a float64 hand computation, the config checks, and one tiny
+end-to-end run on 2 devices (train.py) that resumes bit-identically and
+whose student eval.py evaluates."""
+
+import json
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from addernet_jax import distill
+from addernet_jax import models
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "configs/smoke.py"
+
+
+def _x64():
+  """float64 for a block (jax.enable_x64 from JAX 0.8)."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  return enable_x64()
+
+
+# ------------------------------------------------------------- kernels --
+
+
+def test_kernel_map_is_in_0_1_and_decreasing():
+  rng = np.random.default_rng(0)
+  d = jnp.asarray(rng.uniform(500, 600, size=(4, 3, 3, 5)), jnp.float32)
+  k = distill.kernel_map(d, sigma_scale=1.0)
+  assert k.shape == d.shape and bool(jnp.all(k > 0)) and bool(jnp.all(k <= 1))
+  # Per channel: larger distance -> smaller value.
+  flat_d = np.asarray(d).reshape(-1, 5)
+  flat_k = np.asarray(k).reshape(-1, 5)
+  for c in range(5):
+    order = np.argsort(flat_d[:, c])
+    assert np.all(np.diff(flat_k[order, c]) <= 0)
+  # 1 at the channel's closest pair, exp(-1 / sigma_scale) one standard
+  # deviation farther.
+  np.testing.assert_allclose(flat_k.max(0), 1.0)
+  np.testing.assert_allclose(
+      np.asarray(distill.normalized_kernel(
+          jnp.asarray(flat_d.min(0) + flat_d.std(0)),
+          jnp.asarray(flat_d.std(0)), jnp.asarray(flat_d.min(0)))),
+      np.exp(-1.0), rtol=1e-5)
+
+
+def test_kernel_map_ignores_the_scale_and_offset_of_the_distances():
+  """Bandwidth = spread, centre = minimum: adder outputs in the thousands and
+  CNN distances of order one map alike (docs/pkkd.md)."""
+  with _x64():
+    rng = np.random.default_rng(1)
+    d = jnp.asarray(rng.uniform(0, 3, size=(6, 4)))
+    k = distill.kernel_map(d, 2.0)
+    np.testing.assert_allclose(np.asarray(distill.kernel_map(
+        1000.0 + 37.0 * d, 2.0)), np.asarray(k), rtol=1e-10)
+    # Wider bandwidth, flatter map.
+    assert float(jnp.std(distill.kernel_map(d, 4.0))) < float(jnp.std(k))
+
+
+def test_normalized_kernel_is_the_laplace_and_gaussian_kernel():
+  with _x64():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(7, 9))
+    f = rng.normal(size=(9,))
+    l1 = np.abs(x - f).sum(-1)
+    l2sq = np.square(x - f).sum(-1)
+    sigma = 3.0
+    # Laplace exp(-|x-f|_1 / sigma), normalised at 0: the kernel itself.
+    np.testing.assert_allclose(
+        np.asarray(distill.normalized_kernel(jnp.asarray(l1), sigma, 0.0)),
+        np.exp(-l1 / sigma), rtol=1e-12)
+    # Gaussian exp(-|x-f|^2 / (2 sigma^2)): bandwidth 2 sigma^2.
+    np.testing.assert_allclose(
+        np.asarray(distill.normalized_kernel(jnp.asarray(l2sq),
+                                             2 * sigma**2, 0.0)),
+        np.exp(-l2sq / (2 * sigma**2)), rtol=1e-12)
+    # Normalising at c divides by the kernel's value at c.
+    c = 4.0
+    np.testing.assert_allclose(
+        np.asarray(distill.normalized_kernel(jnp.asarray(l1), sigma, c)),
+        np.exp(-l1 / sigma) / np.exp(-c / sigma), rtol=1e-12)
+    # The exponent is clipped above: no overflow.
+    big = distill.normalized_kernel(jnp.asarray([-1e6]), 1.0, 0.0)
+    assert float(big[0]) == pytest.approx(np.exp(distill.MAX_EXPONENT))
+
+
+def _brute_sq_distance(x, w, stride, pad):
+  xp = np.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+  kh, kw, _, cout = w.shape
+  n, hp, wp, _ = xp.shape
+  ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+  out = np.zeros((n, ho, wo, cout))
+  for p in range(ho):
+    for q in range(wo):
+      patch = xp[:, p * stride:p * stride + kh, q * stride:q * stride + kw, :]
+      out[:, p, q, :] = np.square(patch[..., None] - w[None]).sum((1, 2, 3))
+  return out
+
+
+@pytest.mark.parametrize("stride,pad", [(1, ((1, 1), (1, 1))),
+                                        (2, ((0, 0), (0, 0)))])
+def test_squared_l2_distance_of_a_convolution(stride, pad):
+  with _x64():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 6, 6, 3))
+    w = rng.normal(size=(3, 3, 3, 4))
+    dot = lax.conv_general_dilated(
+        jnp.asarray(x), jnp.asarray(w), (stride, stride), pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = distill.squared_l2_distance(jnp.asarray(x), jnp.asarray(w), dot,
+                                      strides=(stride, stride), padding=pad)
+    np.testing.assert_allclose(np.asarray(got),
+                               _brute_sq_distance(x, w, stride, pad),
+                               rtol=1e-10, atol=1e-10)
+    # Dense: (in, out) filters.
+    xd, wd = rng.normal(size=(5, 7)), rng.normal(size=(7, 3))
+    got = distill.squared_l2_distance(jnp.asarray(xd), jnp.asarray(wd),
+                                      jnp.asarray(xd @ wd))
+    np.testing.assert_allclose(
+        np.asarray(got), np.square(xd[:, :, None] - wd[None]).sum(1),
+        rtol=1e-10)
+
+
+# -------------------------------------------------------------- the loss --
+
+
+def _np_kernel_map(d, scale):
+  axes = tuple(range(d.ndim - 1))
+  low, std = d.min(axes), d.std(axes)
+  return np.exp((low - d) / (scale * std))
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_pkkd_student_loss_matches_a_float64_hand_computation():
+  rng = np.random.default_rng(4)
+  logits, t_logits = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)) * 2
+  labels = np.array([0, 2, 1, 2])
+  # Two layers: an adder conv output (L1 distances, in the hundreds) and
+  # a dense one; the teacher's squared L2 distances; 1x1 transformations.
+  d_a = {"a": rng.uniform(300, 320, size=(4, 2, 2, 3)),
+         "b": rng.uniform(10, 20, size=(4, 2))}
+  d_c = {"a": rng.uniform(0, 5, size=(4, 2, 2, 3)),
+         "b": rng.uniform(0, 9, size=(4, 2))}
+  mats = {"a": np.eye(3) + 0.1 * rng.normal(size=(3, 3)),
+          "b": np.eye(2) + 0.1 * rng.normal(size=(2, 2))}
+  scale, temp = 1.5, 3.0
+  w_ce, w_kd, w_feat, ramp = 0.7, 0.4, 2.0, 0.5
+
+  # By hand, in numpy float64.
+  g = {k: _np_kernel_map(v, scale) for k, v in d_a.items()}
+  h = {k: _np_kernel_map(v, scale) @ mats[k] for k, v in d_c.items()}
+  feat = np.mean([np.mean((g[k] - h[k])**2) for k in ("a", "b")])
+  ce = -np.mean(_np_log_softmax(logits)[np.arange(4), labels])
+  ls, lt = _np_log_softmax(logits / temp), _np_log_softmax(t_logits / temp)
+  kd = temp**2 * np.mean((np.exp(lt) * (lt - ls)).sum(-1))
+  expected = w_ce * ce + ramp * (w_kd * kd + w_feat * feat)
+
+  with _x64():
+    g_j = {k: distill.kernel_map(jnp.asarray(v), scale)
+           for k, v in d_a.items()}
+    h_j = {k: distill.linear_transform(
+        distill.kernel_map(jnp.asarray(v), scale), jnp.asarray(mats[k]))
+           for k, v in d_c.items()}
+    total, parts = distill.pkkd_student_loss(
+        jnp.asarray(logits), jnp.asarray(t_logits), jnp.asarray(labels),
+        g_j, h_j, ce_weight=w_ce, kd_weight=w_kd, feature_weight=w_feat,
+        temperature=temp, ramp=ramp)
+    assert total.dtype == jnp.float64
+  np.testing.assert_allclose(float(parts["ce"]), ce, rtol=1e-12)
+  np.testing.assert_allclose(float(parts["kd"]), kd, rtol=1e-12)
+  np.testing.assert_allclose(float(parts["feature"]), feat, rtol=1e-12)
+  np.testing.assert_allclose(float(total), expected, rtol=1e-12)
+
+
+def test_output_distillation_is_zero_for_equal_outputs():
+  z = jnp.asarray(np.random.default_rng(5).normal(size=(3, 10)), jnp.float32)
+  assert float(distill.soft_distillation_loss(z, z, 4.0)) == pytest.approx(
+      0.0, abs=1e-6)
+  assert float(distill.soft_distillation_loss(z, -z, 4.0)) > 0
+
+
+def test_distill_ramp():
+  assert float(distill.distill_ramp(0, 0)) == 1.0
+  assert float(distill.distill_ramp(0, 4)) == pytest.approx(0.25)
+  assert float(distill.distill_ramp(3, 4)) == 1.0
+  assert float(distill.distill_ramp(100, 4)) == 1.0
+
+
+# ------------------------------------------------- layers and settings --
+
+
+def test_student_and_teacher_expose_the_same_layers():
+  """The interceptor finds the adder layers of the student and the same
+  layers, multiplication ones, in the CNN; the stem is never distilled."""
+  x = jnp.zeros((2, 8, 8, 3))
+  student = models.get_model("resnet20", num_classes=10, conv="adder")
+  teacher = models.get_model("resnet20", num_classes=10, conv="mult")
+  s_vars = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0), x))
+  channels = distill.distilled_layers(student.apply, s_vars, x, ("*",))
+  assert len(channels) == 18 + 2  # 18 3x3 layers and 2 projections
+  assert "conv1" not in channels and channels["layer3_0/conv1"] == 64
+  assert "layer2_0/downsample_conv" in channels
+  only = distill.distilled_layers(student.apply, s_vars, x,
+                                  ("layer3_*/conv2",))
+  assert sorted(only) == ["layer3_0/conv2", "layer3_1/conv2",
+                          "layer3_2/conv2"]
+  t_vars = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), x))
+
+  def taps(v):
+    _, _, t = distill.apply_with_taps(
+        teacher.apply, v, x, train=False, mutable=(),
+        select=lambda k, m: isinstance(m, distill.MULT_LAYERS)
+        and k in channels)
+    return {k: tap["output"] for k, tap in t.items()}
+
+  assert set(jax.eval_shape(taps, t_vars)) == set(channels)
+  params = distill.identity_transforms(channels)
+  assert params["layer3_0"]["conv1"]["kernel"].shape == (64, 64)
+  np.testing.assert_array_equal(
+      np.asarray(params["layer1_0"]["conv2"]["kernel"]), np.eye(16))
+
+
+def _smoke(**overrides):
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.distill = "pkkd"
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"distill": "pkdd"}, "config.distill"),
+    ({"conv": "mult"}, "config.conv must be 'adder'"),
+    ({"pkkd.temperature": 0.0}, "config.pkkd.temperature"),
+    ({"pkkd.kd_weight": -1.0}, "config.pkkd.kd_weight"),
+    ({"pkkd.layers": " "}, "config.pkkd.layers"),
+    ({"pkkd.warmup_epochs": -2.0}, "config.pkkd.warmup_epochs"),
+])
+def test_bad_pkkd_config_is_a_clear_error(overrides, needle):
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+    train_lib.validate_config(_smoke(**overrides), 1)
+
+
+def test_layer_patterns_that_match_nothing_are_named():
+  from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = _smoke(**{"pkkd.layers": "layer9_*"})
+  info = data_lib.dataset_info(config.dataset)
+  with pytest.raises(ValueError, match="layer9_.*matches no adder layer"):
+    jax.eval_shape(lambda k: train_lib.create_train_state(
+        config, k, info.image_shape, steps_per_epoch=10),
+                   jax.random.PRNGKey(0))
+
+
+def test_teacher_config_is_plain_sgd_of_the_recipe():
+  config = _smoke(**{"pkkd.teacher_learning_rate": 0.05})
+  t = distill.teacher_config(config)
+  assert (t.conv, t.adaptive_lr, t.learning_rate) == ("mult", False, 0.05)
+  assert (t.momentum, t.weight_decay) == (config.momentum,
+                                          config.weight_decay)
+  assert config.conv == "adder" and config.adaptive_lr  # unchanged
+
+
+TWO_DEVICE_KERNEL = """
+import jax, jax.numpy as jnp, numpy as np
+from addernet_jax import distill, parallel
+P = jax.sharding.PartitionSpec
+assert jax.device_count() == 2
+d = jnp.asarray(np.random.default_rng(0).uniform(0, 9, (6, 3, 3, 4)),
+                jnp.float32)
+mesh = parallel.make_mesh()
+f = jax.jit(parallel.data_parallel(
+    lambda x: distill.kernel_map(x, 1.5, parallel.BATCH_AXIS), mesh,
+    in_specs=P(parallel.BATCH_AXIS), out_specs=P(parallel.BATCH_AXIS)))
+np.testing.assert_allclose(np.asarray(f(d)),
+                           np.asarray(distill.kernel_map(d, 1.5)), rtol=1e-5)
+print("ok")
+"""
+
+
+def test_kernel_bandwidth_is_that_of_the_global_batch(jax_cache):
+  """On 2 devices each half of the batch is mapped with the moments of the
+  whole batch: the maps equal those of one device."""
+  result = _run(jax_cache, "-c", TWO_DEVICE_KERNEL)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------- end to end --
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> Path:
+  return tmp_path_factory.mktemp("jax_compilation_cache")
+
+
+def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=2"))
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=1800)
+
+
+def _last_json(result: subprocess.CompletedProcess) -> dict:
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _train(cache: Path, workdir: Path, *overrides: str) -> dict:
+  return _last_json(_run(cache, "train.py", "--config", SMOKE,
+                         f"--workdir={workdir}", "--config.progress_bar=false",
+                         "--config.distill=pkkd",
+                         "--config.recalibrate_bn_batches=0", *overrides))
+
+
+def _saved_state(workdir: Path, num_train_steps: int) -> dict:
+  """Both networks of the latest checkpoint, as numpy."""
+  from addernet_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = _smoke(num_train_steps=num_train_steps)
+  info = data_lib.dataset_info(config.dataset)
+  state = jax.eval_shape(lambda k: train_lib.create_train_state(
+      config, k, info.image_shape, steps_per_epoch=89), jax.random.PRNGKey(0))
+  rep = parallel.replicated_sharding(parallel.make_mesh())
+  keys = ("step", "params", "batch_stats", "opt_state", "teacher_params",
+          "teacher_batch_stats", "teacher_opt_state")
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+      {k: getattr(state, k) for k in keys})
+  return jax.device_get(ckpt_lib.restore_for_eval(workdir, abstract))
+
+
+@pytest.mark.slow
+def test_pkkd_trains_on_two_devices_resumes_exactly_and_evaluates(
+    jax_cache, tmp_path):
+  full = _train(jax_cache, tmp_path / "full")  # 3 steps, saved at 2 and 3
+  assert full["step"] == 3
+  for key in ("train_loss", "train_teacher_loss", "train_teacher_top1",
+              "train_kd_loss", "train_feature_loss", "train_distill_loss",
+              "eval_top1", "eval_teacher_top1"):
+    assert np.isfinite(full[key]), key
+  assert full["train_feature_loss"] > 0
+  # The same run stopped after its step-2 checkpoint: the same command
+  # resumes from it (both networks, both optimizers) and ends bit-identical.
+  shutil.copytree(tmp_path / "full", tmp_path / "part")
+  shutil.rmtree(tmp_path / "part" / "checkpoints" / "3")
+  resumed = _train(jax_cache, tmp_path / "part")
+  assert resumed["step"] == 3
+  for key in ("train_loss", "eval_loss", "eval_top1", "eval_teacher_top1"):
+    assert resumed[key] == full[key], key
+  a, b = _saved_state(tmp_path / "full", 3), _saved_state(tmp_path / "part", 3)
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  assert len(flat_a) > 40  # the teacher's parameters and optimizer too
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  # eval.py evaluates the student of a PKKD checkpoint.
+  result = _last_json(_run(jax_cache, "eval.py", "--config", SMOKE,
+                           f"--checkpoint={tmp_path / 'full'}",
+                           "--config.distill=pkkd"))
+  assert result["step"] == 3 and result["num_examples"] == 40
+  assert result["top1"] == pytest.approx(full["eval_top1"], abs=1e-6)
+  assert result["loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
+
+
+def test_bad_distill_value_is_one_line_error(jax_cache, tmp_path):
+  result = _run(jax_cache, "train.py", "--config", SMOKE,
+                f"--workdir={tmp_path}", "--config.distill=kd")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "config.distill" in errors[0], result.stderr
