@@ -263,10 +263,12 @@ def markdown_table() -> str:
 
 
 def markdown_energy_table(precision: str = "fp32",
-                          processor: str = "via_nano_2000") -> str:
+                          processor: str = "via_nano_2000",
+                          sr: bool = False) -> str:
   """Estimated energy (`estimate_energy_pj` at `precision`) and latency
   (`estimate_cycles` on `processor`) of one forward pass of one image, ANN
-  vs CNN, for every model at its paper input size."""
+  vs CNN, for every model at its paper input size; with `sr`, also the
+  AdderSR rows (`SR_ROWS`, one 1280x720 output, input "LR -> output")."""
   rows = [f"| model | input | ANN energy ({precision}) | CNN energy "
           f"({precision}) | ANN / CNN energy | ANN cycles ({processor}) | "
           "CNN cycles | ANN / CNN cycles |",
@@ -282,11 +284,24 @@ def markdown_energy_table(precision: str = "fp32",
         f"{format_energy(e_cnn)} | {e_ann / e_cnn:.2f} | "
         f"{format_count(c_ann)} | {format_count(c_cnn)} | "
         f"{c_ann / c_cnn:.2f} |")
+  for name, scale in (SR_ROWS if sr else ()):
+    shape = sr_input_shape(name, scale)
+    ann = count_ops(name, shape, conv="adder", scale=scale)["total"]
+    cnn = count_ops(name, shape, conv="mult", scale=scale)["total"]
+    e_ann, e_cnn = (estimate_energy_pj(t, precision) for t in (ann, cnn))
+    c_ann, c_cnn = (estimate_cycles(t, processor) for t in (ann, cnn))
+    io = (f"{shape[1]}x{shape[0]}x{shape[2]} -> {shape[1] * scale}x"
+          f"{shape[0] * scale}")
+    rows.append(
+        f"| {name} x{scale} | {io} | {format_energy(e_ann)} | "
+        f"{format_energy(e_cnn)} | {e_ann / e_cnn:.2f} | "
+        f"{format_count(c_ann)} | {format_count(c_cnn)} | "
+        f"{c_ann / c_cnn:.2f} |")
   return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m addernet_jax.opcount [--table ops|energy|sr|all] [--precision
+  """`python -m addernet_jax.opcount [--table ops|energy|sr|all] [--sr] [--precision
   fp32|fp16|int8] [--processor via_nano_2000]`: markdown tables."""
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
@@ -298,13 +313,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                       default="fp32")
   parser.add_argument("--processor", choices=sorted(CYCLES),
                       default="via_nano_2000")
+  parser.add_argument("--sr", action="store_true",
+                      help="add the AdderSR rows (1280x720 outputs) to the "
+                      "energy table")
   args = parser.parse_args(argv)
   if args.table in ("ops", "all"):
     print(markdown_table())
   if args.table == "all":
     print()
   if args.table in ("energy", "all"):
-    print(markdown_energy_table(args.precision, args.processor))
+    print(markdown_energy_table(args.precision, args.processor, sr=args.sr))
   if args.table == "sr":  # slower (1280x720 images): not part of "all"
     print(sr_markdown_table(args.precision))
 

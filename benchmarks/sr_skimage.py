@@ -9,7 +9,7 @@ bicubic interpolation.
 
   python benchmarks/sr_skimage.py --workdir /tmp/sr-skimage \
       [--model vdsr] [--depth 5] [--features 16] [--steps 300] \
-      [--patch 16] [--batch 16] [--lr 1e-3] [--scale 2]
+      [--patch 16] [--batch 16] [--lr 1e-3] [--scale 2] [--eval_every N]
 
 A smoke-sized experiment, not the paper's: small networks, few steps, 10
 training images. Needs scikit-image (`pip install -e .[sr]`).
@@ -65,6 +65,9 @@ def main(argv=None) -> None:
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--convs", default="adder,mult")
+  parser.add_argument("--eval_every", type=int, default=0,
+                      help="> 0: also evaluate (and checkpoint) every N "
+                      "steps (metrics.jsonl)")
   args = parser.parse_args(argv)
 
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
@@ -88,7 +91,7 @@ def main(argv=None) -> None:
     config.learning_rate = args.lr
     config.lr_decay_steps = 0
     config.num_train_steps = args.steps
-    config.steps_per_epoch = args.steps
+    config.steps_per_epoch = args.eval_every or args.steps
     config.log_every_steps = 10
     config.seed = args.seed
     config.progress_bar = False
