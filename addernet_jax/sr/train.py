@@ -194,7 +194,8 @@ def make_train_step(mesh: jax.sharding.Mesh) -> Callable:
 
 
 class Evaluator:
-  """PSNR/SSIM of a model on a folder of HR images (one image at a time)."""
+  """PSNR/SSIM of a model on a folder of HR images (one image at a time; each
+  distinct LR size compiles the network once)."""
 
   def __init__(self, config: ml_collections.ConfigDict,
                images: data_lib.ImageFolderSR):
@@ -209,9 +210,9 @@ class Evaluator:
         static_argnums=1)
     self._baseline: dict[str, float] | None = None
 
-  def _restore(self, lr: np.ndarray, hr: np.ndarray, out: np.ndarray
-               ) -> tuple[float, float]:
-    del lr
+  def _score(self, hr: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """Y-channel PSNR/SSIM of a network output in [0, 1] (RGB, or Y for a
+    one-channel model) against the 8-bit RGB HR image."""
     out = metrics_lib.quantize(out)
     target = hr if self.colors == 3 else metrics_lib.rgb_to_y(hr)
     return metrics_lib.y_psnr_ssim(out, target, self.scale)
@@ -240,7 +241,7 @@ class Evaluator:
       out = np.asarray(jax.device_get(self._apply(variables, x)))[0]
       if self.colors == 1:
         out = out[..., 0]
-      scores.append(self._restore(lr, hr, out))
+      scores.append(self._score(hr, out))
     return {"psnr": float(np.mean([s[0] for s in scores])),
             "ssim": float(np.mean([s[1] for s in scores])),
             "num_images": len(scores), **self.baseline()}
