@@ -6,7 +6,8 @@
       --torch_checkpoint ResNet20-AdderNet.pth --config.data_dir=...
 
 The last line printed is one JSON object with top1, top5 (fractions), loss
-and num_examples. With `--config.holdout_examples=N` the evaluation set is
+and num_examples; for a super-resolution config (`config.task = "sr"`,
+docs/addersr.md) psnr, ssim, num_images, bicubic_psnr and bicubic_ssim. With `--config.holdout_examples=N` the evaluation set is
 the last N training examples, as in training.
 
 Adversarial robustness (white-box, untargeted, L-infinity, pixels in [0, 1];
@@ -67,6 +68,10 @@ def main(argv):
     return train_lib.cli_error("give exactly one of --checkpoint WORKDIR "
                                "and --torch_checkpoint FILE")
   try:
+    if train_lib.is_sr_task(FLAGS.config) and (FLAGS.torch_checkpoint
+                                               or FLAGS.attacks):
+      raise ValueError("--torch_checkpoint and --attacks are for "
+                       "classification configs, not config.task='sr'")
     if FLAGS.attacks:  # Fail on a bad flag before the evaluation runs.
       attacks_lib.parse_attacks(FLAGS.attacks)
       attacks_lib.parse_size(FLAGS.attack_eps)

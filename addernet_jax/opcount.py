@@ -80,15 +80,22 @@ def _layer_record(module: nn.Module, x_shape: tuple[int, ...],
 
 
 def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
-              num_classes: int | None = None) -> dict[str, Any]:
+              num_classes: int | None = None, scale: int | None = None
+              ) -> dict[str, Any]:
   """#Mul and #Add of one forward pass of `get_model(model_name, ...)`.
 
   Args:
-    model_name: one of `addernet_jax.models.MODEL_NAMES`.
+    model_name: one of `addernet_jax.models.MODEL_NAMES`, or of
+      `SR_MODEL_NAMES` (then `scale` is required and `input_shape` is the LR
+      input, e.g. `sr_input_shape(name, scale)` for a 1280x720 output).
     input_shape: NHWC `(n, h, w, c)`, or `(h, w, c)` for one image (n = 1).
       Counts cover the whole input: they scale with n.
     conv: "adder" (AdderNet) or "mult" (the identical CNN).
     num_classes: classifier size; default `default_num_classes(model_name)`.
+    scale: upscaling factor of a super-resolution model. Its adder units'
+      self-shortcut additions, power activations and BatchNorms, and VDSR's
+      bicubic interpolation, are not counted (like BatchNorm and activations
+      elsewhere).
 
   Returns:
     `{"total": {"mul": int, "add": int, "macs": int}, "layers": [...]}`, one
@@ -96,18 +103,26 @@ def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
     path), `kind` ("adder" or "mult"), `macs`, `mul`, `add`, `input_shape`
     and `output_shape`.
   """
-  if model_name not in models_lib.MODEL_NAMES:
+  sr = model_name in models_lib.SR_MODEL_NAMES
+  if not sr and model_name not in models_lib.MODEL_NAMES:
     raise ValueError(f"unknown model {model_name!r}; choose one of "
-                     f"{models_lib.MODEL_NAMES}")
+                     f"{models_lib.MODEL_NAMES} or {models_lib.SR_MODEL_NAMES}")
+  if sr and scale is None:
+    raise ValueError(f"{model_name} is a super-resolution model: give scale=")
   shape = tuple(int(s) for s in input_shape)
   if len(shape) == 3:
     shape = (1,) + shape
   if len(shape) != 4 or any(s <= 0 for s in shape):
     raise ValueError(f"input_shape must be (h, w, c) or (n, h, w, c) with "
                      f"positive sizes, got {tuple(input_shape)}")
-  if num_classes is None:
-    num_classes = default_num_classes(model_name)
-  model = models_lib.get_model(model_name, num_classes=num_classes, conv=conv)
+  if sr:
+    model = models_lib.get_sr_model(model_name, scale=scale, conv=conv,
+                                    colors=shape[-1])
+  else:
+    if num_classes is None:
+      num_classes = default_num_classes(model_name)
+    model = models_lib.get_model(model_name, num_classes=num_classes,
+                                 conv=conv)
   records: list[dict[str, Any]] = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -193,6 +208,45 @@ PAPER_INPUTS = {"lenet5_bn": (28, 28, 1), "vgg_small": (32, 32, 3),
                 **{n: (224, 224, 3) for n in IMAGENET_MODELS}}
 
 
+# AdderSR's accounting: one image whose OUTPUT is 1280x720 (height 720).
+SR_OUTPUT_HW = (720, 1280)
+# The SR rows of the tables: (model, scale).
+SR_ROWS = (("edsr_baseline", 2), ("edsr_baseline", 3), ("edsr_baseline", 4),
+           ("vdsr", 2))
+
+
+def sr_input_shape(model_name: str, scale: int,
+                   output_hw: Sequence[int] = SR_OUTPUT_HW
+                   ) -> tuple[int, int, int]:
+  """The LR input `(h, w, colors)` of an SR model whose output is
+  `output_hw` (default 1280x720): each side divided by `scale`, rounded up
+  (x3: 240x427 -> a 720x1281 output); EDSR sees RGB, VDSR the Y channel."""
+  colors = 1 if model_name == "vdsr" else 3
+  return (math.ceil(output_hw[0] / scale), math.ceil(output_hw[1] / scale),
+          colors)
+
+
+def sr_markdown_table(precision: str = "fp32") -> str:
+  """#Mul, #Add and estimated energy of the AdderSR models (`SR_ROWS`) for
+  one 1280x720 output, ANN vs CNN."""
+  rows = ["| model | scale | LR input | ANN #Mul | ANN #Add | CNN #Mul | "
+          f"CNN #Add | ANN energy ({precision}) | CNN energy ({precision}) | "
+          "ANN / CNN energy |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for name, scale in SR_ROWS:
+    shape = sr_input_shape(name, scale)
+    ann = count_ops(name, shape, conv="adder", scale=scale)["total"]
+    cnn = count_ops(name, shape, conv="mult", scale=scale)["total"]
+    e_ann, e_cnn = (estimate_energy_pj(t, precision) for t in (ann, cnn))
+    rows.append(
+        f"| {name} | x{scale} | {'x'.join(map(str, shape))} | "
+        f"{format_count(ann['mul'])} | {format_count(ann['add'])} | "
+        f"{format_count(cnn['mul'])} | {format_count(cnn['add'])} | "
+        f"{format_energy(e_ann)} | {format_energy(e_cnn)} | "
+        f"{e_ann / e_cnn:.2f} |")
+  return "\n".join(rows)
+
+
 def markdown_table() -> str:
   """Our #Mul/#Add for every model at its paper input size (one image)."""
   rows = ["| model | input | ANN #Mul | ANN #Add | CNN #Mul | CNN #Add |",
@@ -209,10 +263,12 @@ def markdown_table() -> str:
 
 
 def markdown_energy_table(precision: str = "fp32",
-                          processor: str = "via_nano_2000") -> str:
+                          processor: str = "via_nano_2000",
+                          sr: bool = False) -> str:
   """Estimated energy (`estimate_energy_pj` at `precision`) and latency
   (`estimate_cycles` on `processor`) of one forward pass of one image, ANN
-  vs CNN, for every model at its paper input size."""
+  vs CNN, for every model at its paper input size; with `sr`, also the
+  AdderSR rows (`SR_ROWS`, one 1280x720 output, input "LR -> output")."""
   rows = [f"| model | input | ANN energy ({precision}) | CNN energy "
           f"({precision}) | ANN / CNN energy | ANN cycles ({processor}) | "
           "CNN cycles | ANN / CNN cycles |",
@@ -228,29 +284,47 @@ def markdown_energy_table(precision: str = "fp32",
         f"{format_energy(e_cnn)} | {e_ann / e_cnn:.2f} | "
         f"{format_count(c_ann)} | {format_count(c_cnn)} | "
         f"{c_ann / c_cnn:.2f} |")
+  for name, scale in (SR_ROWS if sr else ()):
+    shape = sr_input_shape(name, scale)
+    ann = count_ops(name, shape, conv="adder", scale=scale)["total"]
+    cnn = count_ops(name, shape, conv="mult", scale=scale)["total"]
+    e_ann, e_cnn = (estimate_energy_pj(t, precision) for t in (ann, cnn))
+    c_ann, c_cnn = (estimate_cycles(t, processor) for t in (ann, cnn))
+    io = (f"{shape[1]}x{shape[0]}x{shape[2]} -> {shape[1] * scale}x"
+          f"{shape[0] * scale}")
+    rows.append(
+        f"| {name} x{scale} | {io} | {format_energy(e_ann)} | "
+        f"{format_energy(e_cnn)} | {e_ann / e_cnn:.2f} | "
+        f"{format_count(c_ann)} | {format_count(c_cnn)} | "
+        f"{c_ann / c_cnn:.2f} |")
   return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m addernet_jax.opcount [--table ops|energy|all] [--precision
+  """`python -m addernet_jax.opcount [--table ops|energy|sr|all] [--sr] [--precision
   fp32|fp16|int8] [--processor via_nano_2000]`: markdown tables."""
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m addernet_jax.opcount",
       description="#Mul/#Add, energy and latency estimates of every model.")
-  parser.add_argument("--table", choices=("ops", "energy", "all"),
+  parser.add_argument("--table", choices=("ops", "energy", "sr", "all"),
                       default="all")
   parser.add_argument("--precision", choices=sorted(ENERGY_PJ),
                       default="fp32")
   parser.add_argument("--processor", choices=sorted(CYCLES),
                       default="via_nano_2000")
+  parser.add_argument("--sr", action="store_true",
+                      help="add the AdderSR rows (1280x720 outputs) to the "
+                      "energy table")
   args = parser.parse_args(argv)
   if args.table in ("ops", "all"):
     print(markdown_table())
   if args.table == "all":
     print()
   if args.table in ("energy", "all"):
-    print(markdown_energy_table(args.precision, args.processor))
+    print(markdown_energy_table(args.precision, args.processor, sr=args.sr))
+  if args.table == "sr":  # slower (1280x720 images): not part of "all"
+    print(sr_markdown_table(args.precision))
 
 
 if __name__ == "__main__":

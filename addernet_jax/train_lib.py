@@ -439,6 +439,16 @@ def _fetch_metrics(pending: list[dict[str, jax.Array]], first_step: int
   return result
 
 
+def is_sr_task(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.task` is "sr" (AdderSR super-resolution) rather than
+  "classification" (the default; ValueError for anything else)."""
+  task = config.get("task", "classification")
+  if task not in ("classification", "sr"):
+    raise ValueError(f"config.task must be 'classification' or 'sr', got "
+                     f"{task!r}")
+  return task == "sr"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | os.PathLike[str]) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
@@ -457,6 +467,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ValueError, TypeError, FileNotFoundError: bad config or data.
     NonFiniteLossError: the loss became NaN or Inf.
   """
+  if is_sr_task(config):  # AdderSR: its own loop (addernet_jax/sr/train.py)
+    from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+    return sr_train.train_and_evaluate(config, workdir)
   _quiet_orbax()
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
@@ -778,7 +791,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
                         workdir: str | os.PathLike[str], which: str = "latest"
                         ) -> dict[str, Any]:
   """top1, top5, loss, num_examples (and step) of a training checkpoint on
-  the config's evaluation split."""
+  the config's evaluation split (for `config.task = "sr"`: psnr, ssim,
+  num_images, bicubic_psnr, bicubic_ssim, from `sr.train`)."""
+  if is_sr_task(config):
+    from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+    return sr_train.evaluate_checkpoint(config, workdir, which=which)
   restored = restore_variables(config, workdir, which)
   result = eval_lib.evaluate_variables(config, build_model(config), restored)
   return {**result, "step": int(jax.device_get(restored["step"])),

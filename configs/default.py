@@ -14,6 +14,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # ---- Task (docs/design.md §2). ----
+  # 'classification' (this file's keys) or 'sr' (AdderSR super-resolution:
+  # configs/sr_*.py add their own keys, see docs/addersr.md).
+  config.task = 'classification'
   # Dataset name: 'cifar10', 'cifar100', 'mnist', 'imagenet2012' or 'digits'.
   config.dataset = 'cifar10'
   # None: TensorFlow Datasets (downloads where the network allows). A local

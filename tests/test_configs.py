@@ -31,6 +31,12 @@ EXPERIMENTS = {
     "imagenet_resnet50": ("imagenet2012", "resnet50", 1000),
     "digits_lenet5": ("digits", "lenet5_bn", 10),
     "smoke": ("digits", "lenet5_bn", 10),
+    # AdderSR (config.task = "sr"): no classes.
+    "sr_edsr_x2": ("image_folder", "edsr_baseline", 0),
+    "sr_edsr_x3": ("image_folder", "edsr_baseline", 0),
+    "sr_edsr_x4": ("image_folder", "edsr_baseline", 0),
+    "sr_vdsr_x2": ("image_folder", "vdsr", 0),
+    "sr_smoke": ("image_folder", "edsr_baseline", 0),
 }
 PKKD_EXPERIMENTS = {f"{name}_pkkd": EXPERIMENTS[name] for name in (
     "cifar10_resnet20", "cifar10_resnet32", "cifar100_resnet20",
@@ -103,6 +109,20 @@ def test_pkkd_configs_are_their_base_recipe_with_distillation():
     for key in ("batch_size", "learning_rate", "num_epochs", "weight_decay",
                 "momentum", "eta"):
       assert c[key] == base[key], (name, key)
+
+
+def test_sr_recipes():
+  """EDSR's recipe (AdderSR follows it): batch 16, LR patch 48, Adam 1e-4
+  halved every 200k steps, 300k steps; scales 2, 3, 4; the CNN by --conv."""
+  for name, scale in (("sr_edsr_x2", 2), ("sr_edsr_x3", 3),
+                      ("sr_edsr_x4", 4), ("sr_vdsr_x2", 2)):
+    _, c = load(CONFIG_DIR / f"{name}.py")
+    assert c.task == "sr" and c.scale == scale
+    assert (c.batch_size, c.learning_rate, c.lr_decay_steps,
+            c.num_epochs * c.steps_per_epoch) == (16, 1e-4, 200_000, 300_000)
+    assert c.patch_size == (24 if name == "sr_vdsr_x2" else 48)
+  _, c = load(CONFIG_DIR / "cifar10_resnet20.py")
+  assert c.task == "classification"
 
 
 def test_mnist_recipe():

@@ -1,0 +1,471 @@
+"""AdderSR training and evaluation (`config.task = "sr"`).
+
+`train_and_evaluate(config, workdir)` is what `train.py` runs for an SR
+config (`train_lib.train_and_evaluate` hands over), `evaluate_checkpoint`
+what `eval.py --checkpoint` runs. Conventions shared with classification:
+checkpoints in `<workdir>/checkpoints` (`addernet_jax.checkpoint`: atomic,
+checksummed, the best kept, here by `eval_psnr`), rerunning the same command
+resumes, metrics in `<workdir>/metrics.jsonl`, SIGTERM saves and exits.
+
+Training: every step takes `batch_size` random aligned patches
+(`data.sample_batch`, a function of (seed, step), sampled on the host),
+computes the L1 loss of the network's output against the HR patch (both in
+[0, 1]) and takes an Adam step. The step is `jax.jit` over a 1-D mesh of all
+devices with the per-device work in `jax.shard_map`, the gradients averaged
+with `lax.pmean` and the adder units' BatchNorm statistics averaged over the
+mesh, as in `train_lib`. Evaluation runs one whole LR image at a time on one
+device and reports PSNR/SSIM on the Y channel (`metrics.y_psnr_ssim`, border
+`scale`), also for bicubic interpolation (`bicubic_*`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from absl import logging
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from addernet_jax import checkpoint as ckpt_lib
+from addernet_jax import models
+from addernet_jax import optim
+from addernet_jax import parallel
+from addernet_jax import preemption as preemption_lib
+from addernet_jax import train_lib
+from addernet_jax.models import sr as sr_models
+from addernet_jax.sr import data as data_lib
+from addernet_jax.sr import metrics as metrics_lib
+
+P = jax.sharding.PartitionSpec
+BATCH_AXIS = parallel.BATCH_AXIS
+log = logging
+
+
+def model_colors(config: ml_collections.ConfigDict) -> int:
+  """`config.colors`, or the model's default (EDSR 3, VDSR 1)."""
+  colors = config.get("colors")
+  if colors is None:
+    return 1 if config.model == "vdsr" else 3
+  return colors
+
+
+def build_model(config: ml_collections.ConfigDict,
+                bn_axis_name: str | None = BATCH_AXIS):
+  """The config's SR network (`models.get_sr_model`)."""
+  return models.get_sr_model(
+      config.model, scale=config.scale, conv=config.conv,
+      colors=model_colors(config), dtype=train_lib.get_dtype(config.dtype),
+      bn_axis_name=bn_axis_name, implementation=config.get("implementation"),
+      self_shortcut=config.get("self_shortcut", True),
+      power_activation=config.get("power_activation", True),
+      num_blocks=config.get("num_blocks"), depth=config.get("depth"),
+      features=config.get("features"))
+
+
+def validate_model_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys that define the SR network; ValueError naming the bad
+  one."""
+  if config.model not in models.SR_MODEL_NAMES:
+    raise ValueError(f"config.model must be one of {models.SR_MODEL_NAMES} "
+                     f"for config.task='sr', got {config.model!r}")
+  if config.conv not in models.common.CONV_KINDS:
+    raise ValueError(f"config.conv must be one of {models.common.CONV_KINDS},"
+                     f" got {config.conv!r}")
+  if config.get("scale") not in sr_models.SR_SCALES:
+    raise ValueError(f"config.scale must be one of {sr_models.SR_SCALES}, "
+                     f"got {config.get('scale')!r}")
+  if model_colors(config) not in (1, 3):
+    raise ValueError(f"config.colors must be 1 or 3, got {config.colors!r}")
+  train_lib.get_dtype(config.dtype)
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int) -> None:
+  """Checks the keys the SR loop depends on; ValueError naming the bad one."""
+  validate_model_config(config)
+  for key in ("batch_size", "patch_size", "steps_per_epoch",
+              "log_every_steps"):
+    value = config.get(key)
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"config.{key} must be a positive int, got {value!r}")
+  if config.batch_size % num_devices:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a "
+                     f"multiple of the number of devices ({num_devices})")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
+                     f" (got {config.num_epochs} and {config.num_train_steps})")
+  if config.data_dir is None:
+    raise ValueError("config.data_dir must name a folder of high-resolution "
+                     "training images (e.g. DIV2K_train_HR)")
+
+
+def eval_folder(config: ml_collections.ConfigDict) -> str:
+  """The folder of HR evaluation images (`config.eval_data_dir`)."""
+  folder = config.get("eval_data_dir")
+  if folder is None:
+    raise ValueError("config.eval_data_dir must name a folder of "
+                     "high-resolution test images (e.g. Set5)")
+  return folder
+
+
+# ------------------------------------------------------------ optimiser --
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict
+                           ) -> optax.Schedule:
+  """EDSR's step decay: `learning_rate * lr_decay_factor ** (step //
+  lr_decay_steps)` (`lr_decay_steps` <= 0: constant)."""
+  base = float(config.learning_rate)
+  every = int(config.get("lr_decay_steps", 0) or 0)
+  factor = float(config.get("lr_decay_factor", 0.5))
+  if every <= 0:
+    return lambda count: jnp.asarray(base, jnp.float32)
+  return lambda count: base * factor ** (jnp.asarray(count) // every).astype(
+      jnp.float32)
+
+
+def make_optimizer(config: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """Adam (`adam_b1`, `adam_b2`, `adam_eps`) on the step-decay schedule;
+  optionally (`adaptive_lr`) the AdderNet adaptive learning rate on the adder
+  filters before it and (`weight_decay` > 0) L2 decay added to the
+  gradient."""
+  chain = []
+  if config.get("adaptive_lr", False) and config.eta > 0:
+    chain.append(optax.masked(optim.scale_by_adaptive_lr(config.eta),
+                              optim.adder_mask))
+  if config.weight_decay > 0:
+    chain.append(optax.add_decayed_weights(config.weight_decay))
+  chain.append(optax.adam(learning_rate_schedule(config),
+                          b1=config.get("adam_b1", 0.9),
+                          b2=config.get("adam_b2", 0.999),
+                          eps=config.get("adam_eps", 1e-8)))
+  return optax.chain(*chain)
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       rng: jax.Array) -> train_lib.TrainState:
+  """Initial TrainState of the config's SR model and Adam."""
+  model = build_model(config)
+  init_rng, aug_rng = jax.random.split(rng)
+  c = model_colors(config)
+  dummy = jnp.zeros((1, config.patch_size, config.patch_size, c),
+                    train_lib.get_dtype(config.dtype))
+  variables = model.init(init_rng, dummy, train=False)
+  return train_lib.TrainState.create(
+      apply_fn=model.apply, params=variables["params"],
+      tx=make_optimizer(config), batch_stats=variables.get("batch_stats", {}),
+      rng=aug_rng)
+
+
+def make_train_step(mesh: jax.sharding.Mesh) -> Callable:
+  """jit(shard_map(step)): `step(state, lr, hr) -> (state, metrics)` with
+  `lr`, `hr` float batches sharded over the mesh."""
+
+  def per_device(state, lr, hr):
+    def loss_fn(params):
+      out, updates = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats}, lr,
+          train=True, mutable=["batch_stats"])
+      return jnp.mean(jnp.abs(out - hr)), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    grads = lax.pmean(grads, BATCH_AXIS)
+    loss = lax.pmean(loss, BATCH_AXIS)
+    new_state = state.apply_gradients(
+        grads=grads, batch_stats=updates.get("batch_stats", {}))
+    return new_state, {"loss": loss}
+
+  return jax.jit(parallel.data_parallel(
+      per_device, mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
+      out_specs=(P(), P())))
+
+
+# ----------------------------------------------------------- evaluation --
+
+
+class Evaluator:
+  """PSNR/SSIM of a model on a folder of HR images (one image at a time; each
+  distinct LR size compiles the network once)."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               images: data_lib.ImageFolderSR):
+    self.config = config
+    self.images = images
+    self.colors = model_colors(config)
+    self.scale = config.scale
+    model = build_model(config, bn_axis_name=None)
+    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    self._bicubic = jax.jit(
+        lambda x, size: sr_models.bicubic_resize(x, size),
+        static_argnums=1)
+    self._baseline: dict[str, float] | None = None
+
+  def _score(self, hr: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """Y-channel PSNR/SSIM of a network output in [0, 1] (RGB, or Y for a
+    one-channel model) against the 8-bit RGB HR image."""
+    out = metrics_lib.quantize(out)
+    target = hr if self.colors == 3 else metrics_lib.rgb_to_y(hr)
+    return metrics_lib.y_psnr_ssim(out, target, self.scale)
+
+  def baseline(self) -> dict[str, float]:
+    """Bicubic interpolation of the LR images (`jax.image.resize`, the
+    interpolation VDSR starts from), scored like a network."""
+    if self._baseline is None:
+      scores = []
+      for lr, hr in zip(self.images.lr, self.images.hr):
+        x = jnp.asarray(data_lib.to_model_input(lr, 3)[None])
+        up = np.asarray(self._bicubic(x, hr.shape[:2]))[0]
+        scores.append(metrics_lib.y_psnr_ssim(metrics_lib.quantize(up), hr,
+                                              self.scale))
+      self._baseline = {"bicubic_psnr": float(np.mean([s[0] for s in scores])),
+                        "bicubic_ssim": float(np.mean([s[1] for s in scores]))}
+    return self._baseline
+
+  def evaluate(self, params: Any, batch_stats: Any) -> dict[str, Any]:
+    """`psnr`, `ssim` (means over the images), `num_images`, and the bicubic
+    baseline's `bicubic_psnr`, `bicubic_ssim`."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    scores = []
+    for lr, hr in zip(self.images.lr, self.images.hr):
+      x = jnp.asarray(data_lib.to_model_input(lr, self.colors)[None])
+      out = np.asarray(jax.device_get(self._apply(variables, x)))[0]
+      if self.colors == 1:
+        out = out[..., 0]
+      scores.append(self._score(hr, out))
+    return {"psnr": float(np.mean([s[0] for s in scores])),
+            "ssim": float(np.mean([s[1] for s in scores])),
+            "num_images": len(scores), **self.baseline()}
+
+
+def load_eval_images(config: ml_collections.ConfigDict
+                     ) -> data_lib.ImageFolderSR:
+  """The evaluation folder's images (the first `eval_max_images` if > 0)."""
+  # SSIM's 11x11 window must fit after cropping `scale` pixels per border.
+  min_lr = math.ceil((11 + 2 * config.scale) / config.scale)
+  return data_lib.ImageFolderSR(
+      eval_folder(config), config.scale,
+      max_images=int(config.get("eval_max_images", -1) or -1),
+      min_lr_size=min_lr)
+
+
+# -------------------------------------------------------------- the loop --
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | os.PathLike[str]) -> dict[str, Any]:
+  """Trains an SR model (resuming from `workdir`) and evaluates it.
+
+  Returns:
+    The summary train.py prints as its last line: step, epoch, train_loss,
+    eval_psnr, eval_ssim, eval_bicubic_psnr, eval_bicubic_ssim,
+    eval_num_images, wall_s (and preempted).
+
+  Raises:
+    ValueError, FileNotFoundError, NotADirectoryError: bad config or data.
+    train_lib.NonFiniteLossError: the loss became NaN or Inf.
+  """
+  train_lib._quiet_orbax()  # pylint: disable=protected-access
+  mesh = parallel.make_mesh()
+  validate_config(config, mesh.devices.size)
+  # Data first: a bad folder fails before anything is written.
+  train_data = data_lib.ImageFolderSR(
+      config.data_dir, config.scale,
+      max_images=int(config.get("train_max_images", -1) or -1),
+      min_lr_size=config.patch_size)
+  eval_images = load_eval_images(config)
+  workdir = ckpt_lib.check_writable(workdir)
+  is_main = jax.process_index() == 0
+  rep = parallel.replicated_sharding(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  steps_per_epoch = config.steps_per_epoch
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  every = config.checkpoint_every_steps
+  every = steps_per_epoch if every is None or every <= 0 else every
+  eval_every = int(config.get("eval_every_steps", 0) or 0) or steps_per_epoch
+  colors = model_colors(config)
+
+  mgr = ckpt_lib.CheckpointManager(
+      workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
+      best_metric="eval_psnr")
+  writer = None
+  try:
+    init_rng = jax.random.PRNGKey(config.seed)
+    create = lambda key: create_train_state(config, key)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+        jax.eval_shape(create, init_rng))
+    restored = mgr.restore(abstract)
+    last_train: dict[str, Any] = {}
+    if restored is None:
+      state = jax.jit(create, out_shardings=rep)(init_rng)
+      step = 0
+    else:
+      state, meta = restored
+      step = int(jax.device_get(state.step))
+      log.info("resumed from step %d", step)
+      if isinstance(meta, dict) and meta.get("train_loss") is not None:
+        last_train["train_loss"] = meta["train_loss"]
+    start_step = step
+    train_step = make_train_step(mesh)
+    evaluator = Evaluator(config, eval_images)
+    lr_fn = learning_rate_schedule(config)
+    writer = train_lib.MetricsWriter(workdir, is_main)
+    local = parallel.process_batch_slice(config.batch_size, mesh)
+
+    def batch(step_index: int):
+      lr, hr = data_lib.sample_batch(train_data, config.batch_size,
+                                     config.patch_size, config.seed,
+                                     step_index,
+                                     augment=config.get("augment", True))
+      lr = data_lib.to_model_input(lr[local], colors)
+      hr = data_lib.to_model_input(hr[local], colors)
+      return parallel.global_batch_from_local({"lr": lr, "hr": hr}, mesh)
+
+    pending: list[jax.Array] = []
+    last_eval: dict[str, Any] = {}
+    last_saved = step if step > 0 else -1
+    t_start = t_last = time.perf_counter()
+    step_last = step
+    preempted = False
+
+    def flush() -> None:
+      nonlocal pending, last_train, t_last, step_last
+      if not pending:
+        return
+      losses = np.asarray(jax.device_get(pending), np.float64)
+      if not np.all(np.isfinite(losses)):
+        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+        raise train_lib.NonFiniteLossError(
+            f"training loss is {losses[bad]} at step "
+            f"{step - len(losses) + bad + 1}; stopping without saving (the "
+            "last good checkpoint is kept)")
+      now = time.perf_counter()
+      last_train = {"train_loss": float(losses.mean()),
+                    "lr": float(lr_fn(step - 1)),
+                    "epoch": step / steps_per_epoch,
+                    "patches_per_sec": (step - step_last) * config.batch_size
+                                       / max(now - t_last, 1e-9)}
+      writer.write(step, last_train)
+      pending, t_last, step_last = [], now, step
+
+    def evaluate() -> dict[str, Any]:
+      result = evaluator.evaluate(state.params, state.batch_stats)
+      out = {f"eval_{k}": v for k, v in result.items()}
+      writer.write(step, {**out, "epoch": step / steps_per_epoch})
+      log.info("step %d: %s", step, out)
+      return out
+
+    def save(eval_metrics: dict[str, Any] | None, force: bool = False):
+      nonlocal last_saved
+      if step == last_saved:
+        return
+      bad = ckpt_lib.non_finite_leaves(
+          {"params": state.params, "batch_stats": state.batch_stats,
+           "opt_state": state.opt_state})
+      if bad:
+        raise train_lib.NonFiniteStateError(
+            f"the training state is not finite after step {step}: "
+            f"{next(iter(bad))!r}; stopping without saving")
+      meta = {"step": step, "epoch": step / steps_per_epoch,
+              "task": "sr", "model": config.model, "conv": config.conv,
+              "scale": config.scale, "seed": config.seed,
+              "train_loss": last_train.get("train_loss")}
+      scalars = {k: float(v) for k, v in (eval_metrics or last_train).items()
+                 if isinstance(v, (int, float))}
+      mgr.save(step, state, meta, metrics=scalars, force=force)
+      last_saved = step
+
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total_steps, initial=step, unit="step",
+               disable=not (is_main and config.get("progress_bar", True)),
+               dynamic_ncols=True)
+    with preemption_lib.install_preemption_handler() as preemption:
+      try:
+        while step < total_steps:
+          lr, hr = batch(step).values()
+          state, m = train_step(state, lr, hr)
+          pending.append(m["loss"])
+          step += 1
+          bar.update(1)
+          if step == start_step + 1:
+            jax.block_until_ready(m)
+            t_last, step_last = time.perf_counter(), step
+          if step % config.log_every_steps == 0:
+            flush()
+          eval_metrics = None
+          if step % eval_every == 0 and step < total_steps:
+            flush()
+            eval_metrics = last_eval = evaluate()
+          if step % every == 0 and step < total_steps:
+            flush()
+            save(eval_metrics)
+          if preemption.should_stop(step):
+            flush()
+            save(None, force=True)
+            preempted = True
+            break
+        flush()
+        if not preempted:
+          last_eval = evaluate()
+          save(last_eval, force=True)
+        mgr.wait_until_finished()
+      finally:
+        bar.close()
+  finally:
+    if writer is not None:
+      writer.close()
+    mgr.close()
+  summary = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+             "train_loss": last_train.get("train_loss"),
+             "eval_psnr": last_eval.get("eval_psnr"),
+             "eval_ssim": last_eval.get("eval_ssim"),
+             **{k: v for k, v in last_eval.items()
+                if k not in ("eval_psnr", "eval_ssim")},
+             "wall_s": round(time.perf_counter() - t_start, 2)}
+  if preempted:
+    summary["preempted"] = True
+  return summary
+
+
+def restore_variables(config: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike[str], which: str = "latest"
+                      ) -> dict[str, Any]:
+  """`{"params", "batch_stats", "step"}` of an SR training checkpoint."""
+  model = build_model(config, bn_axis_name=None)
+  c = model_colors(config)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, c)), train=False))
+  rep = parallel.replicated_sharding(parallel.make_mesh())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+      {"step": jax.ShapeDtypeStruct((), jnp.int32),
+       "params": variables["params"],
+       "batch_stats": variables.get("batch_stats", {})})
+  return ckpt_lib.restore_for_eval(workdir, abstract, which=which)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict,
+                        workdir: str | os.PathLike[str], which: str = "latest"
+                        ) -> dict[str, Any]:
+  """psnr, ssim, num_images, bicubic_psnr, bicubic_ssim (and step) of a
+  checkpoint on `config.eval_data_dir` (`which`: "latest" or "best" by
+  eval_psnr)."""
+  validate_model_config(config)
+  images = load_eval_images(config)
+  restored = restore_variables(config, workdir, which)
+  result = Evaluator(config, images).evaluate(restored["params"],
+                                              restored["batch_stats"])
+  return {**result, "step": int(jax.device_get(restored["step"])),
+          "checkpoint": str(Path(workdir).expanduser().absolute()),
+          "which": which}

@@ -1,0 +1,450 @@
+"""AdderSR (super-resolution): metrics against scikit-image, the two adder
+fixes, model shapes and sizes, the data pipeline, bad data, operation counts
+and one tiny end-to-end train + eval on scikit-image's sample images."""
+
+import itertools
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from addernet_jax import models
+from addernet_jax import opcount
+from addernet_jax import train_lib
+from addernet_jax.models import sr as sr_models
+from addernet_jax.sr import data as sr_data
+from addernet_jax.sr import metrics
+
+skimage = pytest.importorskip("skimage")
+from skimage import data as skdata  # pylint: disable=g-import-not-at-top
+from skimage import metrics as skmetrics  # pylint: disable=g-import-not-at-top
+
+ROOT = Path(__file__).resolve().parents[1]
+SK_SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+               data_range=255)
+
+
+# ------------------------------------------------------------- metrics --
+
+
+def test_psnr_ssim_match_scikit_image_on_random_images():
+  rng = np.random.default_rng(0)
+  for shape, noise in (((40, 50), 10.0), ((23, 64), 40.0), ((11, 11), 3.0)):
+    a = rng.uniform(0, 255, shape)
+    b = np.clip(a + rng.normal(0, noise, shape), 0, 255)
+    assert metrics.psnr(a, b) == pytest.approx(
+        skmetrics.peak_signal_noise_ratio(a, b, data_range=255), abs=1e-10)
+    assert metrics.ssim(a, b) == pytest.approx(
+        skmetrics.structural_similarity(a, b, **SK_SSIM), abs=1e-10)
+  assert metrics.psnr(a, a) == float("inf")
+  assert metrics.ssim(a, a) == pytest.approx(1.0)
+
+
+def test_psnr_ssim_match_scikit_image_on_real_images():
+  rng = np.random.default_rng(1)
+  for image in (skdata.astronaut(), skdata.chelsea()):
+    y = metrics.rgb_to_y(image)
+    noisy = metrics.rgb_to_y(
+        np.clip(image + rng.normal(0, 6, image.shape), 0, 255).round())
+    assert metrics.psnr(noisy, y) == pytest.approx(
+        skmetrics.peak_signal_noise_ratio(y, noisy, data_range=255),
+        abs=1e-10)
+    assert metrics.ssim(noisy, y) == pytest.approx(
+        skmetrics.structural_similarity(y, noisy, **SK_SSIM), abs=1e-10)
+
+
+def test_rgb_to_y_is_bt601_in_float64():
+  rng = np.random.default_rng(2)
+  rgb = rng.integers(0, 256, (7, 9, 3)).astype(np.uint8)
+  r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+  expected = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+  y = metrics.rgb_to_y(rgb)
+  assert y.dtype == np.float64
+  np.testing.assert_allclose(y, expected, rtol=0, atol=1e-12)
+  # MATLAB's rgb2ycbcr on doubles in [0, 1], as scikit-image implements it.
+  from skimage import color  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(y, color.rgb2ycbcr(rgb / 255.0)[..., 0],
+                             atol=1e-10)
+  assert metrics.rgb_to_y(np.zeros((1, 1, 3)))[0, 0] == 16.0
+  assert metrics.rgb_to_y(np.full((1, 1, 3), 255.0))[0, 0] == pytest.approx(
+      235.0)
+  with pytest.raises(ValueError, match="3 channels"):
+    metrics.rgb_to_y(np.zeros((4, 4, 4)))
+
+
+def test_y_psnr_ssim_crops_the_border():
+  rng = np.random.default_rng(3)
+  hr = rng.integers(0, 256, (30, 34, 3)).astype(np.float64)
+  out = hr.copy()
+  out[:2] = 0  # damage only the border that scale 2 crops
+  out[:, -2:] = 255
+  psnr, ssim = metrics.y_psnr_ssim(out, hr, border=2)
+  assert psnr == float("inf") and ssim == pytest.approx(1.0)
+  assert metrics.y_psnr_ssim(out, hr, border=1)[0] < 40
+  np.testing.assert_array_equal(metrics.quantize(np.array([-0.1, 0.5, 1.2])),
+                                [0.0, 128.0, 255.0])
+
+
+# ------------------------------------------------- the AdderSR fixes --
+
+
+def test_power_activation_identity_and_alpha_gradient():
+  layer = sr_models.PowerActivation()
+  x = jnp.array([-2.0, -0.5, 0.0, 0.25, 3.0])
+  params = layer.init(jax.random.key(0), x)
+  assert float(params["params"]["alpha"]) == 1.0
+  np.testing.assert_allclose(layer.apply(params, x), x)
+  alpha = 1.7
+  p = {"params": {"alpha": jnp.float32(alpha)}}
+  np.testing.assert_allclose(layer.apply(p, x),
+                             np.sign(x) * np.abs(x) ** alpha, rtol=1e-6)
+  g = jnp.array([0.3, -1.0, 2.0, 0.7, 0.1])
+  grad = jax.grad(lambda q: jnp.sum(layer.apply(q, x) * g))(p)
+  ax = np.abs(np.asarray(x, np.float64))
+  safe = np.where(ax > 0, ax, 1.0)
+  expected = np.sum(np.asarray(g) * np.sign(x) * np.where(
+      ax > 0, safe ** alpha * np.log(safe), 0.0))
+  assert float(grad["params"]["alpha"]) == pytest.approx(expected, rel=1e-5)
+  # Finite gradients at x = 0, for the input and alpha, even with alpha < 1.
+  p_small = {"params": {"alpha": jnp.float32(0.5)}}
+  gx = jax.grad(lambda v: jnp.sum(layer.apply(p_small, v)))(x)
+  ga = jax.grad(lambda q: jnp.sum(layer.apply(q, x)))(p_small)
+  assert np.all(np.isfinite(gx)) and np.isfinite(ga["params"]["alpha"])
+
+
+def _unit(self_shortcut=True, power=True):
+  conv = models.common.conv_factory("adder")
+  return sr_models.AdderUnit(8, conv, adder=True, self_shortcut=self_shortcut,
+                             power_activation=power)
+
+
+def test_self_shortcut_makes_the_identity_expressible():
+  x = jax.random.normal(jax.random.key(1), (1, 3, 4, 8))
+  unit = _unit()
+  variables = unit.init(jax.random.key(2), x, train=False)
+  assert set(variables["params"]) == {"conv", "bn", "power"}
+  # BatchNorm scale and bias 0: the adder branch vanishes, alpha 1: y = x.
+  zero = jax.tree.map(jnp.zeros_like, variables["params"]["bn"])
+  params = {**variables["params"], "bn": zero}
+  for train in (False, True):
+    apply = jax.jit(lambda v, x, train=train: unit.apply(
+        v, x, train=train, mutable=["batch_stats"])[0])
+    np.testing.assert_array_equal(apply({**variables, "params": params}, x),
+                                  x)
+  # Without the self-shortcut the same parameters give zeros, not x: a bare
+  # adder layer (+ BN) cannot pass its input through.
+  bare = _unit(self_shortcut=False)
+  y = jax.jit(bare.apply, static_argnames="train")(
+      {**variables, "params": params}, x, train=False)
+  np.testing.assert_array_equal(y, np.zeros_like(x))
+
+
+def test_adder_unit_gradients_reach_alpha_and_the_filters():
+  x = jax.random.normal(jax.random.key(3), (2, 3, 3, 8))
+  unit = _unit()
+  variables = unit.init(jax.random.key(4), x, train=False)
+
+  def loss(params):
+    y, _ = unit.apply({**variables, "params": params}, x, train=True,
+                      mutable=["batch_stats"])
+    return jnp.mean(jnp.abs(y - 0.3 * x))
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  assert float(jnp.abs(grads["power"]["alpha"])) > 0
+  assert float(jnp.linalg.norm(grads["conv"]["adder_kernel"])) > 0
+
+
+# -------------------------------------------------------------- models --
+
+
+def test_pixel_shuffle_is_torch_order():
+  rng = np.random.default_rng(4)
+  for r in (2, 3):
+    x = rng.normal(size=(2, 3, 4, 5 * r * r)).astype(np.float32)
+    y = np.asarray(sr_models.pixel_shuffle(jnp.asarray(x), r))
+    assert y.shape == (2, 3 * r, 4 * r, 5)
+    for h in range(3):
+      for w in range(4):
+        for i in range(r):
+          for j in range(r):
+            np.testing.assert_array_equal(
+                y[:, h * r + i, w * r + j, :], x[:, h, w, i * r + j::r * r])
+  with pytest.raises(ValueError, match="divide"):
+    sr_models.pixel_shuffle(jnp.zeros((1, 2, 2, 6)), 2)
+
+
+@pytest.mark.parametrize("scale,steps", [(2, 1), (3, 1), (4, 2)])
+def test_upsampler(scale, steps):
+  up = sr_models.Upsampler(scale, 4)
+  x = jnp.ones((1, 5, 6, 4))
+  variables = up.init(jax.random.key(0), x)
+  assert len(variables["params"]) == steps
+  assert up.apply(variables, x).shape == (1, 5 * scale, 6 * scale, 4)
+
+
+def _shape_and_count(model, lr_shape):
+  def f():
+    v = model.init(jax.random.key(0), jnp.zeros(lr_shape), train=False)
+    return v, model.apply(v, jnp.zeros(lr_shape), train=False)
+  variables, out = jax.eval_shape(f)
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      variables["params"]))
+  return out.shape, count, variables
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("name,colors", [("edsr_baseline", 3), ("vdsr", 1)])
+@pytest.mark.parametrize("conv", ["adder", "mult"])
+def test_sr_output_shapes(name, colors, conv, scale):
+  # Shallow versions (the published depths are traced in the count test).
+  size = {"num_blocks": 1} if name == "edsr_baseline" else {"depth": 4}
+  model = models.get_sr_model(name, scale=scale, conv=conv, **size)
+  assert model.colors == colors
+  shape, _, variables = _shape_and_count(model, (2, 7, 9, colors))
+  assert shape == (2, 7 * scale, 9 * scale, colors)
+  has_bn = bool(jax.tree.leaves(variables.get("batch_stats", {})))
+  assert has_bn == (conv == "adder")
+
+
+def test_sr_parameter_counts_are_the_published_sizes():
+  conv = lambda k, cin, cout: k * k * cin * cout + cout  # with bias
+  edsr_x2 = (conv(3, 3, 64) + 33 * conv(3, 64, 64) + conv(3, 64, 256)
+             + conv(3, 64, 3))
+  vdsr = conv(3, 1, 64) + 18 * conv(3, 64, 64) + conv(3, 64, 1)
+  assert edsr_x2 == 1_369_859 and vdsr == 665_921  # EDSR 1.37M, VDSR 665K
+  _, count, _ = _shape_and_count(
+      models.get_model("edsr_baseline", scale=2, conv="mult"), (1, 8, 8, 3))
+  assert count == edsr_x2
+  _, count, _ = _shape_and_count(
+      models.get_model("vdsr", scale=2, conv="mult"), (1, 8, 8, 1))
+  assert count == vdsr
+  # AdderSR: adder filters have no bias; each unit adds BN scale/bias and
+  # one alpha: 33 units in EDSR, 18 in VDSR.
+  _, count, variables = _shape_and_count(
+      models.get_model("edsr_baseline", scale=2), (1, 8, 8, 3))
+  assert count == edsr_x2 - 33 * 64 + 33 * (2 * 64 + 1)
+  kinds = {"/".join(str(k.key) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(
+               variables["params"])[0]}
+  assert "head/kernel" in kinds and "tail/kernel" in kinds
+  assert "upsampler/conv0/kernel" in kinds
+  assert "block0_unit1/conv/adder_kernel" in kinds
+  assert "body_end/power/alpha" in kinds
+
+
+def test_get_model_sr_arguments():
+  with pytest.raises(ValueError, match="scale"):
+    models.get_model("edsr_baseline")
+  with pytest.raises(ValueError, match="num_classes"):
+    models.get_model("vdsr", scale=2, num_classes=10)
+  with pytest.raises(ValueError, match="scale must be one of"):
+    models.get_model("vdsr", scale=5)
+  with pytest.raises(ValueError, match="scale="):
+    models.get_model("resnet20", num_classes=10, scale=2)
+  with pytest.raises(ValueError, match="unknown super-resolution model"):
+    models.get_sr_model("srcnn", scale=2)
+  assert "edsr_baseline" not in models.MODEL_NAMES  # classification names
+
+
+# ---------------------------------------------------------------- data --
+
+
+def _write_png(path, array):
+  Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def test_bicubic_lr_is_pil_bicubic_of_the_modcropped_hr(tmp_path):
+  rng = np.random.default_rng(5)
+  _write_png(tmp_path / "a.png", rng.integers(0, 256, (37, 50, 3)))
+  ds = sr_data.ImageFolderSR(tmp_path, 3)
+  assert ds.hr[0].shape == (36, 48, 3) and ds.lr[0].shape == (12, 16, 3)
+  expected = Image.fromarray(ds.hr[0]).resize((16, 12), Image.BICUBIC)
+  np.testing.assert_array_equal(ds.lr[0], np.asarray(expected))
+  flat = sr_data.bicubic_downscale(np.full((8, 8, 3), 77, np.uint8), 2)
+  assert np.all(flat == 77)
+
+
+def _find(patch, image):
+  """Top-left corners where `patch` occurs in `image`."""
+  p = patch.shape[0]
+  windows = np.lib.stride_tricks.sliding_window_view(image, (p, p, 3))[:, :, 0]
+  return list(zip(*np.nonzero(np.all(windows == patch, axis=(2, 3, 4)))))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_patches_are_aligned_and_augmented_together(tmp_path, augment):
+  rng = np.random.default_rng(6)
+  for name, shape in (("a.png", (40, 44, 3)), ("b.png", (34, 30, 3))):
+    _write_png(tmp_path / name, rng.integers(0, 256, shape))
+  s, p = 2, 5
+  ds = sr_data.ImageFolderSR(tmp_path, s, min_lr_size=p)
+  lr, hr = sr_data.sample_batch(ds, 12, p, seed=0, step=3, augment=augment)
+  assert lr.shape == (12, p, p, 3) and hr.shape == (12, s * p, s * p, 3)
+  seen = set()
+  for i in range(12):
+    matches = []
+    for flags in itertools.product((False, True), repeat=3):
+      lr_patch, hr_patch = _undo(lr[i], flags), _undo(hr[i], flags)
+      for lr_img, hr_img in zip(ds.lr, ds.hr):
+        for y, x in _find(lr_patch, lr_img):
+          if np.array_equal(hr_patch,
+                            hr_img[s * y:s * (y + p), s * x:s * (x + p)]):
+            matches.append(flags)
+    assert len(matches) == 1, f"example {i}: {matches}"
+    seen.update(matches)
+  if not augment:
+    assert seen == {(False, False, False)}
+  else:
+    assert len(seen) > 2
+  # The same (seed, step) gives the same batch; another step another one.
+  again = sr_data.sample_batch(ds, 12, p, seed=0, step=3, augment=augment)
+  np.testing.assert_array_equal(again[0], lr)
+  other = sr_data.sample_batch(ds, 12, p, seed=0, step=4, augment=augment)
+  assert not np.array_equal(other[0], lr)
+
+
+def _undo(x, flags):
+  """The inverse of `augment_pair`'s (hflip, vflip, transpose)."""
+  h, v, t = flags
+  if t:
+    x = x.transpose(1, 0, 2)
+  if v:
+    x = x[::-1, :]
+  if h:
+    x = x[:, ::-1]
+  return x
+
+
+def test_bad_data_folders_give_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+    sr_data.ImageFolderSR(tmp_path / "nowhere", 2)
+  (tmp_path / "file.png").write_bytes(b"not a png")
+  with pytest.raises(NotADirectoryError, match="not a directory"):
+    sr_data.ImageFolderSR(tmp_path / "file.png", 2)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "notes.txt").write_text("no images here")
+  with pytest.raises(ValueError, match="holds no image"):
+    sr_data.ImageFolderSR(empty, 2)
+  with pytest.raises(ValueError, match="cannot read image.*file.png"):
+    sr_data.ImageFolderSR(tmp_path, 2)
+  small = tmp_path / "small"
+  small.mkdir()
+  _write_png(small / "tiny.png", np.zeros((10, 12, 3)))
+  with pytest.raises(ValueError, match="tiny.png.*too small"):
+    sr_data.ImageFolderSR(small, 2, min_lr_size=8)
+
+
+# ------------------------------------------------------------- opcount --
+
+
+def test_sr_op_counts_at_720p():
+  hw = 720 * 1280
+  # VDSR runs at the output size: first and last conv (1 <-> 64 channels)
+  # multiply, 18 layers of 64x64x3x3 are adder layers.
+  vdsr = opcount.count_ops("vdsr", opcount.sr_input_shape("vdsr", 2),
+                           conv="adder", scale=2)["total"]
+  assert vdsr["mul"] == 2 * hw * 9 * 64
+  assert vdsr["add"] == vdsr["mul"] + 2 * 18 * hw * 9 * 64 * 64
+  cnn = opcount.count_ops("vdsr", opcount.sr_input_shape("vdsr", 2),
+                          conv="mult", scale=2)["total"]
+  assert cnn["mul"] == cnn["add"] == 20 * 0 + hw * 9 * 64 * (2 + 18 * 64)
+  # EDSR x2 runs at 640x360: head, upsampler (64 -> 256) and tail multiply.
+  lr = 360 * 640
+  edsr = opcount.count_ops("edsr_baseline", (360, 640, 3), conv="adder",
+                           scale=2)["total"]
+  mult_macs = lr * 9 * (3 * 64 + 64 * 256) + hw * 9 * 64 * 3
+  assert edsr["mul"] == mult_macs
+  assert edsr["add"] == mult_macs + 2 * 33 * lr * 9 * 64 * 64
+  assert opcount.sr_input_shape("edsr_baseline", 3) == (240, 427, 3)
+  with pytest.raises(ValueError, match="scale="):
+    opcount.count_ops("vdsr", (8, 8, 1))
+
+
+# ---------------------------------------------------------- end to end --
+
+
+@pytest.fixture(scope="module")
+def skimage_folders(tmp_path_factory):
+  """Small copies of scikit-image's bundled sample images: 3 to train on,
+  2 to test on."""
+  root = tmp_path_factory.mktemp("sr_images")
+  split = {"train": ("astronaut", "coffee", "rocket"),
+           "test": ("chelsea", "camera")}
+  for name, images in split.items():
+    (root / name).mkdir()
+    for image_name in images:
+      image = Image.fromarray(getattr(skdata, image_name)()).convert("RGB")
+      image.resize((64, 48), Image.BICUBIC).save(root / name /
+                                                 f"{image_name}.png")
+  return root / "train", root / "test"
+
+
+def _smoke_config(train_dir, test_dir):
+  sys.path.insert(0, str(ROOT))
+  from configs import sr_smoke  # pylint: disable=g-import-not-at-top
+  config = sr_smoke.get_config()
+  config.data_dir, config.eval_data_dir = str(train_dir), str(test_dir)
+  return config
+
+
+def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
+  config = _smoke_config(*skimage_folders)
+  workdir = tmp_path / "run"
+  summary = train_lib.train_and_evaluate(config, workdir)
+  assert summary["step"] == 4 and summary["epoch"] == 2.0
+  for key in ("train_loss", "eval_psnr", "eval_ssim", "eval_bicubic_psnr"):
+    assert np.isfinite(summary[key]), key
+  assert summary["eval_num_images"] == 2
+  records = [json.loads(l) for l in
+             (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in records if "eval_psnr" in r] == [2, 4]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2", "4"]
+
+  # Rerunning the same command resumes: nothing left to train.
+  again = train_lib.train_and_evaluate(config, workdir)
+  assert again["step"] == 4
+  assert again["eval_psnr"] == pytest.approx(summary["eval_psnr"], abs=1e-9)
+
+  # eval.py: the same checkpoint, the same figures, one JSON line.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "eval.py", "--config", "configs/sr_smoke.py",
+       f"--checkpoint={workdir}",
+       f"--config.eval_data_dir={skimage_folders[1]}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  assert line["num_images"] == 2 and line["step"] == 4
+  assert line["psnr"] == pytest.approx(summary["eval_psnr"], abs=1e-6)
+  assert line["ssim"] == pytest.approx(summary["eval_ssim"], abs=1e-6)
+  assert line["bicubic_psnr"] == pytest.approx(summary["eval_bicubic_psnr"])
+
+
+def test_sr_config_errors(skimage_folders, tmp_path):
+  config = _smoke_config(*skimage_folders)
+  config.data_dir = str(tmp_path / "missing_hr")
+  with pytest.raises(FileNotFoundError, match="missing_hr"):
+    train_lib.train_and_evaluate(config, tmp_path / "w1")
+  assert not (tmp_path / "w1").exists()  # nothing written before the data
+  config = _smoke_config(*skimage_folders)
+  config.scale = 5
+  with pytest.raises(ValueError, match="config.scale"):
+    train_lib.train_and_evaluate(config, tmp_path / "w2")
+  config = _smoke_config(*skimage_folders)
+  config.task = "detection"
+  with pytest.raises(ValueError, match="config.task"):
+    train_lib.train_and_evaluate(config, tmp_path / "w3")
+  config = _smoke_config(*skimage_folders)
+  config.patch_size = 64  # larger than the 32x24 LR training images
+  with pytest.raises(ValueError, match="too small"):
+    train_lib.train_and_evaluate(config, tmp_path / "w4")
