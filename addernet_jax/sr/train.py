@@ -390,12 +390,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     bar = tqdm(total=total_steps, initial=step, unit="step",
                disable=not (is_main and config.get("progress_bar", True)),
                dynamic_ncols=True)
+    # At most a few steps in flight on a multi-device CPU mesh, as in the
+    # classification loop (parallel.DispatchWindow: XLA:CPU deadlocks in a
+    # collective when the host runs 32 programs ahead).
+    window = parallel.DispatchWindow.for_mesh(mesh)
     with preemption_lib.install_preemption_handler() as preemption:
       try:
         while step < total_steps:
           lr, hr = batch(step).values()
           state, m = train_step(state, lr, hr)
           pending.append(m["loss"])
+          window.push(m)
           step += 1
           bar.update(1)
           if step == start_step + 1:
