@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import flax
 import jax
@@ -156,21 +156,8 @@ class Evaluator:
     """The same over per-process batches {'image', 'label', 'mask'} (e.g.
     `data.streaming_iterator(..., train=False)`); with `max_examples` > 0 it
     stops after the first batch that reaches that many examples."""
-    window = parallel.DispatchWindow.for_mesh(self.mesh)
-    totals, seen = self._zero_totals(), 0
-    for batch in batches:
-      arrays = parallel.global_batch_from_local(
-          {"image": batch["image"], "label": batch["label"],
-           "mask": batch["mask"]}, self.mesh)
-      totals = self._streamed(params, batch_stats, arrays["image"],
-                              arrays["label"], arrays["mask"], totals)
-      window.push(totals)
-      seen += self.batch_size
-      if 0 < max_examples <= seen:
-        break
-    if seen == 0:
-      raise ValueError("the evaluation split is empty")
-    return _finish(totals)
+    return evaluate_stream_together([(self, params, batch_stats)], batches,
+                                    max_examples=max_examples)[0]
 
   def recalibrate_batch_stats(self, params: Any, batch_stats: Any,
                               images: jax.Array, perm: jax.Array,
@@ -211,6 +198,44 @@ class Evaluator:
       total = fn_add(params, zeros, images, perm, i, total)
       window.push(total)
     return _average_stats(total, first, from_ones, num_batches)
+
+
+def evaluate_stream_together(
+    runs: Sequence[tuple[Evaluator, Any, Any]],
+    batches: Iterator[dict[str, np.ndarray]], *, max_examples: int = -1
+) -> list[dict[str, float]]:
+  """`Evaluator.evaluate_stream` of several models in one pass over the
+  stream: `runs` is a list of (evaluator, params, batch_stats), all on the
+  same mesh and eval batch size (e.g. a PKKD student and its teacher); each
+  batch is read and placed on the devices once. Returns one result per run,
+  in order."""
+  if not runs:
+    raise ValueError("evaluate_stream_together needs at least one model")
+  first = runs[0][0]
+  for evaluator, _, _ in runs[1:]:
+    if (evaluator.mesh is not first.mesh
+        or evaluator.batch_size != first.batch_size):
+      raise ValueError("evaluate_stream_together: every evaluator must share "
+                       f"one mesh and eval batch size, got batch sizes "
+                       f"{[r[0].batch_size for r in runs]}")
+  window = parallel.DispatchWindow.for_mesh(first.mesh)
+  totals = [evaluator._zero_totals() for evaluator, _, _ in runs]  # pylint: disable=protected-access
+  seen = 0
+  for batch in batches:
+    arrays = parallel.global_batch_from_local(
+        {"image": batch["image"], "label": batch["label"],
+         "mask": batch["mask"]}, first.mesh)
+    for i, (evaluator, params, batch_stats) in enumerate(runs):
+      totals[i] = evaluator._streamed(  # pylint: disable=protected-access
+          params, batch_stats, arrays["image"], arrays["label"],
+          arrays["mask"], totals[i])
+      window.push(totals[i])
+    seen += first.batch_size
+    if 0 < max_examples <= seen:
+      break
+  if seen == 0:
+    raise ValueError("the evaluation split is empty")
+  return [_finish(t) for t in totals]
 
 
 @jax.jit

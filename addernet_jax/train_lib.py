@@ -578,8 +578,8 @@ def _streaming_train(config, info, start_step: int):
 
 def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
               epoch, teacher_evaluator=None) -> dict[str, float]:
-  """Test metrics with running statistics (and recalibrated ones; and the
-  PKKD teacher's accuracy, in-memory data only)."""
+  """Test metrics with running statistics (and recalibrated ones, in-memory
+  data only; and the PKKD teacher's accuracy)."""
   if data is not None:
     results = evaluator.evaluate_in_memory(state.params, state.batch_stats,
                                            data.eval)
@@ -603,12 +603,18 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
         process_index=jax.process_index(),
         process_count=jax.process_count(), train=False,
         worker_count=config.get("num_workers"))
+    runs = [(evaluator, state.params, state.batch_stats)]
+    if teacher_evaluator is not None:  # PKKD: the teacher in the same pass
+      runs.append((teacher_evaluator, state.teacher_params["model"],
+                   state.teacher_batch_stats))
     try:
-      results = evaluator.evaluate_stream(
-          state.params, state.batch_stats, it,
+      results, *teacher = eval_lib.evaluate_stream_together(
+          runs, it,
           max_examples=int(config.get("eval_max_examples", -1) or -1))
     finally:
       it.close()
+    if teacher:
+      results["teacher_top1"] = teacher[0]["top1"]
   return {f"eval_{k}": v for k, v in results.items()}
 
 

@@ -9,7 +9,8 @@ bicubic interpolation.
 
   python benchmarks/sr_skimage.py --workdir /tmp/sr-skimage \
       [--model vdsr] [--depth 5] [--features 16] [--steps 300] \
-      [--patch 16] [--batch 16] [--lr 1e-3] [--scale 2] [--eval_every N]
+      [--patch 16] [--batch 16] [--lr 1e-3] [--lr_decay_steps N] [--scale 2]
+      [--eval_every N]
 
 A smoke-sized experiment, not the paper's: small networks, few steps, 10
 training images. Needs scikit-image (`pip install -e .[sr]`).
@@ -63,6 +64,9 @@ def main(argv=None) -> None:
   parser.add_argument("--patch", type=int, default=16, help="LR patch side")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--lr_decay_steps", type=int, default=0,
+                      help="> 0: halve the learning rate every N steps "
+                      "(EDSR's step decay); 0: constant")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--convs", default="adder,mult")
   parser.add_argument("--eval_every", type=int, default=0,
@@ -89,7 +93,7 @@ def main(argv=None) -> None:
     config.patch_size = args.patch
     config.batch_size = args.batch
     config.learning_rate = args.lr
-    config.lr_decay_steps = 0
+    config.lr_decay_steps = args.lr_decay_steps
     config.num_train_steps = args.steps
     config.steps_per_epoch = args.eval_every or args.steps
     config.log_every_steps = 10

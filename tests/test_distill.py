@@ -308,6 +308,77 @@ def test_kernel_bandwidth_is_that_of_the_global_batch(jax_cache):
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
+TWO_VS_ONE_DEVICE_STEP = """
+import jax, numpy as np
+from configs import smoke
+from addernet_jax import data as data_lib, distill, eval_lib, parallel, train_lib
+assert jax.device_count() == 2
+config = smoke.get_config()
+config.distill = "pkkd"
+info = data_lib.dataset_info(config.dataset)
+start = jax.device_get(train_lib.create_train_state(
+    config, jax.random.PRNGKey(0), info.image_shape, steps_per_epoch=4))
+core = train_lib.make_core(config, 4)
+rng = np.random.default_rng(0)
+batches = [(rng.standard_normal((8, *info.image_shape)).astype(np.float32),
+            rng.integers(0, 10, 8).astype(np.int32)) for _ in range(3)]
+ends = {}
+for n in (2, 1):
+  mesh = parallel.make_mesh(jax.devices()[:n])
+  state = jax.device_put(start, parallel.replicated_sharding(mesh))
+  step = train_lib.make_streaming_train_step(mesh, core)
+  for x, y in batches:
+    b = parallel.global_batch_from_local({"image": x, "label": y}, mesh)
+    state, metrics = step(state, b["image"], b["label"])
+  ends[n] = jax.device_get(
+      {"params": state.params, "batch_stats": state.batch_stats,
+       "teacher_params": state.teacher_params,
+       "teacher_batch_stats": state.teacher_batch_stats,
+       "metrics": metrics})
+  if n == 2:  # student and teacher in one pass = each on its own
+    student = eval_lib.Evaluator(train_lib.build_model(config), info, mesh, 8)
+    teacher = eval_lib.Evaluator(train_lib.build_model(
+        distill.teacher_config(config)), info, mesh, 8)
+    stream = lambda: iter([{"image": x, "label": y, "mask": np.ones(8, bool)}
+                           for x, y in batches])
+    both = eval_lib.evaluate_stream_together(
+        [(student, state.params, state.batch_stats),
+         (teacher, state.teacher_params["model"],
+          state.teacher_batch_stats)], stream())
+    assert both[0] == student.evaluate_stream(state.params, state.batch_stats,
+                                              stream()), both
+    assert both[1] == teacher.evaluate_stream(
+        state.teacher_params["model"], state.teacher_batch_stats,
+        stream()), both
+    assert both[0]["num_examples"] == 24 and both[0] != both[1], both
+worst = {}
+for path, a in jax.tree_util.tree_leaves_with_path(ends[2]):
+  b = ends[1]
+  for k in path:
+    b = b[k.key]
+  worst[jax.tree_util.keystr(path)] = float(
+      np.linalg.norm(np.asarray(a) - b) / max(np.linalg.norm(b), 1e-30))
+assert len(worst) > 40, sorted(worst)
+bad = {k: v for k, v in worst.items() if v > 1e-4}
+assert not bad, bad
+moved = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
+    jax.tree.leaves(ends[1]["teacher_params"]),
+    jax.tree.leaves(start.teacher_params))]
+assert max(moved) > 1e-3, moved
+print("ok", max(worst.values()))
+"""
+
+
+def test_pkkd_step_on_two_devices_equals_one_device(jax_cache):
+  """Three PKKD steps (student, teacher, transformations, both BatchNorms)
+  on a 2-device mesh equal those on 1 device up to float32 reduction order
+  (the kernel bandwidths, BatchNorm statistics and gradients are those of
+  the global batch); student and teacher evaluated in one pass over a
+  stream equal each evaluated alone."""
+  result = _run(jax_cache, "-c", TWO_VS_ONE_DEVICE_STEP)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 # ---------------------------------------------------------- end to end --
 
 
