@@ -10,7 +10,7 @@ bicubic interpolation.
   python benchmarks/sr_skimage.py --workdir /tmp/sr-skimage \
       [--model vdsr] [--depth 5] [--features 16] [--steps 300] \
       [--patch 16] [--batch 16] [--lr 1e-3] [--lr_decay_steps N] [--scale 2]
-      [--eval_every N]
+      [--eval_every N] [--identity_init 0|1]
 
 A smoke-sized experiment, not the paper's: small networks, few steps, 10
 training images. Needs scikit-image (`pip install -e .[sr]`).
@@ -69,6 +69,9 @@ def main(argv=None) -> None:
                       "(EDSR's step decay); 0: constant")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--convs", default="adder,mult")
+  parser.add_argument("--identity_init", type=int, default=1, choices=(0, 1),
+                      help="1: adder units start as the identity (the "
+                      "default); 0: BatchNorm scale 1 (ablation)")
   parser.add_argument("--eval_every", type=int, default=0,
                       help="> 0: also evaluate (and checkpoint) every N "
                       "steps (metrics.jsonl)")
@@ -98,6 +101,7 @@ def main(argv=None) -> None:
     config.steps_per_epoch = args.eval_every or args.steps
     config.log_every_steps = 10
     config.seed = args.seed
+    config.identity_init = bool(args.identity_init)
     config.progress_bar = False
     summary = train_lib.train_and_evaluate(config, workdir / conv)
     results[conv] = summary

@@ -119,10 +119,40 @@ def test_power_activation_identity_and_alpha_gradient():
   assert np.all(np.isfinite(gx)) and np.isfinite(ga["params"]["alpha"])
 
 
-def _unit(self_shortcut=True, power=True):
+def _unit(self_shortcut=True, power=True, identity_init=False):
   conv = models.common.conv_factory("adder")
   return sr_models.AdderUnit(8, conv, adder=True, self_shortcut=self_shortcut,
-                             power_activation=power)
+                             power_activation=power,
+                             identity_init=identity_init)
+
+
+def test_identity_init_starts_every_adder_unit_as_the_identity():
+  x = jax.random.normal(jax.random.key(5), (2, 5, 4, 8))
+  unit = _unit(identity_init=True)
+  variables = unit.init(jax.random.key(6), x, train=False)
+  np.testing.assert_array_equal(variables["params"]["bn"]["scale"],
+                                np.zeros(8, np.float32))
+  y, _ = jax.jit(lambda v, x: unit.apply(v, x, train=True,
+                                         mutable=["batch_stats"]))(variables, x)
+  np.testing.assert_array_equal(y, x)
+  # ...and it learns: the BatchNorm scale gets a gradient at once (the
+  # filters from the next step on, once the scale is no longer 0).
+  def loss(params):
+    out, _ = unit.apply({**variables, "params": params}, x, train=True,
+                        mutable=["batch_stats"])
+    return jnp.mean(jnp.abs(out - 0.3 * x))
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  assert float(jnp.linalg.norm(grads["bn"]["scale"])) > 0
+  # An untrained VDSR is then its head and tail convolutions around an
+  # identity body: it differs from the same network with identity_init=False.
+  lr = jax.random.uniform(jax.random.key(7), (1, 6, 5, 1))
+  outs = []
+  for init in (True, False):
+    net = models.get_sr_model("vdsr", scale=2, depth=4, features=8,
+                              identity_init=init)
+    v = net.init(jax.random.key(8), lr, train=False)
+    outs.append(net.apply(v, lr, train=False))
+  assert not np.allclose(outs[0], outs[1])
 
 
 def test_self_shortcut_makes_the_identity_expressible():

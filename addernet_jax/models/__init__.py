@@ -38,6 +38,7 @@ def get_sr_model(name: str, *, scale: int, conv: str = "adder",
                  implementation: str | None = None,
                  self_shortcut: bool = True,
                  power_activation: bool = True,
+                 identity_init: bool = True,
                  num_blocks: int | None = None, depth: int | None = None,
                  features: int | None = None) -> nn.Module:
   """An AdderSR super-resolution network (`addernet_jax.models.sr`).
@@ -55,6 +56,8 @@ def get_sr_model(name: str, *, scale: int, conv: str = "adder",
     implementation: adder kernel choice passed to `ops.adder_conv`.
     self_shortcut, power_activation: the two AdderSR fixes (ablations; no
       effect with `conv="mult"`).
+    identity_init: adder units start as the identity (their BatchNorm scale
+      initialised to 0; no effect with `conv="mult"`).
     num_blocks, depth, features: None for the published sizes (EDSR
       baseline: 16 residual blocks of 64 channels; VDSR: 20 layers of 64
       channels); smaller values for tests and smoke runs.
@@ -73,7 +76,8 @@ def get_sr_model(name: str, *, scale: int, conv: str = "adder",
     raise ValueError(f"conv must be one of {common.CONV_KINDS}, got {conv!r}")
   kwargs = dict(scale=scale, conv=conv_layer, adder=conv == "adder",
                 self_shortcut=self_shortcut,
-                power_activation=power_activation, dtype=dtype,
+                power_activation=power_activation,
+                identity_init=identity_init, dtype=dtype,
                 bn_axis_name=bn_axis_name)
   if features is not None:
     kwargs["features"] = features

@@ -141,7 +141,9 @@ class BatchNorm(nn.Module):
 
 
 def batch_norm(train: bool, *, dtype: Any, axis_name: str | None,
-               name: str) -> BatchNorm:
+               name: str,
+               scale_init: Callable[..., Any] = nn.initializers.ones
+               ) -> BatchNorm:
   """BatchNorm with the official constants: eps 1e-5, PyTorch momentum 0.1,
   PyTorch's statistics (`BatchNorm`: two-pass variance, unbiased running
   variance).
@@ -149,10 +151,11 @@ def batch_norm(train: bool, *, dtype: Any, axis_name: str | None,
   Two passes, E[(x - E[x])^2], as PyTorch does: adder outputs have means in
   the hundreds, and the one-pass E[x^2] - E[x]^2 loses most of its float32
   precision there (measured: 10-100x larger differences between 8-device and
-  1-device training).
+  1-device training). `scale_init`: the initial scale (gamma), 1 as PyTorch.
   """
   return BatchNorm(use_running_average=not train, momentum=0.9,
-                   epsilon=1e-5, dtype=dtype, axis_name=axis_name, name=name)
+                   epsilon=1e-5, dtype=dtype, axis_name=axis_name, name=name,
+                   scale_init=scale_init)
 
 
 def pad_same_as_torch(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:

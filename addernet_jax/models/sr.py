@@ -93,7 +93,9 @@ class AdderUnit(nn.Module):
 
   `conv="adder"` (`adder=True`): `P_alpha(x + BN(A(x)))`, each part switchable
   (`self_shortcut`, `power_activation`) for ablations; the shortcut needs
-  `features == x.shape[-1]`. `adder=False`: the CNN baseline's convolution
+  `features == x.shape[-1]`. `identity_init`: BatchNorm's scale starts at 0,
+  so that with the self-shortcut and alpha = 1 the unit starts as the
+  identity (docs/addersr.md, choice 15). `adder=False`: the CNN baseline's convolution
   with bias, nothing else.
   """
   features: int
@@ -103,6 +105,7 @@ class AdderUnit(nn.Module):
   power_activation: bool = True
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -110,8 +113,10 @@ class AdderUnit(nn.Module):
     if not self.adder:
       return self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
     y = self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
+    scale_init = (nn.initializers.zeros if self.identity_init
+                  else nn.initializers.ones)
     y = common.batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name,
-                          name="bn")(y)
+                          name="bn", scale_init=scale_init)(y)
     if self.self_shortcut:
       if x.shape[-1] != self.features:
         raise ValueError(f"self-shortcut needs equal input and output widths, "
@@ -181,13 +186,15 @@ class EDSR(nn.Module):
   power_activation: bool = True
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _check_sr_args(self.scale, self.colors)
     unit = lambda name: AdderUnit(
         self.features, self.conv, self.adder, self.self_shortcut,
-        self.power_activation, self.dtype, self.bn_axis_name, name=name)
+        self.power_activation, self.dtype, self.bn_axis_name,
+        self.identity_init, name=name)
     mean = jnp.asarray(DIV2K_RGB_MEAN if self.colors == 3 else (0.5,),
                        jnp.float32)
     x = x.astype(jnp.float32) - mean
@@ -220,6 +227,7 @@ class VDSR(nn.Module):
   power_activation: bool = True
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -232,7 +240,7 @@ class VDSR(nn.Module):
     for i in range(self.depth - 2):
       y = nn.relu(AdderUnit(self.features, self.conv, self.adder,
                             self.self_shortcut, self.power_activation,
-                            self.dtype, self.bn_axis_name,
+                            self.dtype, self.bn_axis_name, self.identity_init,
                             name=f"unit{i}")(y, train))
     y = _mult_conv(self.colors, 3, self.dtype, "tail")(y)
     return y.astype(jnp.float32) + up

@@ -66,6 +66,7 @@ def build_model(config: ml_collections.ConfigDict,
       bn_axis_name=bn_axis_name, implementation=config.get("implementation"),
       self_shortcut=config.get("self_shortcut", True),
       power_activation=config.get("power_activation", True),
+      identity_init=config.get("identity_init", True),
       num_blocks=config.get("num_blocks"), depth=config.get("depth"),
       features=config.get("features"))
 
