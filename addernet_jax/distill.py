@@ -69,10 +69,18 @@ def channel_statistics(distance: jax.Array, axis_name: str | None = None
   """Minimum, mean and standard deviation of `distance` per output channel
   (last axis), over every other axis and, with `axis_name`, over every
   device (those of the global batch; the moments as BatchNorm computes
-  them). All are `stop_gradient`-ed: they set the kernel's bandwidth and
-  normalisation, they are not trained.
+  them).
+
+  They are differentiated, as BatchNorm differentiates its batch moments:
+  a kernel map built on them depends only on the standardised distances,
+  so its gradient has no component along a uniform shift or scaling of a
+  filter's distances (which the following BatchNorm ignores). Held
+  constant, they made the feature loss push every filter's distances up or
+  down as a whole at every step (docs/pkkd.md, choice 3). The minimum's
+  gradient goes to this device's own minimum (the global minimum is that
+  plus a constant), which keeps the shift invariance exact on every device.
   """
-  d = lax.stop_gradient(_float(distance))
+  d = _float(distance)
   axes = tuple(range(d.ndim - 1))
   mean = jnp.mean(d, axis=axes)
   if axis_name is not None:
@@ -81,7 +89,7 @@ def channel_statistics(distance: jax.Array, axis_name: str | None = None
   low = jnp.min(d, axis=axes)
   if axis_name is not None:
     var = lax.pmean(var, axis_name)
-    low = lax.pmin(low, axis_name)
+    low = low + lax.stop_gradient(lax.pmin(low, axis_name) - low)
   return low, mean, jnp.sqrt(jnp.maximum(var, VARIANCE_FLOOR))
 
 
@@ -110,10 +118,12 @@ def kernel_map(distance: jax.Array, sigma_scale: float,
   standard deviation of its distances over the (global) batch, and the map
   is normalised at their minimum (see `normalized_kernel`), so its values
   lie in (0, 1] like those of the kernel itself, 1 for the closest
-  patch-filter pair of the batch; both are constants of the step (choice:
-  the paper's sigma_a, sigma_c are not published; a bandwidth at the scale
-  of the data is the usual rule, and the spread, not the mean, is the scale
-  of adder outputs, see docs/pkkd.md).
+  patch-filter pair of the batch; both are statistics of the batch,
+  differentiated like BatchNorm's (`channel_statistics`), so the map is a
+  function of the standardised distances only (choice: the paper's sigma_a,
+  sigma_c are not published; a bandwidth at the scale of the data is the
+  usual rule, and the spread, not the mean, is the scale of adder outputs,
+  see docs/pkkd.md).
 
   Args:
     distance: [..., C] non-negative distances (L1 for an adder layer,
