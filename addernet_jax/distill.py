@@ -76,9 +76,7 @@ def channel_statistics(distance: jax.Array, axis_name: str | None = None
   so its gradient has no component along a uniform shift or scaling of a
   filter's distances (which the following BatchNorm ignores). Held
   constant, they made the feature loss push every filter's distances up or
-  down as a whole at every step (docs/pkkd.md, choice 3). The minimum's
-  gradient goes to this device's own minimum (the global minimum is that
-  plus a constant), which keeps the shift invariance exact on every device.
+  down as a whole at every step (docs/pkkd.md, choice 3).
   """
   d = _float(distance)
   axes = tuple(range(d.ndim - 1))
@@ -86,10 +84,19 @@ def channel_statistics(distance: jax.Array, axis_name: str | None = None
   if axis_name is not None:
     mean = lax.pmean(mean, axis_name)
   var = jnp.mean(jnp.square(d - mean), axis=axes)
-  low = jnp.min(d, axis=axes)
   if axis_name is not None:
     var = lax.pmean(var, axis_name)
-    low = low + lax.stop_gradient(lax.pmin(low, axis_name) - low)
+  # The minimum as the mean of the distances equal to it, so that its
+  # gradient reaches the global batch's argmin (split over ties) on any
+  # number of devices, as jnp.min's does on one (pmin has no derivative).
+  fixed = jnp.min(lax.stop_gradient(d), axis=axes)
+  if axis_name is not None:
+    fixed = lax.pmin(fixed, axis_name)
+  at_min = (lax.stop_gradient(d) == fixed).astype(d.dtype)
+  total, count = jnp.sum(d * at_min, axis=axes), jnp.sum(at_min, axis=axes)
+  if axis_name is not None:
+    total, count = lax.pmean((total, count), axis_name)
+  low = total / count
   return low, mean, jnp.sqrt(jnp.maximum(var, VARIANCE_FLOOR))
 
 
