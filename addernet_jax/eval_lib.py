@@ -219,20 +219,22 @@ def evaluate_stream_together(
                        f"one mesh and eval batch size, got batch sizes "
                        f"{[r[0].batch_size for r in runs]}")
   window = parallel.DispatchWindow.for_mesh(first.mesh)
-  totals = [evaluator._zero_totals() for evaluator, _, _ in runs]  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  totals = [evaluator._zero_totals() for evaluator, _, _ in runs]
   seen = 0
   for batch in batches:
     arrays = parallel.global_batch_from_local(
         {"image": batch["image"], "label": batch["label"],
          "mask": batch["mask"]}, first.mesh)
     for i, (evaluator, params, batch_stats) in enumerate(runs):
-      totals[i] = evaluator._streamed(  # pylint: disable=protected-access
+      totals[i] = evaluator._streamed(
           params, batch_stats, arrays["image"], arrays["label"],
           arrays["mask"], totals[i])
       window.push(totals[i])
     seen += first.batch_size
     if 0 < max_examples <= seen:
       break
+  # pylint: enable=protected-access
   if seen == 0:
     raise ValueError("the evaluation split is empty")
   return [_finish(t) for t in totals]

@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Adder units start as the identity (BatchNorm scale 0; with the
   # self-shortcut and alpha = 1 the unit passes its input through), so the
   # untrained network is the head and tail convolutions around an identity
-  # body. False: BatchNorm's usual scale 1. (conv='adder' only.)
+  # body. False: BatchNorm's usual scale 1. (conv='adder' with
+  # self_shortcut only.)
   config.identity_init = True
   # LR patch side; the HR patch is scale times larger (EDSR: 48).
   config.patch_size = 48

@@ -93,10 +93,10 @@ class AdderUnit(nn.Module):
 
   `conv="adder"` (`adder=True`): `P_alpha(x + BN(A(x)))`, each part switchable
   (`self_shortcut`, `power_activation`) for ablations; the shortcut needs
-  `features == x.shape[-1]`. `identity_init`: BatchNorm's scale starts at 0,
-  so that with the self-shortcut and alpha = 1 the unit starts as the
-  identity (docs/addersr.md, choice 15). `adder=False`: the CNN baseline's convolution
-  with bias, nothing else.
+  `features == x.shape[-1]`. `identity_init` (with the self-shortcut):
+  BatchNorm's scale starts at 0, so that with alpha = 1 the unit starts as
+  the identity (docs/addersr.md, choice 15). `adder=False`: the CNN
+  baseline's convolution with bias, nothing else.
   """
   features: int
   conv: common.ModuleDef
@@ -113,7 +113,8 @@ class AdderUnit(nn.Module):
     if not self.adder:
       return self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
     y = self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
-    scale_init = (nn.initializers.zeros if self.identity_init
+    scale_init = (nn.initializers.zeros
+                  if self.identity_init and self.self_shortcut
                   else nn.initializers.ones)
     y = common.batch_norm(train, dtype=self.dtype, axis_name=self.bn_axis_name,
                           name="bn", scale_init=scale_init)(y)
