@@ -68,6 +68,25 @@ def test_kernel_map_ignores_the_scale_and_offset_of_the_distances():
     assert float(jnp.std(distill.kernel_map(d, 4.0))) < float(jnp.std(k))
 
 
+def test_feature_loss_gradient_has_no_shift_or_scale_component():
+  """The map depends only on the standardised distances: the gradient of a
+  loss on it is orthogonal, per filter, to a uniform shift of the distances
+  and to their scaling (the statistics are differentiated; held constant,
+  the feature loss pushed every filter's distances as a whole)."""
+  with _x64():
+    rng = np.random.default_rng(4)
+    d = jnp.asarray(rng.uniform(800, 900, size=(3, 5, 5, 4)))
+    target = jnp.asarray(rng.uniform(0, 1, size=d.shape))
+    grad = jax.grad(lambda v: jnp.mean(jnp.square(
+        distill.kernel_map(v, 1.0) - target)))(d)
+    scale = float(jnp.max(jnp.abs(jnp.sum(jnp.abs(grad), axis=(0, 1, 2)))))
+    assert scale > 0
+    shift = jnp.sum(grad, axis=(0, 1, 2))
+    stretch = jnp.sum(grad * d, axis=(0, 1, 2))
+    np.testing.assert_allclose(np.asarray(shift), 0, atol=1e-9 * scale)
+    np.testing.assert_allclose(np.asarray(stretch), 0, atol=1e-9 * scale * 900)
+
+
 def test_normalized_kernel_is_the_laplace_and_gaussian_kernel():
   with _x64():
     rng = np.random.default_rng(2)
