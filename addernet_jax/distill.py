@@ -65,8 +65,8 @@ def _float(x: jax.Array) -> jax.Array:
 
 
 def channel_statistics(distance: jax.Array, axis_name: str | None = None
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Minimum, mean and standard deviation of `distance` per output channel
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Minimum and standard deviation of `distance` per output channel
   (last axis), over every other axis and, with `axis_name`, over every
   device (those of the global batch; the moments as BatchNorm computes
   them).
@@ -97,7 +97,7 @@ def channel_statistics(distance: jax.Array, axis_name: str | None = None
   if axis_name is not None:
     total, count = lax.pmean((total, count), axis_name)
   low = total / count
-  return low, mean, jnp.sqrt(jnp.maximum(var, VARIANCE_FLOOR))
+  return low, jnp.sqrt(jnp.maximum(var, VARIANCE_FLOOR))
 
 
 def normalized_kernel(distance: jax.Array, bandwidth: jax.Array,
@@ -142,7 +142,7 @@ def kernel_map(distance: jax.Array, sigma_scale: float,
     float32 [..., C] in (0, 1]: 1 at the channel's smallest distance,
     smaller for farther pairs.
   """
-  low, _, std = channel_statistics(distance, axis_name)
+  low, std = channel_statistics(distance, axis_name)
   return normalized_kernel(distance, sigma_scale * std, low)
 
 

@@ -756,9 +756,8 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
              "train_loss": last_train.get("train_loss"),
              "train_top1": last_train.get("train_top1"),
              **last_eval,
-             **{k: v for k, v in last_train.items()
-                if k.startswith(("train_teacher", "train_distill",
-                                 "train_kd", "train_feature"))},
+             # and any further training metric of the step (e.g. PKKD's)
+             **{k: v for k, v in last_train.items() if k.startswith("train_")},
              "images_per_sec": last_train.get("images_per_sec"),
              "wall_s": round(time.perf_counter() - t_start, 2)}
   if "eval_top1" not in summary:

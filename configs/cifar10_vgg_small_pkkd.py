@@ -1,11 +1,8 @@
 """CIFAR-10, VGG-small AdderNet with PKKD (kernel based distillation).
 
-The recipe of configs/cifar10_vgg_small.py for the adder network (the
-student), plus a CNN of the same architecture (the teacher, conv='mult')
-initialised and trained at the same time with plain SGD of the same recipe (no
-adaptive learning rate), one jitted step updating both; the student's loss
-adds the distillation of the teacher's outputs and the kernel based feature
-distillation to its cross-entropy (config.pkkd, docs/pkkd.md).
+The recipe of configs/cifar10_vgg_small.py with config.distill = 'pkkd':
+the adder network learns from a CNN twin trained alongside it
+(docs/pkkd.md).
 
 Run:
   python train.py --config configs/cifar10_vgg_small_pkkd.py \

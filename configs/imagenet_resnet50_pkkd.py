@@ -1,11 +1,8 @@
 """ImageNet, ResNet-50 AdderNet with PKKD (kernel based distillation).
 
-The recipe of configs/imagenet_resnet50.py for the adder network (the
-student), plus a CNN of the same architecture (the teacher, conv='mult')
-initialised and trained at the same time with plain SGD of the same recipe (no
-adaptive learning rate), one jitted step updating both; the student's loss
-adds the distillation of the teacher's outputs and the kernel based feature
-distillation to its cross-entropy (config.pkkd, docs/pkkd.md).
+The recipe of configs/imagenet_resnet50.py with config.distill = 'pkkd':
+the adder network learns from a CNN twin trained alongside it
+(docs/pkkd.md).
 
 Only the last adder layer of every block is distilled ('layer*_*/conv3'): each
 distilled layer carries a CxC linear transformation (up to 2048x2048 on
