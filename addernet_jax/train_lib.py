@@ -128,10 +128,16 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
         config.to_dict()
     return remaining
   except (AttributeError, KeyError) as e:  # ConfigDict: no such field
-    key = str(e).strip("\"' ")
+    # ConfigDict wraps KeyError("'key'\nDid you mean ...?") in an
+    # AttributeError: unwrap it, or the line shows escaped quotes and "\n".
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    lines = [l.strip() for l in str(e.args[0] if e.args else e).splitlines()
+             if l.strip()] or [""]
+    key, hint = lines[0].strip("\"' "), " ".join(lines[1:])
     overrides = [a for a in argv if a.startswith("--config.")]
     cli_error(f"unknown config key {key!r} in {' '.join(overrides)} (not a "
-              "field of the config file; see configs/default.py)")
+              f"field of the config file; see configs/default.py) {hint}")
     sys.exit(2)
   except OSError as e:  # the config file could not be loaded
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]

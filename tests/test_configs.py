@@ -157,6 +157,17 @@ def test_unknown_config_key_is_one_line_error(script, tmp_path):
   assert_one_line_error(result, "no_such_key")
 
 
+def test_misspelt_nested_key_names_it_plainly_with_the_suggestion(tmp_path):
+  """ConfigDict wraps its KeyError in an AttributeError: the line once read
+  `unknown config key '\\'feature_wieght\\'\\nDid you mean ...'`."""
+  result = run_cli("train.py", "--config", "configs/smoke.py",
+                   f"--workdir={tmp_path}", "--config.pkkd.feature_wieght=0")
+  assert_one_line_error(
+      result, "unknown config key 'feature_wieght'",
+      'Did you mean "feature_weight" instead of "feature_wieght"?')
+  assert "\\" not in result.stderr, result.stderr
+
+
 def test_wrong_value_type_is_one_line_error(tmp_path):
   result = run_cli("train.py", "--config", "configs/smoke.py",
                    f"--workdir={tmp_path}", "--config.batch_size=lots")
