@@ -155,8 +155,9 @@ def official_step(state: dict, images: np.ndarray, labels: np.ndarray,
   Returns numpy float64 dicts keyed by official names: `grads` (as the
   official backward leaves them in `.grad`), `updates` (new - old
   parameters), `stats` (new - old running_mean / running_var), and with
-  `capture`, `layers`: per adder module its input, output, output gradient,
-  stride and padding.
+  `capture`, `layers`: per adder module its input, output, filter, output
+  gradient, the official backward's input and filter gradients (what the
+  layer alone passes back), stride and padding.
   """
   model = OfficialResNet20()
   missing, unexpected = model.load_state_dict(state, strict=False)
@@ -166,6 +167,14 @@ def official_step(state: dict, images: np.ndarray, labels: np.ndarray,
   model = model.to(dtype).train()
   captured: dict[str, dict] = {}
   if capture:
+    def alias_input(mod, inputs):
+      # A node of its own, so that its gradient is this layer's alone (a
+      # block's input also feeds its shortcut).
+      return (inputs[0].view_as(inputs[0]),)
+
+    def record(entry: dict, key: str):
+      return lambda g: entry.__setitem__(key, g.detach().numpy().copy())
+
     for name, module in model.named_modules():
       if isinstance(module, OfficialAdder2d):
         def hook(mod, inputs, output, name=name):
@@ -174,9 +183,10 @@ def official_step(state: dict, images: np.ndarray, labels: np.ndarray,
                    "w": mod.adder.detach().numpy().copy(),
                    "stride": mod.stride, "padding": mod.padding}
           captured[name] = entry
-          output.register_hook(
-              lambda g, entry=entry: entry.__setitem__(
-                  "g", g.detach().numpy().copy()))
+          output.register_hook(record(entry, "g"))
+          inputs[0].register_hook(record(entry, "dx"))
+          mod.adder.register_hook(record(entry, "dw"))
+        module.register_forward_pre_hook(alias_input)
         module.register_forward_hook(hook)
   params = dict(model.named_parameters())
   before = {k: p.detach().clone() for k, p in params.items()}
@@ -333,13 +343,8 @@ def layer_report(truth_layers: dict, forwards: dict[str, Callable | None]
   for name, entry in truth_layers.items():
     y64 = entry["y"]
     c64 = centred(y64, (0, 2, 3))
-    w64 = torch.from_numpy(entry["w"]).double()
-    # The official float64 backward, given the exact output gradient.
-    x = torch.from_numpy(entry["x"]).requires_grad_(True)
-    w = w64.clone().requires_grad_(True)
-    adder2d(x, w, entry["stride"], entry["padding"]).backward(
-        torch.from_numpy(entry["g"]))
-    dx64, dw64 = x.grad.numpy(), w.grad.numpy()
+    # The official float64 backward's own, given the exact output gradient.
+    dx64, dw64 = entry["dx"], entry["dw"]
     off = official_layer_f32(entry)
     row = {"layer": name, "shape": list(entry["w"].shape),
            "stride": entry["stride"],

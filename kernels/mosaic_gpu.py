@@ -45,12 +45,15 @@ Strides = tuple[int, int]
 MAX_TMA_BOX = 256
 # Shared memory per SM on H100/H200: 228 KiB, at most 227 KiB for one block.
 SMEM_BUDGET_BYTES = 224 * 1024
-# plgpu.load took a positional index before JAX 0.12.
-_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+# plgpu.load required a positional index before JAX 0.11 (optional and
+# deprecated in 0.11, gone in 0.12).
+_LOAD_IDX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_NEEDS_INDEX = (_LOAD_IDX is not None
+                     and _LOAD_IDX.default is inspect.Parameter.empty)
 
 
 def _load(ref, layout_):
-  if _LOAD_TAKES_INDEX:
+  if _LOAD_NEEDS_INDEX:
     return plgpu.load(ref, (), layout=layout_)
   return plgpu.load(ref, layout=layout_)
 

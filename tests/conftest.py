@@ -14,3 +14,23 @@ def shared_data() -> Path:
     pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside a "
                 f"developer checkout, not in a user's clone)")
   return SHARED_DATA
+
+
+# The longest test files (work seconds of a two-worker run on a 2-core CPU,
+# 2026-11-29). pytest-xdist's `--dist loadfile` hands files out in the order
+# it is given, so the longest go first and the short ones fill in at the end
+# (its default order, most tests first, left two 130-160 s files for last).
+LONGEST_FIRST = ("test_train.py", "test_attacks.py", "test_distill.py",
+                 "test_stress.py", "test_kernels.py", "test_fidelity.py",
+                 "test_kernels_simt.py", "test_models.py", "test_multihost.py",
+                 "test_sr.py", "test_eval.py", "test_figures.py")
+
+
+def pytest_configure(config):
+  if config.pluginmanager.hasplugin("xdist"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
