@@ -21,9 +21,9 @@ def shared_data() -> Path:
 # it is given, so the longest go first and the short ones fill in at the end
 # (its default order, most tests first, left two 130-160 s files for last).
 LONGEST_FIRST = ("test_train.py", "test_attacks.py", "test_distill.py",
-                 "test_stress.py", "test_kernels.py", "test_fidelity.py",
-                 "test_kernels_simt.py", "test_models.py", "test_multihost.py",
-                 "test_sr.py", "test_eval.py", "test_figures.py")
+                 "test_fidelity.py", "test_kernels.py", "test_kernels_simt.py",
+                 "test_models.py", "test_multihost.py", "test_sr.py",
+                 "test_eval.py", "test_figures.py")
 
 
 def pytest_configure(config):
