@@ -117,11 +117,17 @@ def collectives(args: argparse.Namespace) -> None:
   print("ok", flush=True)
 
 
-def _run_collectives(num_devices: int, window: bool, timeout: float
-                     ) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _cpu_env(num_devices: int, **extra: str) -> dict[str, str]:
+  """This environment with `num_devices` CPU devices (and `extra`)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={num_devices}")
+  return env
+
+
+def _run_collectives(num_devices: int, window: bool, timeout: float
+                     ) -> subprocess.CompletedProcess:
+  env = _cpu_env(num_devices)
   command = [sys.executable, str(Path(__file__).resolve()), "--collectives",
              str(COLLECTIVE_STEPS)] + ([] if window else ["--no_window"])
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
@@ -136,14 +142,12 @@ def _burners() -> list[subprocess.Popen]:
 
 def _run_worker(num_devices: int, workdir: Path, cache: Path,
                 timeout: float) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
-                 "PYTHONPATH", ""),
-             JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={num_devices}")
+  env = _cpu_env(num_devices,
+                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
+                     "PYTHONPATH", ""),
+                 JAX_COMPILATION_CACHE_DIR=str(cache),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   try:
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--runs", str(RUNS),
@@ -257,7 +261,7 @@ def test_training_and_evaluation_push_every_program(monkeypatch, tmp_path):
   from configs import smoke  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
-  pushes, depths = [], []
+  pushes = []
   push = parallel.DispatchWindow.push
 
   def counting_push(self, outputs):
@@ -265,7 +269,6 @@ def test_training_and_evaluation_push_every_program(monkeypatch, tmp_path):
     push(self, outputs)
 
   def for_mesh(cls, mesh):
-    depths.append(parallel.CPU_DISPATCH_DEPTH)
     return cls(parallel.CPU_DISPATCH_DEPTH)
 
   monkeypatch.setattr(parallel.DispatchWindow, "push", counting_push)
