@@ -3,8 +3,9 @@
     python benchmarks/tune_kernels.py --batch 256 --out tune.json
 
 For each ResNet-20 adder layer (benchmarks/floor.py's table) and each kernel
-(forward, input_grad) of the family for this backend (`kernels.gpu` on GPUs,
-`kernels.tpu` on TPUs; also the `kernels.mosaic_gpu` forward on Hopper), times
+(forward, input_grad) of the families for this backend (`kernels.gpu` on
+GPUs, `kernels.tpu_batch` and `kernels.tpu` on TPUs; also the
+`kernels.mosaic_gpu` forward on Hopper), times
 every candidate `BlockSizes` first checks its result against
 `addernet_jax.reference` (relative L2 error, `TOLERANCE`; non-finite fails),
 then times the candidates that pass (median over rounds of --reps calls
@@ -55,6 +56,10 @@ try:
 except Exception:  # pylint: disable=broad-except  # pragma: no cover
   tpu = None
 try:
+  from addernet_jax.kernels import tpu_batch  # noqa: E402
+except Exception:  # pylint: disable=broad-except  # pragma: no cover
+  tpu_batch = None
+try:
   from addernet_jax.kernels import mosaic_gpu  # noqa: E402
 except Exception:  # pylint: disable=broad-except  # pragma: no cover
   mosaic_gpu = None
@@ -64,8 +69,8 @@ def candidates(family, kind: str, sh: dict, interpret: bool,
                window: dict | None = None):
   """Candidate BlockSizes for one layer (the heuristic's first: the tile
   dispatch runs, given the input-gradient window where the heuristic takes
-  one). Families other than gpu, triton_simt, mosaic_gpu and tpu: the
-  heuristic only."""
+  one). Families other than gpu, triton_simt, mosaic_gpu, tpu and
+  tpu_batch: the heuristic only."""
   platform = "cpu" if interpret else jax.default_backend()
   if family is mosaic_gpu:
     first = mosaic_gpu.get_block_sizes(sh["xp"], sh["w"], sh["strides"])
@@ -102,6 +107,15 @@ def candidates(family, kind: str, sh: dict, interpret: bool,
     for m8, bk, bn in itertools.product((8, 16, 32), (64, 128, 256, k),
                                         (8, 16, 32)):
       out.append(tpu.BlockSizes(m8, min(bk, k), min(bn, sh["w"][3])))
+  elif family is tpu_batch:
+    kh, kw, cin, cout = sh["w"]
+    geo = tpu_batch._geometry(sh["xp"], sh["w"], sh["strides"])  # pylint: disable=protected-access
+    for bc, bn in itertools.product((8, 16, 32, 64, cin), (8, 16, 24)):
+      bs = tpu_batch.BlockSizes(min(bc, cin), min(bn, cout))
+      if (kh * kw * bs.block_c * bs.block_n <= tpu_batch.SMEM_SCALARS and
+          tpu_batch._vmem_bytes(kind, geo, sh["w"], sh["strides"], bs)  # pylint: disable=protected-access
+          <= tpu_batch.VMEM_BUDGET):
+        out.append(bs)
   seen, unique = set(), []
   for bs in out:
     if bs not in seen:
@@ -179,7 +193,7 @@ def main(argv=None):
                       help="JSON output, rewritten after every layer")
   parser.add_argument("--families", default=None,
                       help="comma-separated kernel modules (default: gpu, or "
-                      "tpu on TPUs), e.g. gpu,triton_simt")
+                      "tpu_batch,tpu on TPUs), e.g. gpu,triton_simt")
   parser.add_argument("--mosaic", action=argparse.BooleanOptionalAction,
                       default=None, help="also sweep the Mosaic GPU forward "
                       "(default: on a Hopper or newer GPU)")
@@ -190,7 +204,8 @@ def main(argv=None):
                    float(getattr(device, "compute_capability", 0)) >= 9.0)
   backend = jax.default_backend()
   interpret = backend not in ("gpu", "tpu")
-  families = {"tpu": [tpu]}.get(backend, [gpu])
+  families = {"tpu": [f for f in (tpu_batch, tpu) if f is not None]}.get(
+      backend, [gpu])
   if args.families:
     families = [importlib.import_module(f"addernet_jax.kernels.{name}")
                 for name in args.families.split(",") if name]

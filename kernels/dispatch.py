@@ -14,14 +14,18 @@ strides, *, interpret[, rows, cols])` (`FAMILY_MODULES`):
   with the Triton input gradient.
 - "triton_simt": `kernels.triton_simt`, Pallas Triton kernels shaped like a
   SIMT SGEMM (register tiles, channel-major operands).
-- "tpu": `kernels.tpu`, Pallas Mosaic TPU.
+- "tpu_batch": `kernels.tpu_batch`, Pallas Mosaic TPU with the batch on the
+  lanes (no patches matrix; batches of at least 64).
+- "tpu": `kernels.tpu`, Pallas Mosaic TPU over a patches matrix (any batch).
 
 Each platform tries a chain of families in order and falls back to XLA after
 the last: on a GPU `ADDERNET_GPU_KERNELS` names it ("triton", the default;
 "mosaic" = Mosaic GPU -> Triton; "simt" = Triton SIMT -> Triton; "xla" =
-none; or a comma-separated list of family names), on a TPU it is ("tpu",), and on the CPU the families run in
+none; or a comma-separated list of family names), on a TPU it is
+("tpu_batch", "tpu"), and on the CPU the families run in
 Pallas interpret mode, chosen with `ADDERNET_CPU_KERNELS` ("gpu" = Triton,
-the default; "tpu"; "mosaic" = Mosaic GPU -> Triton, JAX >= 0.11), so that
+the default; "tpu"; "tpu_batch,tpu"; "mosaic" = Mosaic GPU -> Triton, JAX
+>= 0.11), so that
 the test suite exercises the kernel logic and this dispatch on every run.
 A family is skipped (and the next tried) when it cannot be imported (any
 exception, not only ImportError), does not take the shapes (the family's own
@@ -81,7 +85,8 @@ log = logging.getLogger(__name__)
 # Family name -> the module of this package that implements it (a module
 # object may stand in, e.g. in tests).
 FAMILY_MODULES: dict[str, Any] = {"triton": "gpu", "mosaic_gpu": "mosaic_gpu",
-                                  "triton_simt": "triton_simt", "tpu": "tpu"}
+                                  "triton_simt": "triton_simt",
+                                  "tpu_batch": "tpu_batch", "tpu": "tpu"}
 # Names accepted in ADDERNET_GPU_KERNELS / ADDERNET_CPU_KERNELS besides the
 # family names (a comma-separated list of either is a chain).
 GPU_CHAINS = {"triton": ("triton",), "mosaic": ("mosaic_gpu", "triton"),
@@ -89,10 +94,8 @@ GPU_CHAINS = {"triton": ("triton",), "mosaic": ("mosaic_gpu", "triton"),
 CPU_CHAINS = {"gpu": ("triton",), "triton": ("triton",), "tpu": ("tpu",),
               "mosaic": ("mosaic_gpu", "triton"),
               "simt": ("triton_simt", "triton"), "xla": ()}
-TPU_CHAIN = ("tpu",)
+TPU_CHAIN = ("tpu_batch", "tpu")
 
-# The TPU path builds a patches matrix, which we cap to keep memory bounded.
-MAX_TPU_PATCHES_BYTES = 4 << 30
 # Kernel-vs-reference tolerance (relative L2 and max error relative to the
 # reference's largest value) by input dtype. The kernels and the reference
 # both accumulate in float32 from the same (exactly representable) inputs:
@@ -193,36 +196,21 @@ def _parse_chain(variable: str, default: str,
 
 
 def unsupported_reason(xp_shape: Sequence[int], w_shape: Sequence[int],
-                       strides: Sequence[int], platform: str) -> str | None:
-  """Why no kernel takes these shapes on `platform`, or None."""
+                       strides: Sequence[int]) -> str | None:
+  """Why no kernel family takes these shapes, or None (each family may still
+  refuse them: its own `unsupported_reason`)."""
   try:
     layout.check_shapes("dispatch", tuple(xp_shape), tuple(w_shape),
                         tuple(strides))
   except ValueError as e:
     return str(e)
-  if platform == "tpu":
-    return _tpu_patches_reason(xp_shape, w_shape, strides)
   return None
 
 
-def _tpu_patches_reason(xp_shape, w_shape, strides) -> str | None:
-  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
-  k = w_shape[0] * w_shape[1] * w_shape[2]
-  patches = 4 * k * xp_shape[0] * ho * wo
-  if patches > MAX_TPU_PATCHES_BYTES:
-    return (f"TPU patches matrix would take {patches} bytes "
-            f"(> {MAX_TPU_PATCHES_BYTES})")
-  return None
-
-
-def _family_refuses(name: str, module: Any, xp_shape, w_shape, strides,
+def _family_refuses(module: Any, xp_shape, w_shape, strides,
                     interpret: bool) -> str | None:
   if interpret and not getattr(module, "interpret_supported", lambda: True)():
     return f"no interpret mode on JAX {jax.__version__}"
-  if name == "tpu":
-    reason = _tpu_patches_reason(xp_shape, w_shape, strides)
-    if reason:
-      return reason
   refuses = getattr(module, "unsupported_reason", None)
   if refuses is not None:
     try:
@@ -376,8 +364,11 @@ def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
   except Exception as e:  # pylint: disable=broad-except
     return f"does not build: {_one_line(e)}"
   try:
-    y, dxp = compiled(xp, w, g)
-    jax.block_until_ready((y, dxp))
+    # Outside the caller's trace: an interpret-mode kernel's host callbacks
+    # run JAX code, which must not be traced into the caller's program.
+    with jax.ensure_compile_time_eval():
+      y, dxp = compiled(xp, w, g)
+      jax.block_until_ready((y, dxp))
   except Exception as e:  # pylint: disable=broad-except
     return f"fails at run time: {_one_line(e)}"
   if tuple(y.shape) != g_shape or tuple(dxp.shape) != xp_shape:
@@ -451,7 +442,7 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
   platform = jax.default_backend()
   xp_shape, w_shape = tuple(map(int, xp_shape)), tuple(map(int, w_shape))
   strides = tuple(int(s) for s in strides)
-  reason = unsupported_reason(xp_shape, w_shape, strides, platform)
+  reason = unsupported_reason(xp_shape, w_shape, strides)
   if reason is not None:
     _log_once(("shape", xp_shape, w_shape, strides), logging.INFO,
               "kernels.dispatch: no kernel for xp %s, w %s, strides %s: %s",
@@ -465,8 +456,7 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
     module, why = load_family(name)
     level = logging.WARNING
     if module is not None:
-      why = _family_refuses(name, module, xp_shape, w_shape, strides,
-                            interpret)
+      why = _family_refuses(module, xp_shape, w_shape, strides, interpret)
       level = logging.INFO  # a family that does not take a shape: expected
       if why is None:
         why = kernel_failure(name, module, xp_shape, w_shape, strides,

@@ -32,6 +32,8 @@ from . import layout
 Strides = tuple[int, int]
 LANES = 128
 SUBLANES = 8
+# The patches matrix lives in HBM: calls that would need more are refused.
+MAX_PATCHES_BYTES = 4 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,17 @@ def get_block_sizes(kind: str, xp_shape, w_shape, strides: Strides,
                       block_k=k, block_n=cout)
   return BlockSizes(block_m8=SUBLANES, block_k=min(k, 256),
                     block_n=min(cout, 16))
+
+
+def unsupported_reason(xp_shape, w_shape, strides) -> str | None:
+  """Why these kernels do not take the call, or None."""
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  k = w_shape[0] * w_shape[1] * w_shape[2]
+  patches = 4 * k * xp_shape[0] * ho * wo
+  if patches > MAX_PATCHES_BYTES:
+    return (f"TPU patches matrix would take {patches} bytes "
+            f"(> {MAX_PATCHES_BYTES})")
+  return None
 
 
 def _interpret_arg(interpret: bool):

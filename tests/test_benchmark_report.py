@@ -315,3 +315,22 @@ def test_tune_sweeps_the_simt_family(kind):
   assert {(bs.pix_per_thread, bs.ch_per_thread) for bs in cands} == {
       (first.pix_per_thread, first.ch_per_thread)}
   assert {getattr(bs, option) for bs in cands} == set(values)
+
+
+def test_tune_sweeps_the_tpu_batch_family():
+  """The tpu_batch sweep starts from the heuristic's tile (this backend's)
+  and adds only tiles within the SMEM filter block and the VMEM budget."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from addernet_jax.kernels import tpu_batch  # pylint: disable=g-import-not-at-top
+  tune = _module("tune_kernels")
+  sh = {"xp": (256, 10, 10, 64), "w": (3, 3, 64, 64), "strides": (1, 1)}
+  for kind in ("forward", "input_grad"):
+    cands = tune.candidates(tpu_batch, kind, sh, interpret=False)
+    assert cands[0] == tpu_batch.get_block_sizes(
+        kind, sh["xp"], sh["w"], sh["strides"], jax.default_backend())
+    assert len(cands) > 3 and len(set(cands)) == len(cands)
+    geo = tpu_batch._geometry(sh["xp"], sh["w"], sh["strides"])
+    for bs in cands[1:]:
+      assert 9 * bs.block_c * bs.block_n <= tpu_batch.SMEM_SCALARS
+      assert tpu_batch._vmem_bytes(kind, geo, sh["w"], sh["strides"],
+                                   bs) <= tpu_batch.VMEM_BUDGET

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from addernet_jax import ops, reference
-from addernet_jax.kernels import dispatch, gpu, layout, mosaic_gpu, tpu
+from addernet_jax.kernels import (dispatch, gpu, layout, mosaic_gpu, tpu,
+                                  tpu_batch)
 
 
 # ------------------------------------------------------ float64 reference --
@@ -105,6 +106,14 @@ TPU_CASES = [
     Case(2, 7, 9, 3, 5, 3, 1),
     Case(1, 9, 8, 4, 6, 3, 2, "bfloat16"),
 ]
+# Batch on the lanes: two lane blocks (130 images), more than GROUP output
+# channels (the input gradient's group loop), 1x1 stride 2 (rows no tap
+# reaches), 5x5.
+TPU_BATCH_CASES = TPU_CASES + [
+    Case(130, 5, 6, 3, 18, 3, 2),
+    Case(1, 6, 5, 3, 7, 1, 2),
+    Case(1, 7, 8, 2, 3, 5, 1),
+]
 
 
 # Real-magnitude problems (post-ReLU inputs, filters ~3x larger): outputs
@@ -163,9 +172,10 @@ def test_block_offsets_total_is_exact():
 
 
 def pytest_generate_tests(metafunc):
-  if "case" in metafunc.fixturenames:
-    cases = metafunc.cls.CASES
-    metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+  for name, attr in (("case", "CASES"), ("precision_case", "PRECISION_CASES")):
+    if name in metafunc.fixturenames and metafunc.cls is not None:
+      cases = getattr(metafunc.cls, attr)
+      metafunc.parametrize(name, cases, ids=[c.id for c in cases])
 
 
 def _tolerance(case):
@@ -179,6 +189,7 @@ class KernelTestBase:
   module = None            # kernels.gpu or kernels.tpu
   interpret = True
   CASES = FAST_CASES
+  PRECISION_CASES = PRECISION_CASES
   # Tiles that force several grid steps along every axis, with ragged edges.
   SMALL_BLOCKS: dict = {}
 
@@ -218,8 +229,6 @@ class KernelTestBase:
     assert rel_err(y, np_forward(xp, w, (2, 2))) < 2e-6
     assert rel_err(dxp, np_input_grad(xp, w, g, (2, 2))) < 2e-6
 
-  @pytest.mark.parametrize("precision_case", PRECISION_CASES,
-                           ids=[c.id for c in PRECISION_CASES])
   def test_forward_precision_at_real_magnitudes(self, precision_case):
     """Adder outputs in the thousands with a per-channel spread of a few units
     (as on the official ResNet-20): the output centred per channel, what
@@ -400,6 +409,18 @@ class TestTpuKernelInterpret(KernelTestBase):
                                                block_n=3)}
 
 
+class TestTpuBatchKernelInterpret(KernelTestBase):
+  """`kernels.tpu_batch` (Mosaic TPU, batch on the lanes) in TPU interpret
+  mode. Its interpretation runs a grid step per output row, so only the
+  strided precision problem (groups of GROUP channels and a ragged last
+  group: 40 channels)."""
+  module = tpu_batch
+  CASES = TPU_BATCH_CASES
+  PRECISION_CASES = PRECISION_CASES[2:]
+  SMALL_BLOCKS = {"forward": tpu_batch.BlockSizes(block_c=2, block_n=3),
+                  "input_grad": tpu_batch.BlockSizes(block_c=2, block_n=3)}
+
+
 def _has_gpu():
   try:
     return bool(jax.devices("gpu"))
@@ -462,6 +483,44 @@ def test_tpu_block_sizes_are_aligned():
     gpu.BlockSizes(block_pix=24, block_ch=8)
 
 
+@pytest.mark.parametrize("shapes", [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
+                                    ((256, 34, 34, 16), (3, 3, 16, 32), (2, 2)),
+                                    ((256, 10, 10, 64), (3, 3, 64, 64), (1, 1)),
+                                    ((256, 16, 16, 32), (1, 1, 32, 64), (2, 2)),
+                                    ((128, 58, 58, 64), (3, 3, 64, 64), (1, 1)),
+                                    ((128, 56, 56, 256), (1, 1, 256, 64), (1, 1)),
+                                    ((64, 230, 230, 3), (7, 7, 3, 64), (2, 2))])
+def test_tpu_batch_block_sizes_fit(shapes):
+  """TPU tiles: the filter block fits its SMEM budget, the double-buffered
+  blocks the VMEM budget; the forward's chunks are whole groups."""
+  xp_shape, w_shape, strides = shapes
+  kh, kw, cin, _ = w_shape
+  geo = tpu_batch._geometry(xp_shape, w_shape, strides)
+  for kind in ("forward", "input_grad"):
+    bs = tpu_batch.get_block_sizes(kind, xp_shape, w_shape, strides, "tpu")
+    assert kh * kw * bs.block_c * bs.block_n <= tpu_batch.SMEM_SCALARS
+    assert tpu_batch._vmem_bytes(kind, geo, w_shape, strides,
+                                 bs) <= tpu_batch.VMEM_BUDGET
+    align = tpu_batch.GROUP if kind == "forward" else 8
+    assert bs.block_c in (cin, 1) or bs.block_c % align == 0
+    if kind == "forward":  # accumulators and partials: 32 of 64 vregs
+      assert bs.block_n <= tpu_batch.GROUP
+  # ResNet-20 (32x32 images, cin <= 64): one input-channel chunk, the input
+  # read once per output row and tap row.
+  if xp_shape[1] <= 34:
+    assert tpu_batch.get_block_sizes("forward", xp_shape, w_shape, strides,
+                                     "tpu").block_c == cin
+  assert tpu_batch.unsupported_reason(xp_shape, w_shape, strides) is None
+
+
+def test_tpu_batch_refuses_small_batches():
+  reason = tpu_batch.unsupported_reason((32, 34, 34, 16), (3, 3, 16, 16),
+                                        (1, 1))
+  assert reason is not None and "batch 32" in reason
+  with pytest.raises(ValueError, match="block_c"):
+    tpu_batch.BlockSizes(block_c=0, block_n=8)
+
+
 # --------------------------------------------- cross-platform lowering --
 
 LOWER_SHAPES = [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
@@ -500,7 +559,8 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 @pytest.mark.parametrize("family,platform,markers",
                          [(gpu, "cuda", (TRITON_CALL, TRITON_CALL)),
                           (mosaic_gpu, "cuda", ("mosaic_gpu", TRITON_CALL)),
-                          (tpu, "tpu", ("tpu_custom_call",) * 2)])
+                          (tpu, "tpu", ("tpu_custom_call",) * 2),
+                          (tpu_batch, "tpu", ("tpu_custom_call",) * 2)])
 def test_kernels_lower_for_device(family, platform, markers, xp_shape, w_shape,
                                   strides):
   """Triton / Mosaic lowering runs on the host (no device compile or run)."""
@@ -544,8 +604,14 @@ def test_dispatch_switches(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   backend = dispatch.backend_for((2, 7, 9, 3), (3, 3, 3, 5), (1, 1))
   assert backend.forward.func is tpu.forward and backend.name == "tpu"
-  # A patches matrix over the cap is refused on TPU (XLA fallback), not run.
+  # Batch on the lanes first; under 64 images the patches kernels, whose
+  # patches matrix over the cap is refused (XLA fallback), not run.
+  backend = dispatch.backend_for((64, 7, 9, 3), (3, 3, 3, 5), (1, 1))
+  assert backend.forward.func is tpu_batch.forward
+  assert backend.name == "tpu_batch"
   assert dispatch.backend_for((4096, 226, 226, 64), (3, 3, 64, 64),
+                              (1, 1)).name == "tpu_batch"
+  assert dispatch.backend_for((32, 1026, 1026, 64), (3, 3, 64, 64),
                               (1, 1)) is None
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setenv("ADDERNET_GPU_KERNELS", "xla")
@@ -589,6 +655,28 @@ def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
   assert [r["implementation"] for r in record] == ["xla"]
   want = ops.adder_conv(x, w, padding="SAME", implementation="xla")
   np.testing.assert_allclose(got, want, rtol=1e-6)
+  dispatch.reset()
+
+
+def test_tpu_chain_through_the_custom_vjp(monkeypatch):
+  """The TPU chain on the CPU (interpret mode, checked on first use): 64
+  images run the batch-on-lanes kernels, 2 images fall back to the patches
+  kernels; both match XLA through `ops.adder_conv`'s custom VJP."""
+  dispatch.reset()
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu_batch,tpu")
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "1")
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  for n, family in ((64, "tpu_batch"), (2, "tpu")):
+    x = jnp.asarray(rng.standard_normal((n, 5, 6, 3)), jnp.float32)
+    with ops.record_backends() as record:
+      val_p, y_p, (dx_p, dw_p) = _loss_and_grads(x, w, (2, 2), "SAME",
+                                                 "pallas")
+    assert {r["implementation"] for r in record} == {family}, record
+    val_x, y_x, (dx_x, dw_x) = _loss_and_grads(x, w, (2, 2), "SAME", "xla")
+    assert rel_err(y_p, y_x) < 2e-6
+    assert rel_err(dx_p, dx_x) < 2e-6
+    assert rel_err(dw_p, dw_x) < 2e-6
   dispatch.reset()
 
 
