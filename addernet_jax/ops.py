@@ -49,7 +49,8 @@ class Backend(NamedTuple):
   `cols=(start, stop)`, the padded-input window whose gradient is needed (the
   rest is padding the caller crops), and may skip the rest.
   `name`: what runs: "xla", or the Pallas kernel family that dispatch chose
-  and checked ("triton", "mosaic_gpu", "tpu"; see `kernels.dispatch`).
+  and checked ("triton", "mosaic_gpu", "triton_simt", "tpu_batch", "tpu";
+  see `kernels.dispatch`).
   """
   forward: Callable[[jax.Array, jax.Array, tuple[int, int]], jax.Array]
   input_grad: Callable[..., jax.Array]

@@ -13,7 +13,7 @@ version and the GPU kernel family (`ADDERNET_GPU_KERNELS`: triton or mosaic).
 Every row also says what ran and whether it was right: `ran_forward` and
 `ran_input_grad` are the implementations dispatch actually used while the
 functions were traced (`addernet_jax.ops.record_backends`: "xla", "triton",
-"mosaic_gpu", "tpu"; not the requested label), and `fwd_rel_err`,
+"mosaic_gpu", "tpu_batch", "tpu", ...; not the requested label), and `fwd_rel_err`,
 `dx_rel_err`, `dw_rel_err` the relative L2 errors of its forward output and
 gradients against the pure-jnp (XLA) implementation on the same inputs;
 `verified` is true when all three are within `TOLERANCE`.

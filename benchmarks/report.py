@@ -49,6 +49,7 @@ FAMILY_OF_LABEL = {"triton": "triton", "mosaic": "mosaic_gpu",
                    "triton_simt": "triton_simt", "xla": "xla"}
 # tune.json family (module) name -> dispatch's family name.
 FAMILY_OF_MODULE = {"gpu": "triton", "mosaic_gpu": "mosaic_gpu",
+                    "triton_simt": "triton_simt", "tpu_batch": "tpu_batch",
                     "tpu": "tpu"}
 
 

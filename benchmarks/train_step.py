@@ -22,7 +22,8 @@ steps_per_epoch (of the real dataset size), peak_rss_mb, compiled_memory_mb
 (XLA's memory analysis of the compiled step) and, on accelerators,
 peak_device_mb (the allocator's peak), with the device and versions; and
 what ran: `ran` counts, per kind (forward, input_grad), the adder layers
-traced with each implementation ("xla", "triton", "mosaic_gpu", "tpu"; from
+traced with each implementation ("xla", "triton", "mosaic_gpu", "tpu_batch",
+"tpu", ...; from
 dispatch, not the requested label), and `error_vs_xla` compares one step's
 gradients (same parameters and batch) with the pure-jnp path. `--jsonl FILE`
 also appends the line. Run the adder and mult variants in one session to

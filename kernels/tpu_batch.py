@@ -305,10 +305,10 @@ def _forward_kernel(w_ref, m_ref, *refs, kh: int, kw: int, sw: int,
 
     c0 = g * GROUP
     parts = tuple(terms(c0))  # the group's channels, in order
-    if rows > 1:
+    if rows > 1:  # static trip count
       parts = lax.fori_loop(
-          c0 + 1, c0 + rows,
-          lambda c, ps: tuple(p + t for p, t in zip(ps, terms(c))), parts)
+          1, rows,
+          lambda r, ps: tuple(p + t for p, t in zip(ps, terms(c0 + r))), parts)
     return tuple(acc + (part - m_ref[(tap * groups + g) * block_n + o])
                  for o, (acc, part) in enumerate(zip(accs, parts)))
 
@@ -405,10 +405,10 @@ def _input_grad_kernel(w_ref, x_ref, *refs, kh: int, kw: int, sh: int,
 
     o0 = og * GROUP
     parts = tuple(terms(o0))  # the group's output channels, in order
-    if rows > 1:
+    if rows > 1:  # static trip count
       parts = lax.fori_loop(
-          o0 + 1, o0 + rows,
-          lambda o, ps: tuple(p + t for p, t in zip(ps, terms(o))), parts)
+          1, rows,
+          lambda r, ps: tuple(p + t for p, t in zip(ps, terms(o0 + r))), parts)
     return tuple(acc + part for acc, part in zip(accs, parts))
 
   def phase_rows(row_phase: int):
