@@ -8,8 +8,9 @@ vreg holds 8 columns of one row and channel for 128 images,
 (columns split by the column stride `sw` into `phase`s). A filter tap (i, j)
 then reads input row `p*sh + i` (which block the grid fetches) and sublanes
 `q0 + j // sw` of phase `j % sw` (a static shift): never a lane shift, and no
-`[kh*kw*cin, n*ho*wo]` patches matrix in HBM (`kernels.tpu` builds one, 8-23x
-the input's bytes on ResNet-20). The XLA side only transposes the input, the
+`[kh*kw*cin, n*ho*wo]` patches matrix in HBM (`kernels.tpu` writes and reads
+one, 6-29x the input's bytes on ResNet-20's 3x3 layers; this forward reads
+the input 2-4x). The XLA side only transposes the input, the
 output gradient and the results to and from this layout.
 
 forward:    Y[b, p, o, q, lane] = -sum_{i,j,c} |X[.., p*sh+i, j%sw, c, q+j//sw, ..]
@@ -279,6 +280,15 @@ def _forward_offsets(w: jax.Array, bs: BlockSizes):
   return offsets.reshape(n_pad // bs.block_n, chunks, 1, -1), total
 
 
+def _plan(kind: str, xp_shape, w_shape, strides, block_sizes, interpret):
+  """(tiles, geometry, padded input channels, padded output channels)."""
+  bs = block_sizes or get_block_sizes(kind, xp_shape, w_shape, strides,
+                                      platform="cpu" if interpret else "tpu")
+  return (bs, _geometry(xp_shape, w_shape, strides),
+          layout.round_up(w_shape[2], bs.block_c),
+          layout.round_up(w_shape[3], bs.block_n))
+
+
 def _smem_spec(size: int, index_map):
   return pl.BlockSpec((None, None, None, size), index_map,
                       memory_space=pltpu.SMEM)
@@ -342,13 +352,10 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
   """
   strides = tuple(int(s) for s in strides)
   layout.check_shapes("tpu_batch.forward", xp.shape, w.shape, strides)
-  bs = block_sizes or get_block_sizes("forward", xp.shape, w.shape, strides,
-                                      platform="cpu" if interpret else "tpu")
-  kh, kw, cin, cout = w.shape
+  bs, geo, c_pad, n_pad = _plan("forward", xp.shape, w.shape, strides,
+                                block_sizes, interpret)
+  kh, kw, _, cout = w.shape
   sh, sw = strides
-  geo = _geometry(xp.shape, w.shape, strides)
-  c_pad = layout.round_up(cin, bs.block_c)
-  n_pad = layout.round_up(cout, bs.block_n)
   xt = _to_lanes(xp, xp.shape[1], geo.in_cols, sw, c_pad, geo.n_blocks)
   offsets, (hi, lo) = _forward_offsets(w, bs)
   groups, _ = _groups(bs.block_c)
@@ -467,14 +474,10 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
   strides = tuple(int(s) for s in strides)
   layout.check_shapes("tpu_batch.input_grad", xp.shape, w.shape, strides,
                       g.shape)
-  bs = block_sizes or get_block_sizes("input_grad", xp.shape, w.shape,
-                                      strides,
-                                      platform="cpu" if interpret else "tpu")
-  kh, kw, cin, cout = w.shape
+  bs, geo, c_pad, n_pad = _plan("input_grad", xp.shape, w.shape, strides,
+                                block_sizes, interpret)
+  kh, kw, _, cout = w.shape
   sh, sw = strides
-  geo = _geometry(xp.shape, w.shape, strides)
-  c_pad = layout.round_up(cin, bs.block_c)
-  n_pad = layout.round_up(cout, bs.block_n)
   xt = _to_lanes(xp, geo.dx_rows, geo.dx_cols, sw, c_pad, geo.n_blocks)
   # G row rr + A - 1 holds output row rr, column q + B - 1 output column q;
   # every other row and column is zero, so taps off the output add nothing.
