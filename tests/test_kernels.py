@@ -106,11 +106,10 @@ TPU_CASES = [
     Case(2, 7, 9, 3, 5, 3, 1),
     Case(1, 9, 8, 4, 6, 3, 2, "bfloat16"),
 ]
-# Batch on the lanes: two lane blocks (130 images), more than GROUP output
-# channels (the input gradient's group loop), 1x1 stride 2 (rows no tap
-# reaches), 5x5.
+# Batch on the lanes: two lane blocks (130 images), 1x1 stride 2 (rows no
+# tap reaches), 5x5 (more than GROUP output channels: the TPU-tile test).
 TPU_BATCH_CASES = TPU_CASES + [
-    Case(130, 5, 6, 3, 18, 3, 2),
+    Case(130, 5, 6, 3, 4, 3, 2),
     Case(1, 6, 5, 3, 7, 1, 2),
     Case(1, 7, 8, 2, 3, 5, 1),
 ]
@@ -419,6 +418,22 @@ class TestTpuBatchKernelInterpret(KernelTestBase):
   PRECISION_CASES = PRECISION_CASES[2:]
   SMALL_BLOCKS = {"forward": tpu_batch.BlockSizes(block_c=2, block_n=3),
                   "input_grad": tpu_batch.BlockSizes(block_c=2, block_n=3)}
+
+  def test_tpu_heuristic_tiles(self):
+    """The tiles a TPU would run (ragged 16-channel output tiles, two
+    output-channel groups in the input gradient's chunk, 2-channel register
+    tiles), interpreted."""
+    case = Case(2, 4, 5, 10, 18, 3, 1)
+    xp, w, g = case.arrays(4)
+    tiles = {kind: tpu_batch.get_block_sizes(kind, xp.shape, w.shape, (1, 1),
+                                             "tpu")
+             for kind in ("forward", "input_grad")}
+    assert tiles["forward"] == tpu_batch.BlockSizes(block_c=10, block_n=16)
+    assert tiles["input_grad"] == tpu_batch.BlockSizes(block_c=10, block_n=18)
+    y = self.forward(xp, w, 1, tiles["forward"])
+    dxp = self.input_grad(xp, w, g, 1, tiles["input_grad"])
+    assert rel_err(y, np_forward(xp, w, (1, 1))) < 2e-6
+    assert rel_err(dxp, np_input_grad(xp, w, g, (1, 1))) < 2e-6
 
 
 def _has_gpu():
