@@ -65,7 +65,6 @@ MIN_BATCH = 64
 # may take: under the 16 MiB of the smallest current TPUs.
 SMEM_SCALARS = 32768
 VMEM_BUDGET = 12 << 20
-VREG_BYTES = SUBLANES * LANES * 4
 
 
 @dataclasses.dataclass(frozen=True)
