@@ -107,8 +107,9 @@ TPU_CASES = [
     Case(1, 9, 8, 4, 6, 3, 2, "bfloat16"),
 ]
 # Batch on the lanes: two lane blocks (130 images), 1x1 stride 2 (rows no
-# tap reaches), 5x5 (more than GROUP output channels: the TPU-tile test).
-TPU_BATCH_CASES = TPU_CASES + [
+# tap reaches), 5x5, bfloat16 (3x3 stride 1 and more than GROUP output
+# channels: the TPU-tile test).
+TPU_BATCH_CASES = TPU_CASES[1:] + [
     Case(130, 5, 6, 3, 4, 3, 2),
     Case(1, 6, 5, 3, 7, 1, 2),
     Case(1, 7, 8, 2, 3, 5, 1),
@@ -674,21 +675,22 @@ def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
 
 
 def test_tpu_chain_through_the_custom_vjp(monkeypatch):
-  """The TPU chain on the CPU (interpret mode, checked on first use): 64
-  images run the batch-on-lanes kernels, 2 images fall back to the patches
-  kernels; both match XLA through `ops.adder_conv`'s custom VJP."""
+  """The TPU chain on the CPU (interpret mode) with the check on first use,
+  which runs the kernels while `jit` traces the step (TPU interpret mode's
+  host callbacks must not be traced into it): 64 images run the
+  batch-on-lanes kernels, 2 fall back to the patches kernels; both pass the
+  check and match XLA through `ops.adder_conv`'s custom VJP."""
   dispatch.reset()
   monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu_batch,tpu")
   monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "1")
   rng = np.random.default_rng(5)
   w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 3, 4)), jnp.float32)
   for n, family in ((64, "tpu_batch"), (2, "tpu")):
-    x = jnp.asarray(rng.standard_normal((n, 5, 6, 3)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((n, 4, 5, 3)), jnp.float32)
     with ops.record_backends() as record:
-      val_p, y_p, (dx_p, dw_p) = _loss_and_grads(x, w, (2, 2), "SAME",
-                                                 "pallas")
+      _, y_p, (dx_p, dw_p) = _loss_and_grads(x, w, (2, 2), "SAME", "pallas")
     assert {r["implementation"] for r in record} == {family}, record
-    val_x, y_x, (dx_x, dw_x) = _loss_and_grads(x, w, (2, 2), "SAME", "xla")
+    _, y_x, (dx_x, dw_x) = _loss_and_grads(x, w, (2, 2), "SAME", "xla")
     assert rel_err(y_p, y_x) < 2e-6
     assert rel_err(dx_p, dx_x) < 2e-6
     assert rel_err(dw_p, dw_x) < 2e-6
