@@ -124,7 +124,9 @@ def _select_backend(implementation: str | None, xp_shape, w_shape,
       if key not in _warned:
         _warned.add(key)
         log.warning("adder_conv: no Pallas kernel for input %s, filters %s, "
-                    "strides %s; using the XLA implementation.",
+                    "strides %s; using the XLA implementation (why: the "
+                    "addernet_jax.kernels.dispatch log, INFO level where a "
+                    "kernel family does not take these shapes).",
                     tuple(xp_shape), tuple(w_shape), tuple(strides))
       backend = XLA_BACKEND
   for record in _recorders:
