@@ -400,6 +400,10 @@ def test_mosaic_gpu_block_sizes_fit_shared_memory():
                        (1, 1))
 
 
+# The TPU families' interpret-mode tests take about 150 s of the suite's work
+# (TPU interpret mode runs a host callback per memory access): `extended`,
+# which `.ci/run` runs in its second environment.
+@pytest.mark.extended
 class TestTpuKernelInterpret(KernelTestBase):
   """`kernels.tpu` (Mosaic TPU) in TPU interpret mode (`pltpu.InterpretParams`)."""
   module = tpu
@@ -409,6 +413,7 @@ class TestTpuKernelInterpret(KernelTestBase):
                                                block_n=3)}
 
 
+@pytest.mark.extended
 class TestTpuBatchKernelInterpret(KernelTestBase):
   """`kernels.tpu_batch` (Mosaic TPU, batch on the lanes) in TPU interpret
   mode. Its interpretation runs a grid step per output row, so only the
@@ -674,6 +679,7 @@ def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
   dispatch.reset()
 
 
+@pytest.mark.extended
 def test_tpu_chain_through_the_custom_vjp(monkeypatch):
   """The TPU chain on the CPU (interpret mode) with the check on first use,
   which runs the kernels while `jit` traces the step (TPU interpret mode's
