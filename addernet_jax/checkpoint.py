@@ -533,12 +533,15 @@ class _OrbaxCheckpointManager(ocp.CheckpointManager):
 # The manager.
 
 
-def _directory_not_empty(error: BaseException) -> bool:
-  """Whether `error` or one of its causes is an OSError ENOTEMPTY."""
+def _cleanup_race(error: BaseException) -> bool:
+  """Whether `error` or one of its causes is an OSError ENOTEMPTY or ENOENT:
+  what removing a folder raises while files still appear in it or vanish
+  from it (a failed save's last writes and lock files)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno == errno.ENOTEMPTY:
+    if isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY,
+                                                      errno.ENOENT):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -740,11 +743,12 @@ class CheckpointManager:
         self._mgr.save(step, args=ocp.args.Composite(**items),
                        metrics=metrics, force=True)
       except Exception as e:  # pylint: disable=broad-except
-        if not _directory_not_empty(e):
+        if not _cleanup_race(e):
           raise
         # Orbax removes the temporary folder an earlier failed save left
-        # behind while that save's last writes may still land in it: wait
-        # for them, then try once more.
+        # behind while that save's last writes (and TensorStore's lock files)
+        # may still land in it or leave it: wait for them, then try once
+        # more.
         logger.warning("retrying the save of step %d: %s", step, e)
         self._reset_manager()
         time.sleep(1.0)
