@@ -113,7 +113,8 @@ GROUP = 16
 
 
 def _groups(block_k: int) -> tuple[int, int]:
-  """(groups, rows of the last group) of a K chunk of `block_k` rows."""
+  """(groups, terms of the last group) of `block_k` terms in groups of
+  GROUP."""
   num = layout.cdiv(block_k, GROUP)
   return num, block_k - (num - 1) * GROUP
 

@@ -51,11 +51,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import layout
+# The TPU layout constants, the accumulation group and the interpret-mode
+# switch are those of the patches family.
+from .tpu import GROUP, LANES, SUBLANES, Strides, _groups, _interpret_arg
 
-Strides = tuple[int, int]
-LANES = 128
-SUBLANES = 8
-GROUP = 16
 # Fewer images than this would leave over half of the lanes idle.
 MIN_BATCH = 64
 # Filter scalars per SMEM block: 128 KiB, double-buffered a quarter of the
@@ -204,16 +203,6 @@ def unsupported_reason(xp_shape, w_shape, strides) -> str | None:
               f"{bs.block_c} input channel(s) per step (> {VMEM_BUDGET}) "
               f"for xp {tuple(xp_shape)}, w {tuple(w_shape)}")
   return None
-
-
-def _interpret_arg(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
-
-
-def _groups(size: int, group: int = GROUP) -> tuple[int, int]:
-  """(groups, size of the last group) of `size` terms in groups of `group`."""
-  num = layout.cdiv(size, group)
-  return num, size - (num - 1) * group
 
 
 def _channel_tile(block_c: int) -> int:
