@@ -79,14 +79,18 @@ def _kernel_dispatch():
 
 
 def _pallas_backend(xp_shape, w_shape, strides, dtype,
-                    window: Window | None = None) -> Backend | None:
-  """The checked Pallas backend for this call, or None (use XLA)."""
+                    window: Window | None = None,
+                    varying: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+                    ) -> Backend | None:
+  """The checked Pallas backend for this call, or None (use XLA).
+  `varying`: the shard_map mesh axes along which xp and w vary."""
   dispatch = _kernel_dispatch()
   if dispatch is None:
     return None
   rows, cols = window if window is not None else (None, None)
   kernels = dispatch.backend_for(xp_shape, w_shape, strides, dtype, rows=rows,
-                                 cols=cols, reference=_REFERENCE)
+                                 cols=cols, reference=_REFERENCE,
+                                 varying=varying)
   if kernels is None:
     return None
   return Backend(kernels.forward, kernels.input_grad,
@@ -112,13 +116,16 @@ def record_backends():
     _recorders.remove(record)
 
 
-def _select_backend(implementation: str | None, xp_shape, w_shape,
-                    strides, dtype, window: Window | None = None,
+def _select_backend(implementation: str | None, xp: jax.Array, w: jax.Array,
+                    strides, window: Window | None = None,
                     kind: str = "forward") -> Backend:
+  xp_shape, w_shape, dtype = xp.shape, w.shape, xp.dtype
   backend = XLA_BACKEND
   if implementation == "pallas" or (implementation is None and
                                     jax.default_backend() in ("gpu", "tpu")):
-    backend = _pallas_backend(xp_shape, w_shape, strides, dtype, window)
+    varying = tuple(tuple(sorted(_varying_axes(a))) for a in (xp, w))
+    backend = _pallas_backend(xp_shape, w_shape, strides, dtype, window,
+                              varying)
     if backend is None:
       key = (implementation, tuple(xp_shape), tuple(w_shape), tuple(strides))
       if key not in _warned:
@@ -194,8 +201,8 @@ def _adder_padded(xp: jax.Array, w: jax.Array, strides: tuple[int, int],
   """The adder layer on the padded input; `window` = the (rows, cols) of xp
   that are not padding (the input gradient is needed there only; dispatch
   checks the kernels on exactly that call)."""
-  backend = _select_backend(implementation, xp.shape, w.shape, strides,
-                            xp.dtype, window, "forward")
+  backend = _select_backend(implementation, xp, w, strides, window,
+                            "forward")
   return backend.forward(xp, w, strides).astype(jnp.result_type(xp, w))
 
 
@@ -225,8 +232,8 @@ def _match_varying_axes(cotangent, primal):
 
 def _adder_padded_bwd(strides, implementation, window, residuals, g):
   xp, w = residuals
-  backend = _select_backend(implementation, xp.shape, w.shape, strides,
-                            xp.dtype, window, "input_grad")
+  backend = _select_backend(implementation, xp, w, strides, window,
+                            "input_grad")
   if backend.input_grad_takes_window:
     dxp = backend.input_grad(xp, w, g, strides, rows=window[0],
                              cols=window[1])

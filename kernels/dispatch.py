@@ -39,9 +39,12 @@ and compare with the XLA reference `ops` passes (relative L2 and max error,
 `TOLERANCE` by dtype; a non-finite value never passes). A family that fails
 to build, fails at run time, returns other shapes or computes wrong numbers
 is logged once (family, shapes, reason) and the next in the chain is tried.
-The check runs eagerly, ahead-of-time compiled on concrete data, so it works
-while `jax.jit` or `jax.shard_map` traces the caller (inside `shard_map` on
-the per-device shapes). Operands are capped at
+The check runs eagerly, ahead-of-time compiled on concrete data, in a thread
+of its own (JAX's trace state is per thread), so it works while `jax.jit` or
+`jax.shard_map` traces the caller (inside `shard_map` on the per-device
+shapes) and nothing of the caller's trace leaks into it. Inside
+`shard_map(check_vma=True)` it runs the kernels in a `shard_map` of its own
+with operands varying as the caller's (`varying`). Operands are capped at
 `ADDERNET_KERNEL_PROBE_MAX_MB` (default 1024 MiB, the kernel's and the
 reference's outputs included): a larger call is checked on fewer images (the
 batch is only the outermost grid axis of every kernel), every other
@@ -51,7 +54,10 @@ are a test vehicle, and the check would double their compile time).
 
 Limit: on CUDA an illegal memory access is sticky (the process's context is
 lost), so after such a failure the XLA fallback fails too; the log line then
-names the kernel that caused it.
+names the kernel that caused it. Interpret mode (CPU, JAX 0.10-0.11):
+Pallas' HLO interpreter (Triton kernels) cannot run with varying operands
+(`check_vma=True`): the check rejects it there; TPU interpret mode inside a
+`shard_map` over several devices hangs at its multi-device barrier.
 
 GPU lowering choice. The adder kernels are broadcast-subtract-abs-accumulate
 loops on CUDA cores: no tensor-core (wgmma) work. Triton lays out the
@@ -95,6 +101,8 @@ CPU_CHAINS = {"gpu": ("triton",), "triton": ("triton",), "tpu": ("tpu",),
               "mosaic": ("mosaic_gpu", "triton"),
               "simt": ("triton_simt", "triton"), "xla": ()}
 TPU_CHAIN = ("tpu_batch", "tpu")
+# The mesh axes along which (xp, w) vary inside the caller's shard_map.
+Varying = tuple[tuple[str, ...], tuple[str, ...]]
 
 # Kernel-vs-reference tolerance (relative L2 and max error relative to the
 # reference's largest value) by input dtype. The kernels and the reference
@@ -320,12 +328,33 @@ def _programs(xp_shape, w_shape, strides, dtype_name, rows, cols, reference):
   return data_c, compare_c
 
 
+def _normal_varying(varying: Varying) -> Varying:
+  return tuple(tuple(sorted(map(str, axes))) for axes in varying)  # type: ignore[return-value]
+
+
+def _in_shard_map(run: Callable, varying: Varying) -> Callable:
+  """`run(xp, w, g)` inside a `shard_map(check_vma=True)` over a one-device
+  mesh whose axes make xp vary along `varying[0]`, w along `varying[1]` and
+  g (the forward's output gradient) along both; `run` itself without axes."""
+  x_axes, w_axes = _normal_varying(varying)
+  both = tuple(sorted(set(x_axes) | set(w_axes)))
+  if not both:
+    return run
+  mesh = jax.sharding.Mesh(
+      np.array(jax.devices()[:1]).reshape((1,) * len(both)), both,
+      axis_types=(jax.sharding.AxisType.Auto,) * len(both))
+  spec = lambda axes: jax.sharding.PartitionSpec(axes or None)
+  return jax.shard_map(run, mesh=mesh,
+                       in_specs=(spec(x_axes), spec(w_axes), spec(both)),
+                       out_specs=(spec(both), spec(both)), check_vma=True)
+
+
 def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
                   w_shape: Sequence[int], strides: Sequence[int],
                   dtype: Any, *, rows: tuple[int, int] | None = None,
                   cols: tuple[int, int] | None = None,
-                  reference: tuple[Callable, Callable] | None = None
-                  ) -> str | None:
+                  reference: tuple[Callable, Callable] | None = None,
+                  varying: Varying = ((), ())) -> str | None:
   """Why `kernels` must not be used for this call, or None (not cached).
 
   Builds ahead of time the forward and the input gradient exactly as `ops`
@@ -334,7 +363,33 @@ def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
   call's shapes (`probe_batch` images), and compares them with `reference =
   (forward, input_grad)` (XLA) inside the window. Without a reference only
   building, running and finite outputs are checked.
+
+  The check runs in a thread of its own: JAX keeps its trace state (the
+  caller's `jit`, the axis names of an enclosing `shard_map`) per thread,
+  and none of it may leak into the check's own programs. `varying` = the
+  mesh axes along which xp and w vary in the caller (inside
+  `shard_map(check_vma=True)`): the kernels then run inside a `shard_map`
+  over a one-device mesh with those axes and the same varying operands, as
+  the caller will run them.
   """
+  outcome: list[str | None] = []
+
+  def work():
+    try:
+      outcome.append(_check_kernels(kernels, xp_shape, w_shape, strides,
+                                    dtype, rows, cols, reference, varying))
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome.append(f"could not be checked: {_one_line(e)}")
+
+  worker = threading.Thread(target=work, name="addernet-kernel-check",
+                            daemon=True)
+  worker.start()
+  worker.join()
+  return outcome[0] if outcome else "could not be checked (no result)"
+
+
+def _check_kernels(kernels, xp_shape, w_shape, strides, dtype, rows, cols,
+                   reference, varying) -> str | None:
   xp_shape, w_shape = tuple(map(int, xp_shape)), tuple(map(int, w_shape))
   strides = tuple(map(int, strides))
   dtype = jnp.dtype(dtype)
@@ -352,6 +407,7 @@ def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
     return (kernels.forward(xp, w, strides).astype(jnp.float32),
             kernels.input_grad(xp, w, g, strides, **window).astype(
                 jnp.float32))
+  run = _in_shard_map(run, varying)
 
   try:
     data_c, compare_c = _programs(xp_shape, w_shape, strides, dtype.name,
@@ -364,11 +420,8 @@ def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
   except Exception as e:  # pylint: disable=broad-except
     return f"does not build: {_one_line(e)}"
   try:
-    # Outside the caller's trace: an interpret-mode kernel's host callbacks
-    # run JAX code, which must not be traced into the caller's program.
-    with jax.ensure_compile_time_eval():
-      y, dxp = compiled(xp, w, g)
-      jax.block_until_ready((y, dxp))
+    y, dxp = compiled(xp, w, g)
+    jax.block_until_ready((y, dxp))
   except Exception as e:  # pylint: disable=broad-except
     return f"fails at run time: {_one_line(e)}"
   if tuple(y.shape) != g_shape or tuple(dxp.shape) != xp_shape:
@@ -397,21 +450,22 @@ def check_kernels(kernels: Kernels, xp_shape: Sequence[int],
 
 def kernel_failure(name: str, module: Any, xp_shape, w_shape, strides, dtype,
                    *, rows=None, cols=None, interpret: bool = False,
-                   reference: tuple[Callable, Callable] | None = None
-                   ) -> str | None:
+                   reference: tuple[Callable, Callable] | None = None,
+                   varying: Varying = ((), ())) -> str | None:
   """`check_kernels` of family `name` (implemented by `module`), once per
   process and distinct call; None when `ADDERNET_KERNEL_PROBE=0`."""
   if not probe_enabled(interpret):
     return None
+  varying = _normal_varying(varying)
   key = (name, id(module), tuple(map(int, xp_shape)), tuple(map(int, w_shape)),
          tuple(map(int, strides)), jnp.dtype(dtype).name,
          None if rows is None else tuple(rows),
-         None if cols is None else tuple(cols), interpret, reference)
+         None if cols is None else tuple(cols), interpret, reference, varying)
   with _lock:
     if key not in _checked:  # the module is kept so that its id stays unique
       _checked[key] = (module, check_kernels(
           make_kernels(name, module, interpret), xp_shape, w_shape, strides,
-          dtype, rows=rows, cols=cols, reference=reference))
+          dtype, rows=rows, cols=cols, reference=reference, varying=varying))
     return _checked[key][1]
 
 
@@ -427,8 +481,8 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
                 strides: Sequence[int], dtype: Any = jnp.float32, *,
                 rows: tuple[int, int] | None = None,
                 cols: tuple[int, int] | None = None,
-                reference: tuple[Callable, Callable] | None = None
-                ) -> Kernels | None:
+                reference: tuple[Callable, Callable] | None = None,
+                varying: Varying = ((), ())) -> Kernels | None:
   """The first family of this platform's chain that takes, builds, runs and
   matches `reference` for this exact call; None (XLA) when none does.
 
@@ -438,6 +492,9 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
     rows, cols: the padded-input window whose gradient the caller keeps.
     reference: `(forward, input_grad)` of the XLA implementation the
       kernels are checked against (`addernet_jax.reference`'s, from ops).
+    varying: the `shard_map` mesh axes along which xp and w vary in the
+      caller (`check_vma=True`; empty elsewhere): the check runs the kernels
+      with operands varying alike.
   """
   platform = jax.default_backend()
   xp_shape, w_shape = tuple(map(int, xp_shape)), tuple(map(int, w_shape))
@@ -461,7 +518,8 @@ def backend_for(xp_shape: Sequence[int], w_shape: Sequence[int],
       if why is None:
         why = kernel_failure(name, module, xp_shape, w_shape, strides,
                              dtype_name, rows=rows, cols=cols,
-                             interpret=interpret, reference=reference)
+                             interpret=interpret, reference=reference,
+                             varying=varying)
         level = logging.WARNING
     if why is None:
       return make_kernels(name, module, interpret)

@@ -281,8 +281,8 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
   y = pl.pallas_call(
       functools.partial(_forward_kernel, kw=kw, strides=strides, wq=wq,
                         num_taps=kh * kw, cin=cin, tiling=tiling),
-      out_shape=jax.ShapeDtypeStruct(
-          (n, tiling["tiles"], bs.block_pix, cout_pad), jnp.float32),
+      out_shape=layout.out_struct(
+          (n, tiling["tiles"], bs.block_pix, cout_pad), jnp.float32, xp, w),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, nph, length, cin), lambda b, f, o: (b, 0, 0, 0)),
@@ -443,8 +443,9 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
         functools.partial(_input_grad_kernel, taps=taps, cout=cout,
                           tiling=tiling, pitch=pitch, origin=origin,
                           block_ch=bs.block_ch),
-        out_shape=jax.ShapeDtypeStruct(
-            (n, tiling["tiles"], bs.block_pix, cin_pad), jnp.float32),
+        out_shape=layout.out_struct(
+            (n, tiling["tiles"], bs.block_pix, cin_pad), jnp.float32, xp, w,
+            g),
         grid=grid,
         in_specs=[
             pl.BlockSpec((None, None, xlen, cin_pad),

@@ -36,6 +36,31 @@ def output_hw(xp_shape, w_shape, strides) -> tuple[int, int]:
           (xp_shape[2] - w_shape[1]) // strides[1] + 1)
 
 
+def varying_axes(*arrays: jax.Array) -> frozenset:
+  """The `shard_map` mesh axes along which any of `arrays` varies (empty
+  outside one, and inside one with `check_vma=False`)."""
+  axes = frozenset()
+  for x in arrays:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+    axes |= (frozenset(manual.varying) if manual is not None
+             else frozenset(getattr(aval, "vma", frozenset())))
+  return axes
+
+
+def out_struct(shape, dtype, *operands: jax.Array) -> jax.ShapeDtypeStruct:
+  """A kernel's `out_shape`: varying along the mesh axes its operands vary
+  along, as `shard_map(check_vma=True)` requires of a `pallas_call`."""
+  axes = varying_axes(*operands)
+  if not axes:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  if hasattr(jax.sharding, "ManualAxisType"):  # JAX >= 0.10
+    return jax.ShapeDtypeStruct(
+        shape, dtype,
+        manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+  return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+
+
 def check_shapes(name: str, xp_shape, w_shape, strides, g_shape=None) -> None:
   """Raises ValueError naming the offending values if shapes do not fit."""
   if len(xp_shape) != 4 or len(w_shape) != 4:

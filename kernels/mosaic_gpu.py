@@ -235,7 +235,7 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
                            block_pix=bs.block_pix, block_ch=bs.block_ch)
   kernel = plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct((n, pos_pad, cout_pad), jnp.float32),
+      out_type=layout.out_struct((n, pos_pad, cout_pad), jnp.float32, xp, w),
       scratch_types=[
           plgpu.SMEM((plan["phases"], cin, plan["slab"]), jnp.float32),
           plgpu.SMEM((kh * kw, cin, bs.block_ch), jnp.float32),

@@ -211,8 +211,8 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
   acc = pl.pallas_call(
       functools.partial(_forward_kernel, block_k=bs.block_k,
                         block_n=bs.block_n),
-      out_shape=jax.ShapeDtypeStruct((n_pad, m_pad // LANES, LANES),
-                                     jnp.float32),
+      out_shape=layout.out_struct((n_pad, m_pad // LANES, LANES),
+                                  jnp.float32, xp, w),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, None, None, bs.block_k * bs.block_n),
@@ -287,8 +287,8 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
   dpt = pl.pallas_call(
       functools.partial(_input_grad_kernel, block_k=bs.block_k,
                         block_n=bs.block_n),
-      out_shape=jax.ShapeDtypeStruct((k_pad, m_pad // LANES, LANES),
-                                     jnp.float32),
+      out_shape=layout.out_struct((k_pad, m_pad // LANES, LANES),
+                                  jnp.float32, xp, w, g),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, None, None, bs.block_k * bs.block_n),

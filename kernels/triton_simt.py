@@ -399,9 +399,11 @@ def _tiles_reach(tiling: dict, pitch: int) -> int:
           + tiling["col_tiles"] * tiling["tile_cols"])
 
 
-def _out_shape(n: int, tiles: int, ch_tiles: int, bs: BlockSizes):
-  return jax.ShapeDtypeStruct((n, tiles, ch_tiles, bs.pix_per_thread
-                               * bs.groups, *bs.tensor_shape), jnp.float32)
+def _out_shape(n: int, tiles: int, ch_tiles: int, bs: BlockSizes,
+               *operands: jax.Array):
+  return layout.out_struct((n, tiles, ch_tiles, bs.pix_per_thread
+                            * bs.groups, *bs.tensor_shape), jnp.float32,
+                           *operands)
 
 
 def _out_spec(bs: BlockSizes):
@@ -532,7 +534,7 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides, *,
   y = pl.pallas_call(
       functools.partial(_forward_kernel, taps=tuple(taps), cin=cin_pad,
                         tiling=tiling, pitch=wq, bs=bs, interpret=interpret),
-      out_shape=_out_shape(n, tiling["tiles"], ch_tiles, bs),
+      out_shape=_out_shape(n, tiling["tiles"], ch_tiles, bs, xp, w),
       grid=(n, tiling["tiles"], ch_tiles),
       in_specs=[
           pl.BlockSpec((None, nph, cin_pad, length),
@@ -650,7 +652,7 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides, *,
         functools.partial(_input_grad_kernel, taps=taps, cout=cout_pad,
                           tiling=tiling, pitch=pitch, origin=origin, bs=bs,
                           interpret=interpret),
-        out_shape=_out_shape(n, tiling["tiles"], ch_tiles, bs),
+        out_shape=_out_shape(n, tiling["tiles"], ch_tiles, bs, xp, w, g),
         grid=(n, tiling["tiles"], ch_tiles),
         in_specs=[
             pl.BlockSpec((None, None, xlen, bs.block_ch),

@@ -359,6 +359,48 @@ def test_inside_shard_map_the_check_sees_local_shapes(monkeypatch, check_vma):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _shard_map_grad(check_vma):
+  """The gradient of a data-parallel loss over a one-device mesh "b"."""
+  mesh = jax.make_mesh((1,), ("b",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def loss(x, w):
+    y = ops.adder_conv(x, w, padding="SAME", implementation="pallas")
+    return jax.lax.pmean(jnp.sum(jnp.sin(y / 3.0)), "b")
+  return jax.jit(jax.shard_map(jax.grad(loss, (0, 1)), mesh=mesh,
+                               in_specs=(P("b"), P()),
+                               out_specs=(P("b"), P()), check_vma=check_vma))
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_check_runs_the_kernels_as_the_caller_does(monkeypatch, check_vma):
+  """The check runs outside the caller's trace (no axis name of its
+  shard_map is bound there), and with the caller's varying operands: inside
+  `shard_map(check_vma=True)` the kernels see xp varying along "b" and w
+  replicated, as the step will call them."""
+  seen = []
+
+  def forward(xp, w, strides):
+    try:
+      bound = int(jax.lax.axis_size("b"))
+    except NameError:
+      bound = None
+    seen.append((bound, layout.varying_axes(xp), layout.varying_axes(w)))
+    return _naive_forward(xp, w, strides)
+  _on_gpu(monkeypatch, "triton", triton=family(forward=forward))
+  with ops.record_backends() as record:
+    grads = _shard_map_grad(check_vma)(*_data())
+  assert {r["implementation"] for r in record} == {"triton"}
+  probe, *in_step = seen
+  if check_vma:  # a one-device mesh of the check's own, xp varying alone
+    assert probe == (1, {"b"}, frozenset())
+  else:
+    assert probe == (None, frozenset(), frozenset())
+  assert in_step and all(s[0] == 1 for s in in_step)  # the caller's mesh
+  for a, b in zip(grads, _xla_loss_grads()[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------ real Pallas kernels in interpret mode --
 
 

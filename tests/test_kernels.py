@@ -11,6 +11,7 @@ kernels lower to Triton (CUDA) and Mosaic (TPU) without a device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -19,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from addernet_jax import ops, reference
 from addernet_jax.kernels import (dispatch, gpu, layout, mosaic_gpu, tpu,
                                   tpu_batch)
+from addernet_jax.kernels import triton_simt as simt
 
 
 # ------------------------------------------------------ float64 reference --
@@ -550,7 +553,19 @@ LOWER_SHAPES = [((256, 34, 34, 16), (3, 3, 16, 16), (1, 1)),
                 ((2, 9, 11, 3), (5, 5, 3, 7), (1, 1))]
 
 
-def _target_device(platform):
+def _abstract_h100(axis: str = "x"):
+  """A one-device abstract mesh of an H100, or None (older JAX: no abstract
+  devices; there Triton lowering does not need one)."""
+  try:
+    return jax.sharding.AbstractMesh(
+        (1,), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
+        abstract_device=jax.sharding.AbstractDevice(
+            device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
+  except (AttributeError, TypeError):
+    return None
+
+
+def _target_device(platform, mesh=None):
   """An abstract H100 for Triton lowering on a machine without a GPU.
 
   JAX >= 0.12 asks the default device (or the abstract mesh) for the GPU's
@@ -558,17 +573,14 @@ def _target_device(platform):
   """
   if platform != "cuda" or jax.default_backend() == "gpu":
     return contextlib.nullcontext()
-  try:
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-            device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
-  except (AttributeError, TypeError):  # older JAX: no abstract devices
+  mesh = mesh or _abstract_h100()
+  if mesh is None:
     return contextlib.nullcontext()
   return jax.sharding.use_abstract_mesh(mesh)
 
 
-def _lower(fn, platform, *avals):
-  with _target_device(platform):
+def _lower(fn, platform, *avals, mesh=None):
+  with _target_device(platform, mesh):
     return jax.jit(fn).trace(*avals).lower(
         lowering_platforms=(platform,)).as_text()
 
@@ -703,6 +715,51 @@ def test_tpu_chain_through_the_custom_vjp(monkeypatch):
   dispatch.reset()
 
 
+@pytest.mark.parametrize("check_vma", [False, True])
+@pytest.mark.parametrize("chain,family", [
+    pytest.param("tpu", "tpu", marks=pytest.mark.extended),
+    ("gpu", "triton")])
+def test_interpret_kernels_inside_shard_map(monkeypatch, chain, family,
+                                            check_vma):
+  """A data-parallel step (shard_map over a one-device mesh, input sharded,
+  filters replicated) with the check on first use: the TPU patches kernels
+  pass the check and run in both check_vma modes (the check once failed
+  them, reading the caller's axis names); Triton in interpret mode runs with
+  check_vma=False, and with check_vma=True, where Pallas' HLO interpreter
+  cannot run (JAX 0.10-0.11), is rejected by the check and XLA runs. Every
+  result matches XLA."""
+  dispatch.reset()
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", chain)
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "1")
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((2, 4, 5, 3)), jnp.float32)
+  w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  mesh = jax.make_mesh((1,), ("batch",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def loss(x, w, implementation):
+    y = ops.adder_conv(x, w, strides=(2, 2), implementation=implementation)
+    return jax.lax.pmean(jnp.sum(jnp.sin(y / 3.0)), "batch")
+
+  def grads(implementation):
+    step = jax.shard_map(
+        jax.grad(functools.partial(loss, implementation=implementation),
+                 (0, 1)),
+        mesh=mesh, in_specs=(P("batch"), P()), out_specs=(P("batch"), P()),
+        check_vma=check_vma)
+    return jax.jit(step)(x, w)
+  with ops.record_backends() as record:
+    got = grads("pallas")
+  ran = {r["implementation"] for r in record}
+  if family == "tpu" or not check_vma:
+    assert ran == {family}, record
+  else:
+    assert ran <= {family, "xla"}, record
+  for a, b in zip(got, grads("xla")):
+    assert rel_err(a, b) < 2e-6
+  dispatch.reset()
+
+
 def _loss_and_grads(x, w, strides, padding, implementation):
   def loss(x, w):
     y = ops.adder_conv(x, w, strides=strides, padding=padding,
@@ -741,3 +798,37 @@ def test_custom_vjp_pallas_matches_xla(shape, strides, padding, dtype):
     (t, b), (l, r) = pads
     want = dxp[:, t:t + h, l:l + w_, :]
     assert rel_err(dx_p, want) < 1e-5
+
+
+@pytest.mark.parametrize("family,platform,marker",
+                         [(gpu, "cuda", TRITON_CALL),
+                          (simt, "cuda", TRITON_CALL),
+                          (mosaic_gpu, "cuda", "mosaic_gpu"),
+                          (tpu, "tpu", "tpu_custom_call"),
+                          (tpu_batch, "tpu", "tpu_custom_call")])
+def test_kernels_lower_inside_shard_map_with_check_vma(family, platform,
+                                                       marker):
+  """Inside `shard_map(check_vma=True)` (JAX's default), with the input
+  varying along the mesh axis and the filters replicated, as a data-parallel
+  step calls them: every kernel's output declares its varying axes
+  (`layout.out_struct`), else tracing fails."""
+  xp_shape, w_shape, strides = (64, 18, 18, 16), (3, 3, 16, 32), (2, 2)
+  ho, wo = layout.output_hw(xp_shape, w_shape, strides)
+  mesh = abstract = None
+  if platform == "cuda" and jax.default_backend() != "gpu":
+    mesh = abstract = _abstract_h100("batch")
+  if mesh is None:
+    mesh = jax.make_mesh((1,), ("batch",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  avals = (jax.ShapeDtypeStruct(xp_shape, jnp.float32),
+           jax.ShapeDtypeStruct(w_shape, jnp.float32),
+           jax.ShapeDtypeStruct((xp_shape[0], ho, wo, w_shape[3]),
+                                jnp.float32))
+
+  def both(xp, w, g):
+    return family.forward(xp, w, strides), family.input_grad(xp, w, g,
+                                                             strides)
+  step = jax.shard_map(both, mesh=mesh, in_specs=(P("batch"), P(), P("batch")),
+                       out_specs=(P("batch"), P("batch")), check_vma=True)
+  text = _lower(step, platform, *avals, mesh=abstract)
+  assert marker in text
