@@ -50,7 +50,8 @@ reference's outputs included): a larger call is checked on fewer images (the
 batch is only the outermost grid axis of every kernel), every other
 dimension exact. `ADDERNET_KERNEL_PROBE=0` turns the check off, `=1` turns
 it on in interpret mode too (off there by default: on the CPU the kernels
-are a test vehicle, and the check would double their compile time).
+are a test vehicle, and the check would double their compile time; on
+inside `shard_map(check_vma=True)`, where Pallas' HLO interpreter fails).
 
 Limit: on CUDA an illegal memory access is sticky (the process's context is
 lost), so after such a failure the XLA fallback fails too; the log line then
@@ -231,12 +232,14 @@ def _family_refuses(module: Any, xp_shape, w_shape, strides,
 # ---------------------------------------------------- check on first use --
 
 
-def probe_enabled(interpret: bool = False) -> bool:
+def probe_enabled(interpret: bool = False, varying: bool = False) -> bool:
   """`ADDERNET_KERNEL_PROBE`: "0" off, "1" on; unset: on for kernels compiled
   for a device, off in interpret mode (the CPU, where the kernels run only as
-  a test vehicle and the check would double their compile time)."""
+  a test vehicle and the check would double their compile time) unless the
+  operands vary along mesh axes (`varying`: inside `shard_map(check_vma=True)`,
+  where Pallas' HLO interpreter fails; the check then falls back instead)."""
   value = os.environ.get("ADDERNET_KERNEL_PROBE", "")
-  return value == "1" if value in ("0", "1") else not interpret
+  return value == "1" if value in ("0", "1") else (not interpret or varying)
 
 
 def _probe_budget_bytes() -> int:
@@ -454,9 +457,9 @@ def kernel_failure(name: str, module: Any, xp_shape, w_shape, strides, dtype,
                    varying: Varying = ((), ())) -> str | None:
   """`check_kernels` of family `name` (implemented by `module`), once per
   process and distinct call; None when `ADDERNET_KERNEL_PROBE=0`."""
-  if not probe_enabled(interpret):
-    return None
   varying = _normal_varying(varying)
+  if not probe_enabled(interpret, any(varying)):
+    return None
   key = (name, id(module), tuple(map(int, xp_shape)), tuple(map(int, w_shape)),
          tuple(map(int, strides)), jnp.dtype(dtype).name,
          None if rows is None else tuple(rows),

@@ -269,10 +269,14 @@ def test_env_chain_and_probe_switch(monkeypatch, caplog):
   assert _backend() is None
   monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "0")  # unchecked: used as is
   assert _backend().name == "triton"
-  # Interpret mode (CPU) is checked only when asked for.
+  # Interpret mode (CPU) is checked only when asked for, or where operands
+  # vary along mesh axes (Pallas' HLO interpreter fails there).
   monkeypatch.delenv("ADDERNET_KERNEL_PROBE")
   assert dispatch.probe_enabled(interpret=False)
   assert not dispatch.probe_enabled(interpret=True)
+  assert dispatch.probe_enabled(interpret=True, varying=True)
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "0")
+  assert not dispatch.probe_enabled(interpret=True, varying=True)
   monkeypatch.setenv("ADDERNET_GPU_KERNELS", "mosaic_gpu, bogus")
   with caplog.at_level(logging.WARNING, logger=LOGGER):
     assert dispatch.chain_for("gpu") == (("mosaic_gpu",), False)

@@ -716,21 +716,25 @@ def test_tpu_chain_through_the_custom_vjp(monkeypatch):
 
 
 @pytest.mark.parametrize("check_vma", [False, True])
-@pytest.mark.parametrize("chain,family", [
-    pytest.param("tpu", "tpu", marks=pytest.mark.extended),
-    ("gpu", "triton")])
+@pytest.mark.parametrize("chain,family,probe", [
+    pytest.param("tpu", "tpu", "1", marks=pytest.mark.extended),
+    ("gpu", "triton", "1"), ("gpu", "triton", None)])
 def test_interpret_kernels_inside_shard_map(monkeypatch, chain, family,
-                                            check_vma):
+                                            probe, check_vma):
   """A data-parallel step (shard_map over a one-device mesh, input sharded,
   filters replicated) with the check on first use: the TPU patches kernels
   pass the check and run in both check_vma modes (the check once failed
   them, reading the caller's axis names); Triton in interpret mode runs with
   check_vma=False, and with check_vma=True, where Pallas' HLO interpreter
-  cannot run (JAX 0.10-0.11), is rejected by the check and XLA runs. Every
-  result matches XLA."""
+  cannot run (JAX 0.10-0.11), is rejected by the check, which runs there
+  even when not asked for (`probe` None), and XLA runs. Every result matches
+  XLA."""
   dispatch.reset()
   monkeypatch.setenv("ADDERNET_CPU_KERNELS", chain)
-  monkeypatch.setenv("ADDERNET_KERNEL_PROBE", "1")
+  if probe is None:
+    monkeypatch.delenv("ADDERNET_KERNEL_PROBE", raising=False)
+  else:
+    monkeypatch.setenv("ADDERNET_KERNEL_PROBE", probe)
   rng = np.random.default_rng(8)
   x = jnp.asarray(rng.standard_normal((2, 4, 5, 3)), jnp.float32)
   w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 3, 4)), jnp.float32)
