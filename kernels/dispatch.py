@@ -58,7 +58,9 @@ lost), so after such a failure the XLA fallback fails too; the log line then
 names the kernel that caused it. Interpret mode (CPU, JAX 0.10-0.11):
 Pallas' HLO interpreter (Triton kernels) cannot run with varying operands
 (`check_vma=True`): the check rejects it there; TPU interpret mode inside a
-`shard_map` over several devices hangs at its multi-device barrier.
+`shard_map` over several devices hangs at its multi-device barrier, so a
+family's `INTERPRET_MAX_DEVICES` bounds the enclosing `shard_map`'s devices
+for its interpret mode (the family is not used beyond).
 
 GPU lowering choice. The adder kernels are broadcast-subtract-abs-accumulate
 loops on CUDA cores: no tensor-core (wgmma) work. Triton lays out the
@@ -216,10 +218,26 @@ def unsupported_reason(xp_shape: Sequence[int], w_shape: Sequence[int],
   return None
 
 
+def _manual_devices() -> int:
+  """Devices of the enclosing `shard_map`'s manual mesh axes (1 outside
+  one), from the abstract mesh JAX sets while tracing it."""
+  try:
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = tuple(getattr(mesh, "manual_axes", ()))
+    return math.prod(int(mesh.shape[a]) for a in manual) if manual else 1
+  except Exception:  # pylint: disable=broad-except
+    return 1
+
+
 def _family_refuses(module: Any, xp_shape, w_shape, strides,
                     interpret: bool) -> str | None:
   if interpret and not getattr(module, "interpret_supported", lambda: True)():
     return f"no interpret mode on JAX {jax.__version__}"
+  most = getattr(module, "INTERPRET_MAX_DEVICES", None)
+  if interpret and most is not None and _manual_devices() > most:
+    return (f"its interpret mode runs inside a shard_map of at most {most} "
+            f"device(s), this one has {_manual_devices()} (the interpreter's "
+            f"multi-device simulation waits at a barrier and hangs)")
   refuses = getattr(module, "unsupported_reason", None)
   if refuses is not None:
     try:

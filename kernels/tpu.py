@@ -100,6 +100,13 @@ def _interpret_arg(interpret: bool):
   return pltpu.InterpretParams() if interpret else False
 
 
+# Pallas' TPU interpret mode simulates every device of an enclosing
+# `shard_map` and waits at a barrier for all of them; over two CPU devices it
+# hung (JAX 0.10.2, 2026-11-30). Dispatch runs these kernels in interpret mode
+# inside a `shard_map` of one device only.
+INTERPRET_MAX_DEVICES = 1
+
+
 # Accumulation (float32 fidelity, the scheme of `addernet_jax.reference`; see
 # `layout.block_offsets`): patch rows are summed in groups of at most GROUP
 # rows into fresh per-output-channel partials; the accumulator receives

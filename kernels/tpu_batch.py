@@ -54,6 +54,7 @@ from . import layout
 # The TPU layout constants, the accumulation group and the interpret-mode
 # switch are those of the patches family.
 from .tpu import GROUP, LANES, SUBLANES, Strides, _groups, _interpret_arg
+from .tpu import INTERPRET_MAX_DEVICES  # noqa: F401  (read by dispatch)
 
 # Fewer images than this would leave over half of the lanes idle.
 MIN_BATCH = 64

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import dataclasses
 import importlib.util
+import logging
 from pathlib import Path
 
 import jax
@@ -761,6 +762,30 @@ def test_interpret_kernels_inside_shard_map(monkeypatch, chain, family,
     assert ran <= {family, "xla"}, record
   for a, b in zip(got, grads("xla")):
     assert rel_err(a, b) < 2e-6
+  dispatch.reset()
+
+
+@pytest.mark.parametrize("devices,family", [(1, "tpu"), (2, "xla")])
+def test_tpu_interpret_mode_only_in_one_device_shard_maps(monkeypatch, caplog,
+                                                          devices, family):
+  """Inside a shard_map over several devices TPU interpret mode hangs (its
+  device simulation waits at a barrier): dispatch does not use it there and
+  says why. Traced over an abstract mesh: no devices, nothing runs."""
+  dispatch.reset()
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "tpu")
+  mesh = jax.sharding.AbstractMesh((devices,), ("batch",),
+                                   axis_types=(jax.sharding.AxisType.Auto,))
+  step = jax.shard_map(
+      lambda x, w: ops.adder_conv(x, w, implementation="pallas"), mesh=mesh,
+      in_specs=(P("batch"), P()), out_specs=P("batch"), check_vma=False)
+  with ops.record_backends() as record, caplog.at_level(
+      logging.INFO, logger="addernet_jax.kernels.dispatch"):
+    jax.jit(step).trace(jax.ShapeDtypeStruct((2 * devices, 6, 6, 3),
+                                             jnp.float32),
+                        jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32))
+  assert {r["implementation"] for r in record} == {family}
+  assert ("shard_map of at most 1 device(s), this one has 2"
+          in caplog.text) == (devices == 2)
   dispatch.reset()
 
 
