@@ -234,9 +234,10 @@ def _family_refuses(module: Any, xp_shape, w_shape, strides,
   if interpret and not getattr(module, "interpret_supported", lambda: True)():
     return f"no interpret mode on JAX {jax.__version__}"
   most = getattr(module, "INTERPRET_MAX_DEVICES", None)
-  if interpret and most is not None and _manual_devices() > most:
+  devices = _manual_devices() if interpret and most is not None else 1
+  if most is not None and devices > most:
     return (f"its interpret mode runs inside a shard_map of at most {most} "
-            f"device(s), this one has {_manual_devices()} (the interpreter's "
+            f"device(s), this one has {devices} (the interpreter's "
             f"multi-device simulation waits at a barrier and hangs)")
   refuses = getattr(module, "unsupported_reason", None)
   if refuses is not None:

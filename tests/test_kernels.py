@@ -11,7 +11,6 @@ kernels lower to Triton (CUDA) and Mosaic (TPU) without a device.
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
 import importlib.util
 import logging
@@ -482,6 +481,21 @@ class TestMosaicGpuKernelCompiled(KernelTestBase):
   SMALL_BLOCKS = TestMosaicGpuKernelInterpret.SMALL_BLOCKS
 
 
+def _data_parallel_grads(x, w, implementation, check_vma):
+  """(dx, dw) of a data-parallel loss through `ops.adder_conv` (stride 2):
+  shard_map over a one-device mesh, input sharded, filters replicated."""
+  mesh = jax.make_mesh((1,), ("batch",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def loss(x, w):
+    y = ops.adder_conv(x, w, strides=(2, 2), implementation=implementation)
+    return jax.lax.pmean(jnp.sum(jnp.sin(y / 3.0)), "batch")
+  step = jax.shard_map(jax.grad(loss, (0, 1)), mesh=mesh,
+                       in_specs=(P("batch"), P()),
+                       out_specs=(P("batch"), P()), check_vma=check_vma)
+  return jax.jit(step)(x, w)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (compiled kernels)")
 @pytest.mark.parametrize("check_vma", [False, True])
@@ -501,21 +515,10 @@ def test_compiled_kernels_inside_shard_map(monkeypatch, chain, family,
   rng = np.random.default_rng(9)
   x = jnp.asarray(rng.standard_normal((8, 16, 16, 16)), jnp.float32)
   w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 16, 32)), jnp.float32)
-  mesh = jax.make_mesh((1,), ("batch",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-  def grads(implementation):
-    def loss(x, w):
-      y = ops.adder_conv(x, w, strides=(2, 2), implementation=implementation)
-      return jax.lax.pmean(jnp.sum(jnp.sin(y / 3.0)), "batch")
-    step = jax.shard_map(jax.grad(loss, (0, 1)), mesh=mesh,
-                         in_specs=(P("batch"), P()),
-                         out_specs=(P("batch"), P()), check_vma=check_vma)
-    return jax.jit(step)(x, w)
   with ops.record_backends() as record:
-    got = grads("pallas")
+    got = _data_parallel_grads(x, w, "pallas", check_vma)
   assert family in {r["implementation"] for r in record}, record
-  for a, b in zip(got, grads("xla")):
+  for a, b in zip(got, _data_parallel_grads(x, w, "xla", check_vma)):
     assert rel_err(a, b) < 1e-5
   dispatch.reset()
 
@@ -733,8 +736,8 @@ def test_kernels_that_fail_to_build_fall_back_with_a_log_line(monkeypatch,
 @pytest.mark.extended
 def test_tpu_chain_through_the_custom_vjp(monkeypatch):
   """The TPU chain on the CPU (interpret mode) with the check on first use,
-  which runs the kernels while `jit` traces the step (TPU interpret mode's
-  host callbacks must not be traced into it): 64 images run the
+  which runs the kernels while `jit` traces the step (in a thread of its
+  own: nothing of the trace may leak into it): 64 images run the
   batch-on-lanes kernels, 2 fall back to the patches kernels; both pass the
   check and match XLA through `ops.adder_conv`'s custom VJP."""
   dispatch.reset()
@@ -779,28 +782,14 @@ def test_interpret_kernels_inside_shard_map(monkeypatch, chain, family,
   rng = np.random.default_rng(8)
   x = jnp.asarray(rng.standard_normal((2, 4, 5, 3)), jnp.float32)
   w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 3, 4)), jnp.float32)
-  mesh = jax.make_mesh((1,), ("batch",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-  def loss(x, w, implementation):
-    y = ops.adder_conv(x, w, strides=(2, 2), implementation=implementation)
-    return jax.lax.pmean(jnp.sum(jnp.sin(y / 3.0)), "batch")
-
-  def grads(implementation):
-    step = jax.shard_map(
-        jax.grad(functools.partial(loss, implementation=implementation),
-                 (0, 1)),
-        mesh=mesh, in_specs=(P("batch"), P()), out_specs=(P("batch"), P()),
-        check_vma=check_vma)
-    return jax.jit(step)(x, w)
   with ops.record_backends() as record:
-    got = grads("pallas")
+    got = _data_parallel_grads(x, w, "pallas", check_vma)
   ran = {r["implementation"] for r in record}
   if family == "tpu" or not check_vma:
     assert ran == {family}, record
   else:
     assert ran <= {family, "xla"}, record
-  for a, b in zip(got, grads("xla")):
+  for a, b in zip(got, _data_parallel_grads(x, w, "xla", check_vma)):
     assert rel_err(a, b) < 2e-6
   dispatch.reset()
 
@@ -885,12 +874,10 @@ def test_kernels_lower_inside_shard_map_with_check_vma(family, platform,
   (`layout.out_struct`), else tracing fails."""
   xp_shape, w_shape, strides = (64, 18, 18, 16), (3, 3, 16, 32), (2, 2)
   ho, wo = layout.output_hw(xp_shape, w_shape, strides)
-  mesh = abstract = None
-  if platform == "cuda" and jax.default_backend() != "gpu":
-    mesh = abstract = _abstract_h100("batch")
-  if mesh is None:
-    mesh = jax.make_mesh((1,), ("batch",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+  abstract = (_abstract_h100("batch") if platform == "cuda"
+              and jax.default_backend() != "gpu" else None)
+  mesh = abstract or jax.make_mesh((1,), ("batch",),
+                                   axis_types=(jax.sharding.AxisType.Auto,))
   avals = (jax.ShapeDtypeStruct(xp_shape, jnp.float32),
            jax.ShapeDtypeStruct(w_shape, jnp.float32),
            jax.ShapeDtypeStruct((xp_shape[0], ho, wo, w_shape[3]),
