@@ -24,8 +24,6 @@ the attacked examples) before the JSON line, which then also has an
 "attacks" object with the rows.
 """
 
-import json
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -93,7 +91,7 @@ def main(argv):
           on_row=lambda row: print(attacks_lib.format_row(row), flush=True))
   except train_lib.USER_ERRORS as e:
     return train_lib.cli_error(e)
-  print(json.dumps(result), flush=True)
+  print(train_lib.json_line(result), flush=True)
   return 0
 
 

@@ -12,8 +12,6 @@ object (step, epoch, train_loss, eval_top1, ...). This file is intentionally
 thin: the work is in `addernet_jax.train_lib.train_and_evaluate`.
 """
 
-import json
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -42,7 +40,7 @@ def main(argv):
     summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:
     return train_lib.cli_error(e)
-  print(json.dumps(summary), flush=True)
+  print(train_lib.json_line(summary), flush=True)
   return 0
 
 

@@ -46,7 +46,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +168,12 @@ def check_writable(path: str | os.PathLike) -> Path:
       disk full, ...).
   """
   path = require_local_path(path)
+  in_the_way = next((p for p in (path, *path.parents)
+                     if p.exists() and not p.is_dir()), None)
+  if in_the_way is not None:
+    raise CheckpointError(
+        f"directory {str(path)!r} cannot be created: {str(in_the_way)!r} is "
+        f"a file, not a directory; choose another --workdir")
   try:
     path.mkdir(parents=True, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
@@ -986,8 +992,16 @@ class CheckpointManager:
     return None
 
 
+class EvalRestore(NamedTuple):
+  """What `restore_for_eval(..., with_meta=True)` returns."""
+  state: Any  # the restored tree
+  meta: dict[str, Any]  # the step's meta (empty if it has none)
+  which: str  # "best" or "latest": the one restored (no best: the latest)
+
+
 def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
-                     abstract_state: Any, which: str = "latest") -> Any:
+                     abstract_state: Any, which: str = "latest", *,
+                     with_meta: bool = False) -> Any:
   """Restores a state for evaluation, read-only (nothing is ever moved).
 
   Args:
@@ -1006,6 +1020,8 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
     CheckpointError: no checkpoint, every one damaged (each named), the
       "best" one damaged, or a step unreadable for another reason.
     CheckpointStructureError (ValueError): another architecture.
+
+  With `with_meta=True` it returns an `EvalRestore` (state, meta, which).
   """
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
@@ -1021,17 +1037,24 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
           f"no checkpoint found in {str(directory)!r}" +
           (f" (damaged step(s) {', '.join(map(str, moved))} were moved to "
            f"{str(mgr.corrupted_directory)!r})" if moved else ""))
+
+    def restored(step: int, kind: str) -> Any:
+      state, meta = mgr.restore_step(step, abstract_state, partial=True)
+      if not with_meta:
+        return state
+      return EvalRestore(state, meta if isinstance(meta, dict) else {}, kind)
+
     if which == "best":
       best = mgr.best_step()
       if best is None:
         logger.warning("no checkpoint in %s has a %r metric; using the latest",
                        directory, mgr.best_metric)
       else:
-        return mgr.restore_step(best, abstract_state, partial=True)[0]
+        return restored(best, "best")
     damaged = []
     for step in steps:
       try:
-        return mgr.restore_step(step, abstract_state, partial=True)[0]
+        return restored(step, "latest")
       except CheckpointCorruptedError as e:
         damaged.append(e)
         logger.warning("%s; trying the previous checkpoint", e)

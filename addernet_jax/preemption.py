@@ -1,9 +1,11 @@
-"""Preemption: turn SIGTERM into a flag the training loop checks each step.
+"""Preemption: turn SIGTERM (and Ctrl-C) into a flag the training loop checks.
 
 Preemptible TPU/GPU nodes (and SLURM's `--signal`, Kubernetes, `kill`) send
 SIGTERM some seconds before the process is killed. The training loop should
 not die mid-step; it checks `preempted.should_stop(step)` once per step,
 saves a checkpoint and exits with status 0, and the next run resumes.
+A first Ctrl-C (SIGINT) does the same in a single-process run; a second one
+interrupts at once (KeyboardInterrupt), as Python does by default.
 
     preempted = install_preemption_handler()
     for step in ...:
@@ -43,14 +45,17 @@ def _distributed_preemption_available() -> bool:
           and getattr(state, "preemption_sync_manager", None) is not None)
 
 
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class PreemptionFlag(threading.Event):
-  """A `threading.Event` set by SIGTERM (and optionally other signals).
+  """A `threading.Event` set by SIGTERM and SIGINT (or the given signals).
 
   `is_set()` is this process's view; use `should_stop(step)` in the training
   loop, which is the same in every process of a multi-process run.
   """
 
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  def __init__(self, signals: tuple[int, ...] = DEFAULT_SIGNALS):
     super().__init__()
     self.signals = signals
     self.signal_received: int | None = None
@@ -59,10 +64,15 @@ class PreemptionFlag(threading.Event):
 
   def _handler(self, signum: int, frame: Any) -> None:
     del frame
+    if signum == signal.SIGINT and self.is_set():
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, as by default
     self.signal_received = signum
     if not self.is_set():
-      logger.warning("received %s: will save a checkpoint and stop after the "
-                     "current step", signal.Signals(signum).name)
+      logger.warning(
+          "received %s: will save a checkpoint and stop after the current "
+          "step%s", signal.Signals(signum).name,
+          " (Ctrl-C again to stop at once, without saving)"
+          if signum == signal.SIGINT else "")
     self.set()
 
   def install(self) -> "PreemptionFlag":
@@ -73,9 +83,11 @@ class PreemptionFlag(threading.Event):
                      "thread: signals cannot be caught there")
       return self
     for sig in self.signals:
-      if self._use_jax_sync and sig == signal.SIGTERM:
+      if self._use_jax_sync and sig in (signal.SIGTERM, signal.SIGINT):
         # JAX's coordination service already listens for SIGTERM and tells
-        # every process; a Python handler would replace its handler.
+        # every process; a Python handler would replace its handler. A
+        # SIGINT reaches one process only, which cannot stop alone without
+        # blocking the others in a collective: it keeps Python's default.
         continue
       self._previous[sig] = signal.signal(sig, self._handler)
     return self
@@ -108,14 +120,15 @@ class PreemptionFlag(threading.Event):
 
 
 def install_preemption_handler(
-    signals: tuple[int, ...] = (signal.SIGTERM,)) -> PreemptionFlag:
-  """Installs a SIGTERM handler and returns the flag it sets.
+    signals: tuple[int, ...] = DEFAULT_SIGNALS) -> PreemptionFlag:
+  """Installs SIGTERM and SIGINT handlers and returns the flag they set.
 
   Call after `parallel.initialize_distributed` (so that a multi-process run
   uses JAX's cross-host preemption agreement) and from the main thread.
 
   Args:
-    signals: the signals that request a checkpoint-and-exit.
+    signals: the signals that request a checkpoint-and-exit (SIGINT only
+      in a single-process run; a second SIGINT raises KeyboardInterrupt).
 
   Returns:
     A `PreemptionFlag` (a `threading.Event`): `.is_set()` once a signal

@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import signal
 import sys
 import time
 from pathlib import Path
@@ -104,8 +106,25 @@ class NonFiniteStateError(NonFiniteLossError):
 
 # Errors caused by the user's input: the command line prints them as one
 # line ("error: ...") and exits non-zero, without a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-               PermissionError, KeyError, ckpt_lib.CheckpointError)
+USER_ERRORS = (ValueError, TypeError, KeyError, ckpt_lib.CheckpointError,
+               # a file or folder missing, unreadable, in the way; disk full
+               OSError,
+               # a file that is not a readable PyTorch checkpoint
+               pickle.UnpicklingError)
+
+
+def json_line(result: Any) -> str:
+  """`result` as one line of strict JSON: NaN and Inf become null (bare NaN,
+  which json.dumps writes by default, is refused by strict parsers)."""
+  def strict(x: Any) -> Any:
+    if isinstance(x, dict):
+      return {k: strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [strict(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+      x = x.item()
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+  return json.dumps(strict(result), allow_nan=False)
 
 
 def cli_error(message: Any) -> int:
@@ -352,6 +371,35 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+# What a checkpoint's meta records of the run, and a resume or an evaluation
+# must agree with (older checkpoints may lack some keys: those are skipped).
+_RESUME_KEYS = ("model", "conv", "dataset", "distill", "seed", "batch_size",
+                "holdout_examples", "steps_per_epoch")
+_EVAL_KEYS = ("model", "conv", "dataset")
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config values a checkpoint's meta records for `check_meta`."""
+  return {"model": config.model, "conv": config.conv,
+          "dataset": config.dataset, "distill": distill.distill_kind(config),
+          "seed": config.seed, "batch_size": config.batch_size,
+          "holdout_examples": int(config.get("holdout_examples", 0) or 0)}
+
+
+def check_meta(meta: Any, expected: dict[str, Any], keys: tuple[str, ...],
+               where: str, advice: str) -> None:
+  """ValueError listing every key of `keys` where a checkpoint's `meta`
+  differs from `expected` (keys absent from either are not compared)."""
+  if not isinstance(meta, dict):
+    return
+  diffs = [f"{k} {meta[k]!r} in the checkpoint, {expected[k]!r} in the "
+           f"config" for k in keys
+           if k in meta and k in expected and meta[k] != expected[k]]
+  if diffs:
+    raise ValueError(f"{where} does not match the config: "
+                     f"{'; '.join(diffs)}. {advice}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int
                     ) -> data_lib.DatasetInfo:
   """Checks the keys the loop depends on; ValueError naming the bad value."""
@@ -372,6 +420,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   if config.log_every_steps <= 0:
     raise ValueError(f"config.log_every_steps must be > 0, got "
                      f"{config.log_every_steps}")
+  for key in ("learning_rate", "momentum", "weight_decay"):
+    value = config.get(key)
+    if value is not None and (not isinstance(value, (int, float)) or
+                              not math.isfinite(value) or value < 0 or
+                              (key == "learning_rate" and value == 0)):
+      raise ValueError(
+          f"config.{key}={value!r} must be a finite number "
+          f"{'> 0' if key == 'learning_rate' else '>= 0'}")
   get_dtype(config.dtype)
   if config.conv not in models.common.CONV_KINDS:
     raise ValueError(f"config.conv must be one of {models.common.CONV_KINDS},"
@@ -520,8 +576,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       state, meta = restored
       start_step = int(jax.device_get(state.step))
+      check_meta(
+          meta, {**run_identity(config), "steps_per_epoch": steps_per_epoch},
+          _RESUME_KEYS,
+          f"the checkpoint at step {start_step} in {str(workdir)!r}",
+          "Resuming would mix two runs: rerun with the values it was "
+          "trained with, or give a new --workdir")
       log.info("resumed from step %d (%s)", start_step, meta)
       resumed_meta = meta if isinstance(meta, dict) else {}
+      if start_step >= total_steps:
+        log.warning("the checkpoint is at step %d, the config's last step is "
+                    "%d: nothing to train, evaluating it", start_step,
+                    total_steps)
     if train_iter is not None and start_step != guess:
       train_iter.close()
       train_iter = _streaming_train(config, info, start_step)
@@ -678,10 +744,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
     if step == last_saved:
       return
     meta = {"step": step, "epoch": step / steps_per_epoch,
-            "steps_per_epoch": steps_per_epoch, "seed": config.seed,
-            "model": config.model, "conv": config.conv,
-            "dataset": config.dataset,
-            "distill": distill.distill_kind(config),
+            "steps_per_epoch": steps_per_epoch, **run_identity(config),
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
     # The loss checked for step s comes from the parameters before that
@@ -744,7 +807,9 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           flush_metrics()
           save(None, force=True)
           preempted = True
-          log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
+          log.warning("%s: saved a checkpoint at step %d; exiting",
+                      signal.Signals(preemption.signal_received or
+                                     signal.SIGTERM).name, step)
           break
       flush_metrics()
       if not preempted:
@@ -786,6 +851,14 @@ def restore_variables(config: ml_collections.ConfigDict,
   settings of `config` do not matter; the architecture must match
   (a ValueError names the first mismatching parameter).
   """
+  return _restore_for_eval(config, workdir, which).state
+
+
+def _restore_for_eval(config: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike[str], which: str
+                      ) -> ckpt_lib.EvalRestore:
+  """`restore_variables` with the step's meta and which step it read; a
+  checkpoint of another model, conv kind or dataset is a ValueError."""
   info = data_lib.dataset_info(config.dataset)
   rep = parallel.replicated_sharding(parallel.make_mesh())
   model = build_model(config)
@@ -795,7 +868,13 @@ def restore_variables(config: ml_collections.ConfigDict,
   abstract = _abstract({"step": jax.ShapeDtypeStruct((), jnp.int32),
                         "params": variables["params"],
                         "batch_stats": variables.get("batch_stats", {})}, rep)
-  return ckpt_lib.restore_for_eval(workdir, abstract, which=which)
+  restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
+                                       with_meta=True)
+  check_meta(restored.meta, run_identity(config), _EVAL_KEYS,
+             f"the checkpoint in {str(workdir)!r} (step "
+             f"{restored.meta.get('step', '?')})",
+             "Evaluate it with the config it was trained with")
+  return restored
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
@@ -807,11 +886,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   if is_sr_task(config):
     from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
     return sr_train.evaluate_checkpoint(config, workdir, which=which)
-  restored = restore_variables(config, workdir, which)
-  result = eval_lib.evaluate_variables(config, build_model(config), restored)
-  return {**result, "step": int(jax.device_get(restored["step"])),
+  restored = _restore_for_eval(config, workdir, which)
+  result = eval_lib.evaluate_variables(config, build_model(config),
+                                       restored.state)
+  return {**result, "step": int(jax.device_get(restored.state["step"])),
           "checkpoint": str(Path(workdir).expanduser().absolute()),
-          "which": which}
+          "which": restored.which}
 
 
 def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,

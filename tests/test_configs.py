@@ -194,3 +194,25 @@ def test_bad_value_is_one_line_error(tmp_path):
   result = run_cli("train.py", "--config", "configs/smoke.py",
                    f"--workdir={tmp_path}", "--config.num_classes=7")
   assert_one_line_error(result, "num_classes")
+
+
+@pytest.mark.parametrize("key,value", [("learning_rate", -0.1),
+                                       ("learning_rate", 0.0),
+                                       ("momentum", -0.9),
+                                       ("weight_decay", float("nan"))])
+def test_optimizer_values_out_of_range_are_refused(key, value):
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _, config = load(CONFIG_DIR / "smoke.py")
+  config[key] = value
+  with pytest.raises(ValueError, match=f"config.{key}="):
+    train_lib.validate_config(config, 1)
+
+
+def test_json_line_is_strict_json():
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  line = train_lib.json_line({"loss": float("nan"), "top1": np.float32(0.5),
+                              "rows": [{"x": float("inf")}], "n": 3})
+  assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
+      "loss": None, "top1": 0.5, "rows": [{"x": None}], "n": 3}

@@ -54,6 +54,12 @@ def test_eval_of_our_checkpoint_matches_training(jax_cache, tmp_path):
     assert result["top1"] == pytest.approx(summary["eval_top1"], abs=1e-6)
     assert result["top5"] == pytest.approx(summary["eval_top5"], abs=1e-6)
     assert result["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+  # A model trained on digits, evaluated under a config of another dataset
+  # (LeNet pads every input, so the shapes alone would not tell).
+  error = one_line_error(run(jax_cache, "eval.py", "--config",
+                             "configs/mnist_lenet5.py",
+                             f"--checkpoint={tmp_path}"))
+  assert "dataset 'digits' in the checkpoint, 'mnist' in the config" in error
 
 
 def test_eval_needs_exactly_one_checkpoint(jax_cache, tmp_path):

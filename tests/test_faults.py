@@ -305,6 +305,31 @@ def test_eval_restore_skips_corrupted_without_moving_it(tmp_path):
     ckpt.restore_for_eval(directory, ABSTRACT)
 
 
+def test_eval_restore_says_which_step_it_read(tmp_path):
+  directory = tmp_path / "ck"
+  save_two(directory)  # no metrics: there is no best step
+  got = ckpt.restore_for_eval(directory, ABSTRACT, which="best",
+                              with_meta=True)
+  assert_state(got.state, 2)
+  assert got.which == "latest" and got.meta == {"step": 2}
+  with ckpt.CheckpointManager(directory) as mgr:
+    mgr.save(3, make_state(3), {"step": 3}, metrics={"eval_top1": 0.5},
+             force=True)
+  got = ckpt.restore_for_eval(directory, ABSTRACT, which="best",
+                              with_meta=True)
+  assert got.which == "best" and got.meta == {"step": 3}
+
+
+def test_a_file_in_the_way_of_the_workdir_is_named(tmp_path):
+  blocker = tmp_path / "afile"
+  blocker.write_text("keep me")
+  for workdir in (blocker, blocker / "run"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=f"{blocker}' is a file, not a directory"):
+      ckpt.check_writable(workdir)
+  assert blocker.read_text() == "keep me"
+
+
 def test_urls_are_refused_not_turned_into_local_folders(tmp_path,
                                                         monkeypatch):
   monkeypatch.chdir(tmp_path)
@@ -525,6 +550,18 @@ def test_sigterm_sets_the_flag_and_handler_is_restored():
     assert flag.should_stop(1)
     assert flag.signal_received == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_first_ctrl_c_asks_for_a_checkpoint_the_second_interrupts():
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.install_preemption_handler() as flag:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert flag.wait(5.0) and flag.should_stop(1)
+    assert flag.signal_received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5.0)  # the handler runs between bytecodes, well before
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 _SAVE_LOOP = textwrap.dedent("""

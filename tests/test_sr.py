@@ -447,6 +447,11 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
   again = train_lib.train_and_evaluate(config, workdir)
   assert again["step"] == 4
   assert again["eval_psnr"] == pytest.approx(summary["eval_psnr"], abs=1e-9)
+  # ... but not with another batch size: that would mix two runs.
+  changed = _smoke_config(*skimage_folders)
+  changed.batch_size *= 2
+  with pytest.raises(ValueError, match="batch_size .* in the checkpoint"):
+    train_lib.train_and_evaluate(changed, workdir)
 
   # eval.py: the same checkpoint, the same figures, one JSON line.
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")

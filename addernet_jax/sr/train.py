@@ -314,6 +314,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       state, meta = restored
       step = int(jax.device_get(state.step))
+      train_lib.check_meta(
+          meta, run_identity(config), tuple(run_identity(config)),
+          f"the checkpoint at step {step} in {str(workdir)!r}",
+          "Resuming would mix two runs: rerun with the values it was "
+          "trained with, or give a new --workdir")
       log.info("resumed from step %d", step)
       if isinstance(meta, dict) and meta.get("train_loss") is not None:
         last_train["train_loss"] = meta["train_loss"]
@@ -379,8 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f"the training state is not finite after step {step}: "
             f"{next(iter(bad))!r}; stopping without saving")
       meta = {"step": step, "epoch": step / steps_per_epoch,
-              "task": "sr", "model": config.model, "conv": config.conv,
-              "scale": config.scale, "seed": config.seed,
+              **run_identity(config),
               "train_loss": last_train.get("train_loss")}
       scalars = {k: float(v) for k, v in (eval_metrics or last_train).items()
                  if isinstance(v, (int, float))}
@@ -444,6 +448,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return summary
 
 
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint's meta records of the run, and a resume must keep."""
+  return {"task": "sr", "model": config.model, "conv": config.conv,
+          "scale": config.scale, "seed": config.seed,
+          "batch_size": config.batch_size}
+
+
 def restore_variables(config: ml_collections.ConfigDict,
                       workdir: str | os.PathLike[str], which: str = "latest"
                       ) -> dict[str, Any]:
@@ -458,7 +469,13 @@ def restore_variables(config: ml_collections.ConfigDict,
       {"step": jax.ShapeDtypeStruct((), jnp.int32),
        "params": variables["params"],
        "batch_stats": variables.get("batch_stats", {})})
-  return ckpt_lib.restore_for_eval(workdir, abstract, which=which)
+  restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
+                                       with_meta=True)
+  train_lib.check_meta(restored.meta, run_identity(config),
+                       ("task", "model", "conv", "scale"),
+                       f"the checkpoint in {str(workdir)!r}",
+                       "Evaluate it with the config it was trained with")
+  return restored.state
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
