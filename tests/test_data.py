@@ -91,21 +91,40 @@ def test_digits_split_sizes_determinism_and_stats():
 
 # ------------------------------------------------------------- ImageFolder --
 
+def _pad_classes(split_dir: Path, num_classes: int) -> None:
+  """Adds empty class folders (sorted after the others) up to num_classes."""
+  split_dir.mkdir(parents=True, exist_ok=True)
+  have = sum(1 for p in split_dir.iterdir() if p.is_dir())
+  for i in range(num_classes - have):
+    (split_dir / f'zz_empty{i:04d}').mkdir()
+
+
+def _interleaved(counts):
+  """(class, rank) in the listing order: rank k of a class of n files at
+  (k + 1/2) / n, ties in class order."""
+  items = [(c, k) for c, n in enumerate(counts) for k in range(n)]
+  return sorted(items, key=lambda ck: ((ck[1] + 0.5) / counts[ck[0]], ck[0]))
+
+
 def _make_imagefolder(root: Path, shape=(32, 32, 3), classes=('cat', 'ant',
                       'zebra'), counts=(3, 2, 4), ext='png', seed=0,
-                      splits=('train', 'test')):
+                      splits=('train', 'test'), num_classes=10):
+  """Random images; expected[split] = (images, labels) in listing order."""
   rng = np.random.default_rng(seed)
   expected = {}
   for split in splits:
-    imgs, labels = [], []
+    by_class = []
     for ci, cname in enumerate(sorted(classes)):
       n = counts[ci] + (1 if split == 'train' else 0)
+      by_class.append([])
       for i in range(n):
         arr = _rand_images(rng, 1, *shape)[0]
         _save(arr, root / split / cname / f'{i:04d}.{ext}')
-        imgs.append(arr)
-        labels.append(ci)
-    expected[split] = (np.stack(imgs), np.asarray(labels))
+        by_class[-1].append(arr)
+    _pad_classes(root / split, num_classes)
+    order = _interleaved([len(b) for b in by_class])
+    expected[split] = (np.stack([by_class[c][k] for c, k in order]),
+                       np.asarray([c for c, _ in order]))
   return expected
 
 
@@ -119,7 +138,7 @@ def test_imagefolder_png_exact(tmp_path):
     np.testing.assert_array_equal(y, expected[split][1])
   # Class index = position in the sorted folder names.
   _, _, classes = local.list_imagefolder(tmp_path, 'test')
-  assert classes == ['ant', 'cat', 'zebra']
+  assert classes[:3] == ['ant', 'cat', 'zebra'] and len(classes) == 10
 
 
 def test_imagefolder_val_dir_grey_jpeg(tmp_path):
@@ -128,9 +147,10 @@ def test_imagefolder_val_dir_grey_jpeg(tmp_path):
     for i in range(2):
       _save(_rand_images(rng, 1, 28, 28, 1)[0],
             tmp_path / 'val' / f'{c}' / f'{i}.jpg')
+  _pad_classes(tmp_path / 'val', 10)
   x, y = data.load_arrays('mnist', tmp_path, 'test')
   assert x.shape == (6, 28, 28, 1) and x.dtype == np.uint8
-  np.testing.assert_array_equal(y, [0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(y, [0, 1, 2, 0, 1, 2])
   assert x.std() > 20  # decoded content, not zeros
   with pytest.raises(ValueError, match='no train split'):
     data.load_arrays('mnist', tmp_path, 'train')
@@ -145,7 +165,9 @@ def test_imagefolder_decode_workers_match_in_process(tmp_path):
 
 def test_imagefolder_wrong_size_and_channels(tmp_path):
   rng = np.random.default_rng(2)
+  (tmp_path / 'train/b').mkdir(parents=True)
   _save(_rand_images(rng, 1, 32, 32, 3)[0], tmp_path / 'train/a/0.png')
+  _pad_classes(tmp_path / 'train', 10)
   _save(_rand_images(rng, 1, 31, 32, 3)[0], tmp_path / 'train/a/1.png')
   with pytest.raises(ValueError, match=r'1\.png.*\(31, 32, 3\)'):
     data.load_arrays('cifar10', tmp_path, 'train')
@@ -161,6 +183,174 @@ def test_imagefolder_too_many_classes(tmp_path):
     _save(_rand_images(rng, 1, 32, 32, 3)[0], tmp_path / f'test/c{c:02d}/0.png')
   with pytest.raises(ValueError, match='11 class folders'):
     data.load_arrays('cifar10', tmp_path, 'test')
+
+
+def _bad_image(path: Path, kind: str) -> None:
+  """Writes a damaged `kind` of image file at path."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if kind in ('empty', 'text'):
+    path.write_bytes(b'' if kind == 'empty' else b'not an image\n' * 20)
+    return
+  _save(_rand_images(np.random.default_rng(7), 1, 32, 32, 3)[0], path)
+  raw = path.read_bytes()  # random pixels: a JPEG of about 2 kB
+  path.write_bytes(raw[:300] if kind == 'cut300' else
+                   raw[:int(0.8 * len(raw))])
+
+
+@pytest.mark.parametrize('kind', ['trunc80', 'cut300', 'empty', 'text'])
+def test_imagefolder_unreadable_file_names_it(tmp_path, kind):
+  _make_imagefolder(tmp_path, ext='jpg', counts=(3, 3, 3))  # 12 in train/
+  bad = tmp_path / 'train' / 'cat' / '0001.jpg'
+  _bad_image(bad, kind)
+  pattern = (re.escape(str(bad)) + r': cannot decode this image file '
+             r'\(.*Error.*\).*remove it or replace it')
+  with pytest.raises(local.ImageDecodeError, match=pattern) as e:
+    data.load_arrays('cifar10', tmp_path, 'train')
+  assert isinstance(e.value, ValueError)
+  # The same through a pool of decoding processes (4 chunks of 3 files).
+  paths, _, _ = local.list_imagefolder(tmp_path, 'train')
+  with pytest.raises(local.ImageDecodeError, match=pattern):
+    local.decode_images(paths, (32, 32, 3), num_workers=2, chunk=3)
+  # And in the streaming pipeline, decoding in this process.
+  it = data.streaming_iterator('cifar10', tmp_path, 'train',
+                               global_batch_size=12, train=True, num_epochs=1,
+                               worker_count=0)
+  with pytest.raises(local.ImageDecodeError, match=pattern):
+    _collect(it)
+  it.close()
+  # ImageNet-sized decoding (streaming._decode_large) too.
+  with pytest.raises(local.ImageDecodeError, match=pattern):
+    streaming._decode_large(str(bad), 224, False, None)
+
+
+@pytest.mark.slow
+def test_streaming_unreadable_file_in_grain_worker(tmp_path):
+  """Grain re-raises a worker's exception with its type in the main
+  process: the error still names the file."""
+  _make_imagefolder(tmp_path, ext='jpg', counts=(2, 2, 2), splits=('train',))
+  bad = tmp_path / 'train' / 'zebra' / '0000.jpg'
+  _bad_image(bad, 'trunc80')
+  it = data.streaming_iterator('cifar10', tmp_path, 'train',
+                               global_batch_size=3, train=True, num_epochs=1,
+                               worker_count=1)
+  try:
+    with pytest.raises(local.ImageDecodeError, match=re.escape(str(bad))):
+      for _ in it:
+        pass
+  finally:
+    it.close()
+
+
+def test_imagefolder_listing_interleaved_by_class(tmp_path):
+  """Files are listed interleaved by class, so that holdout_examples (the
+  last N training examples) and eval_max_examples (the first N evaluation
+  examples) keep the class balance."""
+  rng = np.random.default_rng(8)
+  for c in range(10):
+    for i in range(4 if c != 2 else 8):
+      _save(_rand_images(rng, 1, 32, 32, 3)[0],
+            tmp_path / 'train' / f'c{c}' / f'{i:02d}.png')
+    for i in range(3):
+      _save(_rand_images(rng, 1, 32, 32, 3)[0],
+            tmp_path / 'test' / f'c{c}' / f'{i:02d}.png')
+  paths, labels, _ = local.list_imagefolder(tmp_path, 'test')
+  np.testing.assert_array_equal(labels, np.tile(np.arange(10), 3))
+  assert [Path(p).name for p in paths[:11]] == ['00.png'] * 10 + ['01.png']
+  # Class c2 has 8 files, at (k + 1/2) / 8 of the list: 1/16, 3/16, 5/16..;
+  # the others 4, at 1/8, 3/8...
+  paths, labels, _ = local.list_imagefolder(tmp_path, 'train')
+  assert [Path(p).relative_to(tmp_path / 'train').as_posix()
+          for p in paths[:13]] == (
+              ['c2/00.png', 'c0/00.png', 'c1/00.png'] +
+              [f'c{c}/00.png' for c in range(3, 10)] +
+              ['c2/01.png', 'c2/02.png', 'c0/01.png'])
+  assert sorted(paths) == sorted(str(p) for p in (tmp_path / 'train').rglob(
+      '*.png'))  # every file once
+  for n in (11, 22, 33):  # any prefix or suffix: each class's share
+    for part in (labels[:n], labels[-n:]):
+      counts = np.bincount(part, minlength=10)
+      np.testing.assert_allclose(counts, n * np.bincount(labels) / 44,
+                                 atol=1)
+  train, (_, y_eval) = data.load_in_memory_splits(
+      'cifar10', tmp_path, holdout_examples=11)
+  np.testing.assert_array_equal(np.bincount(y_eval), [1, 1, 2] + [1] * 7)
+  assert len(train[1]) == 33
+  _, (_, y_eval) = data.load_in_memory_splits('cifar10', tmp_path,
+                                              eval_max_examples=10)
+  np.testing.assert_array_equal(y_eval, np.arange(10))
+
+
+def test_imagefolder_class_count_must_match_dataset(tmp_path):
+  expected = _make_imagefolder(tmp_path, classes=[f'c{c}' for c in range(10)],
+                               counts=[1] * 10, num_classes=10)
+  assert len(expected['train'][1]) == 20
+  # CIFAR-10 folders for CIFAR-100.
+  for split in ('train', 'test'):
+    with pytest.raises(ValueError, match=r'10 class folders in .*train.*'
+                       r'fewer than the 100 classes of cifar100'):
+      data.load_arrays('cifar100', tmp_path, split)
+  # A class missing from test/ only keeps train's indices.
+  shutil.rmtree(tmp_path / 'test' / 'c3')
+  _, y = data.load_arrays('cifar10', tmp_path, 'test')
+  np.testing.assert_array_equal(y, [0, 1, 2, 4, 5, 6, 7, 8, 9])
+  # Missing from train/ (and test/): later classes would shift by one.
+  shutil.rmtree(tmp_path / 'train' / 'c3')
+  for split in ('train', 'test'):
+    with pytest.raises(ValueError, match=r"9 class folders in '.*train', "
+                       r'fewer than the 10 classes of cifar10'):
+      data.load_arrays('cifar10', tmp_path, split)
+  with pytest.raises(ValueError, match='9 class folders.*fewer than the 10'):
+    data.streaming_iterator('cifar10', tmp_path, 'test', global_batch_size=2,
+                            train=False, worker_count=0)
+  # Without train/, the split's own folders define the classes.
+  shutil.rmtree(tmp_path / 'train')
+  with pytest.raises(ValueError, match=r"9 class folders in '.*test'"):
+    data.load_arrays('cifar10', tmp_path, 'test')
+
+
+def test_imagefolder_hidden_entries_ignored(tmp_path):
+  expected = _make_imagefolder(tmp_path)
+  for split in ('train', 'test'):  # Jupyter's and macOS's leftovers
+    _bad_image(tmp_path / split / '.ipynb_checkpoints' / 'x.jpg', 'text')
+    _bad_image(tmp_path / split / 'cat' / '._0000.jpg', 'text')
+    (tmp_path / split / 'cat' / '.ipynb_checkpoints').mkdir()
+  for split in ('train', 'test'):
+    x, y = data.load_arrays('cifar10', tmp_path, split)
+    np.testing.assert_array_equal(x, expected[split][0])
+    np.testing.assert_array_equal(y, expected[split][1])
+  it = data.streaming_iterator('cifar10', tmp_path, 'test',
+                               global_batch_size=9, train=False,
+                               worker_count=0)
+  assert it.num_examples == 9 and '.ipynb_checkpoints' not in it.classes
+  it.close()
+  only_hidden = tmp_path / 'other'
+  _bad_image(only_hidden / 'train' / '.ipynb_checkpoints' / 'a.png', 'text')
+  assert not local.is_imagefolder(only_hidden)
+
+
+def test_data_dir_hints_archive_and_split_folder(tmp_path):
+  _make_imagefolder(tmp_path / 'folder', classes=[f'c{c}' for c in range(10)],
+                    counts=[1] * 10)
+  archive = tmp_path / 'cifar10-jpeg.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tmp_path / 'folder', arcname='cifar10-jpeg')
+  with pytest.raises(ValueError, match=r'is not a directory\. It is an '
+                     r'archive: extract it first'):
+    data.load_arrays('cifar10', archive, 'train')
+  split = tmp_path / 'folder' / 'train'
+  parent = re.escape(repr(str(split.parent)))
+  with pytest.raises(ValueError, match=r'single ImageFolder split .* pass '
+                     f'its parent {parent}'):
+    data.load_arrays('cifar10', split, 'train')
+  with pytest.raises(ValueError, match=f'pass its parent {parent}'):
+    data.streaming_iterator('cifar10', split, 'train', global_batch_size=2,
+                            train=True, worker_count=0)
+  holder = tmp_path / 'holder'
+  holder.mkdir()
+  shutil.copy(archive, holder)
+  with pytest.raises(ValueError, match=r'holds archives \(cifar10-jpeg\.tar'
+                     r'\.gz\): extract them first'):
+    data.load_arrays('cifar10', holder, 'train')
 
 
 # ------------------------------------------------------------------- CIFAR --
@@ -370,8 +560,14 @@ def test_cifar10_jpeg_test_folder(cifar10_jpeg_test):
   print(f'CIFAR-10 JPEG test split loaded in {time.perf_counter() - t:.1f} s')
   assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8
   np.testing.assert_array_equal(np.bincount(y), [1000] * 10)
-  _, _, classes = local.list_imagefolder(cifar10_jpeg_test, 'test')
+  paths, labels, classes = local.list_imagefolder(cifar10_jpeg_test, 'test')
   assert tuple(classes) == CIFAR10_CLASSES
+  np.testing.assert_array_equal(labels, y)
+  # Interleaved by class (equal classes: file k of every class, then k + 1):
+  # every prefix (eval_max_examples) keeps the class balance.
+  np.testing.assert_array_equal(y, np.tile(np.arange(10), 1000))
+  assert paths[:2] == [str(cifar10_jpeg_test / 'test' / c / '0000.jpg')
+                       for c in CIFAR10_CLASSES[:2]]
   # Files are ranked within their class in the original test order: the
   # lossless copies of the first original test images must match their JPEG
   # (27-33 dB PSNR re-encoding) and the label order airplane=0..truck=9.
@@ -383,13 +579,12 @@ def test_cifar10_jpeg_test_folder(cifar10_jpeg_test):
          for s in d['source']]
   sel = [i for i, v in enumerate(idx) if v >= 0]
   assert [idx[i] for i in sel] == list(range(len(sel)))
-  starts = np.concatenate([[0], np.cumsum(np.bincount(y, minlength=10))])
   seen = np.zeros(10, int)
   for i in sel:
     label = int(d['labels'][i])
     rank = seen[label]
     seen[label] += 1
-    img = x[starts[label] + rank]
+    img = x[rank * 10 + label]
     mse = np.mean((img.astype(float) - d['images'][i]) ** 2)
     assert 10 * np.log10(255 ** 2 / mse) > 24, (i, label, rank)
 
@@ -558,7 +753,9 @@ def test_augment_bad_inputs():
 # ---------------------------------------------------------------- streaming --
 
 def _grey_folder(root: Path, counts=(7, 5, 9), seed=13):
-  """28x28 grey PNGs (mnist-shaped: no augmentation), all distinct."""
+  """28x28 grey PNGs (mnist-shaped: no augmentation), all distinct; returned
+  grouped by class (not in listing order). Empty class folders make up
+  MNIST's 10 classes."""
   rng = np.random.default_rng(seed)
   images = []
   for c, n in enumerate(counts):
@@ -567,6 +764,8 @@ def _grey_folder(root: Path, counts=(7, 5, 9), seed=13):
       _save(arr, root / 'train' / f'class{c}' / f'{i:02d}.png')
       _save(arr, root / 'val' / f'class{c}' / f'{i:02d}.png')
       images.append(arr)
+  for split in ('train', 'val'):
+    _pad_classes(root / split, 10)
   return np.stack(images)
 
 
@@ -636,7 +835,8 @@ def test_streaming_resume_and_eval_padding(tmp_path):
       'mnist', tmp_path, 'train', **{**kw, 'seed': 2}))
   assert any(np.any(a['label'] != b['label'])
              for a, b in zip(full, other_seed))
-  # Evaluation: every example once, in file order, last batch padded.
+  # Evaluation: every example once, in listing order (interleaved by
+  # class), last batch padded.
   it = data.streaming_iterator('mnist', tmp_path, 'test', global_batch_size=8,
                                process_index=1, process_count=2, train=False,
                                worker_count=0)
@@ -648,8 +848,10 @@ def test_streaming_resume_and_eval_padding(tmp_path):
     positions = k * 8 + 4 + np.arange(4)
     np.testing.assert_array_equal(mask, positions < 21)
     ids += _record_ids(b['image'][mask], originals, info)
-  assert ids == [i for k in range(3) for i in range(k * 8 + 4, k * 8 + 8)
-                 if i < 21]
+  starts = np.cumsum([0, 7, 5])
+  listing = [int(starts[c]) + r for c, r in _interleaved((7, 5, 9))]
+  assert ids == [listing[i] for k in range(3)
+                 for i in range(k * 8 + 4, k * 8 + 8) if i < 21]
 
 
 def test_streaming_imagenet_transforms(tmp_path):
@@ -662,6 +864,8 @@ def test_streaming_imagenet_transforms(tmp_path):
           'a.JPEG')
   Image.fromarray(_rand_images(rng, 1, 90, 70, 1)[0, ..., 0]).save(
       tmp_path / 'train' / 'n0' / 'grey.jpg')  # grey JPEGs exist in ImageNet
+  for split in ('train', 'val'):
+    _pad_classes(tmp_path / split, 1000)
   info = data.dataset_info('imagenet2012')
   b = _collect(data.streaming_iterator('imagenet2012', tmp_path, 'test',
                                        global_batch_size=3, train=False,

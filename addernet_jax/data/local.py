@@ -8,12 +8,14 @@ Layouts: ImageFolder (JPEG/PNG class folders), CIFAR python pickles, MNIST IDX
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gzip
 import multiprocessing
 import os
 import pickle
+import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -26,7 +28,8 @@ LAYOUTS_HELP = (
     'Accepted layouts for data_dir:\n'
     '  * ImageFolder: <data_dir>/train/<class>/*.jpg|*.png and <data_dir>/test/'
     ' (or val/) with the same class folders; class index = position in the '
-    'sorted folder names;\n'
+    'sorted folder names of train/, one folder per class of the dataset '
+    '(hidden folders ignored);\n'
     '  * CIFAR python pickles: data_batch_1..5 and test_batch (cifar10; the '
     'cifar-10-batches-py folder or its parent), train and test (cifar100; the '
     'cifar-100-python folder or its parent);\n'
@@ -42,6 +45,17 @@ _CIFAR_SUBDIRS = {'cifar10': 'cifar-10-batches-py',
                   'cifar100': 'cifar-100-python'}
 _MNIST_SUBDIRS = ('.', 'MNIST/raw', 'raw', 'mnist')
 _MNIST_PREFIX = {'train': 'train', 'test': 't10k'}
+_ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip', '.tar.bz2', '.tar.xz',
+                     '.7z')
+
+
+class ImageDecodeError(ValueError):
+  """An image file that cannot be decoded (empty, truncated, corrupt or not
+  an image at all); the message names the file."""
+
+
+def _is_archive(path: Path) -> bool:
+  return path.name.lower().endswith(_ARCHIVE_SUFFIXES)
 
 
 # ------------------------------------------------------------------ layout --
@@ -52,7 +66,11 @@ def check_dir(data_dir: str | os.PathLike[str]) -> Path:
   if not root.exists():
     raise ValueError(f'data_dir {str(root)!r} does not exist. {LAYOUTS_HELP}')
   if not root.is_dir():
-    raise ValueError(f'data_dir {str(root)!r} is not a directory. '
+    hint = (' It is an archive: extract it first (e.g. tar xzf FILE -C DIR or'
+            ' unzip FILE -d DIR) and pass the extracted folder that holds '
+            'train/ and test/ (or the dataset files).'
+            if _is_archive(root) else '')
+    raise ValueError(f'data_dir {str(root)!r} is not a directory.{hint} '
                      f'{LAYOUTS_HELP}')
   if not any(root.iterdir()):
     raise ValueError(f'data_dir {str(root)!r} is empty. {LAYOUTS_HELP}')
@@ -60,10 +78,44 @@ def check_dir(data_dir: str | os.PathLike[str]) -> Path:
 
 
 def _class_dirs(path: Path) -> list[Path]:
+  """Sub-folders of `path` sorted by name, hidden ones ('.*', such as
+  .ipynb_checkpoints) left out."""
   if not path.is_dir():
     return []
-  return sorted((p for p in path.iterdir() if p.is_dir()),
+  return sorted((p for p in path.iterdir()
+                 if not p.name.startswith('.') and p.is_dir()),
                 key=lambda p: p.name)
+
+
+def _image_files(folder: Path | str) -> list[str]:
+  """Sorted names of the image files in `folder` (hidden ones left out)."""
+  with os.scandir(folder) as it:
+    return sorted(e.name for e in it
+                  if e.name.lower().endswith(IMG_EXTENSIONS) and
+                  not e.name.startswith('.') and e.is_file())
+
+
+def _has_image_file(folder: Path) -> bool:
+  with os.scandir(folder) as it:
+    return any(e.name.lower().endswith(IMG_EXTENSIONS) and
+               not e.name.startswith('.') and e.is_file() for e in it)
+
+
+def layout_hint(root: Path) -> str:
+  """A hint for a directory of no known layout: a split folder passed
+  instead of its parent, or archives still to extract ('' if neither)."""
+  hints = []
+  if any(_has_image_file(d) for d in _class_dirs(root)):
+    hints.append(
+        f' It looks like a single ImageFolder split (its sub-folders are class'
+        f' folders of images): pass its parent {str(root.parent)!r}, which '
+        'should hold train/ and test/ (or val/).')
+  archives = sorted(p.name for p in root.iterdir()
+                    if _is_archive(p) and p.is_file())
+  if archives:
+    hints.append(f' It holds archives ({", ".join(archives[:5])}): extract '
+                 'them first and pass the extracted folder.')
+  return ''.join(hints)
 
 
 def is_imagefolder(root: Path) -> bool:
@@ -127,7 +179,8 @@ def detect_layout(root: Path, name: str) -> str:
     return 'tfds'
   other = [n for n in _CIFAR_SUBDIRS if n != name and
            _cifar_dir(root, n) is not None]
-  hint = (f' It looks like {other[0]} pickles, not {name}.' if other else '')
+  hint = (f' It looks like {other[0]} pickles, not {name}.' if other else
+          layout_hint(root))
   entries = sorted(p.name for p in root.iterdir())[:10]
   raise ValueError(
       f'Unrecognised layout in data_dir {str(root)!r} for dataset {name!r} '
@@ -252,61 +305,111 @@ def imagefolder_split_dir(root: Path, split: str) -> Path:
       f'class folders under {" or ".join(IMAGEFOLDER_SPLIT_DIRS[split])}/.')
 
 
-def list_imagefolder(root: Path, split: str
+def list_imagefolder(root: Path, split: str,
+                     info: info_lib.DatasetInfo | None = None
                      ) -> tuple[list[str], np.ndarray, list[str]]:
   """(file paths, int32 labels, class names) of an ImageFolder split.
 
   The class names are the sorted folder names of train/ when it exists (so
-  that a val/ lacking a class keeps the training indices), else of the split.
+  that a val/ lacking a class keeps the training indices), else of the split;
+  hidden folders and files ('.*') are ignored. Given `info`, those folders
+  must number exactly `info.num_classes` (ValueError otherwise: a missing
+  folder would shift the index of every later class).
+
+  The files are interleaved by class, not grouped: file k of a class comes
+  at fraction (k + 1/2) / n of the list, with n the files of its class (file
+  names sorted within each class, ties in class order). With equal class
+  sizes that is file 0 of every class, then file 1 of every class, and so on,
+  so any prefix or suffix of the list (`eval_max_examples`,
+  `holdout_examples`) keeps the class proportions.
   """
   split_dir = imagefolder_split_dir(root, split)
   class_root = root / 'train' if _class_dirs(root / 'train') else split_dir
   classes = [p.name for p in _class_dirs(class_root)]
+  if info is not None and len(classes) != info.num_classes:
+    shown = ', '.join(classes[:12]) + (', ...' if len(classes) > 12 else '')
+    raise ValueError(
+        f'ImageFolder {str(root)!r} has {len(classes)} class folders in '
+        f'{str(class_root)!r}, '
+        f'{"more" if len(classes) > info.num_classes else "fewer"} than the '
+        f'{info.num_classes} classes of {info.name} (found: {shown}). The '
+        'class index is the position in the sorted folder names, so every '
+        'class needs its folder there.')
   index = {c: i for i, c in enumerate(classes)}
-  paths: list[str] = []
-  labels: list[int] = []
+  per_class: list[tuple[int, list[str]]] = []
   for class_dir in _class_dirs(split_dir):
     if class_dir.name not in index:
       raise ValueError(
           f'{class_dir}: class folder {class_dir.name!r} is not among the '
           f'{len(classes)} classes of {class_root}.')
-    with os.scandir(class_dir) as it:
-      files = sorted(e.name for e in it
-                     if e.name.lower().endswith(IMG_EXTENSIONS) and
-                     e.is_file())
-    paths.extend(os.path.join(class_dir, f) for f in files)
-    labels.extend([index[class_dir.name]] * len(files))
-  if not paths:
+    files = _image_files(class_dir)
+    if files:
+      per_class.append((index[class_dir.name],
+                        [os.path.join(class_dir, f) for f in files]))
+  if not per_class:
     raise ValueError(f'ImageFolder split {str(split_dir)!r} has no image files'
                      f' ({", ".join(IMG_EXTENSIONS)}).')
-  return paths, np.asarray(labels, np.int32), classes
+  all_paths = [p for _, files in per_class for p in files]
+  labels = np.concatenate([np.full(len(files), c, np.int32)
+                           for c, files in per_class])
+  # (2k + 1) / (2n): exact ties for equal fractions (correctly rounded).
+  position = np.concatenate([(2 * np.arange(len(files)) + 1) / (2 * len(files))
+                             for _, files in per_class])
+  order = np.lexsort((labels, position))
+  return [all_paths[i] for i in order], labels[order], classes
 
 
 _GREY_MODES = ('L', '1')
 _COLOUR_MODES = ('RGB', 'P', 'CMYK', 'YCbCr')
 
 
+# What PIL raises for an unreadable file: UnidentifiedImageError (an
+# OSError) for an empty or non-image file, OSError 'image file is truncated'
+# or 'Truncated File Read', SyntaxError, EOFError, struct.error or ValueError
+# from some corrupt headers.
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError,
+                  struct.error)
+
+
+@contextlib.contextmanager
+def image_file_errors(path: str) -> Iterator[None]:
+  """Turns an error reading or decoding image file `path` (inside the
+  `with`) into an `ImageDecodeError` naming the file."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
+    raise ImageDecodeError(
+        f'{path}: cannot decode this image file ({type(e).__name__}: {e}); '
+        'it is empty, truncated, corrupt or not an image: remove it or '
+        'replace it with a valid copy.') from e
+
+
 def decode_image(path: str, shape: Sequence[int]) -> np.ndarray:
   """Decodes one image file to uint8 HWC of exactly `shape` (no resizing).
 
   Palette, CMYK and YCbCr images are converted to RGB, bilevel to grey; images
-  of another size or channel count raise ValueError naming the shape.
+  of another size or channel count raise ValueError naming the shape, files
+  that cannot be decoded `ImageDecodeError` (a ValueError) naming the file.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w, c = shape
-  with Image.open(path) as img:
-    mode = img.mode
-    channels = (1 if mode in _GREY_MODES else 3 if mode in _COLOUR_MODES
-                else len(img.getbands()))
-    got = (img.height, img.width, channels)
-    if got != (h, w, c):
-      raise ValueError(f'{path}: image of shape {got} (H, W, C; mode {mode}),'
-                       f' expected {(h, w, c)}.')
-    if c == 3 and mode != 'RGB':
-      img = img.convert('RGB')
-    elif c == 1 and mode != 'L':
-      img = img.convert('L')
-    arr = np.asarray(img, dtype=np.uint8)
+  arr = None
+  with image_file_errors(path):
+    with Image.open(path) as img:
+      mode = img.mode
+      channels = (1 if mode in _GREY_MODES else 3 if mode in _COLOUR_MODES
+                  else len(img.getbands()))
+      got = (img.height, img.width, channels)
+      if got == (h, w, c):
+        if c == 3 and mode != 'RGB':
+          img = img.convert('RGB')
+        elif c == 1 and mode != 'L':
+          img = img.convert('L')
+        arr = np.asarray(img, dtype=np.uint8)
+  if arr is None:
+    raise ValueError(f'{path}: image of shape {got} (H, W, C; mode {mode}),'
+                     f' expected {(h, w, c)}.')
   return arr.reshape(h, w, c)
 
 
@@ -371,11 +474,7 @@ def decode_images(paths: Sequence[str], shape: Sequence[int], *,
 def load_imagefolder(root: Path, split: str, info: info_lib.DatasetInfo
                      ) -> tuple[np.ndarray, np.ndarray]:
   """Whole ImageFolder split decoded to uint8 [N, H, W, C] (no resizing)."""
-  paths, labels, classes = list_imagefolder(root, split)
-  if len(classes) > info.num_classes:
-    raise ValueError(
-        f'ImageFolder {str(root)!r} has {len(classes)} class folders, more '
-        f'than the {info.num_classes} classes of {info.name}.')
+  paths, labels, _ = list_imagefolder(root, split, info)
   images = decode_images(paths, info.image_shape,
                          desc=f'{info.name} {split} ({root.name})')
   return images, labels

@@ -11,8 +11,9 @@ depend only on `seed` and the position in the stream, so the pipeline is
 deterministic and resumes from `start_step` without replaying earlier steps.
 
 Training epochs are reshuffled (a permutation per epoch) and drop their last
-incomplete global batch. Evaluation reads every example once in file order;
-its last global batch is padded with blank examples whose 'mask' is False.
+incomplete global batch. Evaluation reads every example once in listing order
+(`local.list_imagefolder`: interleaved by class); its last global batch is
+padded with blank examples whose 'mask' is False.
 
 All transforms are module-level classes so they pickle into Grain's spawned
 worker processes.
@@ -43,11 +44,14 @@ class ImageFolderSource:
   """Random-access (path, label) records of an ImageFolder split.
 
   Paths are stored as one bytes blob with offsets, so that pickling the
-  source into worker processes stays cheap for millions of files.
+  source into worker processes stays cheap for millions of files. The
+  records are in `local.list_imagefolder`'s order (interleaved by class);
+  given `info`, the class folders must number `info.num_classes`.
   """
 
-  def __init__(self, root: Path, split: str):
-    paths, labels, classes = local.list_imagefolder(root, split)
+  def __init__(self, root: Path, split: str,
+               info: info_lib.DatasetInfo | None = None):
+    paths, labels, classes = local.list_imagefolder(root, split, info)
     self.root = str(root)
     self.classes = classes
     encoded = [os.path.relpath(p, root).encode('utf-8') for p in paths]
@@ -94,8 +98,15 @@ def _decode_large(path: str, size: int, train: bool,
 
   Evaluation follows torchvision's PIL pipeline exactly; training lets JPEG
   decoding downscale by a power of two first where the crop allows (a
-  slightly different filter, many times faster on full-size photos).
+  slightly different filter, many times faster on full-size photos). A file
+  that cannot be decoded raises `local.ImageDecodeError` naming it.
   """
+  with local.image_file_errors(path):
+    return _decode_large_unchecked(path, size, train, rng)
+
+
+def _decode_large_unchecked(path: str, size: int, train: bool,
+                            rng: np.random.Generator | None) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as img:
     width, height = img.size
@@ -304,11 +315,9 @@ def streaming_iterator(name: str, data_dir: str | os.PathLike[str] | None,
   root = local.check_dir(data_dir)
   if not local.is_imagefolder(root):
     raise ValueError(f'streaming_iterator needs an ImageFolder data_dir; '
-                     f'{str(root)!r} is not one. {local.LAYOUTS_HELP}')
-  source = ImageFolderSource(root, split)
-  if len(source.classes) > info.num_classes:
-    raise ValueError(f'{str(root)!r} has {len(source.classes)} class folders,'
-                     f' more than the {info.num_classes} of {name}.')
+                     f'{str(root)!r} is not one.{local.layout_hint(root)} '
+                     f'{local.LAYOUTS_HELP}')
+  source = ImageFolderSource(root, split, info)
   n = len(source)
   if train:
     steps_per_epoch = n // global_batch_size
