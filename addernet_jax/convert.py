@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import flax.traverse_util as traverse_util
@@ -97,10 +99,22 @@ def _state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
   state = {}
   for key, value in obj.items():
-    if not isinstance(key, str) or not isinstance(value, np.ndarray):
+    if not isinstance(key, str):
+      raise ValueError(f"{path}: key {key!r} is a {type(key).__name__}, not "
+                       f"a parameter name; not a plain state_dict")
+    if not isinstance(value, np.ndarray):
+      kind = type(value)
+      name = (kind.__qualname__ if kind.__module__ == "builtins"
+              else f"{kind.__module__}.{kind.__qualname__}")
       raise ValueError(
-          f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-          f"not a plain state_dict")
+          f"{path}: entry {key!r} is a {name}, not a numpy array; the values "
+          f"must be numpy arrays (for torch tensors: "
+          f"{{k: v.numpy() for k, v in state_dict.items()}})")
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(
+        value).all():
+      raise ValueError(
+          f"{path}: entry {key!r} holds {int((~np.isfinite(value)).sum())} "
+          f"NaN/Inf value(s) of {value.size}; the checkpoint is not usable")
     name = key[len("module."):] if key.startswith("module.") else key
     if name in state:
       raise ValueError(f"{path}: duplicate entry {name!r} after stripping "
@@ -122,13 +136,17 @@ def _abstract_variables(model_name: str, num_classes: int, conv: str,
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
-                       source: str = "state_dict") -> dict[str, Any]:
+                       source: str = "state_dict", *,
+                       in_channels: int | None = None) -> dict[str, Any]:
   """Converts an official-layout state_dict (numpy values) to Flax variables.
 
   Args:
     state_dict: PyTorch names (with or without 'module.') to numpy arrays.
     model_name: one of `SUPPORTED_MODELS`.
     source: how to name the input in error messages.
+    in_channels: the channels of the images the model is for (the dataset's,
+      e.g. 3 for CIFAR-10); a stem filter for another number is refused with
+      both shapes. None: read from the checkpoint's own stem filter.
 
   Returns:
     `{"params": ..., "batch_stats": ...}` of float32 jax arrays.
@@ -141,6 +159,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
   if model_name not in SUPPORTED_MODELS:
     raise ValueError(f"unknown model {model_name!r}; choose one of "
                      f"{SUPPORTED_MODELS}")
+  if in_channels is not None and (not isinstance(in_channels, int)
+                                  or isinstance(in_channels, bool)
+                                  or in_channels < 1):
+    raise ValueError(f"in_channels must be a positive int or None, got "
+                     f"{in_channels!r}")
   state = _state_dict(state_dict, source)
   classifier = _CLASSIFIER.get(model_name, "fc")
   stem = _STEM.get(model_name, "conv1")
@@ -151,10 +174,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
         f"{source} is not a {model_name}: it has no classifier weight "
         f"'{classifier}.weight' to infer the number of classes from")
   num_classes = int(head.shape[0])
-  stem_weight = state.get(f"{stem}.weight", state.get(f"{stem}.adder"))
-  in_channels = (int(stem_weight.shape[1]) if stem_weight is not None
-                 and stem_weight.ndim == 4 else (1 if model_name == "lenet5_bn"
-                                                 else 3))
+  if in_channels is None:
+    stem_weight = state.get(f"{stem}.weight", state.get(f"{stem}.adder"))
+    in_channels = (int(stem_weight.shape[1]) if stem_weight is not None
+                   and stem_weight.ndim == 4 else
+                   (1 if model_name == "lenet5_bn" else 3))
   abstract = _abstract_variables(model_name, num_classes, conv, in_channels)
   expected = {c: traverse_util.flatten_dict(abstract.get(c, {}))
               for c in ("params", "batch_stats")}
@@ -179,10 +203,15 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
           f"counterpart in the model")
     want = tuple(expected[collection][path].shape)
     if tuple(array.shape) != want:
+      hint = ""
+      if (path[0] == stem and array.ndim == 4 and len(want) == 4
+          and array.shape[2] != want[2]):
+        hint = (f"; this stem filter takes {array.shape[2]}-channel images, "
+                f"the model's input has {want[2]} channels")
       raise ValueError(
-          f"checkpoint is not a {model_name}: {key} has shape "
+          f"{source} is not a {model_name}: {key} has shape "
           f"{tuple(value.shape)} (as {collection}/{where}: "
-          f"{tuple(array.shape)}) but the model expects {want}")
+          f"{tuple(array.shape)}) but the model expects {want}{hint}")
     converted[collection][path] = array
   for collection, wanted in expected.items():
     for path in wanted:
@@ -199,8 +228,24 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
       for collection, arrays in converted.items()}
 
 
-def load_torch_checkpoint(path: str | os.PathLike, model_name: str
-                          ) -> dict[str, Any]:
+def _check_checkpoint_file(path: str | os.PathLike) -> Path:
+  """`path` (with ~ expanded) if it is a file; clear errors otherwise."""
+  file = Path(path).expanduser()
+  if file.is_dir():
+    hint = ""
+    if (file / "checkpoints").is_dir():
+      hint = ("; it looks like a training workdir: pass it with --checkpoint "
+              "(figures: --workdirs)")
+    raise ValueError(f"torch checkpoint {os.fspath(path)!r} is a directory, "
+                     f"not a .pth file{hint}")
+  if not file.exists():
+    raise FileNotFoundError(
+        f"torch checkpoint {os.fspath(path)!r}: no such file")
+  return file
+
+
+def load_torch_checkpoint(path: str | os.PathLike, model_name: str, *,
+                          in_channels: int | None = None) -> dict[str, Any]:
   """Loads an official-layout PyTorch checkpoint as Flax variables.
 
   Reads both PyTorch containers (legacy pre-1.6, as the official release, and
@@ -215,22 +260,31 @@ def load_torch_checkpoint(path: str | os.PathLike, model_name: str
   Args:
     path: the `.pth` file.
     model_name: one of `addernet_jax.models.MODEL_NAMES`, e.g. "resnet20".
+    in_channels: the image channels of the dataset the model is for (e.g. 3
+      for CIFAR-10); a checkpoint whose stem filter expects another number is
+      refused. None: read from the checkpoint's stem.
 
   Returns:
     `{"params": ..., "batch_stats": ...}` for
     `get_model(model_name, num_classes=..., conv=...)`.
 
   Raises:
-    ValueError: unknown model name, or a checkpoint of another architecture
-      (the first mismatching parameter is named with both shapes).
-    torch_pickle.UnsafePickleError: the file asks for a disallowed global.
+    FileNotFoundError: no such file.
+    ValueError: unknown model name, `path` is a directory, or a checkpoint of
+      another architecture (the first mismatching parameter is named with
+      both shapes).
+    pickle.UnpicklingError: not a readable PyTorch checkpoint (damaged,
+      truncated, or not one at all); the message names the file.
+    torch_pickle.UnsafePickleError: (an `UnpicklingError`) the file asks for
+      a disallowed global.
   """
   if model_name not in SUPPORTED_MODELS:
     raise ValueError(f"unknown model {model_name!r}; choose one of "
                      f"{SUPPORTED_MODELS}")
+  file = _check_checkpoint_file(path)
   source = os.fspath(path)
-  return convert_state_dict(torch_pickle.load(source), model_name,
-                            source=source)
+  return convert_state_dict(torch_pickle.load(file), model_name,
+                            source=source, in_channels=in_channels)
 
 
 def infer_model_kwargs(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,3 +300,12 @@ def infer_model_kwargs(variables: Mapping[str, Any]) -> dict[str, Any]:
     if path[0] in ("fc", "fc3") and path[-1] in ("kernel", layers.ADDER_KERNEL):
       return {"num_classes": int(leaf.shape[-1]), "conv": conv}
   raise ValueError("no classifier kernel ('fc' or 'fc3') in the variables")
+
+
+if __name__ == "__main__":
+  print("error: addernet_jax.convert is a library module, not a command; use "
+        "the .pth file with `python eval.py --torch_checkpoint FILE`, "
+        "`python -m addernet_jax.export --torch_checkpoint FILE`, or in "
+        "Python `convert.load_torch_checkpoint(path, model)`",
+        file=sys.stderr)
+  sys.exit(2)

@@ -64,19 +64,26 @@ def load_variables(config: ml_collections.ConfigDict, *,
                    torch_checkpoint: str | os.PathLike[str] | None = None
                    ) -> tuple[Any, dict[str, Any]]:
   """(model, variables as host arrays) of a training workdir or an
-  official-layout PyTorch checkpoint; the model uses the pure-jnp adder."""
+  official-layout PyTorch checkpoint; the model uses the pure-jnp adder.
+
+  A PyTorch checkpoint must fit the config's dataset: its stem takes the
+  dataset's image channels and its classifier has the dataset's classes
+  (ValueError otherwise).
+  """
   if (checkpoint is None) == (torch_checkpoint is None):
     raise ValueError("give exactly one of checkpoint (a training workdir) and"
                      " torch_checkpoint (a .pth file)")
   dtype = train_lib.get_dtype(config.dtype)
   if torch_checkpoint is not None:
     from addernet_jax import convert  # pylint: disable=g-import-not-at-top
-    if not Path(torch_checkpoint).is_file():
-      raise FileNotFoundError(
-          f"torch checkpoint {str(torch_checkpoint)!r} does not exist")
-    variables = convert.load_torch_checkpoint(torch_checkpoint, config.model)
+    info = data_lib.dataset_info(config.dataset)
+    variables = convert.load_torch_checkpoint(
+        torch_checkpoint, config.model, in_channels=info.image_shape[-1])
     kwargs = convert.infer_model_kwargs(variables)
     num_classes, conv = kwargs["num_classes"], kwargs["conv"]
+    if num_classes != info.num_classes:
+      raise ValueError(f"{str(torch_checkpoint)!r} has {num_classes} classes, "
+                       f"{config.dataset} has {info.num_classes}")
   else:
     restored = train_lib.restore_variables(config, checkpoint, which)
     variables = {"params": restored["params"],
@@ -102,11 +109,55 @@ def export_model(model: Any, variables: dict[str, Any],
   return jax_export.export(fn, platforms=tuple(platforms))(spec)
 
 
+def _checkpoint_folder(workdir: str | os.PathLike[str]) -> Path:
+  """Where the checkpoints of a --checkpoint workdir live (resolved):
+  `<workdir>/checkpoints`, or the folder itself when given directly."""
+  root = Path(workdir).expanduser().resolve()
+  return root / "checkpoints" if (root / "checkpoints").is_dir() else root
+
+
+def check_output(output: str | os.PathLike[str], *,
+                 checkpoint: str | os.PathLike[str] | None = None,
+                 torch_checkpoint: str | os.PathLike[str] | None = None
+                 ) -> Path:
+  """`output` (with ~ expanded) if an exported model can be written there
+  without harming the inputs; a ValueError before any work otherwise.
+
+  Refused: an existing directory, a path below a regular file, the
+  `torch_checkpoint` file itself, and anything inside the checkpoint folder
+  of the `checkpoint` workdir.
+  """
+  path = Path(output).expanduser()
+  if path.is_dir():
+    raise ValueError(f"output {str(output)!r} is a directory; give a file "
+                     f"name")
+  for parent in path.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise ValueError(f"cannot write output {str(output)!r}: "
+                         f"{str(parent)!r} is a file, not a directory")
+      break
+  resolved = path.resolve()
+  if torch_checkpoint is not None:
+    source = Path(torch_checkpoint).expanduser()
+    same = (os.path.samefile(source, path)
+            if source.exists() and path.exists()
+            else source.resolve() == resolved)
+    if same:
+      raise ValueError(f"output {str(output)!r} is the torch checkpoint "
+                       f"itself; give another file name")
+  if checkpoint is not None:
+    folder = _checkpoint_folder(checkpoint)
+    if resolved == folder or folder in resolved.parents:
+      raise ValueError(f"output {str(output)!r} is inside the checkpoint "
+                       f"folder {str(folder)!r} of --checkpoint; write it "
+                       f"elsewhere")
+  return path
+
+
 def save(exported: jax_export.Exported, path: str | os.PathLike[str]) -> Path:
   """Writes `exported.serialize()` to `path` (atomically); returns it."""
-  path = Path(path).expanduser()
-  if path.is_dir():
-    raise ValueError(f"output {str(path)!r} is a directory; give a file name")
+  path = check_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
   tmp.write_bytes(exported.serialize())
@@ -154,6 +205,8 @@ def main(argv: Sequence[str]) -> int:
     return train_lib.cli_error(f"unexpected arguments: {list(argv[1:])}")
   try:
     config = FLAGS.config
+    check_output(FLAGS.output, checkpoint=FLAGS.checkpoint,
+                 torch_checkpoint=FLAGS.torch_checkpoint)
     info = data_lib.dataset_info(config.dataset)
     model, variables = load_variables(
         config, checkpoint=FLAGS.checkpoint, which=FLAGS.which,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 _DATASET_LABELS = {"mnist": "MNIST", "digits": "scikit-learn digits"}
+_LOG = logging.getLogger("addernet_jax.figures")
 ANN_COLOR = "tab:red"
 CNN_COLOR = "tab:blue"
 FIGURE_DPI = 100
@@ -205,10 +207,7 @@ def load_torch_layer_weights(path: str | os.PathLike[str], model_name: str,
   """One layer's filters from an official-layout PyTorch checkpoint (e.g.
   the released ResNet-20 AdderNet), through `addernet_jax.convert`."""
   from addernet_jax import convert  # pylint: disable=g-import-not-at-top
-  if not Path(path).expanduser().is_file():
-    raise FileNotFoundError(f"torch checkpoint {str(path)!r} does not exist")
-  variables = convert.load_torch_checkpoint(Path(path).expanduser(),
-                                            model_name)
+  variables = convert.load_torch_checkpoint(path, model_name)
   kwargs = convert.infer_model_kwargs(variables)
   return {"weights": _layer_kernel(variables["params"], layer),
           "conv": kwargs["conv"], "model": model_name, "dataset": None,
@@ -227,11 +226,29 @@ def _figure(width: float, height: float):
                 layout="constrained")
 
 
-def save_figure(fig, output: str | os.PathLike[str]) -> list[str]:
-  """Writes `output` (PNG) and the SVG next to it; returns both paths."""
+def check_output(output: str | os.PathLike[str]) -> Path:
+  """`output` (with ~ expanded) if the PNG and the SVG next to it can be
+  written there; a `FigureError` otherwise (each command checks before its
+  work)."""
   png = Path(output).expanduser()
   if png.suffix.lower() != ".png":
     raise FigureError(f"--output must end in .png, got {str(output)!r}")
+  for path in (png, png.with_suffix(".svg")):
+    if path.is_dir():
+      raise FigureError(f"--output {str(output)!r}: {str(path)!r} is a "
+                        f"directory")
+  for parent in png.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise FigureError(f"--output {str(output)!r}: {str(parent)!r} is a "
+                          f"file, not a directory")
+      break
+  return png
+
+
+def save_figure(fig, output: str | os.PathLike[str]) -> list[str]:
+  """Writes `output` (PNG) and the SVG next to it; returns both paths."""
+  png = check_output(output)
   png.parent.mkdir(parents=True, exist_ok=True)
   svg = png.with_suffix(".svg")
   fig.savefig(png, dpi=FIGURE_DPI)
@@ -307,7 +324,8 @@ def read_metrics(workdir: str | os.PathLike[str]
   Training lines have `train_loss`, evaluation lines `eval_top1`; each kind
   is sorted by step and keeps the last line of a step (a resumed run repeats
   the steps after its checkpoint). Values are floats ("nan" strings become
-  NaN); a line that is not JSON (a run killed mid-write) is skipped.
+  NaN); a line that is not JSON (a run killed mid-write) is skipped with a
+  warning naming the file and the line.
   """
   root = _check_dir(workdir, "workdir")
   path = root / "metrics.jsonl"
@@ -315,10 +333,15 @@ def read_metrics(workdir: str | os.PathLike[str]
     raise FileNotFoundError(f"{str(path)!r} does not exist (train.py writes "
                             "it into its --workdir)")
   kinds: dict[str, dict[int, dict[str, float]]] = {"train": {}, "eval": {}}
-  for line in path.read_text(encoding="utf-8").splitlines():
+  for number, line in enumerate(
+      path.read_text(encoding="utf-8").splitlines(), start=1):
+    if not line.strip():
+      continue
     try:
       record = json.loads(line)
     except ValueError:
+      _LOG.warning("%s line %d is not valid JSON (a run killed mid-write "
+                   "leaves half a line); skipping it", path, number)
       continue
     if not isinstance(record, dict) or "step" not in record:
       continue
@@ -804,6 +827,7 @@ def _load_data(dataset: str, data_dir: str | None, holdout: int):
 
 
 def cmd_weights(args: argparse.Namespace) -> dict[str, Any]:
+  check_output(args.output)
   if not args.workdirs and not args.torch_checkpoints:
     raise FigureError("give --workdirs and/or --torch_checkpoints")
   sources = ([("workdir", w) for w in args.workdirs or []] +
@@ -832,11 +856,21 @@ def cmd_weights(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_curves(args: argparse.Namespace) -> dict[str, Any]:
+  check_output(args.output)
   labels = args.labels or [Path(w).expanduser().resolve().name or str(w)
                            for w in args.workdirs]
   if len(labels) != len(args.workdirs):
     raise FigureError(f"--labels has {len(labels)} names for "
                       f"{len(args.workdirs)} workdirs")
+  seen: dict[str, str] = {}
+  for workdir, label in zip(args.workdirs, labels):
+    if label in seen:
+      how = "in --labels" if args.labels else "their folder name"
+      raise FigureError(
+          f"workdirs {seen[label]!r} and {workdir!r} would have the same "
+          f"label {label!r} ({how}); give one distinct name per workdir with "
+          f"--labels")
+    seen[label] = workdir
   runs = []
   for workdir, label in zip(args.workdirs, labels):
     metrics = read_metrics(workdir)
@@ -852,6 +886,7 @@ def cmd_curves(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_gradients(args: argparse.Namespace) -> dict[str, Any]:
+  check_output(args.output)
   info, train, _ = _load_data(args.dataset, args.data_dir,
                               args.holdout_examples)
   images, labels = train
@@ -882,6 +917,7 @@ def cmd_gradients(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
+  check_output(args.output)
   widths = _parse_widths(args.widths)
   info, train, evaluation = _load_data(args.dataset, args.data_dir,
                                        args.holdout_examples)

@@ -38,6 +38,7 @@ import numpy as np
 
 LEGACY_MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 LEGACY_PROTOCOL_VERSION = 1001
+_ZIP_LOCAL_HEADER = b"PK\x03\x04"
 # A tensor may view its storage with zero strides (an expanded tensor), but
 # not blow it up by more than this factor (a memory bomb otherwise).
 MAX_EXPANSION = 64
@@ -269,6 +270,16 @@ def _load_legacy(f: BinaryIO, source: str) -> Any:
   if magic != LEGACY_MAGIC_NUMBER:
     raise pickle.UnpicklingError(
         f"{source} is not a PyTorch checkpoint (bad magic number)")
+  try:
+    return _load_legacy_body(f, source, plain_load)
+  except _PASS_THROUGH:
+    raise
+  except Exception as e:  # a premature end, garbage opcodes, ...
+    raise _damaged(source, "legacy", e) from e
+
+
+def _load_legacy_body(f: BinaryIO, source: str, plain_load) -> Any:
+  """Everything after the magic number of a legacy checkpoint."""
   protocol = plain_load()
   if protocol != LEGACY_PROTOCOL_VERSION:
     raise pickle.UnpicklingError(
@@ -364,6 +375,19 @@ def _load_zip(path: str | os.PathLike, source: str) -> Any:
   return _resolve(result)
 
 
+# Raised as they are by `load`; any other exception while reading a file
+# means the file is damaged and becomes a `pickle.UnpicklingError`.
+_PASS_THROUGH = (pickle.UnpicklingError, MemoryError)
+
+
+def _damaged(source: str, container: str, cause: BaseException
+             ) -> pickle.UnpicklingError:
+  """The error for a checkpoint that breaks off or fails its checks."""
+  return pickle.UnpicklingError(
+      f"{source} is a damaged or truncated {container}-format PyTorch "
+      f"checkpoint ({type(cause).__name__}: {cause})")
+
+
 def load(path: str | os.PathLike) -> Any:
   """Reads a `torch.save` file (zip or legacy) without torch, safely.
 
@@ -376,13 +400,29 @@ def load(path: str | os.PathLike) -> Any:
   Raises:
     UnsafePickleError: the pickle references a global outside
       `ALLOWED_GLOBALS` (nothing in it was executed).
-    pickle.UnpicklingError: the file is not a readable PyTorch checkpoint.
+    pickle.UnpicklingError: the file is not a readable PyTorch checkpoint
+      (not one at all, or damaged or truncated); the message names the file.
+    FileNotFoundError: `path` is not a file.
   """
   source = os.fspath(path)
   if not os.path.isfile(source):
     raise FileNotFoundError(f"no checkpoint file at {source}")
   if zipfile.is_zipfile(source):
-    return _load_zip(source, source)
+    try:
+      return _load_zip(source, source)
+    except _PASS_THROUGH:
+      raise
+    except Exception as e:  # bad CRC, bad deflate data, a premature end...
+      raise _damaged(source, "zip", e) from e
+  if os.path.getsize(source) == 0:
+    raise pickle.UnpicklingError(
+        f"{source} is empty (0 bytes); not a PyTorch checkpoint")
+  with open(source, "rb") as f:
+    head = f.read(len(_ZIP_LOCAL_HEADER))
+  if head == _ZIP_LOCAL_HEADER:  # a zip whose end (central directory) is gone
+    raise pickle.UnpicklingError(
+        f"{source} is a damaged or truncated zip-format PyTorch checkpoint "
+        f"(it starts as a zip file but has no zip directory at its end)")
   if tarfile.is_tarfile(source):
     raise pickle.UnpicklingError(
         f"{source} is a tar-format checkpoint (PyTorch <= 0.3); re-save it "

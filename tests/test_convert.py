@@ -423,25 +423,37 @@ def test_wrong_model_name_and_architecture(official_state_dict):
     convert.convert_state_dict(missing, "resnet20")
 
 
-def test_num_classes_inferred_and_mult_twin():
-  """A random CIFAR-100 ResNet-20 CNN (conv='mult') state dict in official
-  names converts onto get_model(..., num_classes=100, conv='mult')."""
-  rng = np.random.default_rng(0)
-  model = get_model("resnet20", num_classes=100, conv="mult")
+def _random_official_state(model_name: str, num_classes: int, conv: str,
+                           image_shape: tuple[int, int, int],
+                           seed: int = 0) -> dict[str, np.ndarray]:
+  """A random state dict in the official names and layouts (OIHW, (O, I))
+  for get_model(model_name, num_classes, conv) on `image_shape` images."""
+  rng = np.random.default_rng(seed)
+  model = get_model(model_name, num_classes=num_classes, conv=conv)
   abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+      jax.random.key(0), np.zeros((1, *image_shape), np.float32)))
   flat = {}
   for collection, tree in abstract.items():
     for path, leaf in traverse_util.flatten_dict(tree).items():
       module = ".".join(p.replace("downsample_conv", "downsample.0")
                         .replace("downsample_bn", "downsample.1")
                         .replace("_", ".") for p in path[:-1])
-      attr = {"kernel": "weight", "scale": "weight", "bias": "bias",
-              "mean": "running_mean", "var": "running_var"}[path[-1]]
+      attr = {"kernel": "weight", "adder_kernel": "adder", "scale": "weight",
+              "bias": "bias", "mean": "running_mean",
+              "var": "running_var"}[path[-1]]
       shape = leaf.shape
       if len(shape) == 4:
         shape = (shape[3], shape[2], shape[0], shape[1])
+      elif len(shape) == 2:
+        shape = shape[::-1]
       flat[f"{module}.{attr}"] = rng.normal(size=shape).astype(np.float32)
+  return flat
+
+
+def test_num_classes_inferred_and_mult_twin():
+  """A random CIFAR-100 ResNet-20 CNN (conv='mult') state dict in official
+  names converts onto get_model(..., num_classes=100, conv='mult')."""
+  flat = _random_official_state("resnet20", 100, "mult", (32, 32, 3))
   variables = convert.convert_state_dict(flat, "resnet20")
   assert convert.infer_model_kwargs(variables) == {"num_classes": 100,
                                                    "conv": "mult"}
@@ -492,3 +504,154 @@ def test_torch_saved_official_checkpoint(tmp_path, zip_format,
   torch.save(state, path, _use_new_zipfile_serialization=zip_format)
   variables = convert.load_torch_checkpoint(path, "resnet20")
   jax.tree.map(np.testing.assert_array_equal, variables, official_variables)
+
+
+# ------------------------------------------------- damaged files, paths --
+
+def _fake_checkpoint(path: Path, legacy: bool) -> int:
+  """A small legacy or zip checkpoint at `path`; returns the length of its
+  legacy header and main pickle (where the storage key list starts)."""
+  state = _random_state(2)
+  storages: list = []
+  _write_fake(path, _fake_tensors(state, storages), storages, legacy)
+  main = io.BytesIO()
+  _TorchLikePickler(main, legacy).dump(_fake_tensors(state, []))
+  header = io.BytesIO()
+  for obj in (torch_pickle.LEGACY_MAGIC_NUMBER,
+              torch_pickle.LEGACY_PROTOCOL_VERSION,
+              {"protocol_version": 1001, "little_endian": True,
+               "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+    pickle.dump(obj, header, protocol=2)
+  return len(header.getvalue()) + len(main.getvalue())
+
+
+def test_damaged_zip_checkpoint_is_an_unpickling_error(tmp_path):
+  """A flipped byte in a stored record fails the zip's CRC check; the error
+  is an UnpicklingError naming the file, not a raw zipfile.BadZipFile."""
+  path = tmp_path / "flip.pth"
+  _fake_checkpoint(path, legacy=False)
+  raw = bytearray(path.read_bytes())
+  with zipfile.ZipFile(path) as z:
+    info = z.getinfo("archive/data/0")
+  # The record's data follows its 30-byte local header and its name.
+  offset = info.header_offset + 30 + len(info.filename.encode())
+  raw[offset + 3] ^= 0x10
+  path.write_bytes(bytes(raw))
+  with pytest.raises(pickle.UnpicklingError,
+                     match=r"flip\.pth is a damaged or truncated zip-format "
+                     r"PyTorch checkpoint \(BadZipFile: Bad CRC-32"):
+    torch_pickle.load(path)
+  with pytest.raises(pickle.UnpicklingError, match="flip.pth"):
+    convert.load_torch_checkpoint(path, "resnet20")
+
+
+def test_truncated_checkpoints_are_unpickling_errors(tmp_path):
+  zip_path = tmp_path / "cut_zip.pth"
+  _fake_checkpoint(zip_path, legacy=False)
+  raw = zip_path.read_bytes()
+  zip_path.write_bytes(raw[:len(raw) // 2])  # the zip directory is gone
+  with pytest.raises(pickle.UnpicklingError,
+                     match="cut_zip.pth is a damaged or truncated zip-format"):
+    torch_pickle.load(zip_path)
+  legacy_path = tmp_path / "cut_legacy.pth"
+  end_of_main = _fake_checkpoint(legacy_path, legacy=True)
+  raw = legacy_path.read_bytes()
+  legacy_path.write_bytes(raw[:end_of_main])  # ends before the key list
+  with pytest.raises(pickle.UnpicklingError,
+                     match=r"cut_legacy.pth is a damaged or truncated "
+                     r"legacy-format PyTorch checkpoint \(EOFError"):
+    torch_pickle.load(legacy_path)
+  empty = tmp_path / "empty.pth"
+  empty.write_bytes(b"")
+  with pytest.raises(pickle.UnpicklingError, match=r"empty.pth is empty"):
+    torch_pickle.load(empty)
+
+
+def test_load_torch_checkpoint_checks_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError,
+                     match=r"torch checkpoint '.*missing.pth': no such file"):
+    convert.load_torch_checkpoint(tmp_path / "missing.pth", "resnet20")
+  folder = tmp_path / "folder.pth"
+  folder.mkdir()
+  with pytest.raises(ValueError,
+                     match=r"folder.pth' is a directory, not a .pth file$"):
+    convert.load_torch_checkpoint(folder, "resnet20")
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ValueError, match="is a directory, not a .pth file; it "
+                     "looks like a training workdir: pass it with "
+                     "--checkpoint"):
+    convert.load_torch_checkpoint(workdir, "resnet20")
+
+
+def test_in_channels_refuses_a_stem_for_other_images():
+  """Given the dataset's channels, a stem for 1-channel or permuted input is
+  refused with both shapes (otherwise the stem decides the model's input and
+  Flax fails later on real images)."""
+  state = _random_official_state("resnet20", 10, "adder", (32, 32, 3))
+  gray = dict(state, **{"conv1.weight": state["conv1.weight"][:, :1]})
+  assert convert.convert_state_dict(gray, "resnet20")[
+      "params"]["conv1"]["kernel"].shape == (3, 3, 1, 16)  # None: inferred
+  with pytest.raises(ValueError, match=r"conv1\.weight has shape "
+                     r"\(16, 1, 3, 3\) .* expects \(3, 3, 3, 16\); this stem "
+                     r"filter takes 1-channel images"):
+    convert.convert_state_dict(gray, "resnet20", in_channels=3)
+  permuted = dict(state, **{
+      "conv1.weight": np.ascontiguousarray(
+          state["conv1.weight"].transpose(1, 0, 2, 3))})
+  with pytest.raises(ValueError, match=r"\(3, 3, 16, 3\)\) but the model "
+                     r"expects \(3, 3, 3, 16\)"):
+    convert.convert_state_dict(permuted, "resnet20", in_channels=3)
+  variables = convert.convert_state_dict(state, "resnet20", in_channels=3)
+  assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 16)
+  with pytest.raises(ValueError, match="in_channels must be a positive int"):
+    convert.convert_state_dict(state, "resnet20", in_channels=0)
+
+
+def test_load_torch_checkpoint_in_channels(tmp_path):
+  state = _random_official_state("lenet5_bn", 10, "adder", (28, 28, 1))
+  storages: list = []
+  path = tmp_path / "lenet.pth"
+  _write_fake(path, _fake_tensors(state, storages), storages, legacy=False)
+  variables = convert.load_torch_checkpoint(path, "lenet5_bn", in_channels=1)
+  assert variables["params"]["conv1"]["adder_kernel"].shape == (5, 5, 1, 6)
+  with pytest.raises(ValueError, match=r"lenet.pth is not a lenet5_bn: "
+                     r"conv1\.adder has shape \(6, 1, 5, 5\)"):
+    convert.load_torch_checkpoint(path, "lenet5_bn", in_channels=3)
+
+
+def test_non_numpy_values_are_named():
+  with pytest.raises(ValueError, match=r"entry 'conv1.weight' is a list, not "
+                     r"a numpy array; the values must be numpy arrays"):
+    convert.convert_state_dict({"conv1.weight": [1.0]}, "resnet20")
+  torch = pytest.importorskip("torch", reason="torch is not installed")
+  with pytest.raises(ValueError, match=r"entry 'module.conv1.weight' is a "
+                     r"torch.Tensor, not a numpy array; .*v\.numpy\(\)"):
+    convert.convert_state_dict({"module.conv1.weight": torch.zeros(3)},
+                               "resnet20")
+
+
+def test_non_finite_weights_are_refused():
+  state = _random_official_state("resnet20", 10, "adder", (32, 32, 3))
+  key = next(k for k in state if k.endswith("fc.weight"))
+  state[key] = state[key].copy()
+  state[key].flat[[0, 3]] = [np.nan, np.inf]
+  with pytest.raises(ValueError, match=rf"entry '{key}' holds 2 NaN/Inf "
+                     r"value\(s\) of \d+; the checkpoint is not usable"):
+    convert.convert_state_dict(state, "resnet20")
+
+
+def test_running_convert_as_a_command_explains_itself(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  result = subprocess.run(
+      [sys.executable, "-m", "addernet_jax.convert", "in.pth", "out.npz"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  err = result.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert "library module" in err[0] and "--torch_checkpoint" in err[0]
+  assert "load_torch_checkpoint" in err[0]
+  assert not (tmp_path / "out.npz").exists()

@@ -127,3 +127,105 @@ def test_cli_exports_the_official_checkpoint(shared_data, tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith("error: torch "
                                                         "checkpoint")
   assert "Traceback" not in bad.stderr
+
+
+# ------------------------------------------- inputs and outputs checked --
+
+
+def _lenet_torch_checkpoint(path: Path, num_classes: int, in_channels: int):
+  """A random official-layout LeNet-5-BN AdderNet saved with torch.save."""
+  torch = pytest.importorskip("torch", reason="torch is not installed")
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  model = models.get_model("lenet5_bn", num_classes=num_classes, conv="adder")
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, in_channels)),
+      train=False))
+  rng = np.random.default_rng(0)
+  state = {}
+  for collection, tree in abstract.items():
+    for keys, leaf in traverse_util.flatten_dict(tree).items():
+      attr = {"adder_kernel": "adder", "scale": "weight", "bias": "bias",
+              "mean": "running_mean", "var": "running_var"}[keys[-1]]
+      shape = leaf.shape
+      shape = ((shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4
+               else shape[::-1])
+      state[f"{keys[0]}.{attr}"] = torch.from_numpy(
+          rng.random(shape, np.float32) + 0.5)
+  torch.save(state, path)
+
+
+def _mnist_lenet_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({"model": "lenet5_bn", "dataset": "mnist",
+                                    "dtype": "float32"})
+
+
+def test_torch_checkpoint_must_fit_the_dataset(tmp_path):
+  config = _mnist_lenet_config()
+  good = tmp_path / "good.pth"
+  _lenet_torch_checkpoint(good, num_classes=10, in_channels=1)
+  model, variables = export.load_variables(config, torch_checkpoint=good)
+  assert variables["params"]["fc3"]["adder_kernel"].shape == (84, 10)
+  rgb = tmp_path / "rgb.pth"
+  _lenet_torch_checkpoint(rgb, num_classes=10, in_channels=3)
+  with pytest.raises(ValueError, match=r"rgb.pth is not a lenet5_bn: "
+                     r"conv1\.adder has shape \(6, 3, 5, 5\).*3-channel"):
+    export.load_variables(config, torch_checkpoint=rgb)
+  wide = tmp_path / "wide.pth"
+  _lenet_torch_checkpoint(wide, num_classes=100, in_channels=1)
+  with pytest.raises(ValueError, match=r"wide.pth' has 100 classes, mnist "
+                     r"has 10"):
+    export.load_variables(config, torch_checkpoint=wide)
+  del model
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ValueError, match="training workdir: pass it with "
+                     "--checkpoint"):
+    export.load_variables(config, torch_checkpoint=tmp_path / "run")
+
+
+def test_output_that_would_harm_an_input_is_refused(tmp_path):
+  pth = tmp_path / "model.pth"
+  pth.write_bytes(b"weights")
+  with pytest.raises(ValueError, match="is the torch checkpoint itself"):
+    export.check_output(pth, torch_checkpoint=pth)
+  with pytest.raises(ValueError, match="is the torch checkpoint itself"):
+    export.check_output(tmp_path / "sub" / ".." / "model.pth",
+                        torch_checkpoint=str(pth))
+  link = tmp_path / "link.jaxexport"
+  link.symlink_to(pth)
+  with pytest.raises(ValueError, match="is the torch checkpoint itself"):
+    export.check_output(link, torch_checkpoint=pth)
+  assert export.check_output(tmp_path / "model.jaxexport",
+                             torch_checkpoint=pth) == (tmp_path /
+                                                       "model.jaxexport")
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "100").mkdir(parents=True)
+  for inside in (workdir / "checkpoints" / "m.jaxexport",
+                 workdir / "checkpoints" / "100" / "m.jaxexport"):
+    with pytest.raises(ValueError, match="inside the checkpoint folder"):
+      export.check_output(inside, checkpoint=workdir)
+  export.check_output(workdir / "m.jaxexport", checkpoint=workdir)
+  with pytest.raises(ValueError, match=r"'.*model.pth' is a file, not a "
+                     r"directory"):
+    export.check_output(pth / "deeper" / "m.jaxexport")
+  with pytest.raises(ValueError, match="is a directory"):
+    export.check_output(workdir)
+  assert pth.read_bytes() == b"weights"
+
+
+def test_cli_refuses_to_overwrite_its_torch_checkpoint(tmp_path):
+  pth = tmp_path / "mine.pth"
+  pth.write_bytes(b"not even a checkpoint")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  for output, message in ((pth, "is the torch checkpoint itself"),
+                          (pth / "x.jaxexport", "is a file, not a directory")):
+    result = subprocess.run(
+        [sys.executable, "-m", "addernet_jax.export", "--config",
+         "configs/cifar10_resnet20.py", f"--torch_checkpoint={pth}",
+         f"--output={output}"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 1
+    err = result.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert "Traceback" not in result.stderr
+  assert pth.read_bytes() == b"not even a checkpoint"

@@ -144,7 +144,10 @@ def test_weights_command_errors(tmp_path, capsys):
       (["--workdirs", str(tmp_path)], "no training checkpoint"),
       (["--workdirs", str(adder), "--layer", "conv9"],
        "no layer 'conv9'; layers with filters: conv1, conv2, fc1"),
-      (["--torch_checkpoints", str(tmp_path / "x.pth")], "does not exist"),
+      (["--torch_checkpoints", str(tmp_path / "x.pth")],
+       "torch checkpoint '" + str(tmp_path / "x.pth") + "': no such file"),
+      (["--torch_checkpoints", str(adder)],
+       "is a directory, not a .pth file; it looks like a training workdir"),
       ([], "give --workdirs and/or --torch_checkpoints"),
   ]
   for args, message in cases:
@@ -202,6 +205,72 @@ def test_read_metrics_keeps_the_last_line_of_each_step(tmp_path):
   assert summary["last_epoch"] == 3.0
   assert summary["best_eval_top1"] == pytest.approx(1 - 0.1 / 3)
   assert summary["last_eval_top1_recalibrated"] == pytest.approx(1 - 0.05 / 3)
+
+
+def test_read_metrics_warns_about_lines_that_are_not_json(tmp_path, caplog):
+  lines = _run_lines(1.0)
+  lines[4:4] = ['{"step": 3', ""]
+  _write_metrics(tmp_path, lines + ['{"step": 40, "train_lo'])
+  with caplog.at_level("WARNING", logger="addernet_jax.figures"):
+    metrics = figures.read_metrics(tmp_path)
+  assert len(metrics["train"]) == 6
+  warnings = [r.getMessage() for r in caplog.records]
+  path = tmp_path / "metrics.jsonl"
+  assert warnings == [f"{path} line {n} is not valid JSON (a run killed "
+                      "mid-write leaves half a line); skipping it"
+                      for n in (5, 12)], warnings
+
+
+def test_curves_refuses_duplicate_labels(tmp_path, capsys):
+  for exp in ("exp1", "exp2"):
+    _write_metrics(tmp_path / exp / "run", _run_lines(1.0))
+  one, two = str(tmp_path / "exp1" / "run"), str(tmp_path / "exp2" / "run")
+  out = tmp_path / "curves.png"
+  for args, message in [
+      (["--workdirs", one, two],
+       f"workdirs {one!r} and {two!r} would have the same label 'run' (their "
+       "folder name); give one distinct name per workdir with --labels"),
+      (["--workdirs", one, one], "the same label 'run'"),
+      (["--workdirs", one, two, "--labels", "a", "a"],
+       "the same label 'a' (in --labels)")]:
+    assert figures.main(["curves", *args, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+  assert not out.exists()
+  assert figures.main(["curves", "--workdirs", one, two, "--labels", "a",
+                       "b", "--output", str(out)]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert set(result["runs"]) == {"a", "b"}
+
+
+def test_output_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+  """A bad --output fails at once, before a workdir is read or a model is
+  trained (here every such step would fail differently)."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("work started before --output was checked")
+
+  for name in ("_load_data", "train_feature_model", "read_metrics",
+               "load_layer_weights", "load_torch_layer_weights"):
+    monkeypatch.setattr(figures, name, forbidden)
+  (tmp_path / "a_file").write_text("x")
+  (tmp_path / "taken.png").mkdir()
+  (tmp_path / "svg_taken.svg").mkdir()
+  commands = {
+      "weights": ["--workdirs", str(tmp_path)],
+      "features": ["--dataset", "digits"],
+      "curves": ["--workdirs", str(tmp_path)],
+      "gradients": ["--dataset", "digits"]}
+  outputs = {str(tmp_path / "f.jpg"): "--output must end in .png",
+             str(tmp_path / "a_file" / "f.png"):
+                 f"{str(tmp_path / 'a_file')!r} is a file, not a directory",
+             str(tmp_path / "taken.png"): "taken.png' is a directory",
+             str(tmp_path / "svg_taken.png"): "svg_taken.svg' is a directory"}
+  for command, args in commands.items():
+    for output, message in outputs.items():
+      assert figures.main([command, *args, "--output", output]) == 1
+      err = capsys.readouterr().err.strip().splitlines()
+      assert len(err) == 1 and err[0].startswith("error: "), err
+      assert message in err[0], (command, err)
 
 
 def test_curves_command(tmp_path, capsys):
