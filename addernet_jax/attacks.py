@@ -316,14 +316,17 @@ def rfgsm(logits_fn: LogitsFn, images, labels, key, *, eps=DEFAULT_EPS,
 # ---------------------------------------------------- sharded evaluation --
 
 
-def select_examples(num_examples: int, max_examples: int) -> np.ndarray:
+def select_examples(labels: np.ndarray, max_examples: int) -> np.ndarray:
   """Indices of the evaluated subset: all, or `max_examples` evenly spaced
-  ones, floor(i * num_examples / max_examples) for i = 0.. (class-sorted
-  splits such as an ImageFolder keep their class balance)."""
+  ones of the split sorted by class (stable: each class keeps its order),
+  i.e. `argsort(labels, stable)[floor(i * n / max_examples)]`, so that
+  every class keeps its share whatever the order of the files."""
+  num_examples = len(labels)
   if max_examples is None or max_examples <= 0 or max_examples >= num_examples:
     return np.arange(num_examples)
-  return (np.arange(max_examples, dtype=np.int64) * num_examples
-          // max_examples)
+  by_class = np.argsort(np.asarray(labels), kind="stable")
+  return by_class[np.arange(max_examples, dtype=np.int64) * num_examples
+                  // max_examples]
 
 
 class AttackEvaluator:
@@ -460,8 +463,8 @@ def evaluate_attacks(config: ml_collections.ConfigDict,
       layers the two coincide and only "exact" is run.
     eps, step: the L-infinity radius and step size, in [0, 1] pixel units.
     seed: of the random starts (PGD, R+FGSM).
-    max_examples: > 0: attack that many evenly spaced examples of the
-      evaluation split (`select_examples`).
+    max_examples: > 0: attack that many examples of the evaluation split,
+      evenly spaced in class order (`select_examples`).
     mesh: default `parallel.make_mesh()`.
     on_row: called with each result row as soon as it is measured.
 
@@ -497,7 +500,7 @@ def evaluate_attacks(config: ml_collections.ConfigDict,
       eval_max_examples=config.get("eval_max_examples", -1),
       with_train=False)
   total = len(labels)
-  index = select_examples(total, max_examples)
+  index = select_examples(labels, max_examples)
   images, labels = images[index], labels[index]
   mesh = mesh or parallel.make_mesh()
   ndev = mesh.devices.size
@@ -508,7 +511,7 @@ def evaluate_attacks(config: ml_collections.ConfigDict,
   params = jax.device_put(variables["params"], rep)
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
   subset = ("all" if len(index) == total else
-            f"{len(index)} of {total}, evenly spaced: "
+            f"{len(index)} of {total}, evenly spaced in class order: "
             f"floor(i * {total} / {len(index)})")
   rows = []
   for g in gradients:

@@ -382,7 +382,7 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config values a checkpoint's meta records for `check_meta`."""
   return {"model": config.model, "conv": config.conv,
           "dataset": config.dataset, "distill": distill.distill_kind(config),
-          "seed": config.seed, "batch_size": config.batch_size,
+          "seed": config.get("seed"), "batch_size": config.get("batch_size"),
           "holdout_examples": int(config.get("holdout_examples", 0) or 0)}
 
 
@@ -899,10 +899,9 @@ def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,
   """The same for an official-layout PyTorch checkpoint (through
   `addernet_jax.convert`); its conv kind is read from the file."""
   from addernet_jax import convert  # pylint: disable=g-import-not-at-top
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"torch checkpoint {str(path)!r} does not exist")
   info = data_lib.dataset_info(config.dataset)
-  variables = convert.load_torch_checkpoint(path, config.model)
+  variables = convert.load_torch_checkpoint(
+      path, config.model, in_channels=info.image_shape[-1])
   kwargs = convert.infer_model_kwargs(variables)
   if kwargs["num_classes"] != info.num_classes:
     raise ValueError(f"{str(path)!r} has {kwargs['num_classes']} classes, "

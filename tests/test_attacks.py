@@ -358,8 +358,14 @@ def test_parse_attack_names_and_sizes():
       pass
     else:
       raise AssertionError(f"{bad!r} must be rejected")
-  np.testing.assert_array_equal(attacks.select_examples(10, 4), [0, 2, 5, 7])
-  np.testing.assert_array_equal(attacks.select_examples(3, -1), [0, 1, 2])
+  # Evenly spaced in class order: 4 of 10 examples (2 classes, interleaved
+  # as an ImageFolder lists them) are 2 of each class, each class's first
+  # and middle example.
+  labels = np.array([0, 1] * 5)
+  np.testing.assert_array_equal(attacks.select_examples(labels, 4),
+                                [0, 4, 1, 5])
+  np.testing.assert_array_equal(attacks.select_examples(labels[:3], -1),
+                                [0, 1, 2])
 
 
 # ----------------------------------------------- data parallel: 2 vs 1 --

@@ -144,7 +144,8 @@ def test_eval_official_torch_checkpoint_on_jpeg_test_folder(
                          "--config.eval_max_examples=1000"))
   print(f"official ResNet-20 AdderNet on 1000 CIFAR-10 JPEG test images: "
         f"{result}")
-  # The first 1000 files are the airplane and automobile folders. On all
+  # The first 1000 files are the first 100 of every class (the listing
+  # interleaves the classes; 79.5% top-1 measured 2026-11-30). On all
   # 10,000 (91.8% on the original PNG test set; these lossy JPEG copies,
   # 27-33 dB, cost accuracy) eval.py measured 80.83% top-1, 97.9% top-5
   # (2-core CPU, 2026-11-23); the accuracy itself is checked on lossless
