@@ -153,6 +153,16 @@ def require_local_path(path: str | os.PathLike, what: str = "directory"
   return Path(text).expanduser()
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+  """The regular file among `path`'s existing ancestors that keeps `path`
+  from being created (its nearest existing ancestor, if that is not a
+  directory), else None."""
+  for parent in Path(path).parents:
+    if parent.exists():
+      return None if parent.is_dir() else parent
+  return None
+
+
 def check_writable(path: str | os.PathLike) -> Path:
   """Creates `path` if needed and checks a file can be written in it.
 
@@ -168,8 +178,8 @@ def check_writable(path: str | os.PathLike) -> Path:
       disk full, ...).
   """
   path = require_local_path(path)
-  in_the_way = next((p for p in (path, *path.parents)
-                     if p.exists() and not p.is_dir()), None)
+  in_the_way = (path if path.exists() and not path.is_dir()
+                else file_in_the_way(path))
   if in_the_way is not None:
     raise CheckpointError(
         f"directory {str(path)!r} cannot be created: {str(in_the_way)!r} is "

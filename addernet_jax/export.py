@@ -34,6 +34,7 @@ from jax import export as jax_export
 import jax.numpy as jnp
 import ml_collections
 
+from addernet_jax import checkpoint as ckpt_lib
 from addernet_jax import data as data_lib
 from addernet_jax import models
 from addernet_jax import train_lib
@@ -131,12 +132,10 @@ def check_output(output: str | os.PathLike[str], *,
   if path.is_dir():
     raise ValueError(f"output {str(output)!r} is a directory; give a file "
                      f"name")
-  for parent in path.parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise ValueError(f"cannot write output {str(output)!r}: "
-                         f"{str(parent)!r} is a file, not a directory")
-      break
+  blocker = ckpt_lib.file_in_the_way(path)
+  if blocker is not None:
+    raise ValueError(f"cannot write output {str(output)!r}: "
+                     f"{str(blocker)!r} is a file, not a directory")
   resolved = path.resolve()
   if torch_checkpoint is not None:
     source = Path(torch_checkpoint).expanduser()

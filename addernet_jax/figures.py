@@ -237,12 +237,11 @@ def check_output(output: str | os.PathLike[str]) -> Path:
     if path.is_dir():
       raise FigureError(f"--output {str(output)!r}: {str(path)!r} is a "
                         f"directory")
-  for parent in png.parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise FigureError(f"--output {str(output)!r}: {str(parent)!r} is a "
-                          f"file, not a directory")
-      break
+  from addernet_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  blocker = ckpt_lib.file_in_the_way(png)
+  if blocker is not None:
+    raise FigureError(f"--output {str(output)!r}: {str(blocker)!r} is a "
+                      f"file, not a directory")
   return png
 
 
