@@ -183,10 +183,12 @@ def test_check_writable(tmp_path):
   assert ckpt.check_writable(tmp_path / "a" / "b").is_dir()
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(ckpt.CheckpointError, match="not writable") as err:
+  with pytest.raises(ckpt.CheckpointError, match="is a file, not a "
+                     "directory") as err:
     ckpt.check_writable(blocker / "workdir")
   assert str(blocker / "workdir") in str(err.value)
-  with pytest.raises(ckpt.CheckpointError, match="not writable"):
+  with pytest.raises(ckpt.CheckpointError, match="is a file, not a "
+                     "directory"):
     ckpt.CheckpointManager(blocker / "ck")
 
 

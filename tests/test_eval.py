@@ -56,10 +56,13 @@ def test_eval_of_our_checkpoint_matches_training(jax_cache, tmp_path):
     assert result["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
   # A model trained on digits, evaluated under a config of another dataset
   # (LeNet pads every input, so the shapes alone would not tell).
-  error = one_line_error(run(jax_cache, "eval.py", "--config",
-                             "configs/mnist_lenet5.py",
-                             f"--checkpoint={tmp_path}"))
-  assert "dataset 'digits' in the checkpoint, 'mnist' in the config" in error
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from configs import mnist_lenet5  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="dataset 'digits' in the checkpoint, "
+                     "'mnist' in the config"):
+    train_lib.evaluate_checkpoint(mnist_lenet5.get_config(), tmp_path)
 
 
 def test_eval_needs_exactly_one_checkpoint(jax_cache, tmp_path):
@@ -131,6 +134,7 @@ print(json.dumps(ev.evaluate_in_memory(
   assert result["loss"] == pytest.approx(official_loss, rel=1e-3)
 
 
+@pytest.mark.extended  # the official logits: test_evaluator_reproduces_...
 @pytest.mark.slow
 def test_eval_official_torch_checkpoint_on_jpeg_test_folder(
     jax_cache, cifar10_jpeg_test):
