@@ -459,6 +459,14 @@ def restore_variables(config: ml_collections.ConfigDict,
                       workdir: str | os.PathLike[str], which: str = "latest"
                       ) -> dict[str, Any]:
   """`{"params", "batch_stats", "step"}` of an SR training checkpoint."""
+  return _restore_for_eval(config, workdir, which).state
+
+
+def _restore_for_eval(config: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike[str], which: str
+                      ) -> ckpt_lib.EvalRestore:
+  """`restore_variables` with the step's meta and which step it read; a
+  checkpoint of another model, conv kind or scale is a ValueError."""
   model = build_model(config, bn_axis_name=None)
   c = model_colors(config)
   variables = jax.eval_shape(lambda: model.init(
@@ -475,7 +483,7 @@ def restore_variables(config: ml_collections.ConfigDict,
                        ("task", "model", "conv", "scale"),
                        f"the checkpoint in {str(workdir)!r}",
                        "Evaluate it with the config it was trained with")
-  return restored.state
+  return restored
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
@@ -486,9 +494,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   eval_psnr)."""
   validate_model_config(config)
   images = load_eval_images(config)
-  restored = restore_variables(config, workdir, which)
-  result = Evaluator(config, images).evaluate(restored["params"],
-                                              restored["batch_stats"])
-  return {**result, "step": int(jax.device_get(restored["step"])),
+  restored = _restore_for_eval(config, workdir, which)
+  result = Evaluator(config, images).evaluate(restored.state["params"],
+                                              restored.state["batch_stats"])
+  return {**result, "step": int(jax.device_get(restored.state["step"])),
           "checkpoint": str(Path(workdir).expanduser().absolute()),
-          "which": which}
+          "which": restored.which}
