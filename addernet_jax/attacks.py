@@ -39,6 +39,7 @@ every attack (an attack's numbers are arguments, `attack_params`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -57,6 +58,8 @@ from addernet_jax import eval_lib
 from addernet_jax import export
 from addernet_jax import models
 from addernet_jax import parallel
+
+logger = logging.getLogger(__name__)
 
 P = jax.sharding.PartitionSpec
 BATCH_AXIS = parallel.BATCH_AXIS
@@ -524,6 +527,12 @@ def evaluate_attacks(config: ml_collections.ConfigDict,
              "seconds": round(time.perf_counter() - start, 2),
              "description": spec.describe(eps, step)}
       rows.append(row)
+      if row["max_linf"] < 0.01 * eps:
+        logger.warning(
+            "%s (%s gradient) moved no pixel by more than %.2g (eps %.3g): "
+            "the model's input gradient is zero almost everywhere (e.g. "
+            "outputs that do not depend on the input), so this row says "
+            "nothing about robustness", spec.name, g, row["max_linf"], eps)
       if on_row is not None:
         on_row(row)
   return {"eps": eps, "step": step, "seed": seed,

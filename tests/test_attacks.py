@@ -499,6 +499,10 @@ def test_eval_cli_prints_a_row_per_attack_and_gradient(tmp_path):
     assert r["max_linf"] <= 16 / 255 + 1e-6
     assert sum(line.startswith(f"{r['attack']} ") and r["gradient"] in line
                for line in lines[:-1]) == 1  # its table row
+    # A row where no pixel moved (zero input gradient) is flagged, others
+    # are not.
+    flagged = f"{r['attack']} ({r['gradient']} gradient) moved no pixel"
+    assert (flagged in out.stderr) == (r["max_linf"] < 0.01 * 16 / 255), r
   assert lines[-len(rows) - 2].startswith("attack ")  # the header
 
 
