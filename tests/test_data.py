@@ -953,3 +953,34 @@ def test_imagenet_train_crop_with_jpeg_draft_matches_full_decode(tmp_path):
     assert got.shape == (224, 224, 3) and got.dtype == np.uint8
     diffs.append(np.abs(got.astype(float) - ref).mean())
   assert max(diffs) < 3.0, diffs  # same region and flip; filters differ
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+  """PIL converts a 16-bit grey PNG ('I;16') to 8 bits by clipping: every
+  pixel above 255 (nearly all) became white. The loaders scale it instead;
+  32-bit integer or float images, of unknown range, are refused."""
+  from addernet_jax.sr import data as sr_data  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  wide = rng.integers(0, 65536, (37, 29), dtype=np.uint16)
+  png = tmp_path / 'sixteen.png'
+  Image.fromarray(wide).save(png)
+  assert Image.open(png).mode.startswith('I;16')
+  want = np.round(wide / 257.0).astype(np.uint8)
+  got = local.decode_image(str(png), (37, 29, 1))[..., 0]
+  np.testing.assert_array_equal(got, want)
+  rgb = sr_data.load_rgb(png)
+  assert rgb.shape == (37, 29, 3)
+  for channel in range(3):
+    np.testing.assert_array_equal(rgb[..., channel], want)
+  big = tmp_path / 'big.png'
+  Image.fromarray(np.tile(wide, (8, 8))).save(big)  # 296 x 232
+  centre = streaming._decode_large(str(big), 224, False, None)
+  assert 60 < centre.mean() < 195  # the clipped image was all 255
+  tiff = tmp_path / 'float.tiff'
+  Image.fromarray(wide.astype(np.float32)).save(tiff)
+  for load in (lambda: local.decode_image(str(tiff), (37, 29, 1)),
+               lambda: sr_data.load_rgb(tiff)):
+    with pytest.raises(local.ImageDecodeError,
+                       match=r"float\.tiff: a float image \(PIL mode 'F'\) "
+                       r'has no known 0\.\.255 range'):
+      load()

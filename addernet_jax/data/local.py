@@ -378,11 +378,30 @@ def image_file_errors(path: str) -> Iterator[None]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     yield
+  except ImageDecodeError:
+    raise
   except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
     raise ImageDecodeError(
         f'{path}: cannot decode this image file ({type(e).__name__}: {e}); '
         'it is empty, truncated, corrupt or not an image: remove it or '
         'replace it with a valid copy.') from e
+
+
+def to_8_bit(img, path: str):
+  """`img` (a PIL image) with 8 bits per channel: 16-bit grey (PNG mode
+  'I;16*') scaled to 0..255 (PIL's own conversion clips it to white); 32-bit
+  integer or float images, whose range is unknown, are refused naming the
+  file."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if img.mode.startswith('I;16'):
+    wide = np.asarray(img).astype(np.uint32)
+    return Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode='L')
+  if img.mode in ('I', 'F'):
+    raise ImageDecodeError(
+        f'{path}: a {"32-bit integer" if img.mode == "I" else "float"} image '
+        f'(PIL mode {img.mode!r}) has no known 0..255 range: convert it to '
+        '8 or 16 bits per channel.')
+  return img
 
 
 def decode_image(path: str, shape: Sequence[int]) -> np.ndarray:
@@ -397,6 +416,7 @@ def decode_image(path: str, shape: Sequence[int]) -> np.ndarray:
   arr = None
   with image_file_errors(path):
     with Image.open(path) as img:
+      img = to_8_bit(img, path)
       mode = img.mode
       channels = (1 if mode in _GREY_MODES else 3 if mode in _COLOUR_MODES
                   else len(img.getbands()))

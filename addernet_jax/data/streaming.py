@@ -110,6 +110,8 @@ def _decode_large_unchecked(path: str, size: int, train: bool,
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as img:
     width, height = img.size
+    if img.format != 'JPEG':
+      img = local.to_8_bit(img, path)
     if train:
       top, left, h, w = random_resized_crop_box(height, width, rng)
       # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays at

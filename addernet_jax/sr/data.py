@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from addernet_jax.data import local
 from addernet_jax.sr import metrics
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -63,11 +64,14 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-  """An image file as uint8 RGB (h, w, 3); ValueError naming the file if it
-  cannot be decoded."""
+  """An image file as uint8 RGB (h, w, 3) (16-bit grey scaled to 8 bits);
+  ValueError naming the file if it cannot be decoded."""
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"), np.uint8)
+      return np.asarray(local.to_8_bit(im, str(path)).convert("RGB"),
+                        np.uint8)
+  except local.ImageDecodeError:
+    raise
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
 
