@@ -1002,6 +1002,28 @@ class CheckpointManager:
     return None
 
 
+def latest_meta(workdir_or_checkpoints_dir: str | os.PathLike
+                ) -> dict[str, Any]:
+  """The meta saved with the newest committed step ({} when there is none
+  or it cannot be read): what explains a structure mismatch, e.g. a
+  checkpoint of another model. Read-only."""
+  directory = _resolve_dir(workdir_or_checkpoints_dir)
+  if not directory.is_dir():
+    return {}
+  mgr = CheckpointManager(directory, read_only=True, async_save=False)
+  try:
+    step = mgr.latest_step()
+    if step is None:
+      return {}
+    meta = mgr._mgr.restore(  # pylint: disable=protected-access
+        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    return dict(meta) if isinstance(meta, Mapping) else {}
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  finally:
+    mgr.close()
+
+
 class EvalRestore(NamedTuple):
   """What `restore_for_eval(..., with_meta=True)` returns."""
   state: Any  # the restored tree

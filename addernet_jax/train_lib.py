@@ -31,6 +31,7 @@ same device count).
 from __future__ import annotations
 
 import json
+import contextlib
 import math
 import os
 import pickle
@@ -38,7 +39,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import flags
 from absl import logging
@@ -400,6 +401,28 @@ def check_meta(meta: Any, expected: dict[str, Any], keys: tuple[str, ...],
                      f"{'; '.join(diffs)}. {advice}")
 
 
+RESUME_ADVICE = ("Resuming would mix two runs: rerun with the values it was "
+                 "trained with, or give a new --workdir")
+EVAL_ADVICE = "Evaluate it with the config it was trained with"
+
+
+@contextlib.contextmanager
+def explained_by_meta(directory: str | os.PathLike[str],
+                      expected: dict[str, Any], keys: tuple[str, ...],
+                      advice: str) -> Iterator[None]:
+  """Turns a `CheckpointStructureError` inside the `with` into `check_meta`'s
+  error when the newest checkpoint's meta shows why (e.g. `distill` or
+  `model` differ): the config, not a parameter shape, is what to fix."""
+  try:
+    yield
+  except ckpt_lib.CheckpointStructureError as e:
+    meta = ckpt_lib.latest_meta(directory)
+    check_meta(meta, expected, keys,
+               f"the checkpoint at step {meta.get('step', '?')} in "
+               f"{str(directory)!r}", advice)
+    raise e
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int
                     ) -> data_lib.DatasetInfo:
   """Checks the keys the loop depends on; ValueError naming the bad value."""
@@ -568,7 +591,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     create = lambda key: create_train_state(
         config, key, info.image_shape, steps_per_epoch=steps_per_epoch)
     abstract_state = _abstract(jax.eval_shape(create, init_rng), rep)
-    restored = mgr.restore(abstract_state)
+    expected_meta = {**run_identity(config), "steps_per_epoch": steps_per_epoch}
+    with explained_by_meta(workdir / "checkpoints", expected_meta,
+                           _RESUME_KEYS, RESUME_ADVICE):
+      restored = mgr.restore(abstract_state)
     resumed_meta = {}
     if restored is None:
       state = jax.jit(create, out_shardings=rep)(init_rng)
@@ -576,12 +602,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       state, meta = restored
       start_step = int(jax.device_get(state.step))
-      check_meta(
-          meta, {**run_identity(config), "steps_per_epoch": steps_per_epoch},
-          _RESUME_KEYS,
-          f"the checkpoint at step {start_step} in {str(workdir)!r}",
-          "Resuming would mix two runs: rerun with the values it was "
-          "trained with, or give a new --workdir")
+      check_meta(meta, expected_meta, _RESUME_KEYS,
+                 f"the checkpoint at step {start_step} in {str(workdir)!r}",
+                 RESUME_ADVICE)
       log.info("resumed from step %d (%s)", start_step, meta)
       resumed_meta = meta if isinstance(meta, dict) else {}
       if start_step >= total_steps:
@@ -868,12 +891,13 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
   abstract = _abstract({"step": jax.ShapeDtypeStruct((), jnp.int32),
                         "params": variables["params"],
                         "batch_stats": variables.get("batch_stats", {})}, rep)
-  restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
-                                       with_meta=True)
+  with explained_by_meta(workdir, run_identity(config), _EVAL_KEYS,
+                         EVAL_ADVICE):
+    restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
+                                         with_meta=True)
   check_meta(restored.meta, run_identity(config), _EVAL_KEYS,
              f"the checkpoint in {str(workdir)!r} (step "
-             f"{restored.meta.get('step', '?')})",
-             "Evaluate it with the config it was trained with")
+             f"{restored.meta.get('step', '?')})", EVAL_ADVICE)
   return restored
 
 

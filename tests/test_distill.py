@@ -473,6 +473,11 @@ def test_pkkd_trains_on_two_devices_resumes_exactly_and_evaluates(
   assert len(flat_a) > 40  # the teacher's parameters and optimizer too
   for (path, x), (_, y) in zip(flat_a, flat_b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  # Rerun without distillation: the config, not a parameter shape, is named.
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="distill 'pkkd' in the checkpoint, "
+                     "'none' in the config"):
+    train_lib.train_and_evaluate(_smoke(distill="none"), tmp_path / "full")
   # eval.py evaluates the student of a PKKD checkpoint.
   result = _last_json(_run(jax_cache, "eval.py", "--config", SMOKE,
                            f"--checkpoint={tmp_path / 'full'}",

@@ -452,6 +452,13 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
   changed.batch_size *= 2
   with pytest.raises(ValueError, match="batch_size .* in the checkpoint"):
     train_lib.train_and_evaluate(changed, workdir)
+  # Another scale is another upsampler: named as such, not as a shape.
+  changed = _smoke_config(*skimage_folders)
+  changed.scale = 3
+  for run in (train_lib.train_and_evaluate, train_lib.evaluate_checkpoint):
+    with pytest.raises(ValueError, match="scale 2 in the checkpoint, 3 in "
+                       "the config"):
+      run(changed, workdir)
 
   # eval.py: the same checkpoint, the same figures, one JSON line.
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")

@@ -306,7 +306,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
         jax.eval_shape(create, init_rng))
-    restored = mgr.restore(abstract)
+    with train_lib.explained_by_meta(workdir / "checkpoints",
+                                     run_identity(config),
+                                     tuple(run_identity(config)),
+                                     train_lib.RESUME_ADVICE):
+      restored = mgr.restore(abstract)
     last_train: dict[str, Any] = {}
     if restored is None:
       state = jax.jit(create, out_shardings=rep)(init_rng)
@@ -317,8 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_lib.check_meta(
           meta, run_identity(config), tuple(run_identity(config)),
           f"the checkpoint at step {step} in {str(workdir)!r}",
-          "Resuming would mix two runs: rerun with the values it was "
-          "trained with, or give a new --workdir")
+          train_lib.RESUME_ADVICE)
       log.info("resumed from step %d", step)
       if isinstance(meta, dict) and meta.get("train_loss") is not None:
         last_train["train_loss"] = meta["train_loss"]
@@ -477,12 +480,14 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
       {"step": jax.ShapeDtypeStruct((), jnp.int32),
        "params": variables["params"],
        "batch_stats": variables.get("batch_stats", {})})
-  restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
-                                       with_meta=True)
-  train_lib.check_meta(restored.meta, run_identity(config),
-                       ("task", "model", "conv", "scale"),
+  keys = ("task", "model", "conv", "scale")
+  with train_lib.explained_by_meta(workdir, run_identity(config), keys,
+                                   train_lib.EVAL_ADVICE):
+    restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
+                                         with_meta=True)
+  train_lib.check_meta(restored.meta, run_identity(config), keys,
                        f"the checkpoint in {str(workdir)!r}",
-                       "Evaluate it with the config it was trained with")
+                       train_lib.EVAL_ADVICE)
   return restored
 
 
