@@ -30,8 +30,8 @@ same device count).
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -415,12 +415,12 @@ def explained_by_meta(directory: str | os.PathLike[str],
   `model` differ): the config, not a parameter shape, is what to fix."""
   try:
     yield
-  except ckpt_lib.CheckpointStructureError as e:
+  except ckpt_lib.CheckpointStructureError:
     meta = ckpt_lib.latest_meta(directory)
     check_meta(meta, expected, keys,
                f"the checkpoint at step {meta.get('step', '?')} in "
                f"{str(directory)!r}", advice)
-    raise e
+    raise
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int
