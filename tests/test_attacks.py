@@ -564,6 +564,7 @@ def _official_torch_resnet20(state_dict, exact: bool):
   return forward
 
 
+@pytest.mark.extended  # for time; .ci/run runs it after the default suite
 @pytest.mark.slow
 def test_official_model_fgsm_matches_pytorch_with_both_gradients(
     shared_data):

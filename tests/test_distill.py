@@ -388,6 +388,7 @@ print("ok", max(worst.values()))
 """
 
 
+@pytest.mark.extended  # for time; .ci/run runs it after the default suite
 def test_pkkd_step_on_two_devices_equals_one_device(jax_cache):
   """Three PKKD steps (student, teacher, transformations, both BatchNorms)
   on a 2-device mesh equal those on 1 device up to float32 reduction order

@@ -134,7 +134,7 @@ print(json.dumps(ev.evaluate_in_memory(
   assert result["loss"] == pytest.approx(official_loss, rel=1e-3)
 
 
-@pytest.mark.extended  # the official logits: test_evaluator_reproduces_...
+@pytest.mark.extended  # for time; .ci/run runs it after the default suite
 @pytest.mark.slow
 def test_eval_official_torch_checkpoint_on_jpeg_test_folder(
     jax_cache, cifar10_jpeg_test):
