@@ -10,6 +10,10 @@ XLA path) must be within 2x of the reference error everywhere: per adder layer
 given exact inputs), per parameter (the step's gradient and update) and per
 BatchNorm (the change of the running mean and variance). The comparison is
 `benchmarks/fidelity.py` (64 images there; 32 here, for time).
+
+Left out of the default `pytest` run for its time (about 3 minutes on 2
+cores): `.ci/run` runs it after the default suite; `pytest -m extended
+tests/test_fidelity.py` runs it by hand.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def _over(rows: dict, what: str, ratio: float = RATIO) -> list[str]:
           if r["ours"] > ratio * r["official_f32"]]
 
 
+@pytest.mark.extended  # for time; .ci/run runs it after the default suite
 @pytest.mark.slow
 def test_adder_layers_given_exact_inputs(result):
   """Per adder layer, on the float64 step's own activations."""
@@ -66,6 +71,7 @@ def test_adder_layers_given_exact_inputs(result):
   assert min(r["y_channel_std"][0] for r in result["layers"]) < 5
 
 
+@pytest.mark.extended  # for time; .ci/run runs it after the default suite
 @pytest.mark.slow
 def test_step_gradients_and_updates(result):
   # The loss is one number, so its error is noisy: within 2x the official
@@ -81,6 +87,7 @@ def test_step_gradients_and_updates(result):
   assert len(result["grads"]) == 66  # every parameter of ResNet-20 compared
 
 
+@pytest.mark.extended  # for time; .ci/run runs it after the default suite
 @pytest.mark.slow
 def test_batchnorm_running_statistics(result):
   """PyTorch updates running_var with the unbiased batch variance (with the
