@@ -322,9 +322,11 @@ def read_metrics(workdir: str | os.PathLike[str]
 
   Training lines have `train_loss`, evaluation lines `eval_top1`; each kind
   is sorted by step and keeps the last line of a step (a resumed run repeats
-  the steps after its checkpoint). Values are floats ("nan" strings become
-  NaN); a line that is not JSON (a run killed mid-write) is skipped with a
-  warning naming the file and the line.
+  the steps after its checkpoint). A `resumed_from_step` line drops the lines
+  before it past that step: the interrupted run's steps after its last
+  checkpoint, which the resumed run may not log again. Values are floats
+  ("nan" strings become NaN); a line that is not JSON (a run killed
+  mid-write) is skipped with a warning naming the file and the line.
   """
   root = _check_dir(workdir, "workdir")
   path = root / "metrics.jsonl"
@@ -343,6 +345,12 @@ def read_metrics(workdir: str | os.PathLike[str]
                    "leaves half a line); skipping it", path, number)
       continue
     if not isinstance(record, dict) or "step" not in record:
+      continue
+    if isinstance(record.get("resumed_from_step"), int):
+      resumed = record["resumed_from_step"]
+      for steps in kinds.values():
+        for stale in [s for s in steps if s > resumed]:
+          del steps[stale]
       continue
     values = {}
     for key, value in record.items():

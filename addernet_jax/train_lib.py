@@ -331,13 +331,24 @@ def make_streaming_train_step(mesh: jax.sharding.Mesh,
 
 
 class MetricsWriter:
-  """metrics.jsonl and TensorBoard in the workdir (process 0 only)."""
+  """metrics.jsonl and TensorBoard in the workdir (process 0 only).
 
-  def __init__(self, workdir: Path, enabled: bool):
+  A run resumed at `start_step` > 0 first appends `{"step": start_step,
+  "resumed_from_step": start_step}`: the lines above it past that step come
+  from the interrupted run after its last checkpoint, and readers
+  (`figures.read_metrics`) drop them.
+  """
+
+  def __init__(self, workdir: Path, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if enabled:
       self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      if start_step > 0:
+        self._file.write(json.dumps({"step": int(start_step),
+                                     "resumed_from_step": int(start_step)})
+                         + "\n")
+        self._file.flush()
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -559,6 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
   info = validate_config(config, num_devices)
+  created = ckpt_lib.missing_directories(workdir)
   workdir = ckpt_lib.check_writable(workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
@@ -566,16 +578,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   root = jax.random.PRNGKey(config.seed)
   init_rng, data_key = jax.random.split(root)
 
-  # Data first: a bad data_dir fails before anything is written.
+  # Data first: a bad data_dir fails before anything is written (and leaves
+  # no empty workdir behind).
   train_iter = None
-  if use_in_memory(config, info):
-    data = InMemoryData(config, info, mesh)
-    steps_per_epoch = data.steps_per_epoch
-  else:
-    data = None
-    guess = _latest_step_dir(workdir / "checkpoints")
-    train_iter = _streaming_train(config, info, guess)
-    steps_per_epoch = train_iter.steps_per_epoch
+  try:
+    if use_in_memory(config, info):
+      data = InMemoryData(config, info, mesh)
+      steps_per_epoch = data.steps_per_epoch
+    else:
+      data = None
+      guess = _latest_step_dir(workdir / "checkpoints")
+      train_iter = _streaming_train(config, info, guess)
+      steps_per_epoch = train_iter.steps_per_epoch
+  except BaseException:
+    ckpt_lib.remove_if_empty(created)
+    raise
   try:
     mgr = ckpt_lib.CheckpointManager(
         workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
@@ -719,7 +736,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           teacher_evaluator=None) -> dict[str, Any]:
   """The training loop proper (see `train_and_evaluate`)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  writer = MetricsWriter(workdir, is_main)
+  writer = MetricsWriter(workdir, is_main, start_step)
   every = config.checkpoint_every_steps
   every = steps_per_epoch if every is None or every <= 0 else every
   eval_every = max(1, int(config.get("eval_every_epochs", 1) or 1))

@@ -207,6 +207,31 @@ def test_read_metrics_keeps_the_last_line_of_each_step(tmp_path):
   assert summary["last_eval_top1_recalibrated"] == pytest.approx(1 - 0.05 / 3)
 
 
+def test_read_metrics_drops_the_interrupted_runs_steps_after_a_resume(
+    tmp_path):
+  """A run killed at step 5 after a checkpoint at 2, resumed with another
+  log interval: its steps 3-5 and its evaluation at 4 are not the run's."""
+  first = train_lib.MetricsWriter(tmp_path, True)
+  for step in range(1, 6):
+    first.write(step, {"train_loss": 10.0 + step, "epoch": step / 2})
+  first.write(4, {"eval_top1": 0.9, "eval_loss": 1.0, "epoch": 2.0})
+  first.close()
+  resumed = train_lib.MetricsWriter(tmp_path, True, start_step=2)
+  resumed.write(4, {"train_loss": 4.0, "epoch": 2.0})
+  resumed.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[6]) == {"step": 2, "resumed_from_step": 2}
+  metrics = figures.read_metrics(tmp_path)
+  assert [(r["step"], r["train_loss"]) for r in metrics["train"]] == [
+      (1, 11.0), (2, 12.0), (4, 4.0)]
+  assert metrics["eval"] == []
+  # A run that starts at step 0 writes no marker.
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  train_lib.MetricsWriter(fresh, True, start_step=0).close()
+  assert (fresh / "metrics.jsonl").read_text() == ""
+
+
 def test_read_metrics_warns_about_lines_that_are_not_json(tmp_path, caplog):
   lines = _run_lines(1.0)
   lines[4:4] = ['{"step": 3', ""]

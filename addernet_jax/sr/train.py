@@ -329,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     train_step = make_train_step(mesh)
     evaluator = Evaluator(config, eval_images)
     lr_fn = learning_rate_schedule(config)
-    writer = train_lib.MetricsWriter(workdir, is_main)
+    writer = train_lib.MetricsWriter(workdir, is_main, start_step)
     local = parallel.process_batch_slice(config.batch_size, mesh)
 
     def batch(step_index: int):
