@@ -200,6 +200,31 @@ def check_writable(path: str | os.PathLike) -> Path:
   return path.resolve()
 
 
+def missing_directories(path: str | os.PathLike) -> list[Path]:
+  """`path` and those of its parents that do not exist yet, deepest first
+  (what `check_writable` will create; see `remove_if_empty`)."""
+  out = []
+  path = Path(path).expanduser().absolute()
+  while not path.exists() and path != path.parent:
+    out.append(path)
+    path = path.parent
+  return out
+
+
+def remove_if_empty(directories: list[Path]) -> None:
+  """Removes each of `directories` (deepest first) if it holds no file: a
+  run that fails before writing anything leaves no empty workdir behind.
+  Never removes a file; a folder holding one stays."""
+  for directory in directories:
+    if not directory.is_dir():
+      continue
+    for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):
+      try:
+        os.rmdir(root)
+      except OSError:
+        pass
+
+
 def _key_name(key: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):

@@ -391,6 +391,22 @@ def test_train_refuses_a_url_workdir_before_training(tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_data_dir_leaves_no_empty_workdir(tmp_path):
+  """A data error after the workdir check removes the folders that check
+  created (and only empty ones: an existing workdir and its files stay)."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(dataset="cifar10", data_dir=str(tmp_path / "nope"))
+  with pytest.raises(ValueError, match="nope.* does not exist"):
+    train_lib.train_and_evaluate(config, tmp_path / "runs" / "first")
+  assert list(tmp_path.iterdir()) == []
+  kept = tmp_path / "kept"
+  kept.mkdir()
+  (kept / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="nope.* does not exist"):
+    train_lib.train_and_evaluate(config, kept)
+  assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          "JAX_COMPILATION_CACHE_DIR": str(cache)}
