@@ -6,7 +6,11 @@
       --torch_checkpoint ResNet20-AdderNet.pth --config.data_dir=...
 
 The last line printed is one JSON object with top1, top5 (fractions), loss
-and num_examples; for a super-resolution config (`config.task = "sr"`,
+and num_examples; with --checkpoint and an in-memory dataset also
+top1_recalibrated, the top-1 after re-estimating the BatchNorm statistics on
+config.recalibrate_bn_batches training batches, as training reports it
+(`--config.recalibrate_bn_batches=0` skips it and the loading of the
+training split); for a super-resolution config (`config.task = "sr"`,
 docs/addersr.md) psnr, ssim, num_images, bicubic_psnr and bicubic_ssim. With `--config.holdout_examples=N` the evaluation set is
 the last N training examples, as in training.
 

@@ -688,6 +688,23 @@ def _streaming_train(config, info, start_step: int):
       num_epochs=None, worker_count=config.get("num_workers"))
 
 
+def _recalibrated_top1(config: ml_collections.ConfigDict,
+                       evaluator: eval_lib.Evaluator, params: Any,
+                       batch_stats: Any, data: InMemoryData,
+                       epoch: int) -> float | None:
+  """Top-1 with BatchNorm statistics re-estimated on
+  `config.recalibrate_bn_batches` training batches of epoch `epoch`'s order
+  (None when that is 0)."""
+  num_batches = int(config.get("recalibrate_bn_batches", 0) or 0)
+  if num_batches <= 0:
+    return None
+  stats = evaluator.recalibrate_batch_stats(
+      params, batch_stats, data.images,
+      data.permutation(jax.random.PRNGKey(config.seed + 1), epoch),
+      config.batch_size, min(num_batches, data.steps_per_epoch))
+  return evaluator.evaluate_in_memory(params, stats, data.eval)["top1"]
+
+
 def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
               epoch, teacher_evaluator=None) -> dict[str, float]:
   """Test metrics with running statistics (and recalibrated ones, in-memory
@@ -695,15 +712,10 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
   if data is not None:
     results = evaluator.evaluate_in_memory(state.params, state.batch_stats,
                                            data.eval)
-    num_batches = int(config.get("recalibrate_bn_batches", 0) or 0)
-    if num_batches > 0:
-      batches = min(num_batches, steps_per_epoch)
-      stats = evaluator.recalibrate_batch_stats(
-          state.params, state.batch_stats, data.images,
-          data.permutation(jax.random.PRNGKey(config.seed + 1), epoch),
-          config.batch_size, batches)
-      recal = evaluator.evaluate_in_memory(state.params, stats, data.eval)
-      results["top1_recalibrated"] = recal["top1"]
+    recal = _recalibrated_top1(config, evaluator, state.params,
+                               state.batch_stats, data, epoch)
+    if recal is not None:
+      results["top1_recalibrated"] = recal
     if teacher_evaluator is not None:  # PKKD: the CNN teacher's accuracy
       results["teacher_top1"] = teacher_evaluator.evaluate_in_memory(
           state.teacher_params["model"], state.teacher_batch_stats,
@@ -928,11 +940,42 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
     return sr_train.evaluate_checkpoint(config, workdir, which=which)
   restored = _restore_for_eval(config, workdir, which)
-  result = eval_lib.evaluate_variables(config, build_model(config),
-                                       restored.state)
-  return {**result, "step": int(jax.device_get(restored.state["step"])),
+  step = int(jax.device_get(restored.state["step"]))
+  info = data_lib.dataset_info(config.dataset)
+  if (int(config.get("recalibrate_bn_batches", 0) or 0) > 0
+      and use_in_memory(config, info)):
+    result = _evaluate_with_recalibration(config, info, restored.state, step)
+  else:
+    result = eval_lib.evaluate_variables(config, build_model(config),
+                                         restored.state)
+  return {**result, "step": step,
           "checkpoint": str(Path(workdir).expanduser().absolute()),
           "which": restored.which}
+
+
+def _evaluate_with_recalibration(config: ml_collections.ConfigDict,
+                                 info: data_lib.DatasetInfo,
+                                 variables: dict[str, Any],
+                                 step: int) -> dict[str, Any]:
+  """top1, top5, loss, num_examples and top1_recalibrated, as training's
+  final evaluation at `step` computes them (the same training batches)."""
+  mesh = parallel.make_mesh()
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a "
+                     f"multiple of the number of devices "
+                     f"({mesh.devices.size}) to re-estimate BatchNorm "
+                     "statistics (or set --config.recalibrate_bn_batches=0)")
+  data = InMemoryData(config, info, mesh)
+  rep = parallel.replicated_sharding(mesh)
+  params = jax.device_put(variables["params"], rep)
+  batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
+  evaluator = eval_lib.Evaluator(build_model(config), info, mesh,
+                                 config.eval_batch_size)
+  result = evaluator.evaluate_in_memory(params, batch_stats, data.eval)
+  result["top1_recalibrated"] = _recalibrated_top1(
+      config, evaluator, params, batch_stats, data,
+      step // data.steps_per_epoch)
+  return result
 
 
 def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,

@@ -54,6 +54,9 @@ def test_eval_of_our_checkpoint_matches_training(jax_cache, tmp_path):
     assert result["top1"] == pytest.approx(summary["eval_top1"], abs=1e-6)
     assert result["top5"] == pytest.approx(summary["eval_top5"], abs=1e-6)
     assert result["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    # BatchNorm re-estimated on the final evaluation's training batches.
+    assert result["top1_recalibrated"] == pytest.approx(
+        summary["eval_top1_recalibrated"], abs=1e-6)
   # A model trained on digits, evaluated under a config of another dataset
   # (LeNet pads every input, so the shapes alone would not tell).
   if str(ROOT) not in sys.path:
