@@ -866,7 +866,8 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
       flush_metrics()
       if not preempted:
         last_eval = _evaluate(config, evaluator, state, data, info, mesh,
-                              steps_per_epoch, step // steps_per_epoch,
+                              steps_per_epoch, _last_epoch(step,
+                                                           steps_per_epoch),
                               teacher_evaluator)
         writer.write(step, {**last_eval, "epoch": step / steps_per_epoch})
         save(last_eval, force=True)
@@ -974,8 +975,14 @@ def _evaluate_with_recalibration(config: ml_collections.ConfigDict,
   result = evaluator.evaluate_in_memory(params, batch_stats, data.eval)
   result["top1_recalibrated"] = _recalibrated_top1(
       config, evaluator, params, batch_stats, data,
-      step // data.steps_per_epoch)
+      _last_epoch(step, data.steps_per_epoch))
   return result
+
+
+def _last_epoch(step: int, steps_per_epoch: int) -> int:
+  """The epoch of the last step trained before `step` (whose order every
+  evaluation at `step` re-estimates BatchNorm on)."""
+  return max(step - 1, 0) // steps_per_epoch
 
 
 def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,
