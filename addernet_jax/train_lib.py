@@ -111,7 +111,9 @@ USER_ERRORS = (ValueError, TypeError, KeyError, ckpt_lib.CheckpointError,
                # a file or folder missing, unreadable, in the way; disk full
                OSError,
                # a file that is not a readable PyTorch checkpoint
-               pickle.UnpicklingError)
+               pickle.UnpicklingError,
+               # config.data_dir unset and TFDS cannot provide the dataset
+               data_lib.DataUnavailableError)
 
 
 def json_line(result: Any) -> str:

@@ -187,6 +187,23 @@ def test_missing_data_dir_is_one_line_error(tmp_path):
   assert_one_line_error(result, "nowhere")
 
 
+def test_unset_data_dir_without_tfds_is_one_line_error(tmp_path):
+  """config.data_dir unset means TFDS: where it is not installed (as in a
+  plain install), train.py and eval.py say so in one line."""
+  pytest.importorskip("jax")
+  if importlib.util.find_spec("tensorflow_datasets") is not None:
+    pytest.skip("tensorflow_datasets is installed here")
+  result = run_cli("train.py", "--config", "configs/cifar10_resnet20.py",
+                   f"--workdir={tmp_path / 'run'}")
+  assert_one_line_error(result, "TensorFlow Datasets", "config.data_dir")
+  assert not (tmp_path / "run").exists()
+  official = ROOT.parent / "shared/data/official-resnet20/ResNet20-AdderNet.pth"
+  if official.is_file():
+    result = run_cli("eval.py", "--config", "configs/cifar10_resnet20.py",
+                     f"--torch_checkpoint={official}")
+    assert_one_line_error(result, "TensorFlow Datasets")
+
+
 def test_bad_value_is_one_line_error(tmp_path):
   result = run_cli("train.py", "--config", "configs/smoke.py",
                    f"--workdir={tmp_path}", "--config.conv=bogus")

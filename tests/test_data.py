@@ -624,13 +624,13 @@ def test_tfds_missing_or_offline_fails_fast(monkeypatch, tmp_path):
       'tensorflow_datasets')
   if not real_installed:
     t = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r'(?s)not installed.*pip install '
+    with pytest.raises(data.DataUnavailableError, match=r'(?s)not installed.*pip install '
                        r'tensorflow-datasets.*config\.data_dir'):
       data.load_arrays('cifar10', None, 'train')
     assert time.perf_counter() - t < 10
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
   t = time.perf_counter()
-  with pytest.raises(RuntimeError, match=r'(?s)network is unreachable.*'
+  with pytest.raises(data.DataUnavailableError, match=r'(?s)network is unreachable.*'
                      r'config\.data_dir.*ImageFolder'):
     data.load_arrays('mnist', None, 'test')
   assert time.perf_counter() - t < 10

@@ -25,6 +25,14 @@ INSTALL_HELP = ('pip install tensorflow-datasets importlib_resources '
                 'tensorflow-cpu  (TFDS needs importlib_resources for any '
                 'download and TensorFlow to prepare and read image datasets)')
 
+
+
+class DataUnavailableError(RuntimeError):
+  """The dataset cannot come from TFDS here (TFDS not installed, not
+  prepared and no network, or a manual download); the message says how to
+  point config.data_dir at local files."""
+
+
 # Host TFDS downloads its metadata from; probed before a download.
 _PROBE_HOST = ('storage.googleapis.com', 443)
 PROBE_TIMEOUT_S = 4.0
@@ -84,11 +92,12 @@ def network_available(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def import_tfds(name: str):
-  """Imports tensorflow_datasets or raises RuntimeError saying what to do."""
+  """Imports tensorflow_datasets or raises DataUnavailableError saying what
+  to do."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise RuntimeError(
+    raise DataUnavailableError(
         f'config.data_dir is unset, so {name} would come from TensorFlow '
         f'Datasets, which is not installed ({e}). Install it with\n  '
         f'{INSTALL_HELP}\nOr: {local_help(name)}') from None
@@ -104,13 +113,13 @@ def _check_available(name: str, data_dir: str | None) -> Path:
     raise ValueError(f'{TFDS_NAMES[name]} is not prepared in the TFDS data_dir'
                      f' {str(root)!r}. {local_help(name)}')
   if name == 'imagenet2012':
-    raise RuntimeError(
+    raise DataUnavailableError(
         'imagenet2012 cannot be downloaded by TFDS (manual download: see '
         'https://www.tensorflow.org/datasets/catalog/imagenet2012). Prepare '
         'it as an ImageFolder (train/ and val/ class folders, as for '
         'pytorch/examples) and set config.data_dir to it.')
   if not network_available():
-    raise RuntimeError(
+    raise DataUnavailableError(
         f'config.data_dir is unset and {name} is not prepared in the TFDS '
         f'data_dir {str(root)!r}, and the network is unreachable (no TLS '
         f'answer from {_PROBE_HOST[0]} within {PROBE_TIMEOUT_S:.0f} s), so TFDS '
