@@ -158,6 +158,37 @@ def test_identity_init_starts_every_adder_unit_as_the_identity():
   assert not np.allclose(outs[0], outs[1])
 
 
+def test_identity_init_starts_the_edsr_body_as_the_identity():
+  """Each block's branch (two identity units around a ReLU) would be relu(h):
+  16 blocks would scale the positive features by 2**16. The gate from 0
+  makes the untrained adder EDSR its network without blocks, and it learns."""
+  lr = jax.random.uniform(jax.random.key(9), (2, 6, 5, 3))
+  net = models.get_sr_model("edsr_baseline", scale=2, num_blocks=3,
+                            features=8)
+  variables = net.init(jax.random.key(10), lr, train=False)
+  for b in range(3):
+    assert float(variables["params"][f"block{b}_gate"]) == 0.0
+  bare = models.get_sr_model("edsr_baseline", scale=2, num_blocks=0,
+                             features=8)
+  kept = {c: {k: v for k, v in tree.items() if not k.startswith("block")}
+          for c, tree in variables.items()}
+  out = net.apply(variables, lr, train=False)
+  np.testing.assert_array_equal(out, bare.apply(kept, lr, train=False))
+  assert float(jnp.abs(out).mean()) < 10
+  def loss(params):
+    y, _ = net.apply({**variables, "params": params}, lr, train=True,
+                     mutable=["batch_stats"])
+    return jnp.mean(jnp.abs(y - 0.5))
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  assert all(float(jnp.abs(grads[f"block{b}_gate"])) > 0 for b in range(3))
+  # The CNN twin and the ablation keep EDSR's plain blocks.
+  for kwargs in ({"conv": "mult"}, {"identity_init": False}):
+    twin = models.get_sr_model("edsr_baseline", scale=2, num_blocks=3,
+                               features=8, **kwargs)
+    params = twin.init(jax.random.key(10), lr, train=False)["params"]
+    assert not [k for k in params if k.endswith("_gate")], kwargs
+
+
 def test_self_shortcut_makes_the_identity_expressible():
   x = jax.random.normal(jax.random.key(1), (1, 3, 4, 8))
   unit = _unit()
@@ -259,10 +290,10 @@ def test_sr_parameter_counts_are_the_published_sizes():
       models.get_model("vdsr", scale=2, conv="mult"), (1, 8, 8, 1))
   assert count == vdsr
   # AdderSR: adder filters have no bias; each unit adds BN scale/bias and
-  # one alpha: 33 units in EDSR, 18 in VDSR.
+  # one alpha: 33 units in EDSR, 18 in VDSR; each EDSR block one gate.
   _, count, variables = _shape_and_count(
       models.get_model("edsr_baseline", scale=2), (1, 8, 8, 3))
-  assert count == edsr_x2 - 33 * 64 + 33 * (2 * 64 + 1)
+  assert count == edsr_x2 - 33 * 64 + 33 * (2 * 64 + 1) + 16
   kinds = {"/".join(str(k.key) for k in path)
            for path, _ in jax.tree_util.tree_flatten_with_path(
                variables["params"])[0]}

@@ -174,7 +174,11 @@ class EDSR(nn.Module):
   [unit -> ReLU -> unit, times `res_scale`, + input] -> unit, + the head's
   output -> upsampler (mult) -> conv3x3 (mult) -> add-mean. A unit is an
   `AdderUnit` (adder: self-shortcut, BatchNorm, power activation; mult: a
-  convolution with bias).
+  convolution with bias). With adder units, `identity_init` and the
+  self-shortcut, each block's branch is also multiplied by a learnt scalar
+  `block{b}_gate` that starts at 0, so that the untrained body is the
+  identity (each unit alone starts as the identity, which would make the
+  branch relu(h) and double the positive features in every block).
   """
   scale: int
   conv: common.ModuleDef
@@ -204,6 +208,10 @@ class EDSR(nn.Module):
     for b in range(self.num_blocks):
       y = nn.relu(unit(f"block{b}_unit1")(h, train))
       y = unit(f"block{b}_unit2")(y, train)
+      if self.adder and self.identity_init and self.self_shortcut:
+        # Two identity units make the branch relu(h), not 0: a learnt gate
+        # from 0 starts every block as the identity (docs/addersr.md, 15).
+        y = y * self.param(f"block{b}_gate", nn.initializers.zeros, ())
       h = h + self.res_scale * y
     h = unit("body_end")(h, train) + head
     h = Upsampler(self.scale, self.features, self.dtype, name="upsampler")(h)
