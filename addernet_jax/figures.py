@@ -926,8 +926,10 @@ def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   check_output(args.output)
   widths = _parse_widths(args.widths)
-  info, train, evaluation = _load_data(args.dataset, args.data_dir,
-                                       args.holdout_examples)
+  holdout = args.holdout_examples
+  if holdout is None:
+    holdout = 10000 if args.dataset == "mnist" else 0
+  info, train, evaluation = _load_data(args.dataset, args.data_dir, holdout)
   if args.train_examples > 0:
     train = train[0][:args.train_examples], train[1][:args.train_examples]
   plot_n = min(args.plot_examples, len(evaluation[1]))
@@ -992,9 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(AdderNet vs CNN)")
   p.add_argument("--dataset", default="mnist", choices=("mnist", "digits"))
   p.add_argument("--data_dir", help="MNIST IDX files (not needed for digits)")
-  p.add_argument("--holdout_examples", type=int, default=10000,
+  p.add_argument("--holdout_examples", type=int, default=None,
                  help="evaluate on the last N training images (0: the test "
-                 "split)")
+                 "split; default 10000 for mnist, 0 for digits)")
   p.add_argument("--train_examples", type=int, default=12800,
                  help="train on the first N training images (0: all)")
   p.add_argument("--epochs", type=int, default=3)

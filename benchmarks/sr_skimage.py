@@ -20,6 +20,7 @@ training images. Needs scikit-image (`pip install -e .[sr]`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -77,6 +78,9 @@ def main(argv=None) -> None:
                       help="> 0: also evaluate (and checkpoint) every N "
                       "steps (metrics.jsonl)")
   args = parser.parse_args(argv)
+  if importlib.util.find_spec("skimage") is None:
+    parser.error("needs scikit-image for its sample images: "
+                 "pip install -e \".[sr]\"")
 
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
   from configs import sr_edsr_x2  # pylint: disable=g-import-not-at-top

@@ -510,7 +510,7 @@ def test_features_command_errors(tmp_path, capsys):
 def test_features_command_on_digits(tmp_path, capsys):
   out = tmp_path / "features.png"
   assert figures.main([
-      "features", "--dataset", "digits", "--holdout_examples", "0",
+      "features", "--dataset", "digits",  # holdout 0 by default for digits
       "--train_examples", "0", "--epochs", "2", "--batch_size", "64",
       "--widths", "2,2,4,4,8,8", "--output", str(out)]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
