@@ -24,8 +24,39 @@ ADDER_KERNEL = "adder_kernel"
 Dtype = Any
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-  return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+_as_int = ops._as_int  # pylint: disable=protected-access
+
+
+def _pair(value: int | Sequence[int], name: str = "kernel_size",
+          layer: str = "AdderConv") -> tuple[int, int]:
+  """`value` (an int or a pair of ints, NumPy ints included) as a pair."""
+  if _as_int(value) is not None:
+    value = (value, value)
+  try:
+    pair = tuple(_as_int(v) for v in value)
+  except TypeError:
+    pair = ()
+  if len(pair) != 2 or not all(v is not None and v >= 1 for v in pair):
+    raise ValueError(f"{layer}: {name} must be a positive int or a pair of "
+                     f"positive ints (a 2-D layer), got {value!r}")
+  return pair  # type: ignore[return-value]
+
+
+def _padding(padding: Any) -> Any:
+  """A layer's `padding` in the form `ops.adder_conv` takes.
+
+  As `flax.linen.Conv`: a string, an int (the same on every side), or one
+  entry per spatial dimension, each an int (the same on both sides) or a
+  `(low, high)` pair; so `1`, `(1, 2)` and `((1, 1), (2, 2))` all work.
+  Anything else goes through unchanged for `ops.adder_conv` to reject.
+  """
+  if isinstance(padding, str):
+    return padding
+  if _as_int(padding) is not None:
+    return ((padding, padding), (padding, padding))
+  if isinstance(padding, Sequence) and len(padding) == 2:
+    return tuple((p, p) if _as_int(p) is not None else p for p in padding)
+  return padding
 
 
 def _dense_as_conv(x: jax.Array, kernel: jax.Array,
@@ -49,7 +80,8 @@ class AdderConv(nn.Module):
     features: number of output channels.
     kernel_size: filter height and width.
     strides: an int or a pair.
-    padding: "SAME", "VALID", an int (symmetric, as PyTorch's `padding=`) or
+    padding: "SAME", "VALID", an int (symmetric, as PyTorch's `padding=`),
+      one int per spatial dimension `(ph, pw)` (as `flax.linen.Conv`) or
       `((top, bottom), (left, right))`.
     use_bias: add a learned bias (the official layers have none).
     dtype: computation dtype (None: from the inputs); accumulation is float32.
@@ -77,14 +109,12 @@ class AdderConv(nn.Module):
       raise ValueError(f"AdderConv: input must be NHWC (rank 4), got shape "
                        f"{tuple(x.shape)}")
     kh, kw = _pair(self.kernel_size)
+    strides = _pair(self.strides, "strides")
     kernel = self.param(ADDER_KERNEL, self.kernel_init,
                         (kh, kw, x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
-    padding = self.padding
-    if isinstance(padding, int):
-      padding = ((padding, padding), (padding, padding))
     y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
-                       strides=_pair(self.strides), padding=padding,
+                       strides=strides, padding=_padding(self.padding),
                        implementation=self.implementation,
                        gradient=self.gradient)
     if self.use_bias:
@@ -131,14 +161,13 @@ class AdderConvNNX(nnx.Module):
                kernel_init: Any = nnx.initializers.normal(stddev=1.0),
                implementation: str | None = None,
                gradient: str = "official", rngs: nnx.Rngs):
-    kh, kw = _pair(kernel_size)
+    kh, kw = _pair(kernel_size, layer="AdderConvNNX")
     self.adder_kernel = nnx.Param(kernel_init(
         rngs.params(), (kh, kw, in_features, out_features), param_dtype))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
                  if use_bias else None)
-    self.strides = _pair(strides)
-    self.padding = (((padding, padding), (padding, padding))
-                    if isinstance(padding, int) else padding)
+    self.strides = _pair(strides, "strides", "AdderConvNNX")
+    self.padding = _padding(padding)
     self.dtype = dtype
     self.implementation = implementation
     self.gradient = gradient

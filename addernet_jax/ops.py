@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import operator
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Union
 
@@ -145,14 +146,29 @@ def _select_backend(implementation: str | None, xp: jax.Array, w: jax.Array,
   return backend
 
 
+def _as_int(value) -> int | None:
+  """`value` as an int if it is an integer (Python, NumPy or a concrete 0-d
+  integer array; not a bool, not a float such as 1.5), else None."""
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  try:
+    return operator.index(value)
+  except TypeError:
+    return None
+
+
 def _normalize_pair(value, name: str) -> tuple[int, int]:
-  if isinstance(value, int):
-    value = (value, value)
-  value = tuple(value)
-  if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
+  single = _as_int(value)
+  if single is not None:
+    value = (single, single)
+  try:
+    pair = tuple(_as_int(v) for v in value)
+  except TypeError:
+    pair = ()
+  if len(pair) != 2 or not all(v is not None and v >= 1 for v in pair):
     raise ValueError(f"adder_conv: {name} must be a positive int or a pair of "
                      f"positive ints, got {value!r}")
-  return value  # type: ignore[return-value]
+  return pair  # type: ignore[return-value]
 
 
 def _explicit_padding(padding: Padding, in_hw, kernel_hw,
@@ -166,10 +182,10 @@ def _explicit_padding(padding: Padding, in_hw, kernel_hw,
     raise ValueError(f"adder_conv: padding must be 'SAME', 'VALID' or "
                      f"((top, bottom), (left, right)), got {padding!r}")
   try:
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    pads = tuple((_as_int(lo), _as_int(hi)) for lo, hi in padding)
   except (TypeError, ValueError):
     pads = ()
-  if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
+  if len(pads) != 2 or any(p is None or p < 0 for pair in pads for p in pair):
     raise ValueError(f"adder_conv: padding must be 'SAME', 'VALID' or "
                      f"((top, bottom), (left, right)) of non-negative ints, "
                      f"got {padding!r}")
@@ -188,9 +204,21 @@ def _check_inputs(x, w) -> None:
       raise TypeError(f"adder_conv: {name} must be float32, bfloat16 or "
                       f"float16, got {arr.dtype}")
   if x.shape[3] != w.shape[2]:
+    hints = []
+    if x.shape[1] == w.shape[2]:
+      hints.append("x looks NCHW: transpose it to NHWC with "
+                   "x.transpose(0, 2, 3, 1)")
+    if w.shape[1] == x.shape[3]:
+      hints.append("w looks OIHW (PyTorch): transpose it to HWIO with "
+                   "w.transpose(2, 3, 1, 0)")
+    hint = f" ({'; '.join(hints)})" if hints else ""
     raise ValueError(f"adder_conv: input channels do not match: x {tuple(x.shape)} "
                      f"(NHWC) has {x.shape[3]}, w {tuple(w.shape)} (HWIO) expects "
-                     f"{w.shape[2]}")
+                     f"{w.shape[2]}{hint}")
+  if 0 in w.shape[:3]:
+    raise ValueError(f"adder_conv: filters must have a non-empty window and "
+                     f"at least one input channel, got w {tuple(w.shape)} "
+                     f"(HWIO)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -374,7 +402,10 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
   Returns:
     `[n, ho, wo, cout]` in the promoted input dtype, accumulated in float32.
     Differentiable with the AdderNet custom VJP (not the true derivative)
-    unless `gradient="exact"`.
+    unless `gradient="exact"`. Reverse mode only (`jax.jvp` raises JAX's
+    custom_vjp error). Second derivatives (grad of grad) differentiate the
+    backward above, and only where it is pure jnp ("xla"; not through
+    Pallas kernels).
   """
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(f"adder_conv: implementation must be None, 'xla' or "
@@ -428,15 +459,25 @@ def adder_conv_general_dilated(
                      f"are not supported (feature_group_count="
                      f"{feature_group_count}, batch_group_count="
                      f"{batch_group_count})")
-  if lhs.ndim != 4:
+  if lhs.ndim != 4 or rhs.ndim != 4:
     raise ValueError(f"adder_conv_general_dilated: only 2-D convolutions are "
-                     f"supported, got lhs of shape {tuple(lhs.shape)}")
+                     f"supported, got lhs of shape {tuple(lhs.shape)} and rhs "
+                     f"of shape {tuple(rhs.shape)}")
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  cin, rhs_cin = lhs.shape[dn.lhs_spec[1]], rhs.shape[dn.rhs_spec[1]]
+  if cin != rhs_cin:
+    layout = (f"dimension_numbers={dimension_numbers!r}"
+              if dimension_numbers is not None else
+              "dimension_numbers=None, i.e. lax's default (NCHW, OIHW, NCHW); "
+              "pass ('NHWC', 'HWIO', 'NHWC') for Flax's layout")
+    raise ValueError(f"adder_conv_general_dilated: input channels do not "
+                     f"match: lhs {tuple(lhs.shape)} has {cin}, rhs "
+                     f"{tuple(rhs.shape)} expects {rhs_cin} ({layout})")
   x = jnp.transpose(lhs, dn.lhs_spec)            # -> N C H W
   x = jnp.transpose(x, (0, 2, 3, 1))             # -> N H W C
   w = jnp.transpose(rhs, dn.rhs_spec)            # -> O I H W
   w = jnp.transpose(w, (2, 3, 1, 0))             # -> H W I O
-  y = adder_conv(x, w, strides=tuple(window_strides), padding=padding,
+  y = adder_conv(x, w, strides=window_strides, padding=padding,
                  implementation=implementation,
                  gradient=gradient)  # N H W O
   y = jnp.transpose(y, (0, 3, 1, 2))             # -> N C H W

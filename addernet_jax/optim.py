@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ADDER_KERNEL = "adder_kernel"  # == addernet_jax.layers.ADDER_KERNEL
@@ -36,18 +37,34 @@ class ScaleByAdaptiveLRState(NamedTuple):
 def scale_by_adaptive_lr(eta: float = 0.2) -> optax.GradientTransformation:
   """Rescales each leaf to L2 norm `eta * sqrt(leaf.size)` (AdderNet eq. 13).
 
-  A leaf with a zero gradient stays exactly zero (no NaN). The norm is taken
-  in float32 whatever the gradient's dtype; the update keeps the dtype.
-  Apply it to adder filters only (`optax.masked(..., adder_mask)`), as
-  `make_optimizer` does.
+  A leaf with a zero gradient stays exactly zero (no NaN). A NaN or infinite
+  gradient entry makes the norm, hence that whole leaf's update, NaN (as in
+  the official code; wrap the optimiser in `optax.apply_if_finite` to skip
+  such steps). The norm is taken in float32 whatever the gradient's dtype;
+  the update keeps the dtype. Apply it to adder filters only
+  (`optax.masked(..., adder_mask)`), as `make_optimizer` does.
 
   Args:
-    eta: the paper's eta (0.2 in the official release).
+    eta: the paper's eta (0.2 in the official release), a non-negative
+      number, or a scalar array (e.g. through `optax.inject_hyperparams`,
+      to schedule it).
 
   Returns:
     An `optax.GradientTransformation`.
   """
-  eta = float(eta)
+  if callable(eta):
+    raise TypeError("scale_by_adaptive_lr: eta must be a number or a scalar "
+                    "array, got a callable; to schedule eta use "
+                    "optax.inject_hyperparams(scale_by_adaptive_lr)("
+                    "eta=schedule)")
+  if not isinstance(eta, jax.core.Tracer):  # a number or a concrete array
+    if np.ndim(eta) != 0:
+      raise ValueError(f"scale_by_adaptive_lr: eta must be a scalar, got "
+                       f"{eta!r}")
+    eta = float(eta)
+    if not 0 <= eta < math.inf:
+      raise ValueError(f"scale_by_adaptive_lr: eta must be a finite number "
+                       f">= 0, got {eta!r}")
 
   def init_fn(params: optax.Params) -> ScaleByAdaptiveLRState:
     del params
@@ -56,7 +73,11 @@ def scale_by_adaptive_lr(eta: float = 0.2) -> optax.GradientTransformation:
   def scale(g: jax.Array) -> jax.Array:
     g32 = g.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(g32)))
-    factor = eta * math.sqrt(g.size) / jnp.maximum(norm, NORM_FLOOR)
+    if isinstance(eta, float):
+      factor = eta * math.sqrt(g.size) / jnp.maximum(norm, NORM_FLOOR)
+    else:  # traced (e.g. under jax.jit by optax.inject_hyperparams)
+      factor = (jnp.asarray(eta, jnp.float32) * math.sqrt(g.size)
+                / jnp.maximum(norm, NORM_FLOOR))
     return (g32 * factor).astype(g.dtype)
 
   def update_fn(updates: optax.Updates, state: ScaleByAdaptiveLRState,
@@ -74,12 +95,27 @@ def _key_name(entry: Any) -> str:
   return str(entry)
 
 
+def _is_adder_path(path: tuple[Any, ...]) -> bool:
+  # An NNX `State` (`nnx.state`, `nnx.split`, `nnx.grad`) keeps each array
+  # in a Variable, whose pytree path adds the attribute `.value` after the
+  # parameter's name.
+  if (len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey)
+      and path[-1].name == "value"):
+    path = path[:-1]
+  return bool(path) and _key_name(path[-1]) == ADDER_KERNEL
+
+
 def adder_mask(params: Any) -> Any:
   """A pytree of bools, True exactly where the leaf's path ends in
-  "adder_kernel" (the adder filters of `addernet_jax.layers`)."""
+  "adder_kernel" (the adder filters of `addernet_jax.layers`, Linen
+  parameter dicts and NNX `State`s alike).
+
+  Only those names are selected: the filters of a `flax.linen.Conv` (or
+  `nnx.Conv`) made an adder layer with
+  `conv_general_dilated=ops.adder_conv_general_dilated` are called "kernel",
+  like every multiplication layer's, and need a mask of your own."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(path) and _key_name(path[-1]) == ADDER_KERNEL,
-      params)
+      lambda path, _: _is_adder_path(path), params)
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:

@@ -43,6 +43,7 @@ remainder modulo the stride), each of which sees a fixed subset of the taps.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import jax
@@ -78,6 +79,41 @@ def tap_view(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int],
 def _out_hw(xp: jax.Array, w: jax.Array, strides: Strides) -> tuple[int, int]:
   return (output_size(xp.shape[1], w.shape[0], strides[0]),
           output_size(xp.shape[2], w.shape[1], strides[1]))
+
+
+def _check(fn: str, xp: jax.Array, w: jax.Array, strides,
+           g: jax.Array | None = None) -> Strides:
+  """Trace-time shape checks shared by the three functions (a clear error
+  instead of an empty result, a failure deep inside `lax`, or a silently
+  wrong gradient from a cotangent of the wrong shape). Returns the strides
+  as a pair (an int means the same stride on both axes)."""
+  try:
+    pair = ((operator.index(strides),) * 2 if not hasattr(strides, "__len__")
+            else tuple(operator.index(s) for s in strides))
+  except TypeError:
+    pair = ()
+  if len(pair) != 2 or min(pair) < 1:
+    raise ValueError(f"reference.{fn}: strides must be a positive int or a "
+                     f"pair of positive ints, got {strides!r}")
+  strides = pair
+  if xp.ndim != 4 or w.ndim != 4:
+    raise ValueError(f"reference.{fn}: xp must be NHWC and w HWIO (rank 4), "
+                     f"got shapes {tuple(xp.shape)} and {tuple(w.shape)}")
+  if xp.shape[3] != w.shape[2] or 0 in w.shape[:3]:
+    raise ValueError(f"reference.{fn}: xp {tuple(xp.shape)} (NHWC) and w "
+                     f"{tuple(w.shape)} (HWIO) need the same, non-zero number "
+                     f"of input channels and a non-empty window")
+  if xp.shape[1] < w.shape[0] or xp.shape[2] < w.shape[1]:
+    raise ValueError(f"reference.{fn}: filters {tuple(w.shape[:2])} are "
+                     f"larger than the padded input {tuple(xp.shape[1:3])}")
+  if g is not None:
+    want = (xp.shape[0], *_out_hw(xp, w, strides), w.shape[3])
+    if tuple(g.shape) != want:
+      raise ValueError(f"reference.{fn}: g must have the output's shape "
+                       f"{want} (NHWC) for xp {tuple(xp.shape)}, w "
+                       f"{tuple(w.shape)}, strides {strides}, got "
+                       f"{tuple(g.shape)}")
+  return strides  # type: ignore[return-value]
 
 
 def _blocks(channels: int) -> tuple[int, int]:
@@ -117,6 +153,7 @@ def forward(xp: jax.Array, w: jax.Array, strides: Strides) -> jax.Array:
   `sum_k (partial_k - m_k)`, the result is `-(acc + sum_k m_k)`, with the
   total as an exact pair `hi + lo`.
   """
+  strides = _check("forward", xp, w, strides)
   kh, kw, cin, cout = w.shape
   sh, sw = strides
   n = xp.shape[0]
@@ -150,6 +187,7 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
   Returns the gradient with respect to the padded input (shape of `xp`),
   float32. Positions no filter tap reaches get zero.
   """
+  strides = _check("input_grad", xp, w, strides, g)
   kh, kw, cin, cout = w.shape
   sh, sw = strides
   n, hp, wp, _ = xp.shape
@@ -222,6 +260,7 @@ def filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides,
       strided 1x1 layers, whose convolution gradient XLA's CPU backend handles
       poorly) or None: "taps" on CPU, "conv" elsewhere.
   """
+  strides = _check("filter_grad", xp, w, strides, g)
   if method is None:
     method = "taps" if jax.default_backend() == "cpu" else "conv"
   xp = xp.astype(jnp.float32)

@@ -89,3 +89,51 @@ def test_nnx_layer_gradients_use_adder_vjp():
   grad_nnx = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer).adder_kernel[...]
   grad_ref = jax.grad(lambda w: jnp.sum(ops.adder_conv(x, w) ** 2))(kernel)
   np.testing.assert_allclose(grad_nnx, grad_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda padding: layers.AdderConv(4, (3, 3), padding=padding),
+    lambda padding: layers.AdderConvNNX(3, 4, 3, padding=padding,
+                                        rngs=nnx.Rngs(0)),
+])
+def test_flax_style_per_dimension_int_padding(make):
+  """`padding=(1, 2)` means 1 row and 2 columns on both sides, as in
+  `flax.linen.Conv`; it was rejected."""
+  x = np.random.default_rng(3).normal(size=(2, 7, 5, 3)).astype(np.float32)
+  layer = make((1, 2))
+  if isinstance(layer, nn.Module):
+    variables = layer.init(jax.random.key(0), x)
+    y = layer.apply(variables, x)
+    w = np.asarray(variables["params"]["adder_kernel"])
+  else:
+    y, w = layer(x), np.asarray(layer.adder_kernel[...])
+  xp = np.pad(x, ((0, 0), (1, 1), (2, 2), (0, 0)))
+  assert y.shape == (2, 7, 7, 4)
+  np.testing.assert_allclose(y, _np_adder_conv_valid(xp, w), rtol=1e-5,
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=(3,)), r"kernel_size must be .* got \(3,\)"),
+    (dict(kernel_size=(3, 3, 3)), r"kernel_size must be .* got \(3, 3, 3\)"),
+    (dict(kernel_size=0), "kernel_size must be"),
+    (dict(strides=(2,)), r"strides must be .* got \(2,\)"),
+])
+def test_bad_kernel_size_or_strides_raise_clear_error(kwargs, match):
+  with pytest.raises(ValueError, match="AdderConv: " + match):
+    layers.AdderConv(4, **kwargs).init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+  with pytest.raises(ValueError, match="AdderConvNNX: " + match):
+    layers.AdderConvNNX(2, 4, **kwargs, rngs=nnx.Rngs(0))
+
+
+def test_numpy_int_kernel_size_and_strides():
+  """Sizes read from NumPy arrays/configs raised "'numpy.int64' object is
+  not iterable"."""
+  x = jnp.ones((1, 7, 5, 2))
+  layer = layers.AdderConv(4, kernel_size=np.int64(3), strides=np.int64(2))
+  variables = layer.init(jax.random.key(0), x)
+  assert variables["params"]["adder_kernel"].shape == (3, 3, 2, 4)
+  assert layer.apply(variables, x).shape == (1, 4, 3, 4)
+  conv = layers.AdderConvNNX(2, 4, np.int64(3), strides=np.int64(2),
+                             rngs=nnx.Rngs(0))
+  assert conv(x).shape == (1, 4, 3, 4)

@@ -126,3 +126,32 @@ def test_adder_conv_layer_init_is_standard_normal():
   w = np.asarray(params["adder_kernel"])
   assert w.shape == (3, 3, 32, 64)
   assert abs(w.mean()) < 0.05 and abs(w.std() - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "vgg_small",
+                                  "lenet5_bn"])
+@pytest.mark.parametrize("conv", ["adder", "mult"])
+def test_non_nhwc_batch_raises_clear_error(name, conv):
+  """An unbatched image went into the stem (Flax convs accept it) and failed
+  in a later layer (adder), or, with conv="mult", ran through."""
+  model = get_model(name, num_classes=10, conv=conv)
+  with pytest.raises(ValueError, match=r"input must be a batch of NHWC "
+                     r"images \(rank 4\), got shape \(32, 32, 3\)"):
+    _abstract_variables(model, (32, 32, 3))
+
+
+def test_vgg_small_too_small_input_raises_clear_error():
+  """Below 8x8 its three max-pools leave no pixel: a ZeroDivisionError from
+  the classifier's initialiser."""
+  with pytest.raises(ValueError, match=r"VGGSmall: input images must be at "
+                     r"least 8x8 \(NHWC\), got shape \(2, 4, 4, 3\)"):
+    _abstract_variables(get_model("vgg_small", num_classes=10), (2, 4, 4, 3))
+  assert jax.tree.leaves(_abstract_variables(
+      get_model("vgg_small", num_classes=10), (1, 8, 8, 3)))
+
+
+def test_num_classes_numpy_int():
+  model = get_model("resnet20", num_classes=np.int64(7))
+  assert model.num_classes == 7 and type(model.num_classes) is int
+  with pytest.raises(ValueError, match="num_classes"):
+    get_model("resnet20", num_classes=True)

@@ -354,7 +354,46 @@ W = jnp.ones((3, 3, 3, 4), jnp.float32)
     (lambda: ops.adder_conv_general_dilated(
         jnp.ones((1, 5, 3)), jnp.ones((3, 3, 4)), (1,), "SAME"),
      ValueError, "only 2-D convolutions"),
+    # Plausible layout mistakes get a hint naming the fix.
+    (lambda: ops.adder_conv(jnp.ones((1, 3, 5, 6)), W), ValueError,
+     r"x looks NCHW: transpose it to NHWC"),
+    (lambda: ops.adder_conv(X, jnp.ones((4, 3, 2, 2))), ValueError,
+     r"w looks OIHW \(PyTorch\)"),
+    (lambda: ops.adder_conv(X[..., :0], W[:, :, :0]), ValueError,
+     "non-empty window and at least one input channel"),
+    (lambda: ops.adder_conv(X, W, strides=True), ValueError,
+     "strides must be"),
+    # Fractional padding was truncated to int (1.5 -> 1) silently.
+    (lambda: ops.adder_conv(X, W, padding=((1.5, 1), (1, 1))), ValueError,
+     "padding must be"),
+    # NHWC arrays without dimension_numbers: lax's default layout is NCHW;
+    # the error names the caller's shapes, not transposed ones.
+    (lambda: ops.adder_conv_general_dilated(X, W, (1, 1), "SAME"),
+     ValueError, r"lhs \(1, 5, 5, 3\) has 5, rhs \(3, 3, 3, 4\) expects 3 "
+     r"\(dimension_numbers=None, i.e. lax's default"),
+    (lambda: ops.adder_conv_general_dilated(
+        X, W[0], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+     ValueError, "only 2-D convolutions"),
+    # The pure-jnp reference functions check shapes at trace time; a
+    # cotangent of the wrong shape gave a silently wrong input gradient.
+    (lambda: reference.input_grad(X, W, jnp.ones((1, 5, 5, 4)), (1, 1)),
+     ValueError, r"g must have the output's shape \(1, 3, 3, 4\)"),
+    (lambda: reference.forward(X, jnp.ones((3, 3, 2, 4)), (1, 1)),
+     ValueError, "same, non-zero number of input channels"),
 ])
 def test_bad_input_raises_clear_error(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+def test_numpy_int_strides_and_padding_are_accepted():
+  """np.int64 strides (e.g. from a config array) raised a raw TypeError."""
+  rng = np.random.default_rng(7)
+  x, w = _rand(rng, (1, 7, 5, 2)), _rand(rng, (3, 3, 2, 3))
+  want = ops.adder_conv(x, w, strides=2, padding=((1, 1), (0, 2)))
+  got = ops.adder_conv(x, w, strides=np.int64(2),
+                       padding=((np.int64(1), 1), (0, np.int32(2))))
+  np.testing.assert_array_equal(got, want)
+  got = ops.adder_conv_general_dilated(
+      x, w, 2, ((1, 1), (0, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_array_equal(got, want)

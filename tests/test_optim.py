@@ -283,3 +283,59 @@ def test_adaptive_lr_disabled():
                   + 5e-4 * np.asarray(params["layer1_0"]["conv1"]
                                       ["adder_kernel"]))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_adder_mask_on_nnx_state():
+  """`nnx.state`/`nnx.split`/`nnx.grad` keep arrays in Variables (path
+  `... adder_kernel .value`): the mask selected nothing, so a hand-built
+  NNX training loop silently trained without the adaptive learning rate."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Mult(nnx.Module):  # as nnx.Conv's parameters (cheaper to build)
+    def __init__(self):
+      self.kernel = nnx.Param(jnp.asarray(
+          np.random.default_rng(1).normal(size=(3, 3, 2, 3)), jnp.float32))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = Mult()
+      self.adder = layers.AdderConvNNX(3, 4, 3, rngs=rngs)
+
+  _, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  # Gradients have the parameters' structure (as `jax.grad` of a function
+  # of `params` returns).
+  grads = jax.tree.map(lambda p: p * 3.0 - 1.0, params)
+  mask = optim.adder_mask(grads)
+  assert [v for v in jax.tree.leaves(mask)].count(True) == 1
+  tx = optax.masked(optim.scale_by_adaptive_lr(0.2), optim.adder_mask)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  g = np.asarray(grads["adder"]["adder_kernel"][...], np.float64)
+  np.testing.assert_allclose(
+      updates["adder"]["adder_kernel"][...],
+      g / np.linalg.norm(g) * 0.2 * math.sqrt(g.size), rtol=2e-5, atol=1e-6)
+  np.testing.assert_array_equal(updates["conv"]["kernel"][...],
+                                grads["conv"]["kernel"][...])
+
+
+def test_eta_through_inject_hyperparams_under_jit():
+  """`optax.inject_hyperparams` (the Optax way to schedule eta) passes eta
+  as a traced array: `float(eta)` raised a ConcretizationTypeError."""
+  grads = {"a": {"adder_kernel": _params()["layer1_0"]["conv1"]["adder_kernel"]}}
+  tx = optax.inject_hyperparams(optim.scale_by_adaptive_lr)(
+      eta=optax.linear_schedule(0.3, 0.1, 2))
+  state = tx.init(grads)
+  step = jax.jit(tx.update)
+  g = np.asarray(grads["a"]["adder_kernel"], np.float64)
+  for eta in (0.3, 0.2, 0.1):
+    updates, state = step(grads, state)
+    np.testing.assert_allclose(
+        updates["a"]["adder_kernel"],
+        g / np.linalg.norm(g) * eta * math.sqrt(g.size), rtol=1e-5)
+
+
+def test_bad_eta_raises_clear_error():
+  with pytest.raises(ValueError, match="eta must be a finite number >= 0, "
+                     "got -0.2"):
+    optim.scale_by_adaptive_lr(-0.2)
+  with pytest.raises(TypeError, match="inject_hyperparams"):
+    optim.scale_by_adaptive_lr(optax.constant_schedule(0.2))

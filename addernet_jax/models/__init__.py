@@ -7,10 +7,12 @@ Classification models (`MODEL_NAMES`) and the AdderSR super-resolution models
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from addernet_jax.models import common
 from addernet_jax.models import sr
@@ -143,8 +145,10 @@ def get_model(name: str, *, num_classes: int | None = None,
   if scale is not None:
     raise ValueError(f"scale= is for super-resolution models "
                      f"{SR_MODEL_NAMES}, not {name!r}")
-  if not isinstance(num_classes, int) or num_classes < 1:
+  if (isinstance(num_classes, (bool, np.bool_))
+      or not isinstance(num_classes, numbers.Integral) or num_classes < 1):
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  num_classes = int(num_classes)
   if gradient not in ("official", "exact"):
     raise ValueError(f"gradient must be 'official' or 'exact', got "
                      f"{gradient!r}")

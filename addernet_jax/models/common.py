@@ -158,6 +158,19 @@ def batch_norm(train: bool, *, dtype: Any, axis_name: str | None,
                    scale_init=scale_init)
 
 
+def check_images(x: jax.Array, model: str, min_size: int = 1) -> None:
+  """Trace-time check that `x` is a batch of NHWC images of at least
+  `min_size` x `min_size` pixels: one clear error instead of a failure deep
+  inside a layer."""
+  shape = tuple(getattr(x, "shape", ()))
+  if len(shape) != 4:
+    raise ValueError(f"{model}: input must be a batch of NHWC images (rank "
+                     f"4), got shape {shape}")
+  if shape[1] < min_size or shape[2] < min_size:
+    raise ValueError(f"{model}: input images must be at least {min_size}x"
+                     f"{min_size} (NHWC), got shape {shape}")
+
+
 def pad_same_as_torch(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """PyTorch's symmetric `padding=kernel // 2` (not JAX's asymmetric SAME)."""
   p = kernel // 2

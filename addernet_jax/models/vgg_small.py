@@ -27,6 +27,8 @@ class VGGSmall(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = lambda name: common.batch_norm(train, dtype=self.dtype,
                                         axis_name=self.bn_axis_name, name=name)
+    # Three 2x2 max-pools: anything smaller than 8x8 leaves no pixel.
+    common.check_images(x, "VGGSmall", min_size=8)
     pad = common.pad_same_as_torch(3)
     x = nn.Conv(128, (3, 3), padding=pad, use_bias=False, dtype=self.dtype,
                 kernel_init=common.torch_default_init, name="conv0")(x)
