@@ -24,22 +24,10 @@ ADDER_KERNEL = "adder_kernel"
 Dtype = Any
 
 
-_as_int = ops._as_int  # pylint: disable=protected-access
-
-
 def _pair(value: int | Sequence[int], name: str = "kernel_size",
           layer: str = "AdderConv") -> tuple[int, int]:
   """`value` (an int or a pair of ints, NumPy ints included) as a pair."""
-  if _as_int(value) is not None:
-    value = (value, value)
-  try:
-    pair = tuple(_as_int(v) for v in value)
-  except TypeError:
-    pair = ()
-  if len(pair) != 2 or not all(v is not None and v >= 1 for v in pair):
-    raise ValueError(f"{layer}: {name} must be a positive int or a pair of "
-                     f"positive ints (a 2-D layer), got {value!r}")
-  return pair  # type: ignore[return-value]
+  return ops.positive_int_pair(value, name, layer)
 
 
 def _padding(padding: Any) -> Any:
@@ -52,10 +40,10 @@ def _padding(padding: Any) -> Any:
   """
   if isinstance(padding, str):
     return padding
-  if _as_int(padding) is not None:
+  if ops.as_int(padding) is not None:
     return ((padding, padding), (padding, padding))
   if isinstance(padding, Sequence) and len(padding) == 2:
-    return tuple((p, p) if _as_int(p) is not None else p for p in padding)
+    return tuple((p, p) if ops.as_int(p) is not None else p for p in padding)
   return padding
 
 

@@ -146,7 +146,7 @@ def _select_backend(implementation: str | None, xp: jax.Array, w: jax.Array,
   return backend
 
 
-def _as_int(value) -> int | None:
+def as_int(value: Any) -> int | None:
   """`value` as an int if it is an integer (Python, NumPy or a concrete 0-d
   integer array; not a bool, not a float such as 1.5), else None."""
   if isinstance(value, (bool, np.bool_)):
@@ -157,16 +157,19 @@ def _as_int(value) -> int | None:
     return None
 
 
-def _normalize_pair(value, name: str) -> tuple[int, int]:
-  single = _as_int(value)
+def positive_int_pair(value: Any, name: str, owner: str = "adder_conv"
+                      ) -> tuple[int, int]:
+  """`value`, an int or a pair of ints (NumPy ints included), as a pair of
+  positive ints; else a ValueError naming `owner`, `name` and the value."""
+  single = as_int(value)
   if single is not None:
     value = (single, single)
   try:
-    pair = tuple(_as_int(v) for v in value)
+    pair = tuple(as_int(v) for v in value)
   except TypeError:
     pair = ()
   if len(pair) != 2 or not all(v is not None and v >= 1 for v in pair):
-    raise ValueError(f"adder_conv: {name} must be a positive int or a pair of "
+    raise ValueError(f"{owner}: {name} must be a positive int or a pair of "
                      f"positive ints, got {value!r}")
   return pair  # type: ignore[return-value]
 
@@ -182,7 +185,7 @@ def _explicit_padding(padding: Padding, in_hw, kernel_hw,
     raise ValueError(f"adder_conv: padding must be 'SAME', 'VALID' or "
                      f"((top, bottom), (left, right)), got {padding!r}")
   try:
-    pads = tuple((_as_int(lo), _as_int(hi)) for lo, hi in padding)
+    pads = tuple((as_int(lo), as_int(hi)) for lo, hi in padding)
   except (TypeError, ValueError):
     pads = ()
   if len(pads) != 2 or any(p is None or p < 0 for pair in pads for p in pair):
@@ -414,7 +417,7 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
     raise ValueError(f"adder_conv: gradient must be 'official' or 'exact', "
                      f"got {gradient!r}")
   _check_inputs(x, w)
-  strides = _normalize_pair(strides, "strides")
+  strides = positive_int_pair(strides, "strides")
   pads = _explicit_padding(padding, x.shape[1:3], w.shape[:2], strides)
   padded_hw = (x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1]))
   if padded_hw[0] < w.shape[0] or padded_hw[1] < w.shape[1]:
