@@ -261,15 +261,42 @@ def _match_varying_axes(cotangent, primal):
   return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
+                       strides: tuple[int, int], backend: Backend,
+                       window: Window) -> jax.Array:
+  """A Pallas backend's input gradient. Pallas kernels have no derivative of
+  their own, so a second derivative (grad of grad) of `adder_conv` takes the
+  reference's: the derivative of the same official backward."""
+  if backend.input_grad_takes_window:
+    return backend.input_grad(xp, w, g, strides, rows=window[0],
+                              cols=window[1])
+  return backend.input_grad(xp, w, g, strides)
+
+
+def _kernel_input_grad_fwd(xp, w, g, strides, backend, window):
+  return _kernel_input_grad(xp, w, g, strides, backend, window), (xp, w, g)
+
+
+def _kernel_input_grad_bwd(strides, backend, window, residuals, cotangent):
+  del backend, window  # outside the window the cotangent is zero
+  xp, w, g = residuals
+  out, vjp = jax.vjp(lambda a, b, c: reference.input_grad(a, b, c, strides),
+                     xp, w, g)
+  return vjp(cotangent.astype(out.dtype))
+
+
+_kernel_input_grad.defvjp(_kernel_input_grad_fwd, _kernel_input_grad_bwd)
+
+
 def _adder_padded_bwd(strides, implementation, window, residuals, g):
   xp, w = residuals
   backend = _select_backend(implementation, xp, w, strides, window,
                             "input_grad")
-  if backend.input_grad_takes_window:
-    dxp = backend.input_grad(xp, w, g, strides, rows=window[0],
-                             cols=window[1])
-  else:
+  if backend is XLA_BACKEND:
     dxp = backend.input_grad(xp, w, g, strides)
+  else:
+    dxp = _kernel_input_grad(xp, w, g, strides, backend, window)
   dw = reference.filter_grad(xp, w, g, strides)
   return (_match_varying_axes(dxp.astype(xp.dtype), xp),
           _match_varying_axes(dw.astype(w.dtype), w))
@@ -406,9 +433,9 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
     `[n, ho, wo, cout]` in the promoted input dtype, accumulated in float32.
     Differentiable with the AdderNet custom VJP (not the true derivative)
     unless `gradient="exact"`. Reverse mode only (`jax.jvp` raises JAX's
-    custom_vjp error). Second derivatives (grad of grad) differentiate the
-    backward above, and only where it is pure jnp ("xla"; not through
-    Pallas kernels).
+    custom_vjp error). Second derivatives (grad of grad) differentiate that
+    backward: on the XLA path directly, with Pallas kernels through the
+    reference's derivative of the same backward (kernels have none).
   """
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(f"adder_conv: implementation must be None, 'xla' or "

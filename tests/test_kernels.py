@@ -820,6 +820,34 @@ def test_tpu_interpret_mode_only_in_one_device_shard_maps(monkeypatch, caplog,
   dispatch.reset()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="interpret mode: the CPU's kernel chain")
+def test_second_derivative_through_the_kernels(monkeypatch):
+  """grad of grad (e.g. a gradient penalty) with the Pallas kernels: once a
+  bare AssertionError from inside Pallas (kernels have no derivative); now
+  the kernels run, and the second derivative equals the XLA path's."""
+  dispatch.reset()
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "gpu")
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
+  w = jnp.asarray(0.7 * rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+
+  def penalty(w, implementation):
+    def loss(x):
+      y = ops.adder_conv(x, w, strides=(2, 1), padding=((1, 1), (1, 1)),
+                         implementation=implementation)
+      return jnp.sum(jnp.tanh(y / 10.0))
+    return jnp.sum(jax.grad(loss)(x) ** 2)
+
+  with ops.record_backends() as record:
+    got = jax.jit(jax.grad(penalty), static_argnums=1)(w, "pallas")
+  assert {r["implementation"] for r in record} == {"triton"}, record
+  want = jax.jit(jax.grad(penalty), static_argnums=1)(w, "xla")
+  assert float(jnp.linalg.norm(want)) > 0
+  assert rel_err(got, want) < 1e-5
+  dispatch.reset()
+
+
 def _loss_and_grads(x, w, strides, padding, implementation):
   def loss(x, w):
     y = ops.adder_conv(x, w, strides=strides, padding=padding,
