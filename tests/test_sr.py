@@ -502,6 +502,18 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
     with pytest.raises(ValueError, match="scale 2 in the checkpoint, 3 in "
                        "the config"):
       run(changed, workdir)
+  # A checkpoint without the EDSR blocks' gates (as before they existed; the
+  # identity_init=False network has none): the error says how to restore it.
+  gateless = _smoke_config(*skimage_folders)
+  gateless.identity_init = False
+  gateless.num_train_steps = 2
+  train_lib.train_and_evaluate(gateless, tmp_path / "gateless")
+  for run in (train_lib.train_and_evaluate, train_lib.evaluate_checkpoint):
+    with pytest.raises(ValueError, match="block0_gate.*missing.*"
+                       "--config.identity_init=false restores it"):
+      run(_smoke_config(*skimage_folders), tmp_path / "gateless")
+  assert train_lib.evaluate_checkpoint(gateless,
+                                       tmp_path / "gateless")["step"] == 2
 
   # eval.py: the same checkpoint, the same figures, one JSON line.
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")

@@ -20,11 +20,12 @@ device and reports PSNR/SSIM on the Y channel (`metrics.y_psnr_ssim`, border
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -306,10 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
         jax.eval_shape(create, init_rng))
-    with train_lib.explained_by_meta(workdir / "checkpoints",
-                                     run_identity(config),
-                                     tuple(run_identity(config)),
-                                     train_lib.RESUME_ADVICE):
+    with _explained(config, workdir / "checkpoints",
+                    tuple(run_identity(config)), train_lib.RESUME_ADVICE):
       restored = mgr.restore(abstract)
     last_train: dict[str, Any] = {}
     if restored is None:
@@ -465,6 +464,25 @@ def restore_variables(config: ml_collections.ConfigDict,
   return _restore_for_eval(config, workdir, which).state
 
 
+@contextlib.contextmanager
+def _explained(config: ml_collections.ConfigDict,
+               directory: str | os.PathLike[str], keys: tuple[str, ...],
+               advice: str) -> Iterator[None]:
+  """`train_lib.explained_by_meta`, and for an AdderSR EDSR checkpoint from
+  before the block gates (docs/addersr.md, choice 15) how to restore it."""
+  try:
+    with train_lib.explained_by_meta(directory, run_identity(config), keys,
+                                     advice):
+      yield
+  except ckpt_lib.CheckpointStructureError as e:
+    if "_gate' (shape ()) is missing from the checkpoint" not in str(e):
+      raise
+    raise ckpt_lib.CheckpointStructureError(
+        f"{e} It looks like an AdderSR EDSR checkpoint from before the "
+        "blocks' gates: --config.identity_init=false restores it into the "
+        "same network without them") from e
+
+
 def _restore_for_eval(config: ml_collections.ConfigDict,
                       workdir: str | os.PathLike[str], which: str
                       ) -> ckpt_lib.EvalRestore:
@@ -481,8 +499,7 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
        "params": variables["params"],
        "batch_stats": variables.get("batch_stats", {})})
   keys = ("task", "model", "conv", "scale")
-  with train_lib.explained_by_meta(workdir, run_identity(config), keys,
-                                   train_lib.EVAL_ADVICE):
+  with _explained(config, workdir, keys, train_lib.EVAL_ADVICE):
     restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
                                          with_meta=True)
   train_lib.check_meta(restored.meta, run_identity(config), keys,
