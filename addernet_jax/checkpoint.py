@@ -1058,7 +1058,8 @@ class EvalRestore(NamedTuple):
 
 def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
                      abstract_state: Any, which: str = "latest", *,
-                     with_meta: bool = False) -> Any:
+                     with_meta: bool = False,
+                     best_metric: str = "eval_top1") -> Any:
   """Restores a state for evaluation, read-only (nothing is ever moved).
 
   Args:
@@ -1067,8 +1068,9 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
     abstract_state: the tree to restore into; it may be a part of the saved
       state (e.g. only `params` and `batch_stats`).
     which: "latest" (the newest readable step; falls back past damaged
-      ones with a warning naming the damage) or "best" (by the metric saved
-      with each step; the latest if no step has metrics).
+      ones with a warning naming the damage) or "best" (by `best_metric`,
+      saved with each step, higher is better; the latest if no step has it).
+    best_metric: what training ranked its steps by ("eval_psnr" for SR).
 
   Returns:
     The restored tree.
@@ -1085,7 +1087,8 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
   directory = _resolve_dir(workdir_or_checkpoints_dir)
   if not directory.is_dir():
     raise CheckpointError(f"no checkpoint directory at {str(directory)!r}")
-  mgr = CheckpointManager(directory, read_only=True, async_save=False)
+  mgr = CheckpointManager(directory, read_only=True, async_save=False,
+                          best_metric=best_metric)
   try:
     steps = mgr.all_steps()[::-1]
     if not steps:

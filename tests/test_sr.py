@@ -486,6 +486,14 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["2", "4"]
 
+  # --which=best: the step with the best evaluation PSNR (not the latest by
+  # default for want of the classifiers' eval_top1).
+  evals = [r for r in records if "eval_psnr" in r]
+  best = max(evals, key=lambda r: r["eval_psnr"])
+  result = train_lib.evaluate_checkpoint(config, workdir, which="best")
+  assert result["which"] == "best" and result["step"] == best["step"]
+  assert result["psnr"] == pytest.approx(best["eval_psnr"], abs=1e-6)
+
   # Rerunning the same command resumes: nothing left to train.
   again = train_lib.train_and_evaluate(config, workdir)
   assert again["step"] == 4

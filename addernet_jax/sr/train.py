@@ -45,6 +45,9 @@ from addernet_jax.models import sr as sr_models
 from addernet_jax.sr import data as data_lib
 from addernet_jax.sr import metrics as metrics_lib
 
+# What training ranks its checkpoints by (`--which=best`).
+BEST_METRIC = "eval_psnr"
+
 P = jax.sharding.PartitionSpec
 BATCH_AXIS = parallel.BATCH_AXIS
 log = logging
@@ -299,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   mgr = ckpt_lib.CheckpointManager(
       workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
-      best_metric="eval_psnr")
+      best_metric=BEST_METRIC)
   writer = None
   try:
     init_rng = jax.random.PRNGKey(config.seed)
@@ -501,7 +504,8 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
   keys = ("task", "model", "conv", "scale")
   with _explained(config, workdir, keys, train_lib.EVAL_ADVICE):
     restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
-                                         with_meta=True)
+                                         with_meta=True,
+                                         best_metric=BEST_METRIC)
   train_lib.check_meta(restored.meta, run_identity(config), keys,
                        f"the checkpoint in {str(workdir)!r}",
                        train_lib.EVAL_ADVICE)
