@@ -218,7 +218,7 @@ def remove_if_empty(directories: list[Path]) -> None:
   for directory in directories:
     if not directory.is_dir():
       continue
-    for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(w[0])):
+    for root, _, _ in os.walk(directory, topdown=False):  # deepest first
       try:
         os.rmdir(root)
       except OSError:
@@ -697,6 +697,13 @@ class CheckpointManager:
     """The metrics saved with `step` (None if none)."""
     return self._mgr.metrics(step)
 
+  def meta(self, step: int) -> dict[str, Any]:
+    """The meta saved with `step` ({} if it is not a mapping); read errors
+    propagate."""
+    meta = self._mgr.restore(
+        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
   @property
   def corrupted_directory(self) -> Path:
     """Where damaged steps are moved: `<directory>.corrupted`."""
@@ -1038,11 +1045,7 @@ def latest_meta(workdir_or_checkpoints_dir: str | os.PathLike
   mgr = CheckpointManager(directory, read_only=True, async_save=False)
   try:
     step = mgr.latest_step()
-    if step is None:
-      return {}
-    meta = mgr._mgr.restore(  # pylint: disable=protected-access
-        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    return dict(meta) if isinstance(meta, Mapping) else {}
+    return {} if step is None else mgr.meta(step)
   except Exception:  # pylint: disable=broad-except
     return {}
   finally:

@@ -850,7 +850,9 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             and step < total_steps):
           flush_metrics()
           eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
-                                   steps_per_epoch, epoch, teacher_evaluator)
+                                   steps_per_epoch,
+                                   _last_epoch(step, steps_per_epoch),
+                                   teacher_evaluator)
           writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
           last_eval = eval_metrics
           log.info("step %d: %s", step, eval_metrics)
