@@ -479,27 +479,38 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
 class InMemoryData:
   """A training split and an evaluation split resident on every device."""
 
-  def __init__(self, config: ml_collections.ConfigDict,
-               info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh):
-    (images, labels), (eval_images, eval_labels) = (
-        data_lib.load_in_memory_splits(
-            config.dataset, config.data_dir,
-            holdout_examples=config.get("holdout_examples", 0),
-            eval_max_examples=config.get("eval_max_examples", -1)))
+  def __init__(self, images: np.ndarray, labels: np.ndarray,
+               eval_images: np.ndarray, eval_labels: np.ndarray,
+               batch_size: int, mesh: jax.sharding.Mesh):
+    """From host arrays (uint8 images NHWC, integer labels; the same on every
+    process), e.g. synthetic data in a benchmark."""
     self.num_train = len(labels)
-    self.steps_per_epoch = self.num_train // config.batch_size
+    self.steps_per_epoch = self.num_train // batch_size
     if self.steps_per_epoch == 0:
-      raise ValueError(f"config.batch_size={config.batch_size} exceeds the "
+      raise ValueError(f"config.batch_size={batch_size} exceeds the "
                        f"{self.num_train} training examples")
     rep = parallel.replicated_sharding(mesh)
     self.images = _replicate(images, rep)
-    self.labels = _replicate(labels.astype(np.int32), rep)
+    self.labels = _replicate(np.asarray(labels).astype(np.int32), rep)
     self.eval = eval_lib.InMemoryEvalSet(eval_images, eval_labels, mesh)
     n = self.num_train
     self._perm_fn = jax.jit(
         lambda key, epoch: jax.random.permutation(
             jax.random.fold_in(key, epoch), n).astype(jnp.int32),
         out_shardings=rep)
+
+  @classmethod
+  def load(cls, config: ml_collections.ConfigDict,
+           mesh: jax.sharding.Mesh) -> "InMemoryData":
+    """The splits of `config.dataset` (held-out and evaluation limits from
+    the config)."""
+    (images, labels), (eval_images, eval_labels) = (
+        data_lib.load_in_memory_splits(
+            config.dataset, config.data_dir,
+            holdout_examples=config.get("holdout_examples", 0),
+            eval_max_examples=config.get("eval_max_examples", -1)))
+    return cls(images, labels, eval_images, eval_labels, config.batch_size,
+               mesh)
 
   def permutation(self, data_key: jax.Array, epoch: int) -> jax.Array:
     """The order of training epoch `epoch` (a function of seed and epoch)."""
@@ -585,7 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_iter = None
   try:
     if use_in_memory(config, info):
-      data = InMemoryData(config, info, mesh)
+      data = InMemoryData.load(config, mesh)
       steps_per_epoch = data.steps_per_epoch
     else:
       data = None
@@ -970,7 +981,7 @@ def _evaluate_with_recalibration(config: ml_collections.ConfigDict,
                      f"multiple of the number of devices "
                      f"({mesh.devices.size}) to re-estimate BatchNorm "
                      "statistics (or set --config.recalibrate_bn_batches=0)")
-  data = InMemoryData(config, info, mesh)
+  data = InMemoryData.load(config, mesh)
   rep = parallel.replicated_sharding(mesh)
   params = jax.device_put(variables["params"], rep)
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)

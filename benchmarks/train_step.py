@@ -41,7 +41,6 @@ import resource
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,15 +195,17 @@ def main(argv=None) -> dict:
   if in_memory:
     images = rng.integers(0, 256, (num_train, *info.image_shape), np.uint8)
     labels = rng.integers(0, info.num_classes, (num_train,), np.int32)
-    images_d = jax.device_put(images, rep)
-    labels_d = jax.device_put(labels, rep)
-    perm_fn = jax.jit(lambda key, epoch: jax.random.permutation(
-        jax.random.fold_in(key, epoch), num_train).astype(jnp.int32),
-                      out_shardings=rep)
-    perm = perm_fn(jax.random.key(1), 0)
+    num_test = args.num_test or info.test_size or config.eval_batch_size
+    test_images = rng.integers(0, 256, (num_test, *info.image_shape),
+                               np.uint8)
+    test_labels = rng.integers(0, info.num_classes, (num_test,), np.int32)
+    # train_lib's own resident data, as training builds it from files.
+    data = train_lib.InMemoryData(images, labels, test_images, test_labels,
+                                  batch, mesh)
+    perm = data.permutation(jax.random.key(1), 0)
     step_fn = train_lib.make_in_memory_train_step(mesh, info, batch)
-    local_steps = num_train // batch
-    step_args = lambda i: (images_d, labels_d, perm, i % local_steps)
+    step_args = lambda i: (data.images, data.labels, perm,
+                           i % data.steps_per_epoch)
     step_name = "train_lib.make_in_memory_train_step"
   else:
     images = rng.integers(0, 256, (batch, *info.image_shape), np.uint8)
@@ -239,14 +240,6 @@ def main(argv=None) -> dict:
 
   eval_s = eval_compile_s = None
   if args.eval and in_memory:
-    num_test = args.num_test or info.test_size or config.eval_batch_size
-    test_images = rng.integers(0, 256, (num_test, *info.image_shape),
-                               np.uint8)
-    test_labels = rng.integers(0, info.num_classes, (num_test,), np.int32)
-    data = types.SimpleNamespace(
-        images=images_d, labels=labels_d,
-        eval=eval_lib.InMemoryEvalSet(test_images, test_labels, mesh),
-        permutation=lambda key, epoch: perm_fn(key, epoch))
     evaluator = eval_lib.Evaluator(train_lib.build_model(config), info, mesh,
                                    config.eval_batch_size)
     start = time.perf_counter()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -140,3 +142,28 @@ def test_gpu_diagnose_script_is_valid_bash_and_documented():
                 "step-mult", "ops", "report"):
     assert f"stage {stage}" in text
   assert "QUICK" in text and "DIAG_BUDGET" in text
+
+
+def test_gpu_diagnose_dry_run_every_stage_succeeds(tmp_path):
+  """QUICK=1 on the CPU: every stage exits 0 and the training-step stage
+  writes its rows (a stage failing here would fail on the GPU too, and a
+  device call is scarce; the step stage once broke unnoticed)."""
+  out = tmp_path / "out"
+  env = {**os.environ, "QUICK": "1", "PYTHON": sys.executable,
+         "DIAG_WORK": str(tmp_path / "work")}
+  subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_diagnose.sh"),
+                  str(out)], env=env, check=True, cwd=ROOT,
+                 capture_output=True, timeout=600)
+  log = (out / "diagnose.log").read_text()
+  exits = re.findall(r"^=== (\S+): exit (\d+)", log, re.MULTILINE)
+  assert {name for name, _ in exits} >= {
+      "env", "floor", "tune", "dump", "ptxas", "step-adder-pallas-triton",
+      "step-mult-xla", "ops", "report"}, log[-4000:]
+  failed = [name for name, code in exits if code != "0"]
+  assert not failed, f"stages failed: {failed}\n{log[-6000:]}"
+  rows = [json.loads(line) for line in
+          (tmp_path / "work" / "results" / "step.jsonl").read_text().splitlines()]
+  assert [r["conv"] for r in rows] == ["adder", "mult"]
+  assert all(r["final_loss_finite"] and r["eval_s_per_epoch"] is not None
+             for r in rows), rows
+  assert rows[0]["error_vs_xla"]["passed"], rows[0]

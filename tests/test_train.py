@@ -212,7 +212,7 @@ EIGHT_VS_ONE = textwrap.dedent("""
     for n in (1, 8):
       mesh = parallel.make_mesh(jax.devices()[:n])
       rep = parallel.replicated_sharding(mesh)
-      data = train_lib.InMemoryData(config, info, mesh)
+      data = train_lib.InMemoryData.load(config, mesh)
       state = jax.jit(lambda k: train_lib.create_train_state(
           config, k, info.image_shape, steps_per_epoch=data.steps_per_epoch),
           out_shardings=rep)(jax.random.PRNGKey(0))
