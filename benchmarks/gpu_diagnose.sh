@@ -55,9 +55,10 @@ mkdir -p "$RES" "$DUMP"
 LOG=$OUT_DIR/diagnose.log
 : >"$LOG"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 export PY
+# shellcheck source=benchmarks/gpu_prepare.sh
+. benchmarks/gpu_prepare.sh
 START=$SECONDS
 RESERVE=${DIAG_RESERVE:-30}
 
@@ -132,6 +133,9 @@ pack_dumps() {
 }
 
 echo "gpu_diagnose: budget ${BUDGET} s (reserve ${RESERVE} s), batch ${BATCH}, out ${OUT_DIR}, scratch ${WORK}" | tee -a "$LOG"
+# carried wheels, import check (in this shell: it exports PYTHONPATH)
+gpu_prepare "$WORK" >"$WORK/prepare.log" 2>&1
+tee -a "$LOG" <"$WORK/prepare.log"
 export -f env_info
 stage env 30 bash -c env_info
 # shellcheck disable=SC2086

@@ -43,8 +43,13 @@ STAGES=${*:-check floor ops step official dw tune report}
 mkdir -p "$RESULTS"
 LOG="$RESULTS/session.log"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+# shellcheck source=benchmarks/gpu_prepare.sh
+. benchmarks/gpu_prepare.sh
+SCRATCH=$(mktemp -d /tmp/addernet_session.XXXXXX)
+# carried wheels, import check (in this shell: it exports PYTHONPATH)
+gpu_prepare "$SCRATCH" >"$SCRATCH/prepare.log" 2>&1
+tee -a "$LOG" <"$SCRATCH/prepare.log"
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-420}
 
 if [[ "${QUICK:-0}" == 1 ]]; then

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,9 @@ def test_dump_lowers_each_kernel_for_cuda_and_keeps_the_triton_ir(tmp_path):
 
 def test_gpu_diagnose_script_is_valid_bash_and_documented():
   script = ROOT / "benchmarks" / "gpu_diagnose.sh"
-  subprocess.run(["bash", "-n", str(script)], check=True)
+  for name in ("gpu_diagnose", "gpu_session", "gpu_prepare", "gpu_wheels"):
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / f"{name}.sh")],
+                   check=True)
   text = script.read_text()
   for stage in ("env", "floor", "tune", "dump", "ptxas", "step-adder",
                 "step-mult", "ops", "report"):
@@ -167,3 +170,57 @@ def test_gpu_diagnose_dry_run_every_stage_succeeds(tmp_path):
   assert all(r["final_loss_finite"] and r["eval_s_per_epoch"] is not None
              for r in rows), rows
   assert rows[0]["error_vs_xla"]["passed"], rows[0]
+
+
+def _wheel(folder: Path, name: str) -> Path:
+  """A minimal pure-Python wheel of one module `name` with VALUE = 7."""
+  path = folder / f"{name}-0.1-py3-none-any.whl"
+  info = f"{name}-0.1.dist-info"
+  files = {f"{name}/__init__.py": "VALUE = 7\n",
+           f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+           f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
+                            "Root-Is-Purelib: true\nTag: py3-none-any\n"}
+  files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+  with zipfile.ZipFile(path, "w") as archive:
+    for member, text in files.items():
+      archive.writestr(member, text)
+  return path
+
+
+def _prepare(tmp_path, env, then=""):
+  script = (f". benchmarks/gpu_prepare.sh; PY={sys.executable}; "
+            f"gpu_prepare {tmp_path / 'scratch'} {then}")
+  return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_prepare_installs_carried_wheels_and_checks_imports(tmp_path):
+  """The device image lacks packages (ml_collections): gpu_prepare installs
+  the carried wheels where the checkout's Python finds them, and says what to
+  do when an import still fails."""
+  wheels = tmp_path / "wheels"
+  wheels.mkdir()
+  _wheel(wheels, "carried_pkg_for_test")
+  env = {**os.environ, "WHEELS": str(wheels), "JAX_PLATFORMS": "cpu"}
+  result = _prepare(tmp_path, env, '&& "$PY" -c "import carried_pkg_for_test '
+                    'as m; print(m.VALUE, m.__file__)"')
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "installed 1 carried wheels" in result.stdout
+  assert "and its kernels import" in result.stdout
+  assert f"7 {tmp_path / 'scratch' / 'site'}" in result.stdout
+
+  blocker = tmp_path / "blocker"
+  blocker.mkdir()
+  (blocker / "sitecustomize.py").write_text(
+      "import sys\n"
+      "class Block:\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.split('.')[0] == 'ml_collections':\n"
+      "      raise ModuleNotFoundError(\"No module named 'ml_collections'\")\n"
+      "sys.meta_path.insert(0, Block())\n")
+  env = {**env, "WHEELS": str(tmp_path / "none"), "PYTHONPATH": str(blocker)}
+  result = _prepare(tmp_path, env)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "PREFLIGHT FAILED" in result.stdout
+  assert "benchmarks/gpu_wheels.sh" in result.stdout
+  assert "No module named 'ml_collections'" in result.stderr

@@ -38,6 +38,36 @@ def test_a_foreign_kernels_package_is_left_alone(tmp_path):
       result.stdout + result.stderr)
 
 
+_FROM_CHECKOUT = r"""
+import sys
+# As on a machine where the project is not installed: no editable finder.
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+import addernet_jax
+assert addernet_jax.__file__.startswith(sys.argv[1]), addernet_jax.__file__
+from addernet_jax import ops
+from addernet_jax.kernels import dispatch
+import addernet_jax.kernels.gpu as gpu
+assert addernet_jax.kernels.dispatch is dispatch
+assert dispatch.__name__ == "addernet_jax.kernels.dispatch"
+assert gpu.__file__.startswith(sys.argv[1] + "/kernels/"), gpu.__file__
+assert ops._kernel_dispatch() is dispatch
+assert "kernels" not in sys.modules
+print("ok")
+"""
+
+
+def test_a_source_checkout_not_installed_imports_its_kernels(tmp_path):
+  """`python train.py` from a clone, or the device machine (the project on
+  PYTHONPATH only): the kernels must still load, else GPUs and TPUs run the
+  XLA path."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-c", _FROM_CHECKOUT, str(ROOT)], cwd=tmp_path,
+      env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", (
+      result.stdout + result.stderr)
+
+
 @pytest.mark.slow
 def test_the_wheel_has_no_top_level_kernels(tmp_path):
   result = subprocess.run(
