@@ -30,9 +30,11 @@
 # 420) and appends to RESULTS_DIR/session.log, so a stage that fails or runs
 # out of time costs only itself. RESULTS_DIR defaults to $OUT (the device
 # tool's output folder) or ./gpu_results. QUICK=1 runs every stage at toy
-# sizes (a check of the script on any machine; its figures mean nothing).
-# The device machines lack nothing these stages import (jax, flax, optax,
-# numpy, torch, pytest, hypothesis). benchmarks/gpu_diagnose.sh is the
+# sizes (a check of the script on any machine; its figures mean nothing;
+# the step stages then use LeNet-5-BN).
+# The device image lacks ml_collections: carry .whl from
+# benchmarks/gpu_wheels.sh (gpu_prepare.sh installs it and checks the
+# imports before the first stage). benchmarks/gpu_diagnose.sh is the
 # one-call alternative: the goal table plus compiled-kernel dumps and ptxas
 # figures within one device call.
 set -uo pipefail
@@ -55,10 +57,10 @@ STAGE_TIMEOUT=${STAGE_TIMEOUT:-420}
 if [[ "${QUICK:-0}" == 1 ]]; then
   BATCH=2; STEPS=2; REPS=1; CANDIDATES=1; FLOOR_ARGS="--elements 65536 --steps 8 --copy_mb 4 --reps 2"
   OPS_LAYERS="--layers 0,5"; TUNE_LAYERS="--layers s3_3x3_64-64"
-  STEP_ARGS="--num_train 64 --num_test 32"
+  STEP_MODEL=lenet5_bn; STEP_ARGS="--num_train 32 --num_test 16"
 else
   BATCH=256; STEPS=20; REPS=10; CANDIDATES=0; FLOOR_ARGS=""; OPS_LAYERS=""; TUNE_LAYERS=""
-  STEP_ARGS=""
+  STEP_MODEL=resnet20; STEP_ARGS=""
 fi
 
 stage() {  # stage NAME COMMAND...: run one stage under the time limit, log it.
@@ -98,7 +100,7 @@ for name in $STAGES; do
       for variant in "adder pallas triton" "adder pallas mosaic" "adder xla triton" "mult xla triton"; do
         set -- $variant
         # shellcheck disable=SC2086
-        ADDERNET_GPU_KERNELS=$3 stage "step-$1-$2-$3" "$PY" benchmarks/train_step.py --model resnet20 --conv "$1" --implementation "$2" --batch "$BATCH" --steps "$STEPS" $STEP_ARGS --jsonl "$RESULTS/step.jsonl"
+        ADDERNET_GPU_KERNELS=$3 stage "step-$1-$2-$3" "$PY" benchmarks/train_step.py --model "$STEP_MODEL" --conv "$1" --implementation "$2" --batch "$BATCH" --steps "$STEPS" $STEP_ARGS --jsonl "$RESULTS/step.jsonl"
       done ;;
     official)
       if [[ "${QUICK:-0}" == 1 ]]; then extra="--warmup 1 --reps 1"; else extra=""; fi

@@ -224,3 +224,27 @@ def test_gpu_prepare_installs_carried_wheels_and_checks_imports(tmp_path):
   assert "PREFLIGHT FAILED" in result.stdout
   assert "benchmarks/gpu_wheels.sh" in result.stdout
   assert "No module named 'ml_collections'" in result.stderr
+
+
+def test_gpu_session_dry_run_of_the_stages_the_diagnosis_lacks(tmp_path):
+  """gpu_session.sh's QUICK=1 stages that gpu_diagnose.sh does not run:
+  the official PyTorch method (where PyTorch is installed) and the
+  filter-gradient formulations, then the report."""
+  stages = ["floor", "dw", "report"]
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    stages.insert(1, "official")
+  except ImportError:
+    pass
+  out = tmp_path / "out"
+  env = {**os.environ, "QUICK": "1", "PYTHON": sys.executable}
+  subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"),
+                  str(out), *stages], env=env, check=True, cwd=ROOT,
+                 capture_output=True, timeout=600)
+  log = (out / "session.log").read_text()
+  exits = dict(re.findall(r"^=== (\S+): exit (\d+)", log, re.MULTILINE))
+  assert set(exits) == set(stages) and set(exits.values()) == {"0"}, log[-6000:]
+  rows = json.loads((out / "filter_grad.json").read_text())
+  assert rows, rows
+  if "official" in stages:
+    assert json.loads((out / "official_torch.json").read_text())
