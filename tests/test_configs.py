@@ -233,3 +233,44 @@ def test_json_line_is_strict_json():
                               "rows": [{"x": float("inf")}], "n": 3})
   assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
       "loss": None, "top1": 0.5, "rows": [{"x": None}], "n": 3}
+
+
+@pytest.mark.extended  # 90 s of tracing: run in .ci/run's correctness step
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_config_builds_and_traces_its_training_step(path):
+  """Each recipe as train.py builds it (model, optimizer with its adaptive
+  LR and schedule, PKKD's teacher, AdderSR's model and Adam), one training
+  step traced on abstract inputs of the dataset's shape: no data, no
+  compilation, every config file checked."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+  _, config = load(path)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batch = 2
+  key = jax.random.PRNGKey(0)
+  if train_lib.is_sr_task(config):
+    state = jax.eval_shape(lambda k: sr_train.create_train_state(config, k),
+                           key)
+    colors = sr_train.model_colors(config)
+    lr = jax.ShapeDtypeStruct((batch, config.patch_size, config.patch_size,
+                               colors), jnp.float32)
+    size = config.patch_size * config.scale
+    hr = jax.ShapeDtypeStruct((batch, size, size, colors), jnp.float32)
+    step, args = sr_train.make_train_step(mesh), (lr, hr)
+  else:
+    info = data_lib.dataset_info(config.dataset)
+    steps_per_epoch = 10
+    state = jax.eval_shape(lambda k: train_lib.create_train_state(
+        config, k, info.image_shape, steps_per_epoch=steps_per_epoch), key)
+    images = jax.ShapeDtypeStruct((batch, *info.image_shape),
+                                  train_lib.get_dtype(config.dtype))
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step = train_lib.make_streaming_train_step(
+        mesh, train_lib.make_core(config, steps_per_epoch))
+    args = (images, labels)
+  out_state, metrics = jax.eval_shape(step, state, *args)
+  assert jax.tree.structure(out_state) == jax.tree.structure(state)
+  assert all(m.shape == () for m in jax.tree.leaves(metrics)), metrics
