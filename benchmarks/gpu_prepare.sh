@@ -8,10 +8,10 @@
 # call names `.whl` in `carry`. The project itself is not installed there:
 # `addernet_jax` imports from this checkout (PYTHONPATH), kernels included.
 
-# gpu_prepare SCRATCH: installs $WHEELS/*.whl (WHEELS defaults to .whl; if
-# any) under SCRATCH/site, puts
-# the checkout and that folder on PYTHONPATH, then checks that what the
-# benchmarks import imports, printing the failure and its remedy if not.
+# gpu_prepare SCRATCH: installs the wheels in $WHEELS (default .whl), if
+# any, under SCRATCH/site; puts the checkout and that folder on PYTHONPATH;
+# then checks that what the benchmarks import imports, printing the failure
+# and its remedy if not (status 1).
 gpu_prepare() {
   local site=$1/site wheels=${WHEELS:-.whl}
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
