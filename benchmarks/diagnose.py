@@ -400,6 +400,9 @@ def summary(args) -> str:
         r"kernels\.dispatch: [^\n]*(?:rejected|not used|no kernel)[^\n]*",
         text)))
     stages = re.findall(r"=== (\S+): exit (\d+) after (\d+) s", text)
+    prepare = re.findall(r"^gpu_prepare: ([^\n]*)", text, re.MULTILINE)
+    if prepare:  # carried wheels and the import check (gpu_prepare.sh)
+      lines += ["", "Preparation: " + "; ".join(m[:300] for m in prepare)]
     lines += ["", "Stages: " + (", ".join(
         f"{n} {'ok' if rc == '0' else 'exit ' + rc} ({t} s)"
         for n, rc, t in stages) or "none recorded") + "."]

@@ -98,6 +98,7 @@ def test_summary_reports_kernels_ptxas_stages_and_fallbacks(tmp_path):
       diagnose.parse_ptxas(PTXAS_OUTPUT, "m.ptx")))
   log = tmp_path / "diagnose.log"
   log.write_text(
+      "gpu_prepare: PREFLIGHT FAILED: the benchmarks cannot import\n"
       "=== tune (limit 120 s): python ...\n=== tune: exit 0 after 41 s\n"
       "=== step: exit 124 after 160 s\n"
       "WARNING kernels.dispatch: mosaic_gpu kernels rejected for xp (256, "
@@ -110,6 +111,7 @@ def test_summary_reports_kernels_ptxas_stages_and_fallbacks(tmp_path):
   assert "| s1 | triton | forward | compiled | 0.5 | 1.5 |" in text
   assert "| m.ptx | adder_input_grad_gpu | 255 | 44 | 40 | 48 |  |" in text
   assert "tune ok (41 s), step exit 124 (160 s)" in text
+  assert "Preparation: PREFLIGHT FAILED: the benchmarks cannot import" in text
   assert "Dispatch fallbacks logged: 1." in text
   assert "mosaic_gpu kernels rejected" in text
 
