@@ -88,7 +88,14 @@ class CheckpointCorruptedError(CheckpointError):
 
 
 class CheckpointStructureError(ValueError):
-  """A checkpoint's tree does not match the model it is restored into."""
+  """A checkpoint's tree does not match the model it is restored into.
+
+  `missing_parameter`: the path of the model's leaf the checkpoint lacks,
+  when that is the mismatch (else None)."""
+
+  def __init__(self, message: str, *, missing_parameter: str | None = None):
+    super().__init__(message)
+    self.missing_parameter = missing_parameter
 
 
 # --------------------------------------------------------------------------
@@ -277,7 +284,8 @@ def check_structure(saved_metadata: Any, abstract_state: Any, *,
       raise CheckpointStructureError(
           f"{where} does not match the model: parameter {path!r} "
           f"(shape {wanted[path]}) is missing from the checkpoint; was it "
-          f"written by another architecture or configuration?")
+          f"written by another architecture or configuration?",
+          missing_parameter=path)
     if (saved[path] is not None and wanted[path] is not None
         and saved[path] != wanted[path]):
       raise CheckpointStructureError(

@@ -13,17 +13,17 @@
 # then checks that what the benchmarks import imports, printing the failure
 # and its remedy if not (status 1).
 gpu_prepare() {
-  local site=$1/site wheels=${WHEELS:-.whl}
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  local site=$1/site wheels=${WHEELS:-.whl} installed=""
   if compgen -G "$wheels/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl; then
-      export PYTHONPATH="$PWD:$site${PYTHONPATH#"$PWD"}"
+      installed=":$site"
       echo "gpu_prepare: installed $(compgen -G "$wheels/*.whl" | wc -l) carried wheels under $site"
     else
       echo "gpu_prepare: installing the carried wheels in $wheels/ failed"
     fi
   fi
+  export PYTHONPATH="$PWD$installed${PYTHONPATH:+:$PYTHONPATH}"
   if ! "$PY" -c "import addernet_jax.train_lib, addernet_jax.kernels.dispatch"; then
     echo "gpu_prepare: PREFLIGHT FAILED: the benchmarks cannot import the" \
          "project (see the error above). A missing package: run" \

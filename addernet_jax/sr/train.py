@@ -478,7 +478,7 @@ def _explained(config: ml_collections.ConfigDict,
                                      advice):
       yield
   except ckpt_lib.CheckpointStructureError as e:
-    if "_gate' (shape ()) is missing from the checkpoint" not in str(e):
+    if not (e.missing_parameter or "").endswith("_gate"):
       raise
     raise ckpt_lib.CheckpointStructureError(
         f"{e} It looks like an AdderSR EDSR checkpoint from before the "
