@@ -91,11 +91,14 @@ class CheckpointStructureError(ValueError):
   """A checkpoint's tree does not match the model it is restored into.
 
   `missing_parameter`: the path of the model's leaf the checkpoint lacks,
-  when that is the mismatch (else None)."""
+  `extra_parameter`: of the checkpoint's leaf the model lacks, when that is
+  the mismatch (else None)."""
 
-  def __init__(self, message: str, *, missing_parameter: str | None = None):
+  def __init__(self, message: str, *, missing_parameter: str | None = None,
+               extra_parameter: str | None = None):
     super().__init__(message)
     self.missing_parameter = missing_parameter
+    self.extra_parameter = extra_parameter
 
 
 # --------------------------------------------------------------------------
@@ -272,8 +275,10 @@ def check_structure(saved_metadata: Any, abstract_state: Any, *,
       arrays; anything whose leaves have `.shape`).
     abstract_state: the tree the caller wants to restore into.
     where: how to name the checkpoint in the message.
-    allow_extra: accept leaves of the checkpoint absent from `abstract_state`
-      (restoring only a part, e.g. the parameters for evaluation).
+    allow_extra: accept the checkpoint's top-level entries absent from
+      `abstract_state` (restoring only a part, e.g. the parameters for
+      evaluation); inside an entry it restores, a leaf the model lacks is
+      still a mismatch (dropping it would evaluate another network).
   """
   saved = {k: _shape_of(v) for k, v in _flatten(saved_metadata).items()}
   wanted = {k: _shape_of(v) for k, v in _flatten(abstract_state).items()}
@@ -293,13 +298,15 @@ def check_structure(saved_metadata: Any, abstract_state: Any, *,
           f"{path!r} has shape {saved[path]} in the checkpoint but "
           f"{wanted[path]} in the model (another architecture or "
           f"num_classes?)")
-  if not allow_extra:
-    extra = sorted((p for p in saved if p not in wanted), key=_sort_key)
-    if extra:
-      raise CheckpointStructureError(
-          f"{where} does not match the model: the checkpoint has parameter "
-          f"{extra[0]!r} (shape {saved[extra[0]]}) that the model lacks "
-          f"({len(extra)} such entries)")
+  restored_heads = {path.split("/", 1)[0] for path in wanted}
+  extra = sorted((p for p in saved if p not in wanted and (
+      not allow_extra or p.split("/", 1)[0] in restored_heads)),
+                 key=_sort_key)
+  if extra:
+    raise CheckpointStructureError(
+        f"{where} does not match the model: the checkpoint has parameter "
+        f"{extra[0]!r} (shape {saved[extra[0]]}) that the model lacks "
+        f"({len(extra)} such entries)", extra_parameter=extra[0])
 
 
 def _host_bytes(leaf: Any) -> bytes | None:

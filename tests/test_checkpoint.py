@@ -152,8 +152,13 @@ def test_structure_check_missing_and_extra():
                                             "c": np.zeros(1)}})
   with pytest.raises(ValueError, match=r"'params/b'.*lacks"):
     ckpt.check_structure(saved, {"params": {"a": np.zeros((2, 3))}})
-  ckpt.check_structure(saved, {"params": {"a": np.zeros((2, 3))}},
+  # A partial restore may leave out whole entries (the optimizer state), not
+  # leaves inside an entry it restores (that would be another network).
+  ckpt.check_structure({**saved, "opt_state": {"mu": np.zeros(4)}}, saved,
                        allow_extra=True)
+  with pytest.raises(ValueError, match=r"'params/b'.*lacks"):
+    ckpt.check_structure(saved, {"params": {"a": np.zeros((2, 3))}},
+                         allow_extra=True)
 
 
 def test_restore_for_eval_latest_best_and_partial(tmp_path, base_state):
@@ -173,6 +178,15 @@ def test_restore_for_eval_latest_best_and_partial(tmp_path, base_state):
   got = ckpt.restore_for_eval(workdir, part)
   assert_trees_equal(got, {"params": states[3].params,
                            "batch_stats": states[3].batch_stats})
+  # A model lacking a parameter the checkpoint has, inside what it restores:
+  # refused (dropping it would evaluate another network).
+  fewer = {"params": dict(part["params"]), "batch_stats": part["batch_stats"]}
+  dropped = sorted(fewer["params"])[0]
+  del fewer["params"][dropped]
+  with pytest.raises(ckpt.CheckpointStructureError,
+                     match=f"params/{dropped}.*that the model lacks") as e:
+    ckpt.restore_for_eval(workdir, fewer)
+  assert e.value.extra_parameter.startswith(f"params/{dropped}")
   with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
     ckpt.restore_for_eval(tmp_path / "empty", part)
   with pytest.raises(ValueError, match="which"):

@@ -522,6 +522,11 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
       run(_smoke_config(*skimage_folders), tmp_path / "gateless")
   assert train_lib.evaluate_checkpoint(gateless,
                                        tmp_path / "gateless")["step"] == 2
+  # The gated checkpoint into the gateless network: refused (evaluating it
+  # without its gates would be another network), with the remedy.
+  with pytest.raises(ValueError, match="block0_gate.*the model lacks.*leave "
+                     "out --config.identity_init=false"):
+    train_lib.evaluate_checkpoint(gateless, workdir)
 
   # eval.py: the same checkpoint, the same figures, one JSON line.
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")

@@ -471,19 +471,26 @@ def restore_variables(config: ml_collections.ConfigDict,
 def _explained(config: ml_collections.ConfigDict,
                directory: str | os.PathLike[str], keys: tuple[str, ...],
                advice: str) -> Iterator[None]:
-  """`train_lib.explained_by_meta`, and for an AdderSR EDSR checkpoint from
-  before the block gates (docs/addersr.md, choice 15) how to restore it."""
+  """`train_lib.explained_by_meta`, and where the EDSR blocks' gates
+  (docs/addersr.md, choice 15) are what differs, which `identity_init`
+  the checkpoint needs."""
   try:
     with train_lib.explained_by_meta(directory, run_identity(config), keys,
                                      advice):
       yield
   except ckpt_lib.CheckpointStructureError as e:
-    if not (e.missing_parameter or "").endswith("_gate"):
+    if (e.missing_parameter or "").endswith("_gate"):
+      hint = ("It looks like an AdderSR EDSR checkpoint from before the "
+              "blocks' gates: --config.identity_init=false restores it into "
+              "the same network without them")
+    elif (e.extra_parameter or "").endswith("_gate"):
+      hint = ("The checkpoint's EDSR blocks have gates (trained with "
+              "identity_init=true, the default): leave out "
+              "--config.identity_init=false")
+    else:
       raise
-    raise ckpt_lib.CheckpointStructureError(
-        f"{e} It looks like an AdderSR EDSR checkpoint from before the "
-        "blocks' gates: --config.identity_init=false restores it into the "
-        "same network without them") from e
+    end = "" if str(e).endswith(("?", ".")) else "."
+    raise ckpt_lib.CheckpointStructureError(f"{e}{end} {hint}") from e
 
 
 def _restore_for_eval(config: ml_collections.ConfigDict,
