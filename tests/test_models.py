@@ -155,3 +155,42 @@ def test_num_classes_numpy_int():
   assert model.num_classes == 7 and type(model.num_classes) is int
   with pytest.raises(ValueError, match="num_classes"):
     get_model("resnet20", num_classes=True)
+
+
+def _init_params(name: str, conv: str, num_classes: int, shape):
+  model = get_model(name, num_classes=num_classes, conv=conv)
+  return jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(
+      jnp.ones(shape))["params"]
+
+
+@pytest.mark.parametrize("conv", ["adder", "mult"])
+def test_imagenet_resnet_init_is_the_official_one(conv):
+  """The official ImageNet ResNet runs kaiming_normal_(mode="fan_out") over
+  every nn.Conv2d: the stem, the 1x1 classifier (whose bias keeps PyTorch's
+  default U(+-1/sqrt(fan_in))) and, in the CNN twin (torchvision's ResNet),
+  every layer; adder filters are N(0, 1)."""
+  params = _init_params("resnet18", conv, 1000, (1, 64, 64, 3))
+  fc = params["fc"]
+  assert abs(np.std(fc["kernel"]) / np.sqrt(2 / 1000) - 1) < 0.03
+  assert abs(np.mean(fc["kernel"])) < 0.01 * np.sqrt(2 / 1000)
+  bound = 1 / np.sqrt(512)
+  assert np.max(np.abs(fc["bias"])) <= bound
+  assert abs(np.std(fc["bias"]) / (bound / np.sqrt(3)) - 1) < 0.1
+  stem = params["conv1"]["kernel"]
+  assert abs(np.std(stem) / np.sqrt(2 / (7 * 7 * 64)) - 1) < 0.05
+  inner = params["layer3_1"]["conv2"]
+  if conv == "mult":
+    assert abs(np.std(inner["kernel"]) / np.sqrt(2 / (3 * 3 * 256)) - 1) < 0.03
+  else:
+    assert abs(np.std(inner["adder_kernel"]) - 1) < 0.03
+
+
+def test_cifar_resnet_init_is_the_official_one():
+  """The official CIFAR ResNet-20 keeps PyTorch's default init of its stem
+  and its bias-free 1x1 classifier: U(+-1/sqrt(fan_in))."""
+  params = _init_params("resnet20", "adder", 100, (1, 32, 32, 3))
+  bound = 1 / np.sqrt(64)
+  fc = np.asarray(params["fc"]["kernel"])
+  assert "bias" not in params["fc"]
+  assert np.max(np.abs(fc)) <= bound and np.max(np.abs(fc)) > 0.95 * bound
+  assert abs(np.std(fc) / (bound / np.sqrt(3)) - 1) < 0.05

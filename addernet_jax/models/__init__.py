@@ -165,6 +165,9 @@ def get_model(name: str, *, num_classes: int | None = None,
     return CifarResNet(CIFAR_RESNET_DEPTHS[name], **kwargs)
   if name in IMAGENET_RESNETS:
     stages, block = IMAGENET_RESNETS[name]
+    if conv == "mult":  # The official ImageNet init of every nn.Conv2d.
+      kwargs["conv"] = functools.partial(
+          conv_layer, kernel_init=common.kaiming_normal_fan_out)
     return ImageNetResNet(stages, block, **kwargs)
   if name == "vgg_small":
     return VGGSmall(**kwargs)

@@ -50,6 +50,23 @@ def dense_factory(conv: str, *, dtype: Any = jnp.float32,
 # the official CNN baselines use: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(
     1.0 / 3.0, "fan_in", "uniform")
+# `nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`: N(0,
+# 2 / fan_out), not truncated. The official ImageNet ResNet applies it to
+# every `nn.Conv2d` (stem, 1x1 classifier; all layers of the CNN twin).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(
+    2.0, "fan_out", "normal")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+  """PyTorch's default conv/linear bias init, U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)) (Flax's bias initialisers do not see `fan_in`)."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: tuple[int, ...],
+           dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 class BatchNorm(nn.Module):

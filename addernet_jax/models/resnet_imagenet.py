@@ -4,7 +4,10 @@
 stages of torchvision-style blocks whose convolutions (1x1 and 3x3, and the
 1x1 downsample) are adder layers, global average pool, a 1x1 multiplication
 classifier with bias, and BatchNorm over the logits. The stride of a
-bottleneck sits on its 3x3 layer, as in the official code.
+bottleneck sits on its 3x3 layer, as in the official code. Initialisation as
+the official code's: every multiplication convolution (stem, classifier, and
+all layers of the CNN twin, as in torchvision) Kaiming-normal over fan-out,
+the classifier's bias PyTorch's default, adder filters N(0, 1).
 """
 
 from __future__ import annotations
@@ -90,8 +93,7 @@ class ImageNetResNet(nn.Module):
     common.check_images(x, "ImageNetResNet")
     x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)),
                 use_bias=False, dtype=self.dtype,
-                kernel_init=nn.initializers.variance_scaling(
-                    2.0, "fan_out", "normal"), name="conv1")(x)
+                kernel_init=common.kaiming_normal_fan_out, name="conv1")(x)
     x = nn.relu(bn("bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
@@ -102,6 +104,8 @@ class ImageNetResNet(nn.Module):
                            name=f"layer{stage + 1}_{block}")(x, train)
     x = jnp.mean(x, axis=(1, 2), keepdims=True)
     x = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
-                kernel_init=common.torch_default_init, name="fc")(x)
+                kernel_init=common.kaiming_normal_fan_out,
+                bias_init=common.torch_default_bias_init(x.shape[-1]),
+                name="fc")(x)
     x = bn("bn2")(x)
     return x.reshape((x.shape[0], -1)).astype(jnp.float32)
