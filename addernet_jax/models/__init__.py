@@ -22,6 +22,7 @@ from addernet_jax.models.sr import EDSR, VDSR
 from addernet_jax.models.resnet_imagenet import (BasicBlock, Bottleneck,
                                                  ImageNetResNet)
 from addernet_jax.models.vgg_small import VGGSmall
+from addernet_jax.models.nnx_bridge import linen_variables, load_variables, to_nnx
 
 CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7,
                        "resnet56": 9}
