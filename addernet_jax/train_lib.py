@@ -35,8 +35,10 @@ import json
 import math
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -375,6 +377,50 @@ class MetricsWriter:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+class StepProgress:
+  """Counts finished training steps on a progress bar (tqdm).
+
+  The host dispatches steps ahead of the devices (asynchronous dispatch) up
+  to the next point where it waits for a result, a log line or an
+  evaluation: a bar that counted dispatched steps ran, with its ETA, several
+  times too fast and then stalled. `dispatched(outputs)` hands a step's
+  outputs to a background thread that waits for each step in turn and then
+  advances the bar; the loop itself never waits for it. `close()` counts
+  what has finished and stops the thread. No thread for a disabled bar.
+  """
+
+  _STOP = object()
+
+  def __init__(self, bar: Any):
+    self.bar = bar
+    self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    self._thread = None
+    if not getattr(bar, "disable", False):
+      self._thread = threading.Thread(target=self._count, daemon=True,
+                                      name="addernet-progress")
+      self._thread.start()
+
+  def dispatched(self, outputs: Any) -> None:
+    if self._thread is not None:
+      self._queue.put(outputs)
+
+  def close(self, timeout: float = 5.0) -> None:
+    """Stops counting once the steps handed over so far have finished (or
+    after `timeout` seconds, e.g. when a step failed)."""
+    if self._thread is not None:
+      self._queue.put(self._STOP)
+      self._thread.join(timeout)
+      self._thread = None
+
+  def _count(self) -> None:
+    while (outputs := self._queue.get()) is not self._STOP:
+      try:
+        jax.block_until_ready(outputs)
+      except Exception:  # pylint: disable=broad-except
+        return  # the training loop reports a failed step itself
+      self.bar.update(1)
 
 
 def _jsonable(value: Any) -> Any:
@@ -769,6 +815,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
   bar = tqdm(total=total_steps, initial=start_step, unit="step",
              disable=not (is_main and config.get("progress_bar", True)),
              dynamic_ncols=True, smoothing=0.1)
+  progress = StepProgress(bar)
   summary: dict[str, Any] = {}
   last_train: dict[str, float] = {
       k: resumed_meta[k] for k in ("train_loss", "train_top1")
@@ -848,8 +895,8 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           state, metrics = train_step(state, batch["image"], batch["label"])
         pending.append(metrics)
         window.push(metrics)
+        progress.dispatched(metrics)
         step += 1
-        bar.update(1)
         if step == start_step + 1:  # exclude compilation from images/s
           jax.block_until_ready(metrics)
           t_last, step_last = time.perf_counter(), step
@@ -867,9 +914,11 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
           last_eval = eval_metrics
           log.info("step %d: %s", step, eval_metrics)
+          t_last = time.perf_counter()  # images/s counts training time only
         if step % every == 0 and step < total_steps:
           flush_metrics()
           save(eval_metrics)
+          t_last = time.perf_counter()
         if preemption.should_stop(step):
           flush_metrics()
           save(None, force=True)
@@ -879,6 +928,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
                                      signal.SIGTERM).name, step)
           break
       flush_metrics()
+      progress.close()
       if not preempted:
         last_eval = _evaluate(config, evaluator, state, data, info, mesh,
                               steps_per_epoch, _last_epoch(step,
@@ -888,6 +938,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
         save(last_eval, force=True)
       mgr.wait_until_finished()
     finally:
+      progress.close(timeout=1.0)
       bar.close()
       writer.close()
 

@@ -404,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # classification loop (parallel.DispatchWindow: XLA:CPU deadlocks in a
     # collective when the host runs 32 programs ahead).
     window = parallel.DispatchWindow.for_mesh(mesh)
+    progress = train_lib.StepProgress(bar)
     with preemption_lib.install_preemption_handler() as preemption:
       try:
         while step < total_steps:
@@ -411,8 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           state, m = train_step(state, lr, hr)
           pending.append(m["loss"])
           window.push(m)
+          progress.dispatched(m)
           step += 1
-          bar.update(1)
           if step == start_step + 1:
             jax.block_until_ready(m)
             t_last, step_last = time.perf_counter(), step
@@ -422,20 +423,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           if step % eval_every == 0 and step < total_steps:
             flush()
             eval_metrics = last_eval = evaluate()
+            t_last = time.perf_counter()  # patches/s counts training only
           if step % every == 0 and step < total_steps:
             flush()
             save(eval_metrics)
+            t_last = time.perf_counter()
           if preemption.should_stop(step):
             flush()
             save(None, force=True)
             preempted = True
             break
         flush()
+        progress.close()
         if not preempted:
           last_eval = evaluate()
           save(last_eval, force=True)
         mgr.wait_until_finished()
       finally:
+        progress.close(timeout=1.0)
         bar.close()
   finally:
     if writer is not None:

@@ -1,0 +1,125 @@
+"""Progress reporting: the bar counts finished steps, not dispatched ones;
+images/s count training time only."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from addernet_jax.train_lib import StepProgress
+
+
+class _Step:
+  """A step output whose completion the test controls."""
+
+  def __init__(self):
+    self.done = threading.Event()
+
+  def block_until_ready(self):
+    self.done.wait()
+    return self
+
+
+def _bar() -> tqdm:
+  return tqdm(total=10, file=io.StringIO())
+
+
+def _wait_for(bar: tqdm, n: int) -> None:
+  deadline = time.monotonic() + 10
+  while bar.n < n and time.monotonic() < deadline:
+    time.sleep(0.01)
+
+
+def test_only_finished_steps_count_in_order():
+  progress = StepProgress(_bar())
+  steps = [{"loss": _Step(), "top1": _Step()} for _ in range(4)]
+  for outputs in steps:
+    progress.dispatched(outputs)
+  time.sleep(0.2)
+  assert progress.bar.n == 0  # the host ran ahead; nothing finished yet
+  steps[0]["loss"].done.set()
+  time.sleep(0.2)
+  assert progress.bar.n == 0  # one output of the step is still running
+  steps[0]["top1"].done.set()
+  steps[2]["loss"].done.set()
+  steps[2]["top1"].done.set()
+  _wait_for(progress.bar, 1)
+  time.sleep(0.2)
+  assert progress.bar.n == 1  # step 2 waits behind step 1
+  for outputs in steps:
+    outputs["loss"].done.set()
+    outputs["top1"].done.set()
+  progress.close()
+  assert progress.bar.n == 4
+
+
+def test_real_outputs_are_all_counted_at_close():
+  progress = StepProgress(_bar())
+  x = jnp.ones((64, 64))
+  for i in range(3):
+    progress.dispatched({"loss": jnp.sum(x @ x * i), "n": i})
+  progress.close()
+  assert progress.bar.n == 3
+  progress.close()  # a second close does nothing
+
+
+def test_close_does_not_hang_on_a_step_that_never_finishes():
+  progress = StepProgress(_bar())
+  progress.dispatched({"loss": _Step()})
+  start = time.monotonic()
+  progress.close(timeout=0.3)
+  assert time.monotonic() - start < 3
+  assert progress.bar.n == 0
+
+
+def test_a_disabled_bar_starts_no_thread():
+  before = threading.active_count()
+  progress = StepProgress(tqdm(total=3, disable=True))
+  progress.dispatched({"loss": jnp.ones(())})
+  assert threading.active_count() == before
+  progress.close()
+
+
+class _Clock:
+  """The `time` module with a `perf_counter` the test can move forward."""
+
+  def __init__(self):
+    self.offset = 0.0
+
+  def perf_counter(self) -> float:
+    return time.perf_counter() + self.offset
+
+  def __getattr__(self, name):
+    return getattr(time, name)
+
+
+def test_images_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
+  """An evaluation (here made to take 1000 s) inside a logging interval
+  made the interval's images/s, and the summary's, count it as training."""
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from configs import digits_lenet5  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  clock = _Clock()
+  monkeypatch.setattr(train_lib, "time", clock)
+  evaluate = train_lib._evaluate  # pylint: disable=protected-access
+
+  def slow_evaluate(*args, **kwargs):
+    clock.offset += 1000.0
+    return evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(train_lib, "_evaluate", slow_evaluate)
+  config = digits_lenet5.get_config()
+  config.update(conv="mult", num_epochs=2, log_every_steps=1000,
+                eval_max_examples=32, recalibrate_bn_batches=1,
+                progress_bar=False)
+  summary = train_lib.train_and_evaluate(config, tmp_path)
+  # Two epochs of 22 steps of 64 images; the last interval (steps 22-44)
+  # follows the first epoch's evaluation.
+  assert summary["step"] == 44
+  assert summary["images_per_sec"] > 22 * 64 / 100, summary
