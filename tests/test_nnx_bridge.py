@@ -25,7 +25,8 @@ SHAPE = (8, 28, 28, 1)
 def _linen_variables(model, shape, seed):
   """Variables of another initialisation than `to_nnx`'s (seed 0), with
   non-trivial BatchNorm statistics."""
-  variables = model.init(jax.random.key(seed), jnp.zeros(shape), train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(seed), x,
+                                          train=False))(jnp.zeros(shape))
   rng = np.random.default_rng(seed)
   stats = jax.tree.map(
       lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype),
@@ -37,16 +38,30 @@ def _images(shape, seed=1):
   return jax.random.normal(jax.random.key(seed), shape)
 
 
+@nnx.jit(static_argnames="train")
+def _nnx_call(module, x, train):
+  if train:
+    return module(x, train=True, mutable=["batch_stats"])
+  return module(x, train=False)
+
+
+def _linen_call(model, variables, x, train):
+  if train:
+    return jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                            mutable=["batch_stats"]))(
+                                                variables, x)
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
 def test_outputs_and_batch_statistics_match_the_linen_model():
   model = get_model("lenet5_bn", num_classes=10)
   variables = _linen_variables(model, SHAPE, seed=3)
   module = to_nnx(model, SHAPE, variables)
   x = _images(SHAPE)
-  np.testing.assert_array_equal(module(x, train=False),
-                                model.apply(variables, x, train=False))
-  want, updates = model.apply(variables, x, train=True,
-                              mutable=["batch_stats"])
-  got = module(x, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(_nnx_call(module, x, False),
+                                _linen_call(model, variables, x, False))
+  want, updates = _linen_call(model, variables, x, True)
+  got = _nnx_call(module, x, True)
   np.testing.assert_array_equal(got, want)
   got_variables = linen_variables(module)
   jax.tree.map(np.testing.assert_array_equal, got_variables["batch_stats"],
@@ -154,5 +169,5 @@ def test_official_checkpoint_runs_as_an_nnx_module():
   variables = convert.load_torch_checkpoint(OFFICIAL, "resnet20")
   module = to_nnx(model, (1, 32, 32, 3), variables)
   x = _images((4, 32, 32, 3))
-  np.testing.assert_array_equal(module(x, train=False),
-                                model.apply(variables, x, train=False))
+  np.testing.assert_array_equal(_nnx_call(module, x, False),
+                                _linen_call(model, variables, x, False))
