@@ -194,3 +194,12 @@ def test_cifar_resnet_init_is_the_official_one():
   assert "bias" not in params["fc"]
   assert np.max(np.abs(fc)) <= bound and np.max(np.abs(fc)) > 0.95 * bound
   assert abs(np.std(fc) / (bound / np.sqrt(3)) - 1) < 0.05
+
+
+def test_lenet_pads_each_side_towards_32():
+  """Height and width are padded separately: a 28x24 image meets the same
+  5x5x16 features as a 28x28 one (the width was padded by the height's 2)."""
+  model = get_model("lenet5_bn", num_classes=10)
+  for shape in ((2, 28, 28, 1), (2, 28, 24, 1), (2, 24, 28, 1), (2, 8, 8, 1)):
+    variables = _abstract_variables(model, shape)
+    assert variables["params"]["fc1"]["adder_kernel"].shape == (400, 120), shape

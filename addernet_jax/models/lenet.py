@@ -4,7 +4,8 @@ conv5x5(6)-BN-ReLU-MP2-conv5x5(16)-BN-ReLU-MP2-FC120-BN-ReLU-FC84-BN-ReLU-
 FC(classes)-BN. With `conv="adder"` every convolution and fully connected
 layer is an adder layer (the paper's ANN has no multiplication at all).
 Inputs of 28x28 (MNIST) get 2 pixels of zero padding on the first layer, as in
-the classic MNIST LeNet; 32x32 inputs none.
+the classic MNIST LeNet; 32x32 inputs none; in general each side shorter than
+32 is padded (symmetrically) towards 32.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class LeNet5BN(nn.Module):
     bn = lambda name: common.batch_norm(train, dtype=self.dtype,
                                         axis_name=self.bn_axis_name, name=name)
     common.check_images(x, "LeNet5BN")
-    pad = max(0, (32 - x.shape[1]) // 2)
-    x = self.conv(6, (5, 5), padding=((pad, pad), (pad, pad)), name="conv1")(x)
+    ph, pw = (max(0, (32 - side) // 2) for side in x.shape[1:3])
+    x = self.conv(6, (5, 5), padding=((ph, ph), (pw, pw)), name="conv1")(x)
     x = nn.max_pool(nn.relu(bn("bn1")(x)), (2, 2), strides=(2, 2))
     x = self.conv(16, (5, 5), padding="VALID", name="conv2")(x)
     x = nn.max_pool(nn.relu(bn("bn2")(x)), (2, 2), strides=(2, 2))
