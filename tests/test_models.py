@@ -203,3 +203,27 @@ def test_lenet_pads_each_side_towards_32():
   for shape in ((2, 28, 28, 1), (2, 28, 24, 1), (2, 24, 28, 1), (2, 8, 8, 1)):
     variables = _abstract_variables(model, shape)
     assert variables["params"]["fc1"]["adder_kernel"].shape == (400, 120), shape
+
+
+@pytest.mark.parametrize("name,size,channels",
+                         [("resnet20", 32, 3), ("resnet18", 32, 3),
+                          ("vgg_small", 32, 3), ("lenet5_bn", 28, 1)])
+@pytest.mark.parametrize("conv", ["adder", "mult"])
+def test_nchw_batch_is_named(name, size, channels, conv):
+  """A PyTorch-layout batch met the first layer's filters as a Flax
+  ScopeParamShapeError about a kernel shape."""
+  model = get_model(name, num_classes=10, conv=conv)
+  variables = _abstract_variables(model, (1, size, size, channels))
+  apply = lambda shape: jax.eval_shape(
+      lambda v: model.apply(v, jnp.ones(shape), train=False), variables)
+  assert apply((2, size, size, channels)).shape == (2, 10)
+  with pytest.raises(ValueError, match=(
+      rf"input has {size} channels .* parameters are for {channels}, got "
+      rf"shape \(2, {channels}, {size}, {size}\); it looks like NCHW: "
+      r"transpose it to NHWC with x.transpose\(0, 2, 3, 1\)")):
+    apply((2, channels, size, size))
+  with pytest.raises(ValueError, match=rf"input has {channels + 1} channels "
+                     rf".* are for {channels}, got shape \(2, {size}, {size}, "
+                     rf"{channels + 1}\)") as error:
+    apply((2, size, size, channels + 1))
+  assert "NCHW" not in str(error.value)

@@ -175,17 +175,38 @@ def batch_norm(train: bool, *, dtype: Any, axis_name: str | None,
                    scale_init=scale_init)
 
 
-def check_images(x: jax.Array, model: str, min_size: int = 1) -> None:
+def check_images(x: jax.Array, model: str, min_size: int = 1, *,
+                 module: nn.Module | None = None, stem: str = "conv1") -> None:
   """Trace-time check that `x` is a batch of NHWC images of at least
-  `min_size` x `min_size` pixels: one clear error instead of a failure deep
-  inside a layer."""
+  `min_size` x `min_size` pixels and, when `module` already has parameters,
+  with the channels its first layer `stem` was initialised for: one clear
+  error instead of a failure deep inside a layer."""
   shape = tuple(getattr(x, "shape", ()))
   if len(shape) != 4:
     raise ValueError(f"{model}: input must be a batch of NHWC images (rank "
                      f"4), got shape {shape}")
+  channels = _stem_channels(module, stem) if module is not None else None
+  if channels is not None and shape[3] != channels:
+    hint = (f"; it looks like NCHW: transpose it to NHWC with "
+            f"x.transpose(0, 2, 3, 1)" if shape[1] == channels else "")
+    raise ValueError(f"{model}: input has {shape[3]} channels (last axis of "
+                     f"an NHWC batch) but the model's parameters are for "
+                     f"{channels}, got shape {shape}{hint}")
   if shape[1] < min_size or shape[2] < min_size:
     raise ValueError(f"{model}: input images must be at least {min_size}x"
                      f"{min_size} (NHWC), got shape {shape}")
+
+
+def _stem_channels(module: nn.Module, stem: str) -> int | None:
+  """Input channels of `module`'s existing first-layer filters (HWIO or
+  (in, out)), or None while it is being initialised."""
+  if module.is_initializing() or "params" not in module.variables:
+    return None
+  layer = module.variables["params"].get(stem, {})
+  for name in ("kernel", layers.ADDER_KERNEL):
+    if name in layer:
+      return int(layer[name].shape[-2])
+  return None
 
 
 def pad_same_as_torch(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -30,7 +30,7 @@ class LeNet5BN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = lambda name: common.batch_norm(train, dtype=self.dtype,
                                         axis_name=self.bn_axis_name, name=name)
-    common.check_images(x, "LeNet5BN")
+    common.check_images(x, "LeNet5BN", module=self)
     ph, pw = (max(0, (32 - side) // 2) for side in x.shape[1:3])
     x = self.conv(6, (5, 5), padding=((ph, ph), (pw, pw)), name="conv1")(x)
     x = nn.max_pool(nn.relu(bn("bn1")(x)), (2, 2), strides=(2, 2))

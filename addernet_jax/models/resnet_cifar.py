@@ -54,7 +54,7 @@ class CifarResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = lambda name: common.batch_norm(train, dtype=self.dtype,
                                         axis_name=self.bn_axis_name, name=name)
-    common.check_images(x, "CifarResNet")
+    common.check_images(x, "CifarResNet", module=self)
     x = nn.Conv(16, (3, 3), padding=common.pad_same_as_torch(3), use_bias=False,
                 dtype=self.dtype, kernel_init=common.torch_default_init,
                 name="conv1")(x)

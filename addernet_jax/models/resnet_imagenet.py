@@ -90,7 +90,7 @@ class ImageNetResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = lambda name: common.batch_norm(train, dtype=self.dtype,
                                         axis_name=self.bn_axis_name, name=name)
-    common.check_images(x, "ImageNetResNet")
+    common.check_images(x, "ImageNetResNet", module=self)
     x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)),
                 use_bias=False, dtype=self.dtype,
                 kernel_init=common.kaiming_normal_fan_out, name="conv1")(x)

@@ -28,7 +28,8 @@ class VGGSmall(nn.Module):
     bn = lambda name: common.batch_norm(train, dtype=self.dtype,
                                         axis_name=self.bn_axis_name, name=name)
     # Three 2x2 max-pools: anything smaller than 8x8 leaves no pixel.
-    common.check_images(x, "VGGSmall", min_size=8)
+    common.check_images(x, "VGGSmall", min_size=8, module=self,
+                        stem="conv0")
     pad = common.pad_same_as_torch(3)
     x = nn.Conv(128, (3, 3), padding=pad, use_bias=False, dtype=self.dtype,
                 kernel_init=common.torch_default_init, name="conv0")(x)
