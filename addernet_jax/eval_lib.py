@@ -23,6 +23,7 @@ import optax
 
 from addernet_jax import data as data_lib
 from addernet_jax import parallel
+from addernet_jax import progress as progress_lib
 
 P = jax.sharding.PartitionSpec
 BATCH_AXIS = parallel.BATCH_AXIS
@@ -78,16 +79,20 @@ class Evaluator:
     info: the dataset's `DatasetInfo` (normalisation, image shape).
     mesh: the device mesh (axis `BATCH_AXIS`).
     eval_batch_size: global batch; a multiple of the number of devices.
+    progress_bar: show a progress bar of the evaluated batches (on the
+      console; removed when done).
   """
 
   def __init__(self, model: flax.linen.Module, info: data_lib.DatasetInfo,
-               mesh: jax.sharding.Mesh, eval_batch_size: int):
+               mesh: jax.sharding.Mesh, eval_batch_size: int, *,
+               progress_bar: bool = False):
     num_devices = mesh.devices.size
     if eval_batch_size <= 0 or eval_batch_size % num_devices:
       raise ValueError(f"eval_batch_size={eval_batch_size} must be a positive"
                        f" multiple of the number of devices ({num_devices})")
     self.model, self.info, self.mesh = model, info, mesh
     self.batch_size = eval_batch_size
+    self.progress_bar = progress_bar
     local = eval_batch_size // num_devices
     apply = model.apply
 
@@ -144,11 +149,15 @@ class Evaluator:
     """loss, top1, top5 (fractions) and num_examples over `eval_set`."""
     window = parallel.DispatchWindow.for_mesh(self.mesh)
     totals = self._zero_totals()
-    for i in range(math.ceil(eval_set.num_examples / self.batch_size)):
-      totals = self._in_memory(params, batch_stats, eval_set.images,
-                               eval_set.labels, i, totals)
-      window.push(totals)
-    return _finish(totals)
+    num_batches = math.ceil(eval_set.num_examples / self.batch_size)
+    with progress_lib.counting(num_batches, "evaluating",
+                               self.progress_bar) as progress:
+      for i in range(num_batches):
+        totals = self._in_memory(params, batch_stats, eval_set.images,
+                                 eval_set.labels, i, totals)
+        window.push(totals)
+        progress.dispatched(totals)
+      return _finish(totals)
 
   def evaluate_stream(self, params: Any, batch_stats: Any,
                       batches: Iterator[dict[str, np.ndarray]], *,
@@ -222,22 +231,25 @@ def evaluate_stream_together(
   # pylint: disable=protected-access
   totals = [evaluator._zero_totals() for evaluator, _, _ in runs]
   seen = 0
-  for batch in batches:
-    arrays = parallel.global_batch_from_local(
-        {"image": batch["image"], "label": batch["label"],
-         "mask": batch["mask"]}, first.mesh)
-    for i, (evaluator, params, batch_stats) in enumerate(runs):
-      totals[i] = evaluator._streamed(
-          params, batch_stats, arrays["image"], arrays["label"],
-          arrays["mask"], totals[i])
-      window.push(totals[i])
-    seen += first.batch_size
-    if 0 < max_examples <= seen:
-      break
-  # pylint: enable=protected-access
-  if seen == 0:
-    raise ValueError("the evaluation split is empty")
-  return [_finish(t) for t in totals]
+  with progress_lib.counting(None, "evaluating",
+                             first.progress_bar) as progress:
+    for batch in batches:
+      arrays = parallel.global_batch_from_local(
+          {"image": batch["image"], "label": batch["label"],
+           "mask": batch["mask"]}, first.mesh)
+      for i, (evaluator, params, batch_stats) in enumerate(runs):
+        totals[i] = evaluator._streamed(
+            params, batch_stats, arrays["image"], arrays["label"],
+            arrays["mask"], totals[i])
+        window.push(totals[i])
+      progress.dispatched(totals)
+      seen += first.batch_size
+      if 0 < max_examples <= seen:
+        break
+    # pylint: enable=protected-access
+    if seen == 0:
+      raise ValueError("the evaluation split is empty")
+    return [_finish(t) for t in totals]
 
 
 @jax.jit
@@ -265,7 +277,9 @@ def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
   'batch_stats'}) on the config's evaluation split."""
   mesh = mesh or parallel.make_mesh()
   info = data_lib.dataset_info(config.dataset)
-  evaluator = Evaluator(model, info, mesh, config.eval_batch_size)
+  evaluator = Evaluator(model, info, mesh, config.eval_batch_size,
+                        progress_bar=(jax.process_index() == 0 and
+                                      config.get("progress_bar", True)))
   rep = parallel.replicated_sharding(mesh)
   params = jax.device_put(variables["params"], rep)
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)

@@ -35,10 +35,8 @@ import json
 import math
 import os
 import pickle
-import queue
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -62,6 +60,7 @@ from addernet_jax import models
 from addernet_jax import optim
 from addernet_jax import parallel
 from addernet_jax import preemption as preemption_lib
+from addernet_jax import progress as progress_lib
 
 P = jax.sharding.PartitionSpec
 BATCH_AXIS = parallel.BATCH_AXIS
@@ -379,50 +378,6 @@ class MetricsWriter:
         self._tb.close()
 
 
-class StepProgress:
-  """Counts finished training steps on a progress bar (tqdm).
-
-  The host dispatches steps ahead of the devices (asynchronous dispatch) up
-  to the next point where it waits for a result, a log line or an
-  evaluation: a bar that counted dispatched steps ran, with its ETA, several
-  times too fast and then stalled. `dispatched(outputs)` hands a step's
-  outputs to a background thread that waits for each step in turn and then
-  advances the bar; the loop itself never waits for it. `close()` counts
-  what has finished and stops the thread. No thread for a disabled bar.
-  """
-
-  _STOP = object()
-
-  def __init__(self, bar: Any):
-    self.bar = bar
-    self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    self._thread = None
-    if not getattr(bar, "disable", False):
-      self._thread = threading.Thread(target=self._count, daemon=True,
-                                      name="addernet-progress")
-      self._thread.start()
-
-  def dispatched(self, outputs: Any) -> None:
-    if self._thread is not None:
-      self._queue.put(outputs)
-
-  def close(self, timeout: float = 5.0) -> None:
-    """Stops counting once the steps handed over so far have finished (or
-    after `timeout` seconds, e.g. when a step failed)."""
-    if self._thread is not None:
-      self._queue.put(self._STOP)
-      self._thread.join(timeout)
-      self._thread = None
-
-  def _count(self) -> None:
-    while (outputs := self._queue.get()) is not self._STOP:
-      try:
-        jax.block_until_ready(outputs)
-      except Exception:  # pylint: disable=broad-except
-        return  # the training loop reports a failed step itself
-      self.bar.update(1)
-
-
 def _jsonable(value: Any) -> Any:
   if isinstance(value, (np.floating, np.integer)):
     value = value.item()
@@ -697,13 +652,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                              core)
     else:
       train_step = make_streaming_train_step(mesh, core)
+    bar = is_main and config.get("progress_bar", True)
     evaluator = eval_lib.Evaluator(build_model(config), info, mesh,
-                                   config.eval_batch_size)
+                                   config.eval_batch_size, progress_bar=bar)
     teacher_evaluator = None
     if isinstance(state, distill.DistillTrainState):
       teacher_evaluator = eval_lib.Evaluator(
           build_model(distill.teacher_config(config)), info, mesh,
-          config.eval_batch_size)
+          config.eval_batch_size, progress_bar=bar)
     lr_fn = optim.learning_rate_schedule(config, steps_per_epoch)
     summary = _loop(config, workdir, mesh, info, state, start_step,
                     total_steps, steps_per_epoch, data, train_iter,
@@ -815,7 +771,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
   bar = tqdm(total=total_steps, initial=start_step, unit="step",
              disable=not (is_main and config.get("progress_bar", True)),
              dynamic_ncols=True, smoothing=0.1)
-  progress = StepProgress(bar)
+  progress = progress_lib.StepProgress(bar)
   summary: dict[str, Any] = {}
   last_train: dict[str, float] = {
       k: resumed_meta[k] for k in ("train_loss", "train_top1")
@@ -1036,8 +992,10 @@ def _evaluate_with_recalibration(config: ml_collections.ConfigDict,
   rep = parallel.replicated_sharding(mesh)
   params = jax.device_put(variables["params"], rep)
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
-  evaluator = eval_lib.Evaluator(build_model(config), info, mesh,
-                                 config.eval_batch_size)
+  evaluator = eval_lib.Evaluator(
+      build_model(config), info, mesh, config.eval_batch_size,
+      progress_bar=(jax.process_index() == 0 and
+                    config.get("progress_bar", True)))
   result = evaluator.evaluate_in_memory(params, batch_stats, data.eval)
   result["top1_recalibrated"] = _recalibrated_top1(
       config, evaluator, params, batch_stats, data,

@@ -1,5 +1,5 @@
-"""Progress reporting: the bar counts finished steps, not dispatched ones;
-images/s count training time only."""
+"""Progress reporting: bars count finished steps, not dispatched ones
+(training and evaluation); images/s count training time only."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
-from addernet_jax.train_lib import StepProgress
+from addernet_jax import data as data_lib
+from addernet_jax import eval_lib, parallel
+from addernet_jax.models import get_model
+from addernet_jax.progress import StepProgress
 
 
 class _Step:
@@ -123,3 +128,28 @@ def test_images_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
   # follows the first epoch's evaluation.
   assert summary["step"] == 44
   assert summary["images_per_sec"] > 22 * 64 / 100, summary
+
+
+def test_evaluation_shows_its_batches(capsys):
+  """`Evaluator(..., progress_bar=True)` counts the evaluated batches on a bar
+  that is removed when the evaluation ends; without it nothing is shown."""
+  model = get_model("lenet5_bn", num_classes=10, conv="mult")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  eval_set = eval_lib.InMemoryEvalSet(
+      rng.integers(0, 256, (40, 8, 8, 1), np.uint8),
+      rng.integers(0, 10, 40), mesh)
+  results = []
+  for shown in (True, False):
+    evaluator = eval_lib.Evaluator(model, data_lib.dataset_info("digits"),
+                                   mesh, 16, progress_bar=shown)
+    capsys.readouterr()
+    results.append(evaluator.evaluate_in_memory(
+        variables["params"], variables["batch_stats"], eval_set))
+    err = capsys.readouterr().err
+    if shown:
+      assert "evaluating:" in err and "/3 [" in err, err
+    else:
+      assert err == ""
+  assert results[0] == results[1] and results[0]["num_examples"] == 40

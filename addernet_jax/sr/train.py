@@ -404,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # classification loop (parallel.DispatchWindow: XLA:CPU deadlocks in a
     # collective when the host runs 32 programs ahead).
     window = parallel.DispatchWindow.for_mesh(mesh)
-    progress = train_lib.StepProgress(bar)
+    progress = progress_lib.StepProgress(bar)
     with preemption_lib.install_preemption_handler() as preemption:
       try:
         while step < total_steps:
