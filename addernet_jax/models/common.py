@@ -187,8 +187,8 @@ def check_images(x: jax.Array, model: str, min_size: int = 1, *,
                      f"4), got shape {shape}")
   channels = _stem_channels(module, stem) if module is not None else None
   if channels is not None and shape[3] != channels:
-    hint = (f"; it looks like NCHW: transpose it to NHWC with "
-            f"x.transpose(0, 2, 3, 1)" if shape[1] == channels else "")
+    hint = ("; it looks like NCHW: transpose it to NHWC with "
+            "x.transpose(0, 2, 3, 1)" if shape[1] == channels else "")
     raise ValueError(f"{model}: input has {shape[3]} channels (last axis of "
                      f"an NHWC batch) but the model's parameters are for "
                      f"{channels}, got shape {shape}{hint}")

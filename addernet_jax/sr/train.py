@@ -40,6 +40,7 @@ from addernet_jax import models
 from addernet_jax import optim
 from addernet_jax import parallel
 from addernet_jax import preemption as preemption_lib
+from addernet_jax import progress as progress_lib
 from addernet_jax import train_lib
 from addernet_jax.models import sr as sr_models
 from addernet_jax.sr import data as data_lib
@@ -291,7 +292,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = ckpt_lib.check_writable(workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
   steps_per_epoch = config.steps_per_epoch
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
