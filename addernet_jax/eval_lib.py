@@ -156,7 +156,7 @@ class Evaluator:
         totals = self._in_memory(params, batch_stats, eval_set.images,
                                  eval_set.labels, i, totals)
         window.push(totals)
-        progress.dispatched(totals)
+        progress.dispatched(list(totals))  # a snapshot: the list changes
       return _finish(totals)
 
   def evaluate_stream(self, params: Any, batch_stats: Any,
@@ -242,7 +242,7 @@ def evaluate_stream_together(
             params, batch_stats, arrays["image"], arrays["label"],
             arrays["mask"], totals[i])
         window.push(totals[i])
-      progress.dispatched(totals)
+      progress.dispatched(list(totals))  # a snapshot: the list changes
       seen += first.batch_size
       if 0 < max_examples <= seen:
         break
