@@ -156,7 +156,7 @@ class Evaluator:
         totals = self._in_memory(params, batch_stats, eval_set.images,
                                  eval_set.labels, i, totals)
         window.push(totals)
-        progress.dispatched(list(totals))  # a snapshot: the list changes
+        progress.dispatched(totals)
       return _finish(totals)
 
   def evaluate_stream(self, params: Any, batch_stats: Any,

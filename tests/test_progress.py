@@ -130,9 +130,14 @@ def test_images_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
   assert summary["images_per_sec"] > 22 * 64 / 100, summary
 
 
-def test_evaluation_shows_its_batches(capsys):
+def test_evaluation_shows_its_batches(capsys, monkeypatch):
   """`Evaluator(..., progress_bar=True)` counts the evaluated batches on a bar
-  that is removed when the evaluation ends; without it nothing is shown."""
+  that is removed when the evaluation ends, waiting for each batch's device
+  arrays; without it nothing is shown."""
+  handed = []
+  dispatched = StepProgress.dispatched
+  monkeypatch.setattr(StepProgress, "dispatched", lambda self, outputs: (
+      handed.append(jax.tree.leaves(outputs)), dispatched(self, outputs)))
   model = get_model("lenet5_bn", num_classes=10, conv="mult")
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   mesh = parallel.make_mesh()
@@ -153,3 +158,6 @@ def test_evaluation_shows_its_batches(capsys):
     else:
       assert err == ""
   assert results[0] == results[1] and results[0]["num_examples"] == 40
+  assert len(handed) == 6 and all(
+      leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
+      for leaves in handed)
