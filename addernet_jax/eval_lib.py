@@ -278,8 +278,7 @@ def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
   mesh = mesh or parallel.make_mesh()
   info = data_lib.dataset_info(config.dataset)
   evaluator = Evaluator(model, info, mesh, config.eval_batch_size,
-                        progress_bar=(jax.process_index() == 0 and
-                                      config.get("progress_bar", True)))
+                        progress_bar=progress_lib.shown(config))
   rep = parallel.replicated_sharding(mesh)
   params = jax.device_put(variables["params"], rep)
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)

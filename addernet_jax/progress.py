@@ -55,6 +55,12 @@ class StepProgress:
       self.bar.update(1)
 
 
+def shown(config: Any) -> bool:
+  """Whether this process shows progress bars: process 0 only, unless
+  `config.progress_bar` is False."""
+  return jax.process_index() == 0 and bool(config.get("progress_bar", True))
+
+
 @contextlib.contextmanager
 def counting(total: int | None, desc: str, enabled: bool,
              unit: str = "batch") -> Iterator[StepProgress]:

@@ -652,7 +652,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                              core)
     else:
       train_step = make_streaming_train_step(mesh, core)
-    bar = is_main and config.get("progress_bar", True)
+    bar = progress_lib.shown(config)
     evaluator = eval_lib.Evaluator(build_model(config), info, mesh,
                                    config.eval_batch_size, progress_bar=bar)
     teacher_evaluator = None
@@ -769,7 +769,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
   eval_every = max(1, int(config.get("eval_every_epochs", 1) or 1))
   log_every = config.log_every_steps
   bar = tqdm(total=total_steps, initial=start_step, unit="step",
-             disable=not (is_main and config.get("progress_bar", True)),
+             disable=not progress_lib.shown(config),
              dynamic_ncols=True, smoothing=0.1)
   progress = progress_lib.StepProgress(bar)
   summary: dict[str, Any] = {}
@@ -994,8 +994,7 @@ def _evaluate_with_recalibration(config: ml_collections.ConfigDict,
   batch_stats = jax.device_put(variables.get("batch_stats", {}), rep)
   evaluator = eval_lib.Evaluator(
       build_model(config), info, mesh, config.eval_batch_size,
-      progress_bar=(jax.process_index() == 0 and
-                    config.get("progress_bar", True)))
+      progress_bar=progress_lib.shown(config))
   result = evaluator.evaluate_in_memory(params, batch_stats, data.eval)
   result["top1_recalibrated"] = _recalibrated_top1(
       config, evaluator, params, batch_stats, data,

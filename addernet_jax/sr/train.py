@@ -398,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total_steps, initial=step, unit="step",
-               disable=not (is_main and config.get("progress_bar", True)),
+               disable=not progress_lib.shown(config),
                dynamic_ncols=True)
     # At most a few steps in flight on a multi-device CPU mesh, as in the
     # classification loop (parallel.DispatchWindow: XLA:CPU deadlocks in a
