@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import math
 import os
 import pickle
@@ -67,20 +68,34 @@ BATCH_AXIS = parallel.BATCH_AXIS
 log = logging
 
 
-def _quiet_orbax() -> None:
-  """Drops Orbax's INFO chatter (dozens of lines per checkpoint) from the
-  absl log; its warnings and errors still show."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
+class _LibraryChatterFilter(std_logging.Filter):
+  """Drops Orbax's INFO records, the warnings it gives for every checkpoint
+  opened read-only (as evaluation opens them, on purpose), and JAX's INFO
+  "Unable to initialize backend" records; other warnings and errors pass."""
 
-  class _Filter(std_logging.Filter):
+  _READ_ONLY = ("CheckpointManagerOptions.read_only=True, setting",
+                "Given directory is read only")
 
-    def filter(self, record):
-      return (record.levelno >= std_logging.WARNING or
-              "orbax" not in (record.pathname or ""))
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    orbax = "orbax" in (record.pathname or "")
+    if record.levelno >= std_logging.ERROR:
+      return True
+    if record.levelno >= std_logging.WARNING:
+      return not (orbax and str(record.msg).startswith(self._READ_ONLY))
+    return not (orbax or
+                str(record.msg).startswith("Unable to initialize backend"))
 
-  logger = std_logging.getLogger("absl")
-  if not any(isinstance(f, _Filter) for f in logger.filters):
-    logger.addFilter(_Filter())
+
+def quiet_library_logs() -> None:
+  """Drops two libraries' chatter from the log: Orbax's INFO (dozens of lines
+  per checkpoint) and read-only warnings, and JAX's "Unable to initialize
+  backend 'tpu'/'proxy'" for the backends it probes and does not find (every
+  CPU or GPU run printed them, and they read like failures; the training
+  loops' device line says what a run uses). Other warnings and errors show."""
+  for name in ("absl", "jax._src.xla_bridge"):
+    logger = std_logging.getLogger(name)
+    if not any(isinstance(f, _LibraryChatterFilter) for f in logger.filters):
+      logger.addFilter(_LibraryChatterFilter())
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
@@ -142,6 +157,7 @@ def cli_error(message: Any) -> int:
 def cli_parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser for `app.run`: a bad flag, an unknown config key or a
   wrong value type becomes one `error: ...` line and exit status 2."""
+  quiet_library_logs()
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS:
@@ -580,10 +596,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if is_sr_task(config):  # AdderSR: its own loop (addernet_jax/sr/train.py)
     from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
     return sr_train.train_and_evaluate(config, workdir)
-  _quiet_orbax()
+  quiet_library_logs()
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
   info = validate_config(config, num_devices)
+  log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   created = ckpt_lib.missing_directories(workdir)
   workdir = ckpt_lib.check_writable(workdir)
   is_main = jax.process_index() == 0

@@ -351,6 +351,30 @@ def test_process_batch_slice_and_errors():
     parallel.process_batch_slice(7, fake)
 
 
+def test_describe_devices_names_kinds_processes_and_per_device_batch():
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  n = mesh.devices.size
+  line = parallel.describe_devices(mesh, 8 * n)
+  assert line.startswith(f"{n} device")
+  assert f"(cpu x{n}) in 1 process, this is process 0" in line, line
+  assert line.endswith(f"global batch {8 * n} = 8 per device"), line
+
+  def device(process, kind):
+    return types.SimpleNamespace(platform="gpu", device_kind=kind,
+                                 process_index=process, id=0)
+  pod = types.SimpleNamespace(devices=np.array(
+      [device(p, "NVIDIA H100") for p in range(2) for _ in range(3)] +
+      [device(2, "NVIDIA H200")]))
+  line = parallel.describe_devices(pod, 14)
+  assert line.startswith("7 devices (gpu NVIDIA H100 x6, gpu NVIDIA H200 x1) "
+                         "in 3 processes, this is process "), line
+  assert line.endswith("global batch 14 = 2 per device"), line
+  assert jax.process_index() == 0
+
+
 def test_mesh_is_auto_and_one_dimensional():
   import jax  # pylint: disable=g-import-not-at-top
   from addernet_jax import parallel  # pylint: disable=g-import-not-at-top

@@ -42,11 +42,15 @@ def train_command(config: str, workdir: Path, *overrides: str) -> list[str]:
 
 
 def run_train(cache: Path, config: str, workdir: Path, *overrides: str,
-              timeout: float = 600, **env) -> dict:
+              timeout: float = 600, stderr: list[str] | None = None,
+              **env) -> dict:
+  """train.py's final JSON line; its stderr is appended to `stderr`."""
   result = subprocess.run(train_command(config, workdir, *overrides),
                           cwd=ROOT, env=cli_env(cache, **env),
                           capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
+  if stderr is not None:
+    stderr.append(result.stderr)
   return last_json(result.stdout)
 
 
@@ -82,8 +86,13 @@ def assert_trees_equal(a, b):
 
 
 def test_smoke_run_end_to_end(jax_cache, tmp_path):
-  summary = run_train(jax_cache, SMOKE, tmp_path)
+  stderr = []
+  summary = run_train(jax_cache, SMOKE, tmp_path, stderr=stderr)
   assert summary["step"] == 3
+  # The log names the devices; JAX's INFO lines about the backends it probes
+  # and does not find ('tpu', 'proxy') are left out.
+  assert "training on 1 device (cpu x1) in 1 process" in stderr[0], stderr[0]
+  assert "Unable to initialize backend" not in stderr[0], stderr[0]
   for key in ("epoch", "train_loss", "train_top1", "eval_loss", "eval_top1",
               "eval_top5", "eval_top1_recalibrated"):
     assert isinstance(summary[key], float), key
@@ -355,3 +364,31 @@ def test_streaming_pipeline_trains_and_resumes(jax_cache, tmp_path):
   overrides = {"dataset": "cifar10", "num_train_steps": 6}
   assert_trees_equal(read_variables(tmp_path / "b", overrides),
                      read_variables(tmp_path / "a", overrides))
+
+
+def test_library_log_filter_keeps_warnings_and_drops_probe_chatter():
+  import logging  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.quiet_library_logs()
+  train_lib.quiet_library_logs()  # idempotent: one filter per logger
+  probe = logging.getLogger("jax._src.xla_bridge")
+  assert len(probe.filters) == 1
+
+  def passes(logger, level, msg, pathname="x.py"):
+    record = logging.LogRecord(logger.name, level, pathname, 1, msg,
+                               ("tpu", "no libtpu"), None)
+    return logger.filter(record)
+
+  chatter = "Unable to initialize backend '%s': %s"
+  assert not passes(probe, logging.INFO, chatter)
+  assert passes(probe, logging.WARNING, chatter)
+  assert passes(probe, logging.INFO, "Using backend %s %s")
+  absl = logging.getLogger("absl")
+  orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not passes(absl, logging.INFO, "saved %s %s", orbax_file)
+  assert passes(absl, logging.WARNING, "saved %s %s", orbax_file)
+  read_only = "CheckpointManagerOptions.read_only=True, setting %s %s"
+  assert not passes(absl, logging.WARNING, read_only, orbax_file)
+  assert passes(absl, logging.ERROR, read_only, orbax_file)
+  assert passes(absl, logging.WARNING, read_only)  # not from Orbax
+  assert passes(absl, logging.INFO, "resumed from step %s %s")

@@ -280,9 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ValueError, FileNotFoundError, NotADirectoryError: bad config or data.
     train_lib.NonFiniteLossError: the loss became NaN or Inf.
   """
-  train_lib._quiet_orbax()  # pylint: disable=protected-access
+  train_lib.quiet_library_logs()
   mesh = parallel.make_mesh()
   validate_config(config, mesh.devices.size)
+  log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   # Data first: a bad folder fails before anything is written.
   train_data = data_lib.ImageFolderSR(
       config.data_dir, config.scale,
