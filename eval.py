@@ -30,9 +30,11 @@ the attacked examples) before the JSON line, which then also has an
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from addernet_jax import attacks as attacks_lib
+from addernet_jax import parallel
 from addernet_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -78,6 +80,8 @@ def main(argv):
       attacks_lib.parse_attacks(FLAGS.attacks)
       attacks_lib.parse_size(FLAGS.attack_eps)
       attacks_lib.parse_size(FLAGS.attack_step)
+    logging.info("evaluating on %s",
+                 parallel.describe_devices(parallel.make_mesh()))
     if FLAGS.torch_checkpoint is not None:
       result = train_lib.evaluate_torch_checkpoint(FLAGS.config,
                                                    FLAGS.torch_checkpoint)

@@ -190,21 +190,25 @@ def make_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
                            axis_types=(axis_type,))
 
 
-def describe_devices(mesh: jax.sharding.Mesh, global_batch_size: int) -> str:
+def describe_devices(mesh: jax.sharding.Mesh,
+                     global_batch_size: int | None = None) -> str:
   """One line naming what a run computes on, e.g. "8 devices (cpu x8) in 1
-  process, this is process 0; global batch 64 = 8 per device": a run that
-  fell back to the CPU says so."""
+  process, this is process 0; global batch 64 = 8 per device" (the batch part
+  only with `global_batch_size`): a run that fell back to the CPU says so."""
   devices = list(mesh.devices.flat)
   kinds = collections.Counter(
       f"{d.platform} {d.device_kind}".strip() if d.platform != "cpu"
       else "cpu" for d in devices)
   kinds_text = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
   processes = len({d.process_index for d in devices})
-  per_device = global_batch_size / len(devices)
-  return (f"{len(devices)} device{'s' * (len(devices) != 1)} ({kinds_text}) "
+  line = (f"{len(devices)} device{'s' * (len(devices) != 1)} ({kinds_text}) "
           f"in {processes} process{'es' * (processes != 1)}, this is process "
-          f"{jax.process_index()}; global batch {global_batch_size} = "
-          f"{per_device:g} per device")
+          f"{jax.process_index()}")
+  if global_batch_size is None:
+    return line
+  per_device = global_batch_size / len(devices)
+  return (f"{line}; global batch {global_batch_size} = {per_device:g} per "
+          "device")
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

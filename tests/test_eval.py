@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 import shutil
 import subprocess
@@ -46,9 +47,12 @@ def test_eval_of_our_checkpoint_matches_training(jax_cache, tmp_path):
                           "configs/smoke.py", f"--workdir={tmp_path}",
                           "--config.progress_bar=false"))
   for which in ("latest", "best"):
-    result = last_json(run(jax_cache, "eval.py", "--config",
-                           "configs/smoke.py", f"--checkpoint={tmp_path}",
-                           f"--which={which}"))
+    process = run(jax_cache, "eval.py", "--config", "configs/smoke.py",
+                  f"--checkpoint={tmp_path}", f"--which={which}")
+    result = last_json(process)
+    # The log names the devices, as training's does.
+    assert re.search(r"evaluating on \d+ devices? \(cpu x\d+\) in 1 process",
+                     process.stderr), process.stderr[-3000:]
     assert result["num_examples"] == 40 and result["step"] == 3
     # The same parameters on the same 40 examples as the final evaluation.
     assert result["top1"] == pytest.approx(summary["eval_top1"], abs=1e-6)

@@ -372,6 +372,7 @@ def test_describe_devices_names_kinds_processes_and_per_device_batch():
   assert line.startswith("7 devices (gpu NVIDIA H100 x6, gpu NVIDIA H200 x1) "
                          "in 3 processes, this is process "), line
   assert line.endswith("global batch 14 = 2 per device"), line
+  assert parallel.describe_devices(pod).endswith("this is process 0"), line
   assert jax.process_index() == 0
 
 
