@@ -46,7 +46,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,7 @@ import orbax.checkpoint as ocp
 logger = logging.getLogger(__name__)
 
 STATE, META, CHECKSUMS = "state", "meta", "checksums"
+JSON_ITEM_FILE = "metadata"  # the file of an Orbax JSON item in its folder
 _METADATA_FILE = "_CHECKPOINT_METADATA"
 _PYTREE_METADATA_FILE = "_METADATA"  # Orbax's tree metadata, in `state/`
 CORRUPTED_SUFFIX = ".corrupted"
@@ -142,7 +143,8 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 
 def require_local_path(path: str | os.PathLike, what: str = "directory"
                        ) -> Path:
-  """`path` as a local `Path`; a URL such as `gs://bucket/x` is refused.
+  """`path` as a local `Path`; an empty string or a URL such as
+  `gs://bucket/x` is refused.
 
   `pathlib` would quietly turn `gs://bucket/x` into the local folder
   `gs:/bucket/x`. Checkpoints, metrics and TensorBoard logs are written with
@@ -153,6 +155,11 @@ def require_local_path(path: str | os.PathLike, what: str = "directory"
     CheckpointError: naming the path and what to do.
   """
   text = os.fspath(path)
+  if not text.strip():
+    # Path("") is the current directory: an unset shell variable in
+    # `--workdir $RUN` would otherwise train into (or read) the cwd.
+    raise CheckpointError(f"{what} is an empty string ({text!r}); give a "
+                          f"path")
   match = _URL.match(text)
   if match:
     raise CheckpointError(
@@ -474,6 +481,18 @@ def _tensorstore_damage(message: str, step_dir: Path) -> str | None:
   if not detail.startswith(code):
     detail = f"{code}: {detail}"
   return f"{where} is {kind} ({_short(detail, limit=300)})"
+
+
+def missing_json_items(step_dir: Path, names: Iterable[str]) -> str | None:
+  """The first of the JSON items `names` (e.g. "meta") whose folder or file
+  is missing from `step_dir`, as "folder 'meta'" or "file 'meta/metadata'";
+  None if all are there."""
+  for name in names:
+    if not (step_dir / name).is_dir():
+      return f"folder {name!r}"
+    if not (step_dir / name / JSON_ITEM_FILE).is_file():
+      return f"file {name + '/' + JSON_ITEM_FILE!r}"
+  return None
 
 
 def _damage_of(exc: BaseException, step_dir: Path) -> str | None:
@@ -913,6 +932,12 @@ class CheckpointManager:
     elif self.verify_checksums:
       logger.warning("%s has no checksums; its arrays are not verified",
                      where)
+    # Orbax reports a missing JSON item as a FileNotFoundError without a
+    # file name or a KeyError: say which file, as damage.
+    missing = missing_json_items(self.directory / str(step), items)
+    if missing:
+      raise CheckpointCorruptedError(step, self.directory,
+                                     f"{missing} is missing")
     if partial:
       # Only the leaves of `abstract_state` (e.g. params and batch_stats for
       # an evaluation): Orbax's partial PyTree restore of the state item.
@@ -928,6 +953,12 @@ class CheckpointManager:
       items[STATE] = ocp.args.StandardRestore(abstract_state)
       restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
       state = restored[STATE]
+    for name in items:
+      if name != STATE and not isinstance(restored[name], (dict, type(None))):
+        raise CheckpointCorruptedError(
+            step, self.directory,
+            f"file {name + '/' + JSON_ITEM_FILE!r} holds a JSON "
+            f"{type(restored[name]).__name__}, not an object")
     if CHECKSUMS in items:
       saved = restored[CHECKSUMS] or {}
       now = tree_checksums(state)

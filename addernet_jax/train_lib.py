@@ -964,10 +964,29 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
                          EVAL_ADVICE):
     restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
                                          with_meta=True)
-  check_meta(restored.meta, run_identity(config), _EVAL_KEYS,
-             f"the checkpoint in {str(workdir)!r} (step "
-             f"{restored.meta.get('step', '?')})", EVAL_ADVICE)
+  where = (f"the checkpoint in {str(workdir)!r} (step "
+           f"{restored.meta.get('step', '?')})")
+  check_meta(restored.meta, run_identity(config), _EVAL_KEYS, where,
+             EVAL_ADVICE)
+  _check_holdout_unseen(restored.meta, config, where)
   return restored
+
+
+def _check_holdout_unseen(meta: Any, config: ml_collections.ConfigDict,
+                          where: str) -> None:
+  """ValueError if `config.holdout_examples` would evaluate on training
+  examples the checkpoint was trained on: the last N' training examples
+  were all held out only if N' <= the N it was trained with (0, the test
+  split, is always fine)."""
+  trained = meta.get("holdout_examples") if isinstance(meta, dict) else None
+  held = int(config.get("holdout_examples", 0) or 0)
+  if trained is None or held <= trained:
+    return
+  raise ValueError(
+      f"config.holdout_examples={held} evaluates on the last {held} training "
+      f"examples, but {where} was trained with holdout_examples={trained}: "
+      f"{held - trained} of them were trained on. Use holdout_examples <= "
+      f"{trained} (0: the test split)")
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,

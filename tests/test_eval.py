@@ -70,6 +70,14 @@ def test_eval_of_our_checkpoint_matches_training(jax_cache, tmp_path):
   with pytest.raises(ValueError, match="dataset 'digits' in the checkpoint, "
                      "'mnist' in the config"):
     train_lib.evaluate_checkpoint(mnist_lenet5.get_config(), tmp_path)
+  # Held-out examples it was trained on (it held none out) are refused.
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.holdout_examples = 40
+  with pytest.raises(ValueError, match=r"holdout_examples=40 evaluates on the "
+                     r"last 40 training examples, .* trained with "
+                     r"holdout_examples=0: 40 of them were trained on"):
+    train_lib.evaluate_checkpoint(config, tmp_path)
 
 
 def test_eval_needs_exactly_one_checkpoint(jax_cache, tmp_path):

@@ -92,6 +92,22 @@ def _garble_meta_json(step_dir: Path) -> None:
   (step_dir / "meta" / "metadata").write_text('{"step": 2, ')
 
 
+def _drop_meta_file(step_dir: Path) -> None:
+  (step_dir / "meta" / "metadata").unlink()
+
+
+def _drop_meta_folder(step_dir: Path) -> None:
+  shutil.rmtree(step_dir / "meta")
+
+
+def _drop_checksums_file(step_dir: Path) -> None:
+  (step_dir / "checksums" / "metadata").unlink()
+
+
+def _meta_json_not_an_object(step_dir: Path) -> None:
+  (step_dir / "meta" / "metadata").write_text("[1, 2]")
+
+
 def _overwrite_array_data(step_dir: Path) -> None:
   """Random bytes over every array data file; the JSON metadata is intact."""
   rng = np.random.default_rng(0)
@@ -114,6 +130,12 @@ CORRUPTIONS = [
     (_overwrite_array_data, "garbled"),
     (_drop_state_metadata, "'state/_METADATA' is missing"),
     (_garble_meta_json, "'meta/metadata' is not valid JSON"),
+    # Orbax: FileNotFoundError without a file name, KeyError, a list as meta.
+    (_drop_meta_file, "file 'meta/metadata' is missing"),
+    (_drop_meta_folder, "folder 'meta' is missing"),
+    (_drop_checksums_file, "file 'checksums/metadata' is missing"),
+    (_meta_json_not_an_object, "'meta/metadata' holds a JSON list, not an "
+     "object"),
 ]
 
 
@@ -388,6 +410,19 @@ def test_train_refuses_a_url_workdir_before_training(tmp_path, monkeypatch):
   with pytest.raises(ckpt.CheckpointError, match="'gs://bucket/run' is a "
                      "gs:// URL"):
     train_lib.train_and_evaluate(_smoke_config(), "gs://bucket/run")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_workdir_is_refused_not_the_current_directory(
+    tmp_path, monkeypatch):
+  """`--workdir $RUN` with RUN unset: Path("") would be the cwd."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  for call in (lambda: train_lib.train_and_evaluate(_smoke_config(), ""),
+               lambda: train_lib.evaluate_checkpoint(_smoke_config(), " "),
+               lambda: ckpt.CheckpointManager("")):
+    with pytest.raises(ckpt.CheckpointError, match="is an empty string"):
+      call()
   assert list(tmp_path.iterdir()) == []
 
 
