@@ -226,6 +226,9 @@ def make_optimizer(config: Any, params: Any,
   steps_per_epoch = int(steps_per_epoch)
   jax.tree.structure(params)  # a pytree, or a clear error here
   eta = float(_get(config, "eta", 0.2))
+  if not 0 <= eta < math.inf:  # NaN or < 0 would switch it off silently
+    raise ValueError(f"eta must be a finite number >= 0 (0: no adaptive "
+                     f"learning rate), got {eta!r}")
   adaptive = bool(_get(config, "adaptive_lr", True)) and eta > 0
   chain = []
   if adaptive:

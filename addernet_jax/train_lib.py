@@ -473,14 +473,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   if config.log_every_steps <= 0:
     raise ValueError(f"config.log_every_steps must be > 0, got "
                      f"{config.log_every_steps}")
-  for key in ("learning_rate", "momentum", "weight_decay"):
+  # (low, high, low included): eta 0 switches the adaptive rate off.
+  ranges = {"learning_rate": (0, math.inf, False),
+            "momentum": (0, 1, True), "weight_decay": (0, math.inf, True),
+            "eta": (0, math.inf, True)}
+  for key, (low, high, low_included) in ranges.items():
     value = config.get(key)
-    if value is not None and (not isinstance(value, (int, float)) or
-                              not math.isfinite(value) or value < 0 or
-                              (key == "learning_rate" and value == 0)):
+    if value is not None and (
+        not isinstance(value, (int, float)) or not value < high or
+        not (value >= low if low_included else value > low)):
       raise ValueError(
-          f"config.{key}={value!r} must be a finite number "
-          f"{'> 0' if key == 'learning_rate' else '>= 0'}")
+          f"config.{key}={value!r} must be a number "
+          f"{'>=' if low_included else '>'} {low}"
+          f"{f' and < {high}' if math.isfinite(high) else ' (finite)'}")
+  check_max_checkpoints(config)
   get_dtype(config.dtype)
   if config.conv not in models.common.CONV_KINDS:
     raise ValueError(f"config.conv must be one of {models.common.CONV_KINDS},"
@@ -491,6 +497,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   if distill.distill_kind(config) == "pkkd":
     distill.settings_from_config(config)
   return info
+
+
+def check_max_checkpoints(config: ml_collections.ConfigDict) -> None:
+  """ValueError unless config.max_checkpoints_to_keep is a positive int."""
+  value = config.get("max_checkpoints_to_keep")
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"config.max_checkpoints_to_keep={value!r} must be an "
+                     f"int >= 1")
 
 
 class InMemoryData:

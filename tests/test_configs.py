@@ -216,13 +216,32 @@ def test_bad_value_is_one_line_error(tmp_path):
 @pytest.mark.parametrize("key,value", [("learning_rate", -0.1),
                                        ("learning_rate", 0.0),
                                        ("momentum", -0.9),
-                                       ("weight_decay", float("nan"))])
+                                       ("momentum", 5.0),
+                                       ("momentum", 1.0),
+                                       ("weight_decay", float("nan")),
+                                       ("eta", float("nan")),
+                                       ("eta", -3.0),
+                                       ("eta", float("inf")),
+                                       ("max_checkpoints_to_keep", 0)])
 def test_optimizer_values_out_of_range_are_refused(key, value):
+  """NaN or a negative eta once switched the adaptive rate off silently."""
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
   _, config = load(CONFIG_DIR / "smoke.py")
   config[key] = value
   with pytest.raises(ValueError, match=f"config.{key}="):
     train_lib.validate_config(config, 1)
+  config[key] = type(value)(0.5 if key != "max_checkpoints_to_keep" else 1)
+  train_lib.validate_config(config, 1)
+
+
+def test_eta_that_would_switch_the_adaptive_rate_off_is_refused():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from addernet_jax import optim  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      learning_rate=0.1, momentum=0.9, weight_decay=5e-4, num_epochs=2,
+      num_train_steps=-1, eta=float("nan")))
+  with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+    optim.make_optimizer(config, {"w": 1.0}, 10)
 
 
 def test_json_line_is_strict_json():

@@ -105,6 +105,7 @@ def validate_config(config: ml_collections.ConfigDict,
   if config.batch_size % num_devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be a "
                      f"multiple of the number of devices ({num_devices})")
+  train_lib.check_max_checkpoints(config)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
                      f" (got {config.num_epochs} and {config.num_train_steps})")
