@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import pickle
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 
 from addernet_jax import data
+from addernet_jax.data import arrays
 from addernet_jax.data import local
 from addernet_jax.data import streaming
 from addernet_jax.data import tfds_source
@@ -328,6 +330,86 @@ def test_imagefolder_hidden_entries_ignored(tmp_path):
   assert not local.is_imagefolder(only_hidden)
 
 
+def test_imagefolder_cache_reused_and_damaged_entry_rebuilt(
+    tmp_path, monkeypatch, caplog):
+  expected = _make_imagefolder(tmp_path / 'd', splits=('test',))
+  cache = tmp_path / 'cache' / 'sub'  # created when missing
+  monkeypatch.setenv(arrays.CACHE_ENV, str(cache))
+  x, y = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(x, expected['test'][0])
+  [entry] = cache.glob('cifar10-test-*.npz')
+  decode = local.decode_images
+
+  def no_decode(*args, **kwargs):
+    raise AssertionError('decoded although the cache entry is valid')
+
+  monkeypatch.setattr(local, 'decode_images', no_decode)
+  x, y = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(x, expected['test'][0])
+  np.testing.assert_array_equal(y, expected['test'][1])
+  monkeypatch.setattr(local, 'decode_images', decode)
+  valid = entry.read_bytes()
+  np.savez(tmp_path / 'other.npz', images=x[:2], labels=y[:2])
+  for damage in (valid[:len(valid) // 2], b'not a zip file',
+                 (tmp_path / 'other.npz').read_bytes()):
+    entry.write_bytes(damage)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      x, y = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+    np.testing.assert_array_equal(x, expected['test'][0])
+    np.testing.assert_array_equal(y, expected['test'][1])
+    assert f'damaged {arrays.CACHE_ENV} cache entry {entry}' in caplog.text
+    with np.load(entry) as f:  # rewritten whole
+      np.testing.assert_array_equal(f['images'], expected['test'][0])
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]
+
+
+def test_imagefolder_cache_dir_errors(tmp_path, monkeypatch, caplog):
+  expected = _make_imagefolder(tmp_path / 'd', splits=('test',))
+  (tmp_path / 'text.pth').write_text('a file')
+  monkeypatch.setenv(arrays.CACHE_ENV, str(tmp_path / 'text.pth'))
+  with pytest.raises(ValueError, match=(
+      f"{arrays.CACHE_ENV}='{tmp_path}/text.pth' is a file, not a "
+      'directory')):
+    data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  monkeypatch.setenv(arrays.CACHE_ENV, str(tmp_path / 'text.pth' / 'sub'))
+  with pytest.raises(ValueError, match=(
+      f"{arrays.CACHE_ENV}='{tmp_path}/text.pth/sub': cannot create")):
+    data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  # A cache that cannot be written is skipped with a warning.
+  monkeypatch.setenv(arrays.CACHE_ENV, str(tmp_path / 'cache'))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(arrays.np, 'savez', full_disk)
+  with caplog.at_level(logging.WARNING):
+    x, _ = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(x, expected['test'][0])
+  assert 'cannot write the cache entry' in caplog.text
+  assert not list((tmp_path / 'cache').iterdir())
+
+
+@pytest.mark.parametrize('cached', [False, True])
+def test_imagefolder_progress_bar_can_be_hidden(tmp_path, monkeypatch, capsys,
+                                                cached):
+  _make_imagefolder(tmp_path / 'd', splits=('train', 'test'))
+  monkeypatch.setattr(local, '_BAR_MIN_FILES', 1)
+  if cached:
+    monkeypatch.setenv(arrays.CACHE_ENV, str(tmp_path / 'cache'))
+  else:
+    monkeypatch.delenv(arrays.CACHE_ENV, raising=False)
+  capsys.readouterr()
+  data.load_in_memory_splits('cifar10', tmp_path / 'd', progress_bar=False)
+  assert 'img' not in capsys.readouterr().err
+  if cached:
+    for entry in (tmp_path / 'cache').iterdir():
+      entry.unlink()
+  data.load_in_memory_splits('cifar10', tmp_path / 'd')
+  err = capsys.readouterr().err
+  assert 'cifar10 test (d)' in err and 'cifar10 train (d)' in err
+
+
 def test_data_dir_hints_archive_and_split_folder(tmp_path):
   _make_imagefolder(tmp_path / 'folder', classes=[f'c{c}' for c in range(10)],
                     counts=[1] * 10)
@@ -430,8 +512,65 @@ def test_cifar_labels_out_of_range_and_bad_rows(tmp_path):
     pickle.dump({b'labels': [3, 1], b'data': x.reshape(2, -1)[:, :3000]}, f)
   with pytest.raises(ValueError, match=r'\(2, 3000\)'):
     data.load_arrays('cifar10', tmp_path, 'test')
-  with pytest.raises(ValueError, match='no train split'):
+  with pytest.raises(ValueError, match=(
+      r'no train split.*eval\.py: --config\.recalibrate_bn_batches=0')):
     data.load_arrays('cifar10', tmp_path, 'train')
+
+
+def _pickled(obj) -> bytes:
+  return pickle.dumps(obj, protocol=2)
+
+
+_ROWS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize('content, problem', [
+    (_pickled({b'data': _ROWS, b'labels': [1, 2]})[:40],
+     'truncated or corrupt pickle (UnpicklingError: pickle data was '
+     'truncated)'),
+    (b'hello world', 'truncated or corrupt pickle (UnpicklingError: Memo'),
+    (b'garbage\n', 'truncated or corrupt pickle (ValueError: invalid literal'),
+    (b'', 'truncated or corrupt pickle (EOFError'),
+    (_pickled([1, 2]), 'the pickle holds a list, not the dict of a CIFAR'),
+    (_pickled({b'images': _ROWS, b'labels': [1, 2]}),
+     "not a cifar10 batch (keys ['images', 'labels']; 'data' and 'labels' "
+     'expected)'),
+    (_pickled({b'data': 'abc', b'labels': [1]}),
+     "'data' or 'labels' is not an integer array"),
+    (_pickled({b'data': _ROWS[:, :3000], b'labels': [1, 2]}),
+     'data has shape (2, 3000), expected [N, 3072]'),
+    (_pickled({b'data': _ROWS, b'labels': [1]}),
+     "2 images but 'labels' of shape (1,)"),
+], ids=['truncated', 'hello', 'garbage', 'empty', 'list', 'keys', 'not_ints',
+        'row_size', 'label_count'])
+def test_cifar_damaged_pickle_names_file(tmp_path, content, problem):
+  folder = tmp_path / 'cifar-10-batches-py'
+  _write_cifar10(folder, np.random.default_rng(10))
+  (folder / 'data_batch_2').write_bytes(content)
+  (folder / 'test_batch').write_bytes(content)
+  for split, name in (('train', 'data_batch_2'), ('test', 'test_batch')):
+    with pytest.raises(ValueError) as e:
+      data.load_arrays('cifar10', tmp_path, split)
+    assert type(e.value) is ValueError
+    assert str(e.value).startswith(
+        f"cannot read CIFAR file '{folder / name}': {problem}")
+    assert str(e.value).endswith('replace it with an intact copy (e.g. '
+                                 'download it again).')
+
+
+def test_other_datasets_files_are_named(tmp_path):
+  rng = np.random.default_rng(11)
+  _write_mnist(tmp_path / 'm', 'train', 3, rng, gz=True)
+  with pytest.raises(ValueError, match=(
+      r"'.*m' holds MNIST IDX files \(train-images-idx3-ubyte\.gz, "
+      r'train-labels-idx1-ubyte\.gz\), not cifar10 data: set the dataset to '
+      r'mnist \(train\.py, eval\.py: --config\.dataset=mnist\)')):
+    data.load_arrays('cifar10', tmp_path / 'm', 'test')
+  _write_cifar10(tmp_path / 'c' / 'cifar-10-batches-py', rng)
+  with pytest.raises(ValueError, match=(
+      r"'.*c' holds cifar10 pickles, not mnist data: set the dataset to "
+      r'cifar10 \(train\.py, eval\.py: --config\.dataset=cifar10\)')):
+    data.load_arrays('mnist', tmp_path / 'c', 'test')
 
 
 # ------------------------------------------------------------------- MNIST --
@@ -474,8 +613,18 @@ def test_mnist_eval_needs_only_t10k_torchvision_layout(tmp_path):
   x, y = data.load_arrays('mnist', tmp_path, 'test')
   np.testing.assert_array_equal(x[..., 0], x_te)
   np.testing.assert_array_equal(y, y_te)
-  with pytest.raises(ValueError, match=r'lack the train pair.*train-images'):
+  with pytest.raises(ValueError, match=(
+      r'lack the train pair.*train-images.*an evaluation reads it only to '
+      r're-estimate the BatchNorm statistics, which recalibrate_bn_batches=0 '
+      r'skips \(eval\.py: --config\.recalibrate_bn_batches=0\)')):
     data.load_arrays('mnist', tmp_path, 'train')
+  # Without the test pair: holdout_examples, with both callers' syntax.
+  _write_mnist(tmp_path / 'tr', 'train', 3, rng, gz=False)
+  with pytest.raises(ValueError, match=(
+      r'lack the test pair.*set holdout_examples=10000 \(train\.py, '
+      r'eval\.py: --config\.holdout_examples=10000; addernet_jax\.figures: '
+      r'--holdout_examples 10000\)')):
+    data.load_arrays('mnist', tmp_path / 'tr', 'test')
 
 
 def test_mnist_corrupt_idx(tmp_path):
@@ -487,16 +636,63 @@ def test_mnist_corrupt_idx(tmp_path):
   (tmp_path / 'bad' / p.name).write_bytes(bytes(raw[:-5]))
   (tmp_path / 'bad' / 't10k-labels-idx1-ubyte').write_bytes(
       (tmp_path / 't10k-labels-idx1-ubyte').read_bytes())
-  with pytest.raises(ValueError, match=r'header says shape \(3, 28, 28\)'):
+  with pytest.raises(ValueError, match=(
+      f"cannot read MNIST file '{tmp_path / 'bad' / p.name}': "
+      r'header says shape \(3, 28, 28\) \(2352 bytes\) but the file has '
+      r'2347 bytes of data; replace it')):
     data.load_arrays('mnist', tmp_path / 'bad', 'test')
   raw[2] = 0x0D  # float data
   p.write_bytes(bytes(raw))
-  with pytest.raises(ValueError, match='not an unsigned-byte IDX'):
+  with pytest.raises(ValueError, match=(
+      f"cannot read MNIST file '{p}': not an unsigned-byte IDX")):
     data.load_arrays('mnist', tmp_path, 'test')
-  # MNIST files for a CIFAR dataset: the shape is named.
-  p.write_bytes(_idx_bytes(rng.integers(0, 255, (3, 28, 28))))
-  with pytest.raises(ValueError, match=r'\(3, 28, 28\).*\[N, 32, 32, 3\]'):
-    data.load_arrays('cifar10', tmp_path, 'test')
+  # Gzip data without the .gz suffix.
+  p.write_bytes(gzip.compress(_idx_bytes(np.zeros((3, 28, 28)))))
+  with pytest.raises(ValueError, match='holds gzip data: add .gz to its name'):
+    data.load_arrays('mnist', tmp_path, 'test')
+  p.write_bytes(b'\0\0\x08')
+  with pytest.raises(ValueError, match=(
+      f"'{p}': 3 bytes, too short for an IDX header")):
+    data.load_arrays('mnist', tmp_path, 'test')
+  # Images and labels of different counts: both files are named.
+  p.write_bytes(_idx_bytes(np.zeros((4, 28, 28))))
+  with pytest.raises(ValueError, match=(
+      f"MNIST files '{p}' \\(4 images\\) and "
+      f"'{tmp_path / 't10k-labels-idx1-ubyte'}' \\(3 labels\\) do not "
+      'match')):
+    data.load_arrays('mnist', tmp_path, 'test')
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not_gzip', 'corrupt',
+                                    'bad_crc', 'empty'])
+def test_mnist_damaged_gzip_names_file(tmp_path, damage):
+  _write_mnist(tmp_path, 'train', 40, np.random.default_rng(12), gz=True)
+  p = tmp_path / 'train-images-idx3-ubyte.gz'
+  packed = gzip.compress(_idx_bytes(np.tile(np.arange(28, dtype=np.uint8),
+                                            (40, 28, 1))))
+  problem = {'truncated': 'truncated gzip stream (Compressed file ended',
+             'empty': '0 bytes once unzipped, too short for an IDX header',
+             'not_gzip': "not a gzip file despite its .gz name (Not a gzipped "
+                         "file (b'no'))",
+             'corrupt': 'corrupt gzip stream (Error -3 while decompressing',
+             'bad_crc': 'corrupt gzip stream (CRC check failed'}[damage]
+  if damage == 'truncated':
+    content = packed[:len(packed) // 2]
+  elif damage == 'empty':
+    content = b''
+  elif damage == 'not_gzip':
+    content = b'no gzip here'
+  elif damage == 'corrupt':
+    content = packed[:12] + bytes(40) + packed[52:]
+  else:
+    content = packed[:-8] + bytes(4) + packed[-4:]
+  p.write_bytes(content)
+  with pytest.raises(ValueError) as e:
+    data.load_arrays('mnist', tmp_path, 'train')
+  assert type(e.value) is ValueError
+  assert str(e.value).startswith(f"cannot read MNIST file '{p}': {problem}")
+  assert str(e.value).endswith('; replace it with an intact copy (e.g. '
+                               'download it again).')
 
 
 def test_mnist_shared_training_set():

@@ -10,10 +10,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gzip
+import math
 import multiprocessing
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -47,6 +49,18 @@ _MNIST_SUBDIRS = ('.', 'MNIST/raw', 'raw', 'mnist')
 _MNIST_PREFIX = {'train': 'train', 'test': 't10k'}
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar', '.zip', '.tar.bz2', '.tar.xz',
                      '.7z')
+# Neutral wording: train.py, eval.py and addernet_jax.figures (whose flag is
+# --holdout_examples) all reach these errors.
+_HOLDOUT_HINT = (
+    ' To train without the test split, evaluate on held-back training images:'
+    ' set holdout_examples=10000 (train.py, eval.py: '
+    '--config.holdout_examples=10000; addernet_jax.figures: '
+    '--holdout_examples 10000).')
+_NO_TRAIN_HINT = (
+    ' Training needs it; an evaluation reads it only to re-estimate the '
+    'BatchNorm statistics, which recalibrate_bn_batches=0 skips (eval.py: '
+    '--config.recalibrate_bn_batches=0).')
+_REPLACE = 'replace it with an intact copy (e.g. download it again)'
 
 
 class ImageDecodeError(ValueError):
@@ -166,6 +180,11 @@ def is_mnist(root: Path) -> bool:
              for f in _mnist_files(root, split))
 
 
+def _other_dataset_hint(found: str, name: str) -> str:
+  return (f'set the dataset to {found} (train.py, eval.py: '
+          f'--config.dataset={found}) or point data_dir at the {name} files.')
+
+
 def detect_layout(root: Path, name: str) -> str:
   """'imagefolder', 'cifar', 'mnist' or 'tfds'; ValueError if none matches."""
   from addernet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -174,13 +193,22 @@ def detect_layout(root: Path, name: str) -> str:
   if name in _CIFAR_SUBDIRS and _cifar_dir(root, name) is not None:
     return 'cifar'
   if is_mnist(root):
-    return 'mnist'
+    if name == 'mnist':
+      return 'mnist'
+    found = [f.name for split in _MNIST_PREFIX
+             for f in _mnist_files(root, split) if f is not None]
+    raise ValueError(
+        f'data_dir {str(root)!r} holds MNIST IDX files ({", ".join(found)}),'
+        f' not {name} data: {_other_dataset_hint("mnist", name)}')
   if tfds_source.prepared_dir(name, root) is not None:
     return 'tfds'
   other = [n for n in _CIFAR_SUBDIRS if n != name and
            _cifar_dir(root, n) is not None]
-  hint = (f' It looks like {other[0]} pickles, not {name}.' if other else
-          layout_hint(root))
+  if other:
+    raise ValueError(
+        f'data_dir {str(root)!r} holds {other[0]} pickles, not {name} data: '
+        f'{_other_dataset_hint(other[0], name)}')
+  hint = layout_hint(root)
   entries = sorted(p.name for p in root.iterdir())[:10]
   raise ValueError(
       f'Unrecognised layout in data_dir {str(root)!r} for dataset {name!r} '
@@ -215,9 +243,24 @@ def check_arrays(images: np.ndarray, labels: np.ndarray,
 
 # ------------------------------------------------------------------ CIFAR --
 
+def _cifar_error(path: Path, problem: str) -> ValueError:
+  return ValueError(f'cannot read CIFAR file {str(path)!r}: {problem}; '
+                    f'{_REPLACE}.')
+
+
 def _unpickle(path: Path) -> dict[str, object]:
+  """The dict of a CIFAR python pickle; ValueError naming a damaged file."""
   with open(path, 'rb') as f:
-    d = pickle.load(f, encoding='bytes')  # the official python-2 pickles
+    try:
+      d = pickle.load(f, encoding='bytes')  # the official python-2 pickles
+    except Exception as e:  # pylint: disable=broad-except
+      # Damaged bytes make the unpickler raise almost any type (EOFError,
+      # UnpicklingError, KeyError, ValueError, ...).
+      raise _cifar_error(path, 'truncated or corrupt pickle '
+                         f'({type(e).__name__}: {e})') from e
+  if not isinstance(d, dict):
+    raise _cifar_error(path, f'the pickle holds a {type(d).__name__}, not the'
+                       ' dict of a CIFAR batch')
   return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -235,47 +278,76 @@ def load_cifar(root: Path, name: str, split: str
     key = 'fine_labels'
   files = [f for f in files if f.is_file()]
   if not files:
+    hint = _NO_TRAIN_HINT if split == 'train' else ''
     raise ValueError(f'CIFAR pickles in {str(folder)!r} have no {split} split '
                      f'({"data_batch_*" if split == "train" else "test_batch"}'
-                     ' expected).' if name == 'cifar10' else
+                     f' expected).{hint}' if name == 'cifar10' else
                      f'CIFAR-100 pickles in {str(folder)!r} have no '
-                     f'{split!r} file.')
+                     f'{split!r} file.{hint}')
   images, labels = [], []
   for f in files:
     d = _unpickle(f)
     if 'data' not in d or key not in d:
-      raise ValueError(f'{f}: not a {name} pickle (keys {sorted(d)}; '
-                       f"'data' and {key!r} expected).")
-    data = np.asarray(d['data'], dtype=np.uint8)
+      raise _cifar_error(f, f'not a {name} batch (keys {sorted(map(str, d))};'
+                         f" 'data' and {key!r} expected)")
+    try:
+      data = np.asarray(d['data'], dtype=np.uint8)
+      batch_labels = np.asarray(d[key], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as e:
+      raise _cifar_error(f, f"'data' or {key!r} is not an integer array "
+                         f'({type(e).__name__}: {e})') from e
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-      raise ValueError(f'{f}: data has shape {data.shape}, expected '
-                       '[N, 3072] (CIFAR rows: 1024 R, 1024 G, 1024 B).')
+      raise _cifar_error(f, f'data has shape {data.shape}, expected [N, 3072]'
+                         ' (CIFAR rows: 1024 R, 1024 G, 1024 B)')
+    if batch_labels.shape != (data.shape[0],):
+      raise _cifar_error(f, f'{data.shape[0]} images but {key!r} of shape '
+                         f'{batch_labels.shape}')
     images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    labels.append(np.asarray(d[key], dtype=np.int64))
+    labels.append(batch_labels)
   return np.concatenate(images), np.concatenate(labels)
 
 
 # ------------------------------------------------------------------ MNIST --
 
+def _mnist_error(path: Path, problem: str) -> ValueError:
+  return ValueError(f'cannot read MNIST file {str(path)!r}: {problem}; '
+                    f'{_REPLACE}.')
+
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-  """Reads an IDX file of unsigned bytes (gzip or raw)."""
-  opener = gzip.open if path.suffix == '.gz' else open
-  with opener(path, 'rb') as f:
-    raw = f.read()
+  """Reads an IDX file of unsigned bytes (gzip or raw); ValueError naming a
+  damaged file."""
+  gz = path.suffix == '.gz'
+  try:
+    with (gzip.open if gz else open)(path, 'rb') as f:
+      raw = f.read()
+  except EOFError as e:
+    raise _mnist_error(path, f'truncated gzip stream ({e})') from e
+  except gzip.BadGzipFile as e:
+    problem = ('not a gzip file despite its .gz name'
+               if str(e).startswith('Not a gzipped file') else
+               'corrupt gzip stream')
+    raise _mnist_error(path, f'{problem} ({e})') from e
+  except zlib.error as e:
+    raise _mnist_error(path, f'corrupt gzip stream ({e})') from e
   if len(raw) < 4 + 4 * ndim:
-    raise ValueError(f'{path}: too short for an IDX header.')
+    unzipped = ' once unzipped' if gz else ''
+    raise _mnist_error(path, f'{len(raw)} bytes{unzipped}, too short for an '
+                       'IDX header')
   zero, dtype_code, file_ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
   if zero != 0 or dtype_code != 0x08 or file_ndim != ndim:
-    raise ValueError(
-        f'{path}: not an unsigned-byte IDX file with {ndim} dimensions '
-        f'(magic {raw[:4].hex()}, expected 0000080{ndim}).')
+    gzip_hint = ('; it holds gzip data: add .gz to its name'
+                 if not gz and raw[:2] == b'\x1f\x8b' else '')
+    raise _mnist_error(
+        path, f'not an unsigned-byte IDX file with {ndim} dimensions '
+        f'(magic {raw[:4].hex()}, expected 0000080{ndim}){gzip_hint}')
   dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big')
                for i in range(ndim))
   header = 4 + 4 * ndim
-  if len(raw) - header != int(np.prod(dims)):
-    raise ValueError(f'{path}: header says shape {dims} '
-                     f'({int(np.prod(dims))} bytes) but the file has '
-                     f'{len(raw) - header} bytes of data.')
+  size = math.prod(dims)
+  if len(raw) - header != size:
+    raise _mnist_error(path, f'header says shape {dims} ({size} bytes) but '
+                       f'the file has {len(raw) - header} bytes of data')
   return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -288,10 +360,15 @@ def load_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         f'MNIST IDX files in {str(root)!r} lack the {split} pair: need '
         f'{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]'
         f' (found images: {images_path}, labels: {labels_path}).'
-        + (' To train without the test pair, evaluate on held-back '
-           'training images: --config.holdout_examples=10000.'
-           if split == 'test' else ''))
-  return _read_idx(images_path, 3), _read_idx(labels_path, 1)
+        + (_HOLDOUT_HINT if split == 'test' else _NO_TRAIN_HINT))
+  images, labels = _read_idx(images_path, 3), _read_idx(labels_path, 1)
+  if len(images) != len(labels):
+    raise ValueError(
+        f'MNIST files {str(images_path)!r} ({len(images)} images) and '
+        f'{str(labels_path)!r} ({len(labels)} labels) do not match: '
+        'replace the wrong one with an intact copy (e.g. download both '
+        'again).')
+  return images, labels
 
 
 # ------------------------------------------------------------ ImageFolder --
@@ -302,7 +379,8 @@ def imagefolder_split_dir(root: Path, split: str) -> Path:
       return root / d
   raise ValueError(
       f'ImageFolder data_dir {str(root)!r} has no {split} split: expected '
-      f'class folders under {" or ".join(IMAGEFOLDER_SPLIT_DIRS[split])}/.')
+      f'class folders under {" or ".join(IMAGEFOLDER_SPLIT_DIRS[split])}/.'
+      + (_NO_TRAIN_HINT if split == 'train' else ''))
 
 
 def list_imagefolder(root: Path, split: str,
@@ -448,10 +526,15 @@ def _default_decode_workers() -> int:
   return 0 if cpus < 4 else min(16, cpus)
 
 
+# Fewer files decode too fast for a progress bar to help.
+_BAR_MIN_FILES = 2000
+
+
 def decode_images(paths: Sequence[str], shape: Sequence[int], *,
                   desc: str = 'decoding', num_workers: int | None = None,
-                  chunk: int = 500) -> np.ndarray:
-  """Decodes image files to uint8 [N, *shape] with a tqdm progress bar.
+                  chunk: int = 500, progress_bar: bool = True) -> np.ndarray:
+  """Decodes image files to uint8 [N, *shape] with a tqdm progress bar
+  (from `_BAR_MIN_FILES` files, unless `progress_bar` is False).
 
   Decoding a small JPEG with PIL is mostly Python work (header parsing), so
   large lists are decoded in a pool of worker processes (spawned: safe after
@@ -467,7 +550,8 @@ def decode_images(paths: Sequence[str], shape: Sequence[int], *,
   if num_workers is None:
     num_workers = _default_decode_workers()
   with tqdm.tqdm(total=len(paths), desc=desc, unit='img',
-                 disable=len(paths) < 2000, leave=False) as bar:
+                 disable=not progress_bar or len(paths) < _BAR_MIN_FILES,
+                 leave=False) as bar:
     if num_workers <= 1 or len(starts) < 4:
       for s in starts:
         out[s:s + chunk] = _decode_chunk(paths[s:s + chunk], shape)
@@ -491,13 +575,22 @@ def decode_images(paths: Sequence[str], shape: Sequence[int], *,
   return out
 
 
-def load_imagefolder(root: Path, split: str, info: info_lib.DatasetInfo
+def load_imagefolder(root: Path, split: str, info: info_lib.DatasetInfo, *,
+                     progress_bar: bool = True
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """Whole ImageFolder split decoded to uint8 [N, H, W, C] (no resizing)."""
+  """Whole ImageFolder split decoded to uint8 [N, H, W, C] (no resizing);
+  `progress_bar` False hides the decoding bar."""
   paths, labels, _ = list_imagefolder(root, split, info)
   images = decode_images(paths, info.image_shape,
-                         desc=f'{info.name} {split} ({root.name})')
+                         desc=imagefolder_desc(root, split, info),
+                         progress_bar=progress_bar)
   return images, labels
+
+
+def imagefolder_desc(root: Path, split: str,
+                     info: info_lib.DatasetInfo) -> str:
+  """The label of the decoding progress bar of an ImageFolder split."""
+  return f'{info.name} {split} ({root.name})'
 
 
 # ----------------------------------------------------------------- digits --
