@@ -17,6 +17,10 @@ JAX alone, without this repository:
 The adder layers are exported in their pure-jnp form (the Pallas kernels are
 platform-specific custom calls), lowered for every platform asked for
 (default CPU and CUDA; `jax.export` refuses to run it on another).
+
+`--output` replaces only a previous export: the config file, the torch
+checkpoint, anything inside the --checkpoint workdir and any other existing
+file are refused before any work (`check_output`).
 """
 
 from __future__ import annotations
@@ -110,23 +114,37 @@ def export_model(model: Any, variables: dict[str, Any],
   return jax_export.export(fn, platforms=tuple(platforms))(spec)
 
 
-def _checkpoint_folder(workdir: str | os.PathLike[str]) -> Path:
-  """Where the checkpoints of a --checkpoint workdir live (resolved):
-  `<workdir>/checkpoints`, or the folder itself when given directly."""
-  root = Path(workdir).expanduser().resolve()
-  return root / "checkpoints" if (root / "checkpoints").is_dir() else root
+def _same_file(a: Path, b: Path) -> bool:
+  """Whether `a` and `b` name one file (links followed; paths compared
+  when either does not exist)."""
+  if a.exists() and b.exists():
+    return os.path.samefile(a, b)
+  return a.resolve() == b.resolve()
+
+
+def is_exported_model(path: str | os.PathLike[str]) -> bool:
+  """Whether `path` is a file that `load` reads (a `jax.export` file)."""
+  try:
+    load(path)
+  except (OSError, ValueError):
+    return False
+  return True
 
 
 def check_output(output: str | os.PathLike[str], *,
                  checkpoint: str | os.PathLike[str] | None = None,
-                 torch_checkpoint: str | os.PathLike[str] | None = None
+                 torch_checkpoint: str | os.PathLike[str] | None = None,
+                 config_file: str | os.PathLike[str] | None = None
                  ) -> Path:
   """`output` (with ~ expanded) if an exported model can be written there
-  without harming the inputs; a ValueError before any work otherwise.
+  without harming the user's files; a ValueError before any work otherwise.
 
-  Refused: an existing directory, a path below a regular file, the
-  `torch_checkpoint` file itself, and anything inside the checkpoint folder
-  of the `checkpoint` workdir.
+  Refused: an existing directory; a path below a regular file; the
+  `torch_checkpoint` file and the `config_file` themselves; anything inside
+  the `checkpoint` workdir (training owns it: checkpoints, metrics.jsonl,
+  TensorBoard logs); an existing path that is not a regular file; an
+  existing file that is not an exported model (only a previous export is
+  replaced).
   """
   path = Path(output).expanduser()
   if path.is_dir():
@@ -136,21 +154,25 @@ def check_output(output: str | os.PathLike[str], *,
   if blocker is not None:
     raise ValueError(f"cannot write output {str(output)!r}: "
                      f"{str(blocker)!r} is a file, not a directory")
-  resolved = path.resolve()
-  if torch_checkpoint is not None:
-    source = Path(torch_checkpoint).expanduser()
-    same = (os.path.samefile(source, path)
-            if source.exists() and path.exists()
-            else source.resolve() == resolved)
-    if same:
-      raise ValueError(f"output {str(output)!r} is the torch checkpoint "
-                       f"itself; give another file name")
+  for source, what in ((torch_checkpoint, "the torch checkpoint"),
+                       (config_file, "the --config file")):
+    if source is not None and _same_file(Path(source).expanduser(), path):
+      raise ValueError(f"output {str(output)!r} is {what} itself; give "
+                       f"another file name")
   if checkpoint is not None:
-    folder = _checkpoint_folder(checkpoint)
-    if resolved == folder or folder in resolved.parents:
-      raise ValueError(f"output {str(output)!r} is inside the checkpoint "
-                       f"folder {str(folder)!r} of --checkpoint; write it "
-                       f"elsewhere")
+    workdir = Path(checkpoint).expanduser().resolve()
+    if workdir in path.resolve().parents:
+      raise ValueError(f"output {str(output)!r} is inside the --checkpoint "
+                       f"workdir {str(workdir)!r}, which training owns; "
+                       f"write it elsewhere")
+  if path.exists():
+    if not path.is_file():
+      raise ValueError(f"output {str(output)!r} exists and is not a regular "
+                       f"file; give another file name")
+    if not is_exported_model(path):
+      raise ValueError(f"output {str(output)!r} exists and is not an "
+                       f"exported model; only a previous export is "
+                       f"replaced: give another file name or delete it")
   return path
 
 
@@ -202,10 +224,13 @@ def main(argv: Sequence[str]) -> int:
   `bytes`, `platforms` and `input_shape`."""
   if len(argv) > 1:
     return train_lib.cli_error(f"unexpected arguments: {list(argv[1:])}")
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   try:
     config = FLAGS.config
     check_output(FLAGS.output, checkpoint=FLAGS.checkpoint,
-                 torch_checkpoint=FLAGS.torch_checkpoint)
+                 torch_checkpoint=FLAGS.torch_checkpoint,
+                 config_file=config_flags.get_config_filename(
+                     FLAGS["config"]))
     info = data_lib.dataset_info(config.dataset)
     model, variables = load_variables(
         config, checkpoint=FLAGS.checkpoint, which=FLAGS.which,

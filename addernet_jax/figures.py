@@ -325,8 +325,9 @@ def read_metrics(workdir: str | os.PathLike[str]
   the steps after its checkpoint). A `resumed_from_step` line drops the lines
   before it past that step: the interrupted run's steps after its last
   checkpoint, which the resumed run may not log again. Values are floats
-  ("nan" strings become NaN); a line that is not JSON (a run killed
-  mid-write) is skipped with a warning naming the file and the line.
+  ("nan" strings become NaN); a line that is not UTF-8 or not JSON (a run
+  killed mid-write, a damaged file) is skipped with a warning naming the
+  file and the line.
   """
   root = _check_dir(workdir, "workdir")
   path = root / "metrics.jsonl"
@@ -334,8 +335,13 @@ def read_metrics(workdir: str | os.PathLike[str]
     raise FileNotFoundError(f"{str(path)!r} does not exist (train.py writes "
                             "it into its --workdir)")
   kinds: dict[str, dict[int, dict[str, float]]] = {"train": {}, "eval": {}}
-  for number, line in enumerate(
-      path.read_text(encoding="utf-8").splitlines(), start=1):
+  for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      _LOG.warning("%s line %d is not UTF-8 text (byte 0x%02x at column %d);"
+                   " skipping it", path, number, raw[e.start], e.start + 1)
+      continue
     if not line.strip():
       continue
     try:
@@ -415,8 +421,12 @@ def plot_curves(runs: Sequence[dict[str, Any]], output: str) -> list[str]:
                     color=color, lw=1, alpha=0.8, label=f"{label} train")
       if all("lr" in r for r in train):
         # Runs often share a schedule: the later ones drawn thinner on top.
+        # A logged lr is the rate of the steps since the previous line, so
+        # it holds up to its point ("steps-pre"), and a per-epoch schedule
+        # shows as steps.
         ax_lr.plot(ep, [r["lr"] for r in train], color=color,
-                   lw=max(1.2, 3.5 - 1.5 * i), label=label)
+                   lw=max(1.2, 3.5 - 1.5 * i), label=label,
+                   drawstyle="steps-pre")
     if evals:
       ep = _epochs(evals)
       if all("eval_loss" in r for r in evals):
@@ -440,7 +450,8 @@ def plot_curves(runs: Sequence[dict[str, Any]], output: str) -> list[str]:
   for ax in (ax_loss, ax_err, ax_lr):
     ax.grid(True, which="both", alpha=0.25)
     ax.tick_params(labelsize=8)
-    ax.legend(fontsize=7, frameon=False)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, frameon=False)
   return save_figure(fig, output)
 
 
@@ -620,10 +631,12 @@ def train_feature_model(conv: str, train: tuple[np.ndarray, np.ndarray], *,
   from addernet_jax.models import lenet_plus  # pylint: disable=g-import-not-at-top
   info = data_lib.dataset_info(dataset)
   images, labels = train
+  if batch_size < 2 or epochs < 1:
+    raise FigureError("--batch_size must be >= 2 and --epochs >= 1")
   steps_per_epoch = len(labels) // batch_size
   if steps_per_epoch < 1 or epochs < 1:
     raise FigureError(f"{len(labels)} training images make no batch of "
-                      f"{batch_size} (or epochs < 1)")
+                      f"{batch_size}")
   model = lenet_plus.lenet_plus_plus(num_classes=info.num_classes, conv=conv,
                                      widths=widths)
   x0 = _normalize(images[:1], dataset)
@@ -821,6 +834,16 @@ def _parse_widths(text: str) -> tuple[int, ...]:
   return widths
 
 
+def _check_numbers(args: argparse.Namespace,
+                   minimums: dict[str, float]) -> None:
+  """A `FigureError` naming the first flag of `minimums` below its minimum
+  (or not finite); flags left at None are not checked."""
+  for name, minimum in minimums.items():
+    value = getattr(args, name)
+    if value is not None and not (math.isfinite(value) and value >= minimum):
+      raise FigureError(f"--{name} must be >= {minimum:g}, got {value}")
+
+
 def _load_data(dataset: str, data_dir: str | None, holdout: int):
   from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   if dataset != "digits":
@@ -894,6 +917,8 @@ def cmd_curves(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_gradients(args: argparse.Namespace) -> dict[str, Any]:
   check_output(args.output)
+  _check_numbers(args, {"holdout_examples": 0, "batch_size": 2, "steps": 1,
+                        "seed": 0})
   info, train, _ = _load_data(args.dataset, args.data_dir,
                               args.holdout_examples)
   images, labels = train
@@ -925,6 +950,12 @@ def cmd_gradients(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   check_output(args.output)
+  _check_numbers(args, {"holdout_examples": 0, "train_examples": 0,
+                        "epochs": 1, "batch_size": 2, "plot_examples": 1,
+                        "seed": 0})
+  if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+    raise FigureError(f"--learning_rate must be > 0, got "
+                      f"{args.learning_rate}")
   widths = _parse_widths(args.widths)
   holdout = args.holdout_examples
   if holdout is None:
@@ -1039,6 +1070,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.quiet_library_logs()
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:

@@ -200,32 +200,94 @@ def test_output_that_would_harm_an_input_is_refused(tmp_path):
                                                        "model.jaxexport")
   workdir = tmp_path / "run"
   (workdir / "checkpoints" / "100").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
   for inside in (workdir / "checkpoints" / "m.jaxexport",
-                 workdir / "checkpoints" / "100" / "m.jaxexport"):
-    with pytest.raises(ValueError, match="inside the checkpoint folder"):
+                 workdir / "checkpoints" / "100" / "m.jaxexport",
+                 workdir / "metrics.jsonl", workdir / "m.jaxexport",
+                 tmp_path / "elsewhere" / ".." / "run" / "m.jaxexport"):
+    with pytest.raises(ValueError, match="inside the --checkpoint workdir"):
       export.check_output(inside, checkpoint=workdir)
-  export.check_output(workdir / "m.jaxexport", checkpoint=workdir)
+  # Given as the checkpoint folder itself: that folder is protected.
+  with pytest.raises(ValueError, match="inside the --checkpoint workdir"):
+    export.check_output(workdir / "checkpoints" / "m.jaxexport",
+                        checkpoint=workdir / "checkpoints")
+  assert export.check_output(tmp_path / "m.jaxexport", checkpoint=workdir
+                             ) == tmp_path / "m.jaxexport"
   with pytest.raises(ValueError, match=r"'.*model.pth' is a file, not a "
                      r"directory"):
     export.check_output(pth / "deeper" / "m.jaxexport")
   with pytest.raises(ValueError, match="is a directory"):
     export.check_output(workdir)
   assert pth.read_bytes() == b"weights"
+  assert (workdir / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
-def test_cli_refuses_to_overwrite_its_torch_checkpoint(tmp_path):
+def test_output_must_not_be_the_config_file(tmp_path, monkeypatch):
+  config = tmp_path / "my_config.py"
+  config.write_text("def get_config(): ...\n")
+  (tmp_path / "sub").mkdir()
+  monkeypatch.chdir(tmp_path / "sub")
+  for output in (config, "../my_config.py"):
+    with pytest.raises(ValueError, match="is the --config file itself"):
+      export.check_output(output, config_file=config)
+  link = tmp_path / "config_link.py"
+  link.symlink_to(config)
+  with pytest.raises(ValueError, match="is the --config file itself"):
+    export.check_output(config, config_file=link)
+  assert config.read_text() == "def get_config(): ...\n"
+
+
+def test_only_a_previous_export_is_replaced(lenet, tmp_path):
+  model, variables, info = lenet
+  exported = export.export_model(model, variables, info, platforms=("cpu",))
+  previous = export.save(exported, tmp_path / "m.jaxexport")
+  assert export.is_exported_model(previous)
+  assert export.save(exported, previous) == previous
+  assert export.check_output(previous) == previous
+  for name, content in (("notes.txt", b"my notes"), ("empty.jaxexport", b""),
+                        ("history.jsonl", b'{"step": 1}\n')):
+    foreign = tmp_path / name
+    foreign.write_bytes(content)
+    assert not export.is_exported_model(foreign)
+    with pytest.raises(ValueError, match="exists and is not an exported "
+                       "model; only a previous export is replaced"):
+      export.check_output(foreign)
+    with pytest.raises(ValueError, match="is not an exported model"):
+      export.save(exported, foreign)
+    assert foreign.read_bytes() == content
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  with pytest.raises(ValueError, match="exists and is not a regular file"):
+    export.check_output(fifo)
+
+
+def test_cli_refuses_to_overwrite_its_inputs(tmp_path):
   pth = tmp_path / "mine.pth"
   pth.write_bytes(b"not even a checkpoint")
+  config = tmp_path / "config_copy.py"
+  config.write_bytes((ROOT / "configs" / "cifar10_resnet20.py").read_bytes())
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+  notes = tmp_path / "notes.txt"
+  notes.write_text("mine")
+  before = {p: p.read_bytes() for p in (pth, config, workdir / "metrics.jsonl",
+                                        notes)}
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  for output, message in ((pth, "is the torch checkpoint itself"),
-                          (pth / "x.jaxexport", "is a file, not a directory")):
+  for source, output, message in (
+      (f"--torch_checkpoint={pth}", pth, "is the torch checkpoint itself"),
+      (f"--torch_checkpoint={pth}", pth / "x.jaxexport",
+       "is a file, not a directory"),
+      (f"--torch_checkpoint={pth}", config, "is the --config file itself"),
+      (f"--checkpoint={workdir}", workdir / "metrics.jsonl",
+       "inside the --checkpoint workdir"),
+      (f"--torch_checkpoint={pth}", notes, "is not an exported model")):
     result = subprocess.run(
-        [sys.executable, "-m", "addernet_jax.export", "--config",
-         "configs/cifar10_resnet20.py", f"--torch_checkpoint={pth}",
-         f"--output={output}"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300)
-    assert result.returncode == 1
+        [sys.executable, "-m", "addernet_jax.export", f"--config={config}",
+         source, f"--output={output}"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
     err = result.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert "Traceback" not in result.stderr
-  assert pth.read_bytes() == b"not even a checkpoint"
+  assert {p: p.read_bytes() for p in before} == before

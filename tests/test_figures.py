@@ -4,7 +4,11 @@ command line, on synthetic data, bundled digits and small models."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+import subprocess
+import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -20,6 +24,7 @@ from addernet_jax.data import local
 from addernet_jax.models import lenet_plus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _check_written(files, max_png_bytes=150_000):
@@ -161,6 +166,21 @@ def test_weights_command_errors(tmp_path, capsys):
   assert "must end in .png" in capsys.readouterr().err
 
 
+def test_weights_command_leaves_out_orbax_read_only_warnings(tmp_path):
+  """Reading a checkpoint read-only is on purpose: Orbax's warnings about it
+  stay out of the command's output, as in eval.py's."""
+  adder, _ = _fake_workdir(tmp_path, "adder", 0)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  result = subprocess.run(
+      [sys.executable, "-m", "addernet_jax.figures", "weights", "--workdirs",
+       str(adder), "--output", str(tmp_path / "w.png")], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1])["panels"]
+  assert "read only" not in result.stderr, result.stderr
+  assert "read_only" not in result.stderr, result.stderr
+
+
 # ---------------------------------------------------------------- curves --
 
 
@@ -246,6 +266,50 @@ def test_read_metrics_warns_about_lines_that_are_not_json(tmp_path, caplog):
                       for n in (5, 12)], warnings
 
 
+def test_read_metrics_warns_about_lines_that_are_not_utf8(tmp_path, caplog):
+  lines = [json.dumps(line) for line in _run_lines(1.0)]
+  data = ("\n".join(lines[:2]) + "\n").encode()
+  data += b'{"step": 11, "note": "caf\x80"}\n\xff\xfe\n'
+  data += ("\n".join(lines[2:]) + "\n").encode()
+  (tmp_path / "metrics.jsonl").write_bytes(data)
+  with caplog.at_level("WARNING", logger="addernet_jax.figures"):
+    metrics = figures.read_metrics(tmp_path)
+  assert [r["step"] for r in metrics["train"]] == [5, 10, 15, 20, 25, 30]
+  path = tmp_path / "metrics.jsonl"
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{path} line 3 is not UTF-8 text (byte 0x80 at column 26); skipping "
+      "it", f"{path} line 4 is not UTF-8 text (byte 0xff at column 1); "
+      "skipping it"]
+
+
+def test_curves_draws_the_learning_rate_as_steps(tmp_path, monkeypatch):
+  """A logged lr is the rate of the steps up to its line: a per-epoch
+  schedule is drawn as steps, each value held back to the previous point."""
+  figs = []
+  monkeypatch.setattr(figures, "save_figure",
+                      lambda fig, output: figs.append(fig) or [])
+  _write_metrics(tmp_path / "run", _run_lines(1.0))
+  figures.plot_curves([{"label": "run",
+                        "metrics": figures.read_metrics(tmp_path / "run")}],
+                      str(tmp_path / "c.png"))
+  ax_lr = figs[0].axes[2]
+  assert ax_lr.get_title() == "learning rate"
+  (line,) = ax_lr.get_lines()
+  assert line.get_drawstyle() == "steps-pre"
+  assert list(line.get_ydata()) == pytest.approx(
+      [0.1, 0.1, 0.05, 0.05, 0.1 / 3, 0.1 / 3])
+  # Without accuracies or evaluations the error panel stays empty, and
+  # matplotlib is not asked for a legend there (it would warn).
+  _write_metrics(tmp_path / "loss_only", [
+      {"step": s, "train_loss": 1.0 / s, "lr": 0.1} for s in (1, 2)])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    figures.plot_curves(
+        [{"label": "x", "metrics": figures.read_metrics(
+            tmp_path / "loss_only")}], str(tmp_path / "c.png"))
+  assert not figs[1].axes[1].get_lines()
+
+
 def test_curves_refuses_duplicate_labels(tmp_path, capsys):
   for exp in ("exp1", "exp2"):
     _write_metrics(tmp_path / exp / "run", _run_lines(1.0))
@@ -296,6 +360,50 @@ def test_output_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
       err = capsys.readouterr().err.strip().splitlines()
       assert len(err) == 1 and err[0].startswith("error: "), err
       assert message in err[0], (command, err)
+
+
+@pytest.mark.parametrize("command,args,message", [
+    ("features", ["--batch_size", "0"], "--batch_size must be >= 2, got 0"),
+    ("features", ["--batch_size", "1"], "--batch_size must be >= 2, got 1"),
+    ("features", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ("features", ["--train_examples", "-1"],
+     "--train_examples must be >= 0, got -1"),
+    ("features", ["--holdout_examples", "-1"],
+     "--holdout_examples must be >= 0, got -1"),
+    ("features", ["--plot_examples", "0"],
+     "--plot_examples must be >= 1, got 0"),
+    ("features", ["--seed", "-1"], "--seed must be >= 0, got -1"),
+    ("features", ["--learning_rate", "0"], "--learning_rate must be > 0"),
+    ("features", ["--learning_rate", "nan"],
+     "--learning_rate must be > 0, got nan"),
+    ("gradients", ["--batch_size", "0"], "--batch_size must be >= 2, got 0"),
+    ("gradients", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("gradients", ["--holdout_examples", "-3"],
+     "--holdout_examples must be >= 0, got -3"),
+    ("gradients", ["--seed", "-2"], "--seed must be >= 0, got -2")])
+def test_numeric_flags_are_checked_before_any_work(tmp_path, capsys,
+                                                   monkeypatch, command, args,
+                                                   message):
+  def forbidden(*unused_args, **unused_kwargs):
+    raise AssertionError("work started before the flags were checked")
+
+  for name in ("_load_data", "train_feature_model", "gradient_norm_trace"):
+    monkeypatch.setattr(figures, name, forbidden)
+  assert figures.main([command, "--dataset", "digits", *args, "--output",
+                       str(tmp_path / "f.png")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert message in err[0], err
+
+
+def test_train_feature_model_refuses_empty_batches():
+  images, labels = local.load_digits("train")
+  for batch_size, epochs in ((0, 1), (1, 1), (16, 0)):
+    with pytest.raises(figures.FigureError,
+                       match="--batch_size must be >= 2 and --epochs >= 1"):
+      figures.train_feature_model("mult", (images[:32], labels[:32]),
+                                  dataset="digits", widths=(2,) * 6,
+                                  epochs=epochs, batch_size=batch_size)
 
 
 def test_curves_command(tmp_path, capsys):
