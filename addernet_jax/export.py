@@ -19,7 +19,7 @@ platform-specific custom calls), lowered for every platform asked for
 (default CPU and CUDA; `jax.export` refuses to run it on another).
 
 `--output` replaces only a previous export: the config file, the torch
-checkpoint, anything inside the --checkpoint workdir and any other existing
+checkpoint, anything inside the checkpoint folder and any other existing
 file are refused before any work (`check_output`).
 """
 
@@ -37,6 +37,7 @@ import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 
 from addernet_jax import checkpoint as ckpt_lib
 from addernet_jax import data as data_lib
@@ -114,6 +115,13 @@ def export_model(model: Any, variables: dict[str, Any],
   return jax_export.export(fn, platforms=tuple(platforms))(spec)
 
 
+def _checkpoint_folder(workdir: str | os.PathLike[str]) -> Path:
+  """Where the checkpoints of a --checkpoint workdir live (resolved):
+  `<workdir>/checkpoints`, or the folder itself when given directly."""
+  root = Path(workdir).expanduser().resolve()
+  return root / "checkpoints" if (root / "checkpoints").is_dir() else root
+
+
 def _same_file(a: Path, b: Path) -> bool:
   """Whether `a` and `b` name one file (links followed; paths compared
   when either does not exist)."""
@@ -141,10 +149,10 @@ def check_output(output: str | os.PathLike[str], *,
 
   Refused: an existing directory; a path below a regular file; the
   `torch_checkpoint` file and the `config_file` themselves; anything inside
-  the `checkpoint` workdir (training owns it: checkpoints, metrics.jsonl,
-  TensorBoard logs); an existing path that is not a regular file; an
-  existing file that is not an exported model (only a previous export is
-  replaced).
+  the checkpoint folder of the `checkpoint` workdir; an existing path that
+  is not a regular file; an existing file that is not an exported model
+  (only a previous export is replaced: a workdir's metrics.jsonl is safe,
+  a new `<workdir>/model.jaxexport` is fine).
   """
   path = Path(output).expanduser()
   if path.is_dir():
@@ -160,11 +168,12 @@ def check_output(output: str | os.PathLike[str], *,
       raise ValueError(f"output {str(output)!r} is {what} itself; give "
                        f"another file name")
   if checkpoint is not None:
-    workdir = Path(checkpoint).expanduser().resolve()
-    if workdir in path.resolve().parents:
-      raise ValueError(f"output {str(output)!r} is inside the --checkpoint "
-                       f"workdir {str(workdir)!r}, which training owns; "
-                       f"write it elsewhere")
+    folder = _checkpoint_folder(checkpoint)
+    resolved = path.resolve()
+    if resolved == folder or folder in resolved.parents:
+      raise ValueError(f"output {str(output)!r} is inside the checkpoint "
+                       f"folder {str(folder)!r} of --checkpoint; write it "
+                       f"elsewhere")
   if path.exists():
     if not path.is_file():
       raise ValueError(f"output {str(output)!r} exists and is not a regular "
@@ -224,7 +233,6 @@ def main(argv: Sequence[str]) -> int:
   `bytes`, `platforms` and `input_shape`."""
   if len(argv) > 1:
     return train_lib.cli_error(f"unexpected arguments: {list(argv[1:])}")
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   try:
     config = FLAGS.config
     check_output(FLAGS.output, checkpoint=FLAGS.checkpoint,

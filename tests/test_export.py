@@ -203,16 +203,19 @@ def test_output_that_would_harm_an_input_is_refused(tmp_path):
   (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
   for inside in (workdir / "checkpoints" / "m.jaxexport",
                  workdir / "checkpoints" / "100" / "m.jaxexport",
-                 workdir / "metrics.jsonl", workdir / "m.jaxexport",
-                 tmp_path / "elsewhere" / ".." / "run" / "m.jaxexport"):
-    with pytest.raises(ValueError, match="inside the --checkpoint workdir"):
+                 tmp_path / "elsewhere" / ".." / "run" / "checkpoints" /
+                 "m.jaxexport"):
+    with pytest.raises(ValueError, match="inside the checkpoint folder"):
       export.check_output(inside, checkpoint=workdir)
   # Given as the checkpoint folder itself: that folder is protected.
-  with pytest.raises(ValueError, match="inside the --checkpoint workdir"):
+  with pytest.raises(ValueError, match="inside the checkpoint folder"):
     export.check_output(workdir / "checkpoints" / "m.jaxexport",
                         checkpoint=workdir / "checkpoints")
-  assert export.check_output(tmp_path / "m.jaxexport", checkpoint=workdir
-                             ) == tmp_path / "m.jaxexport"
+  # The workdir's own files are not exports: refused as such.
+  with pytest.raises(ValueError, match="exists and is not an exported model"):
+    export.check_output(workdir / "metrics.jsonl", checkpoint=workdir)
+  for fine in (tmp_path / "m.jaxexport", workdir / "m.jaxexport"):
+    assert export.check_output(fine, checkpoint=workdir) == fine
   with pytest.raises(ValueError, match=r"'.*model.pth' is a file, not a "
                      r"directory"):
     export.check_output(pth / "deeper" / "m.jaxexport")
@@ -267,7 +270,7 @@ def test_cli_refuses_to_overwrite_its_inputs(tmp_path):
   config = tmp_path / "config_copy.py"
   config.write_bytes((ROOT / "configs" / "cifar10_resnet20.py").read_bytes())
   workdir = tmp_path / "run"
-  workdir.mkdir()
+  (workdir / "checkpoints").mkdir(parents=True)
   (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
   notes = tmp_path / "notes.txt"
   notes.write_text("mine")
@@ -280,7 +283,7 @@ def test_cli_refuses_to_overwrite_its_inputs(tmp_path):
        "is a file, not a directory"),
       (f"--torch_checkpoint={pth}", config, "is the --config file itself"),
       (f"--checkpoint={workdir}", workdir / "metrics.jsonl",
-       "inside the --checkpoint workdir"),
+       "is not an exported model"),
       (f"--torch_checkpoint={pth}", notes, "is not an exported model")):
     result = subprocess.run(
         [sys.executable, "-m", "addernet_jax.export", f"--config={config}",
