@@ -72,35 +72,46 @@ def main(argv):
     return train_lib.cli_error("give exactly one of --checkpoint WORKDIR "
                                "and --torch_checkpoint FILE")
   try:
-    if train_lib.is_sr_task(FLAGS.config) and (FLAGS.torch_checkpoint
-                                               or FLAGS.attacks):
-      raise ValueError("--torch_checkpoint and --attacks are for "
-                       "classification configs, not config.task='sr'")
-    if FLAGS.attacks:  # Fail on a bad flag before the evaluation runs.
-      attacks_lib.parse_attacks(FLAGS.attacks)
-      attacks_lib.parse_size(FLAGS.attack_eps)
-      attacks_lib.parse_size(FLAGS.attack_step)
-    logging.info("evaluating on %s",
-                 parallel.describe_devices(parallel.make_mesh()))
-    if FLAGS.torch_checkpoint is not None:
-      result = train_lib.evaluate_torch_checkpoint(FLAGS.config,
-                                                   FLAGS.torch_checkpoint)
-    else:
-      result = train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint,
-                                             which=FLAGS.which)
-    if FLAGS.attacks:
-      print(attacks_lib.TABLE_HEADER, flush=True)
-      result["attacks"] = attacks_lib.evaluate_attacks(
-          FLAGS.config, FLAGS.attacks, checkpoint=FLAGS.checkpoint,
-          which=FLAGS.which, torch_checkpoint=FLAGS.torch_checkpoint,
-          gradient=FLAGS.attack_grad, eps=FLAGS.attack_eps,
-          step=FLAGS.attack_step, seed=FLAGS.attack_seed,
-          max_examples=FLAGS.attack_max_examples,
-          on_row=lambda row: print(attacks_lib.format_row(row), flush=True))
+    with train_lib.missing_config_fields_named():
+      result = evaluate()
   except train_lib.USER_ERRORS as e:
     return train_lib.cli_error(e)
+  except KeyboardInterrupt:  # evaluation writes nothing: nothing to save
+    train_lib.cli_error("interrupted")
+    return 130
   print(train_lib.json_line(result), flush=True)
   return 0
+
+
+def evaluate() -> dict:
+  """The evaluation (and attacks) the flags ask for, as the JSON line's
+  object."""
+  if train_lib.is_sr_task(FLAGS.config) and (FLAGS.torch_checkpoint
+                                             or FLAGS.attacks):
+    raise ValueError("--torch_checkpoint and --attacks are for "
+                     "classification configs, not config.task='sr'")
+  if FLAGS.attacks:  # Fail on a bad flag before the evaluation runs.
+    attacks_lib.parse_attacks(FLAGS.attacks)
+    attacks_lib.parse_size(FLAGS.attack_eps)
+    attacks_lib.parse_size(FLAGS.attack_step)
+  logging.info("evaluating on %s",
+               parallel.describe_devices(parallel.make_mesh()))
+  if FLAGS.torch_checkpoint is not None:
+    result = train_lib.evaluate_torch_checkpoint(FLAGS.config,
+                                                 FLAGS.torch_checkpoint)
+  else:
+    result = train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint,
+                                           which=FLAGS.which)
+  if FLAGS.attacks:
+    print(attacks_lib.TABLE_HEADER, flush=True)
+    result["attacks"] = attacks_lib.evaluate_attacks(
+        FLAGS.config, FLAGS.attacks, checkpoint=FLAGS.checkpoint,
+        which=FLAGS.which, torch_checkpoint=FLAGS.torch_checkpoint,
+        gradient=FLAGS.attack_grad, eps=FLAGS.attack_eps,
+        step=FLAGS.attack_step, seed=FLAGS.attack_seed,
+        max_examples=FLAGS.attack_max_examples,
+        on_row=lambda row: print(attacks_lib.format_row(row), flush=True))
+  return result
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def main(argv):
     train_lib.parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with train_lib.missing_config_fields_named():
+      summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:
     return train_lib.cli_error(e)
   print(train_lib.json_line(summary), flush=True)

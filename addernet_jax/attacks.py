@@ -58,6 +58,7 @@ from addernet_jax import eval_lib
 from addernet_jax import export
 from addernet_jax import models
 from addernet_jax import parallel
+from addernet_jax import progress as progress_lib
 
 logger = logging.getLogger(__name__)
 
@@ -501,7 +502,8 @@ def evaluate_attacks(config: ml_collections.ConfigDict,
       config.dataset, config.data_dir,
       holdout_examples=config.get("holdout_examples", 0),
       eval_max_examples=config.get("eval_max_examples", -1),
-      with_train=False)
+      with_train=False,
+      progress_bar=progress_lib.shown(config))
   total = len(labels)
   index = select_examples(labels, max_examples)
   images, labels = images[index], labels[index]

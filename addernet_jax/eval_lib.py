@@ -288,7 +288,8 @@ def evaluate_variables(config: ml_collections.ConfigDict, model: Any,
         config.dataset, config.data_dir,
         holdout_examples=config.get("holdout_examples", 0),
         eval_max_examples=config.get("eval_max_examples", -1),
-        with_train=False)
+        with_train=False,
+        progress_bar=progress_lib.shown(config))
     return evaluator.evaluate_in_memory(
         params, batch_stats, InMemoryEvalSet(images, labels, mesh))
   it = data_lib.streaming_iterator(

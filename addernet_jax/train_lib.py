@@ -39,8 +39,9 @@ import pickle
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from absl import flags
 from absl import logging
@@ -169,12 +170,17 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:  # ConfigDict: no such field
     # ConfigDict wraps KeyError("'key'\nDid you mean ...?") in an
     # AttributeError: unwrap it, or the line shows escaped quotes and "\n".
+    outer = e
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     lines = [l.strip() for l in str(e.args[0] if e.args else e).splitlines()
              if l.strip()] or [""]
     key, hint = lines[0].strip("\"' "), " ".join(lines[1:])
     overrides = [a for a in argv if a.startswith("--config.")]
+    if not any(f".{key}" in a.split("=")[0] for a in overrides):
+      # Not an override's key: the file itself failed (no get_config, or
+      # get_config read a missing field).
+      _config_file_error(outer, argv)
     cli_error(f"unknown config key {key!r} in {' '.join(overrides)} (not a "
               f"field of the config file; see configs/default.py) {hint}")
     sys.exit(2)
@@ -185,6 +191,56 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, *USER_ERRORS) as e:
     cli_error(e)
     sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    _config_file_error(e, argv)  # running the file failed (SyntaxError...)
+
+
+def missing_config_field(e: BaseException) -> str | None:
+  """The field name if `e` is a ConfigDict's error for reading a field it
+  lacks (an AttributeError wrapping a KeyError), else None."""
+  inner = e.args[0] if isinstance(e, AttributeError) and e.args else None
+  if isinstance(inner, KeyError) and inner.args:
+    return str(inner.args[0]).splitlines()[0].strip("\"' ")
+  return None
+
+
+@contextlib.contextmanager
+def missing_config_fields_named() -> Iterator[None]:
+  """Turns a config field read but absent (a config file not built on
+  configs/default.py) into a ValueError naming it, for the CLIs' one line."""
+  try:
+    yield
+  except AttributeError as e:
+    field = missing_config_field(e)
+    if field is None:
+      raise
+    raise ValueError(f"the config has no field {field!r}: a config file's "
+                     f"get_config() should start from configs/default.py's "
+                     f"and change what it needs") from e
+
+
+def _config_file_error(e: BaseException, argv: list[str]) -> NoReturn:
+  """One line for a --config file that could not be run, then exit 2."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+              None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  where = ""
+  for frame in traceback.extract_tb(e.__traceback__):
+    if path and os.path.basename(frame.filename) == os.path.basename(
+        path.split(":")[0]):
+      where = f" (line {frame.lineno})"
+  if isinstance(e, SyntaxError) and e.lineno:
+    where = f" (line {e.lineno})"
+  text = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())
+  if isinstance(e, AttributeError) and "get_config" in text:
+    text = "it defines no get_config() function"
+  elif missing_config_field(e) is not None:
+    text = f"it reads the field {missing_config_field(e)!r}, which is not set"
+  else:
+    text = f"{type(e).__name__}: {text}"
+  cli_error(f"cannot load the --config file {path!r}{where}: {text}")
+  sys.exit(2)
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -539,7 +595,8 @@ class InMemoryData:
         data_lib.load_in_memory_splits(
             config.dataset, config.data_dir,
             holdout_examples=config.get("holdout_examples", 0),
-            eval_max_examples=config.get("eval_max_examples", -1)))
+            eval_max_examples=config.get("eval_max_examples", -1),
+            progress_bar=progress_lib.shown(config)))
     return cls(images, labels, eval_images, eval_labels, config.batch_size,
                mesh)
 

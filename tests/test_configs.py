@@ -180,6 +180,26 @@ def test_missing_config_file_is_one_line_error(tmp_path):
   assert_one_line_error(result, "no_such_config")
 
 
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_broken_config_files_are_one_line_errors(script, tmp_path):
+  """A file without get_config(), one that does not parse, one whose config
+  lacks a field the run reads: tracebacks, or "unknown config key", before."""
+  files = {
+      "noget.py": ("x = 1\n", "defines no get_config() function"),
+      "syntax.py": ("def get_config(:\n", "(line 1): SyntaxError"),
+      "partial.py": ("import ml_collections\ndef get_config():\n"
+                     "  c = ml_collections.ConfigDict()\n"
+                     "  c.model = 'lenet5_bn'\n  return c\n",
+                     "the config has no field 'dataset'")}
+  for name, (text, needle) in files.items():
+    (tmp_path / name).write_text(text)
+    where = "--workdir" if script == "train.py" else "--checkpoint"
+    result = run_cli(script, "--config", str(tmp_path / name),
+                     f"{where}={tmp_path / 'run'}")
+    assert_one_line_error(result, needle)
+  assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_dir_is_one_line_error(tmp_path):
   result = run_cli("train.py", "--config", "configs/mnist_lenet5.py",
                    f"--workdir={tmp_path}",
