@@ -41,12 +41,18 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
+
+try:
+  import fcntl
+except ImportError:  # Windows
+  fcntl = None
 
 import jax
 import jax.numpy as jnp
@@ -622,6 +628,53 @@ def _cleanup_race(error: BaseException) -> bool:
   return False
 
 
+class WorkdirLock:
+  """An exclusive lock on `path`, e.g. `<workdir>/checkpoints.lock` for the
+  checkpoints in `<workdir>/checkpoints` (created; it records who holds it),
+  for as long as this process lives or until `release`: a second training
+  run on the same checkpoints would interleave its saves and metrics with
+  the first's. The operating system drops the lock when the process dies, so a
+  killed run leaves nothing stale. A file system without locks (some network
+  mounts) is warned about, not refused."""
+
+  def __init__(self, path: Path):
+    self.path, self._fd = path, None
+    if fcntl is None:  # Windows: no flock
+      return
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise CheckpointError(f"cannot create the lock file {str(path)!r}: "
+                            f"{e.strerror or e}") from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+      os.close(fd)
+      raise CheckpointError(
+          f"another run is writing checkpoints to "
+          f"{str(path.with_suffix(''))!r} ({holder or 'holder unknown'}; "
+          f"lock file {path.name!r}): two runs in one workdir would "
+          f"mix their checkpoints and metrics; wait for it to end or give "
+          f"another --workdir") from None
+    except OSError as e:
+      os.close(fd)
+      logger.warning("cannot lock %s (%s): nothing stops a second run from "
+                     "using this workdir at the same time", path,
+                     e.strerror or e)
+      return
+    self._fd = fd
+    os.ftruncate(fd, 0)
+    os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode())
+
+  def release(self) -> None:
+    """Unlocks (the file stays; its content says who held it last)."""
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
 class CheckpointManager:
   """Saves and restores `(state, meta)` pairs under `directory/<step>`.
 
@@ -654,8 +707,12 @@ class CheckpointManager:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self.directory = require_local_path(directory,
                                         "checkpoint directory").absolute()
+    self._lock = None
     if not read_only:
       check_writable(self.directory)
+      if jax.process_index() == 0:
+        self._lock = WorkdirLock(self.directory.with_name(
+            self.directory.name + ".lock"))
     elif not self.directory.is_dir():
       raise CheckpointError(f"checkpoint directory {str(self.directory)!r} "
                             f"does not exist")
@@ -666,7 +723,16 @@ class CheckpointManager:
     self.verify_checksums = verify_checksums
     self._async = async_save
     self._pending_step: int | None = None
-    self._mgr = self._make_manager()
+    try:
+      self._mgr = self._make_manager()
+    except BaseException:
+      self._release_lock()
+      raise
+
+  def _release_lock(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
   # -- construction --------------------------------------------------------
 
@@ -856,7 +922,10 @@ class CheckpointManager:
       if not self.read_only:
         self._raise_pending_errors()
     finally:
-      self._mgr.close()
+      try:
+        self._mgr.close()
+      finally:
+        self._release_lock()
 
   def __enter__(self) -> "CheckpointManager":
     return self

@@ -164,6 +164,23 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, corrupt, damage,
       assert_state(mgr.restore(ABSTRACT)[0], 2)
 
 
+def test_a_second_writer_on_the_same_checkpoints_is_refused(tmp_path):
+  """Two train.py runs in one workdir interleaved their saves and metrics."""
+  directory = tmp_path / "checkpoints"
+  with ckpt.CheckpointManager(directory) as first:
+    first.save(1, make_state(1), {"step": 1}, force=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"another run is writing "
+                       r"checkpoints to '.*checkpoints' \(pid "
+                       rf"{os.getpid()} on .*; lock file 'checkpoints.lock'"
+                       r"\).*another --workdir"):
+      ckpt.CheckpointManager(directory)
+    # Reading (eval.py while training runs) needs no lock.
+    with ckpt.CheckpointManager(directory, read_only=True) as reader:
+      assert reader.all_steps() == [1]
+  with ckpt.CheckpointManager(directory) as second:  # released on close
+    assert_state(second.restore(ABSTRACT)[0], 1)
+
+
 def test_every_step_damaged_refuses_to_start_over(tmp_path):
   """The measured failure: array data of both steps damaged, metadata
   intact. Each restore names both steps and the damage, moves nothing and
