@@ -1174,6 +1174,13 @@ class EvalRestore(NamedTuple):
   which: str  # "best" or "latest": the one restored (no best: the latest)
 
 
+def _workdir_of(checkpoints_dir: Path) -> Path:
+  """The training workdir of a checkpoint directory (its parent when the
+  directory is the standard `<workdir>/checkpoints`)."""
+  return (checkpoints_dir.parent if checkpoints_dir.name == "checkpoints"
+          else checkpoints_dir)
+
+
 def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
                      abstract_state: Any, which: str = "latest", *,
                      with_meta: bool = False,
@@ -1209,6 +1216,12 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
                           best_metric=best_metric)
   try:
     steps = mgr.all_steps()[::-1]
+    if not steps and (directory / _METADATA_FILE).exists():
+      raise CheckpointError(
+          f"{str(directory)!r} is one checkpoint step, not a workdir: pass "
+          f"the workdir {str(_workdir_of(directory.parent))!r} (--which "
+          f"chooses "
+          f"the latest or the best step)")
     if not steps:
       moved = mgr.quarantined_steps()
       raise CheckpointError(

@@ -1124,6 +1124,10 @@ def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,
   variables = convert.load_torch_checkpoint(
       path, config.model, in_channels=info.image_shape[-1])
   kwargs = convert.infer_model_kwargs(variables)
+  if kwargs["conv"] != config.conv:
+    log.warning("%s holds a model of conv kind %r (read from the file); "
+                "config.conv=%r is not used", path, kwargs["conv"],
+                config.conv)
   if kwargs["num_classes"] != info.num_classes:
     raise ValueError(f"{str(path)!r} has {kwargs['num_classes']} classes, "
                      f"{config.dataset} has {info.num_classes}")

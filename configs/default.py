@@ -110,7 +110,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_workers = config_dict.placeholder(int)
 
   # ---- Numerics and kernels. ----
-  # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  # Computation dtype: 'float32', 'bfloat16' or 'float16' (parameters stay
+  # float32; adder layers compute and output float32 whatever it says: their
+  # outputs in the thousands lose in bfloat16 the spread BatchNorm keeps).
   config.dtype = 'float32'
   # Adder kernel: None (best for the backend), 'xla' or 'pallas'.
   config.implementation = config_dict.placeholder(str)

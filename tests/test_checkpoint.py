@@ -189,6 +189,11 @@ def test_restore_for_eval_latest_best_and_partial(tmp_path, base_state):
   assert e.value.extra_parameter.startswith(f"params/{dropped}")
   with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
     ckpt.restore_for_eval(tmp_path / "empty", part)
+  # A step folder given for the workdir: said so, with the path to give.
+  with pytest.raises(ckpt.CheckpointError, match=r"'.*checkpoints/2' is one "
+                     rf"checkpoint step, not a workdir: pass the workdir "
+                     rf"'{workdir}'"):
+    ckpt.restore_for_eval(workdir / "checkpoints" / "2", part)
   with pytest.raises(ValueError, match="which"):
     ckpt.restore_for_eval(workdir, part, which="newest")
 

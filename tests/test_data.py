@@ -63,7 +63,7 @@ def test_dataset_info_unknown_name():
 
 # ------------------------------------------------------------------ digits --
 
-def test_digits_split_sizes_determinism_and_stats():
+def test_digits_split_sizes_determinism_and_stats(caplog):
   x_tr, y_tr = data.load_arrays('digits', None, 'train')
   x_te, y_te = data.load_arrays('digits', None, 'test')
   info = data.dataset_info('digits')
@@ -83,7 +83,9 @@ def test_digits_split_sizes_determinism_and_stats():
   ref = np.round(load_digits().images * 255 / 16).astype(np.uint8)
   assert sorted(map(bytes, all_rows)) == sorted(map(bytes,
                                                     ref.reshape(1797, -1)))
-  x2, y2 = data.load_arrays('digits', '/nonexistent', 'test')  # data_dir unused
+  with caplog.at_level(logging.WARNING, logger='addernet_jax.data.arrays'):
+    x2, y2 = data.load_arrays('digits', '/nonexistent', 'test')
+  assert "data_dir '/nonexistent' is not read" in caplog.text, caplog.text
   np.testing.assert_array_equal(x2, x_te)
   np.testing.assert_array_equal(y2, y_te)
   # The documented normalisation statistics are those of the training split.

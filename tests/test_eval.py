@@ -156,11 +156,15 @@ def test_eval_official_torch_checkpoint_on_jpeg_test_folder(
   checkpoint = OFFICIAL / "ResNet20-AdderNet.pth"
   if not checkpoint.is_file():
     pytest.skip(f"official checkpoint not found at {checkpoint}")
-  result = last_json(run(jax_cache, "eval.py", "--config",
-                         "configs/cifar10_resnet20.py",
-                         f"--torch_checkpoint={checkpoint}",
-                         f"--config.data_dir={cifar10_jpeg_test}",
-                         "--config.eval_max_examples=1000"))
+  process = run(jax_cache, "eval.py", "--config",
+                "configs/cifar10_resnet20.py",
+                f"--torch_checkpoint={checkpoint}",
+                f"--config.data_dir={cifar10_jpeg_test}",
+                "--config.eval_max_examples=1000", "--config.conv=mult")
+  result = last_json(process)
+  # The conv kind is the file's; a config saying otherwise is warned about.
+  assert ("holds a model of conv kind 'adder' (read from the file); "
+          "config.conv='mult' is not used") in process.stderr
   print(f"official ResNet-20 AdderNet on 1000 CIFAR-10 JPEG test images: "
         f"{result}")
   # The first 1000 files are the first 100 of every class (the listing

@@ -69,6 +69,10 @@ def load_arrays(name: str, data_dir: str | os.PathLike[str] | None,
     raise ValueError(f'{name} does not fit in memory: read it with '
                      'addernet_jax.data.streaming_iterator.')
   if name == 'digits':
+    if data_dir is not None and str(data_dir) != '':
+      logger.warning('dataset digits is bundled with scikit-learn: data_dir '
+                     '%r is not read (set the dataset to read a folder)',
+                     str(data_dir))
     images, labels = local.load_digits(split)
     source = 'sklearn digits'
   elif data_dir is None or str(data_dir) == '':

@@ -15,6 +15,9 @@ from addernet_jax import layers
 
 ModuleDef = Any
 CONV_KINDS = ("adder", "mult")
+# What the models' adder layers compute in, whatever the model's dtype (see
+# conv_factory).
+ADDER_DTYPE = jnp.float32
 
 
 def conv_factory(conv: str, *, dtype: Any = jnp.float32,
@@ -24,10 +27,18 @@ def conv_factory(conv: str, *, dtype: Any = jnp.float32,
   `conv="adder"` gives `layers.AdderConv` (N(0, 1) filters), `conv="mult"` the
   identical multiplication layer (`nn.Conv`, PyTorch's default init). Neither
   has a bias: a BatchNorm always follows.
+
+  Adder layers compute and return float32 whatever `dtype` is (it applies to
+  the multiplication layers, BatchNorm outputs and activations): their
+  outputs are in the thousands while the following BatchNorm keeps only
+  their spread of a few units, below bfloat16's resolution there (4-8). The
+  official ResNet-20 with all layers in bfloat16 scored 49.5% top-1 on 1,000
+  CIFAR-10 test images where float32 scores 79.5%; with float32 adder layers
+  79.6%.
   """
   if conv == "adder":
-    return functools.partial(layers.AdderConv, use_bias=False, dtype=dtype,
-                             implementation=implementation)
+    return functools.partial(layers.AdderConv, use_bias=False,
+                             dtype=ADDER_DTYPE, implementation=implementation)
   if conv == "mult":
     return functools.partial(nn.Conv, use_bias=False, dtype=dtype,
                              kernel_init=torch_default_init)
@@ -38,8 +49,8 @@ def dense_factory(conv: str, *, dtype: Any = jnp.float32,
                   implementation: str | None = None) -> Callable[..., nn.Module]:
   """Fully connected twin of `conv_factory` (used by LeNet-5-BN)."""
   if conv == "adder":
-    return functools.partial(layers.AdderDense, use_bias=False, dtype=dtype,
-                             implementation=implementation)
+    return functools.partial(layers.AdderDense, use_bias=False,
+                             dtype=ADDER_DTYPE, implementation=implementation)
   if conv == "mult":
     return functools.partial(nn.Dense, use_bias=False, dtype=dtype,
                              kernel_init=torch_default_init)
