@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -558,6 +559,38 @@ def test_cifar_damaged_pickle_names_file(tmp_path, content, problem):
         f"cannot read CIFAR file '{folder / name}': {problem}")
     assert str(e.value).endswith('replace it with an intact copy (e.g. '
                                  'download it again).')
+
+
+class _RunsCode:
+  """Pickles as a call of os.system: what a crafted data file could hold."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def test_cifar_pickles_load_numpy_arrays_only(tmp_path):
+  folder = tmp_path / 'cifar-10-batches-py'
+  rng = np.random.default_rng(12)
+  _write_cifar10(folder, rng)
+  rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+  for protocol in (2, 4, 5):  # every protocol NumPy arrays come in
+    (folder / 'test_batch').write_bytes(pickle.dumps(
+        {b'data': rows, b'labels': [1, 2]}, protocol=protocol))
+    images, labels = data.load_arrays('cifar10', tmp_path, 'test')
+    np.testing.assert_array_equal(
+        images, rows.reshape(2, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(labels, [1, 2])
+  marker = tmp_path / 'ran'
+  (folder / 'test_batch').write_bytes(pickle.dumps(
+      {b'data': _RunsCode(marker), b'labels': [1]}, protocol=2))
+  with pytest.raises(ValueError, match=(
+      r"cannot read CIFAR file '.*test_batch': it names (posix|nt)\.system, "
+      r'which a CIFAR batch never holds \(refused')):
+    data.load_arrays('cifar10', tmp_path, 'test')
+  assert not marker.exists()
 
 
 def test_other_datasets_files_are_named(tmp_path):

@@ -248,11 +248,41 @@ def _cifar_error(path: Path, problem: str) -> ValueError:
                     f'{_REPLACE}.')
 
 
+# The only globals a CIFAR batch pickle names (NumPy arrays, from NumPy 1 or
+# 2, pickle protocols 2-5); anything else would run code on loading.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.numeric', '_frombuffer'),
+    ('numpy._core.numeric', '_frombuffer'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+  pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Loads NumPy arrays and builtins only: a data_dir from elsewhere cannot
+  run code through a crafted pickle."""
+
+  def find_class(self, module: str, name: str):
+    if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+      raise _RefusedGlobal(f'it names {module}.{name}, which a CIFAR batch '
+                           'never holds (refused: loading it could run code)')
+    return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, object]:
-  """The dict of a CIFAR python pickle; ValueError naming a damaged file."""
+  """The dict of a CIFAR python pickle; ValueError naming a damaged file or
+  one that names anything but NumPy arrays."""
   with open(path, 'rb') as f:
     try:
-      d = pickle.load(f, encoding='bytes')  # the official python-2 pickles
+      # encoding='bytes': the official pickles were written by Python 2.
+      d = _CifarUnpickler(f, encoding='bytes').load()
+    except _RefusedGlobal as e:
+      raise ValueError(f'cannot read CIFAR file {str(path)!r}: {e}; use the '
+                       'official python-version archive.') from e
     except Exception as e:  # pylint: disable=broad-except
       # Damaged bytes make the unpickler raise almost any type (EOFError,
       # UnpicklingError, KeyError, ValueError, ...).
