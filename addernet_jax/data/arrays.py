@@ -123,7 +123,7 @@ def load_in_memory_splits(
     images, labels = load_arrays(name, data_dir, 'train',
                                  progress_bar=progress_bar)
     if holdout >= len(labels):
-      raise ValueError(f'config.holdout_examples={holdout} must be smaller '
+      raise ValueError(f'holdout_examples={holdout} must be smaller '
                        f'than the {len(labels)} training examples')
     evaluation = images[-holdout:], labels[-holdout:]
     if with_train:
