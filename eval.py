@@ -28,6 +28,9 @@ the attacked examples) before the JSON line, which then also has an
 "attacks" object with the rows.
 """
 
+import os
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -76,9 +79,12 @@ def main(argv):
       result = evaluate()
   except train_lib.USER_ERRORS as e:
     return train_lib.cli_error(e)
-  except KeyboardInterrupt:  # evaluation writes nothing: nothing to save
+  except KeyboardInterrupt:
+    # Evaluation writes nothing, so nothing is lost by leaving at once; a
+    # normal exit with computations in flight aborted in XLA's threads.
     train_lib.cli_error("interrupted")
-    return 130
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access
   print(train_lib.json_line(result), flush=True)
   return 0
 

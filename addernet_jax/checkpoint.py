@@ -223,6 +223,26 @@ def check_writable(path: str | os.PathLike) -> Path:
   return path.resolve()
 
 
+def check_workdir(path: str | os.PathLike) -> Path:
+  """`check_writable` for a training workdir, which must not be a
+  checkpoint step or a checkpoints folder itself (a run there would start
+  over inside it); CheckpointError naming the workdir to give instead."""
+  local = require_local_path(path, "workdir")
+  if (local / _METADATA_FILE).is_file():
+    raise CheckpointError(
+        f"workdir {str(path)!r} is one checkpoint step, not a workdir: give "
+        f"the run's workdir {str(_workdir_of(local.absolute().parent))!r} to "
+        f"resume it")
+  if local.is_dir() and any((step / _METADATA_FILE).is_file()
+                            for step in local.iterdir() if step.is_dir()):
+    raise CheckpointError(
+        f"workdir {str(path)!r} holds checkpoint steps itself: it is a "
+        f"checkpoints folder; give the run's workdir "
+        f"{str(_workdir_of(local.absolute()))!r} (which holds checkpoints/) "
+        f"to resume it")
+  return check_writable(local)
+
+
 def missing_directories(path: str | os.PathLike) -> list[Path]:
   """`path` and those of its parents that do not exist yet, deepest first
   (what `check_writable` will create; see `remove_if_empty`)."""
@@ -1023,13 +1043,23 @@ class CheckpointManager:
       restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
       state = restored[STATE]
     for name in items:
-      if name != STATE and not isinstance(restored[name], (dict, type(None))):
+      if name != STATE and not isinstance(restored[name], dict):
+        kind = ("null" if restored[name] is None
+                else type(restored[name]).__name__)
         raise CheckpointCorruptedError(
             step, self.directory,
-            f"file {name + '/' + JSON_ITEM_FILE!r} holds a JSON "
-            f"{type(restored[name]).__name__}, not an object")
+            f"file {name + '/' + JSON_ITEM_FILE!r} holds a JSON {kind}, not "
+            f"an object")
     if CHECKSUMS in items:
-      saved = restored[CHECKSUMS] or {}
+      saved = restored[CHECKSUMS]
+      not_crc = [p for p, crc in saved.items()
+                 if not isinstance(crc, int) or isinstance(crc, bool)]
+      if not_crc:
+        raise CheckpointCorruptedError(
+            step, self.directory,
+            f"file {CHECKSUMS + '/' + JSON_ITEM_FILE!r} holds "
+            f"{saved[not_crc[0]]!r} as the CRC32 of {not_crc[0]!r}, not an "
+            f"integer")
       now = tree_checksums(state)
       bad = [p for p, crc in now.items() if p in saved and saved[p] != crc]
       if bad:

@@ -518,7 +518,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
         f"config.num_classes={config.num_classes} but {config.dataset} has "
         f"{info.num_classes} classes")
   for key in ("batch_size", "eval_batch_size"):
-    value = config[key]
+    value = config.get(key)
     if not isinstance(value, int) or value <= 0 or value % num_devices:
       raise ValueError(
           f"config.{key}={value!r} must be a positive multiple of the number "
@@ -543,6 +543,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
           f"{'>=' if low_included else '>'} {low}"
           f"{f' and < {high}' if math.isfinite(high) else ' (finite)'}")
   check_max_checkpoints(config)
+  holdout = config.get("holdout_examples", 0)
+  if holdout is not None and (not isinstance(holdout, int) or holdout < 0):
+    raise ValueError(f"config.holdout_examples={holdout!r} must be an int >= "
+                     f"0 (0: evaluate on the test split)")
   get_dtype(config.dtype)
   if config.conv not in models.common.CONV_KINDS:
     raise ValueError(f"config.conv must be one of {models.common.CONV_KINDS},"
@@ -673,7 +677,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   info = validate_config(config, num_devices)
   log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   created = ckpt_lib.missing_directories(workdir)
-  workdir = ckpt_lib.check_writable(workdir)
+  workdir = ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
 

@@ -4,6 +4,7 @@ unwritable dirs, URLs as directories, non-finite states, SIGTERM."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -108,6 +109,16 @@ def _meta_json_not_an_object(step_dir: Path) -> None:
   (step_dir / "meta" / "metadata").write_text("[1, 2]")
 
 
+def _meta_json_null(step_dir: Path) -> None:
+  (step_dir / "meta" / "metadata").write_text("null")
+
+
+def _checksum_not_an_integer(step_dir: Path) -> None:
+  sums = json.loads((step_dir / "checksums" / "metadata").read_text())
+  sums[sorted(sums)[0]] = "abc"  # was a crash formatting the CRC as hex
+  (step_dir / "checksums" / "metadata").write_text(json.dumps(sums))
+
+
 def _overwrite_array_data(step_dir: Path) -> None:
   """Random bytes over every array data file; the JSON metadata is intact."""
   rng = np.random.default_rng(0)
@@ -136,6 +147,9 @@ CORRUPTIONS = [
     (_drop_checksums_file, "file 'checksums/metadata' is missing"),
     (_meta_json_not_an_object, "'meta/metadata' holds a JSON list, not an "
      "object"),
+    (_meta_json_null, "'meta/metadata' holds a JSON null, not an object"),
+    (_checksum_not_an_integer, "'checksums/metadata' holds 'abc' as the "
+     "CRC32 of"),
 ]
 
 
@@ -428,6 +442,22 @@ def test_train_refuses_a_url_workdir_before_training(tmp_path, monkeypatch):
                      "gs:// URL"):
     train_lib.train_and_evaluate(_smoke_config(), "gs://bucket/run")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_folder_given_as_workdir_is_refused(tmp_path):
+  """A run there started over inside it (checkpoints/ in a step folder)."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "run" / "checkpoints"
+  save_two(directory)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  for workdir, message in ((directory / "2", "is one checkpoint step, not a "
+                            "workdir"),
+                           (directory, "holds checkpoint steps itself")):
+    with pytest.raises(ckpt.CheckpointError, match=(
+        f"{message}.*give the run's workdir '{tmp_path / 'run'}'")):
+      train_lib.train_and_evaluate(_smoke_config(), workdir)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+  assert ckpt.check_workdir(tmp_path / "run") == tmp_path / "run"
 
 
 def test_an_empty_workdir_is_refused_not_the_current_directory(

@@ -291,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       max_images=int(config.get("train_max_images", -1) or -1),
       min_lr_size=config.patch_size)
   eval_images = load_eval_images(config)
-  workdir = ckpt_lib.check_writable(workdir)
+  workdir = ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
   steps_per_epoch = config.steps_per_epoch
