@@ -509,7 +509,7 @@ def _tensorstore_damage(message: str, step_dir: Path) -> str | None:
   return f"{where} is {kind} ({_short(detail, limit=300)})"
 
 
-def missing_json_items(step_dir: Path, names: Iterable[str]) -> str | None:
+def _missing_json_items(step_dir: Path, names: Iterable[str]) -> str | None:
   """The first of the JSON items `names` (e.g. "meta") whose folder or file
   is missing from `step_dir`, as "folder 'meta'" or "file 'meta/metadata'";
   None if all are there."""
@@ -1023,7 +1023,7 @@ class CheckpointManager:
                      where)
     # Orbax reports a missing JSON item as a FileNotFoundError without a
     # file name or a KeyError: say which file, as damage.
-    missing = missing_json_items(self.directory / str(step), items)
+    missing = _missing_json_items(self.directory / str(step), items)
     if missing:
       raise CheckpointCorruptedError(step, self.directory,
                                      f"{missing} is missing")

@@ -233,10 +233,11 @@ def _config_file_error(e: BaseException, argv: list[str]) -> NoReturn:
   if isinstance(e, SyntaxError) and e.lineno:
     where = f" (line {e.lineno})"
   text = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())
+  field = missing_config_field(e)
   if isinstance(e, AttributeError) and "get_config" in text:
     text = "it defines no get_config() function"
-  elif missing_config_field(e) is not None:
-    text = f"it reads the field {missing_config_field(e)!r}, which is not set"
+  elif field is not None:
+    text = f"it reads the field {field!r}, which is not set"
   else:
     text = f"{type(e).__name__}: {text}"
   cli_error(f"cannot load the --config file {path!r}{where}: {text}")
