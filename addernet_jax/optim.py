@@ -17,6 +17,7 @@ learning rate (`make_optimizer`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -133,6 +134,21 @@ def _require(config: Any, key: str) -> Any:
   return value
 
 
+def _number(config: Any, key: str, official: float, low: float, high: float
+            ) -> float:
+  """config[key] as a float in [low, high); ValueError naming it otherwise."""
+  value = _get(config, key)
+  if value is None:
+    raise ValueError(f"config has no {key!r}; the optimiser needs it (the "
+                     f"official value is {official}; 0 switches it off)")
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+      low <= value < high):
+    bound = f" and < {high:g}" if math.isfinite(high) else " (finite)"
+    raise ValueError(f"config.{key}={value!r} must be a number >= {low:g}"
+                     f"{bound}")
+  return float(value)
+
+
 def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
   """Length, in epochs, of the cosine: the run's epochs plus one.
 
@@ -205,9 +221,11 @@ def make_optimizer(config: Any, params: Any,
   4. `-learning_rate_schedule(config, steps_per_epoch)`.
 
   Args:
-    config: `learning_rate`, `momentum`, `weight_decay`, `eta`, `num_epochs`,
-      `num_train_steps`, optionally `optimizer` ("sgd"), `adaptive_lr`, and
-      `steps_per_epoch` (used when the argument is None).
+    config: `learning_rate`, `momentum` (in [0, 1)), `weight_decay` (>= 0;
+      all three required: 0 switches momentum or decay off), `num_epochs`,
+      `num_train_steps`, optionally `eta` (0.2 when absent), `optimizer`
+      ("sgd"), `adaptive_lr`, and `steps_per_epoch` (used when the argument
+      is None).
     params: the parameters the optimiser will update (only their structure
       is used, to check that the mask applies).
     steps_per_epoch: optimiser steps per epoch.
@@ -233,10 +251,12 @@ def make_optimizer(config: Any, params: Any,
   chain = []
   if adaptive:
     chain.append(optax.masked(scale_by_adaptive_lr(eta), adder_mask))
-  weight_decay = float(_get(config, "weight_decay", 0.0) or 0.0)
+  # Required, not defaulted: a config lacking them silently trained without
+  # the official momentum 0.9 / weight decay 5e-4 (0 switches either off).
+  weight_decay = _number(config, "weight_decay", 5e-4, 0.0, math.inf)
   if weight_decay:
     chain.append(optax.add_decayed_weights(weight_decay))
-  momentum = float(_get(config, "momentum", 0.0) or 0.0)
+  momentum = _number(config, "momentum", 0.9, 0.0, 1.0)
   if momentum:
     chain.append(optax.trace(decay=momentum, nesterov=False))
   chain.append(optax.scale_by_learning_rate(

@@ -271,6 +271,29 @@ def test_make_optimizer_config_errors():
   tx.update(_params(), tx.init(_params()), _params())
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("momentum", None, "config has no 'momentum'.*official value is 0.9"),
+    ("weight_decay", None, "config has no 'weight_decay'"),
+    ("momentum", 1.0, r"config.momentum=1.0 must be a number >= 0 and < 1"),
+    ("momentum", "0.9", "config.momentum='0.9' must be a number"),
+    ("weight_decay", -1e-4, "config.weight_decay=-0.0001 must be a number"),
+    ("weight_decay", float("inf"), "config.weight_decay=inf must be"),
+])
+def test_make_optimizer_refuses_missing_or_bad_momentum_and_decay(
+    key, value, message):
+  """A config without momentum trained silently without it (the official
+  0.9); a missing field must be named, 0 is the way to switch it off."""
+  config = dict(_config())
+  if value is None:
+    del config[key]
+  else:
+    config[key] = value
+  with pytest.raises(ValueError, match=message):
+    optim.make_optimizer(config, _params(), 3)
+  config[key] = 0
+  optim.make_optimizer(config, _params(), 3)  # 0 switches it off
+
+
 def test_adaptive_lr_disabled():
   params = _params()
   grads = jax.tree.map(lambda p: p * 2.0, params)
