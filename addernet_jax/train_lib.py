@@ -164,6 +164,12 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
     if "config" in flags.FLAGS:
       # ml_collections defers a config file's loading error until first use.
       config = flags.FLAGS["config"].value
+      # (A file that failed to load raises its error on any attribute.)
+      if config is not None and getattr(config, "to_dict", None) is None:
+        cli_error(f"cannot load the --config file {_config_path(argv)!r}: "
+                  f"its get_config() returned a {type(config).__name__}, not "
+                  f"an ml_collections.ConfigDict")
+        sys.exit(2)
       if config is not None:
         config.to_dict()
     return remaining
@@ -189,10 +195,31 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
     cli_error(f"cannot load the --config file: {lines[-1]}")
     sys.exit(2)
   except (flags.Error, *USER_ERRORS) as e:
-    cli_error(e)
+    path = _config_path(argv)
+    text = str(e)
+    if "Error whilst parsing config file" in text:
+      # ml_collections folds the traceback of calling get_config() into the
+      # message: keep its last line (the exception).
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      call = "calling its get_config() failed: " if any(
+          "get_config(" in l for l in lines) else ""
+      text = f"cannot load the --config file {path!r}: {call}{lines[-1]}"
+    elif path and "--config must have a value other than None" in text:
+      text = (f"cannot load the --config file {path!r}: its get_config() "
+              f"returned None (a missing return statement?)")
+    cli_error(text)
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
     _config_file_error(e, argv)  # running the file failed (SyntaxError...)
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The --config value on the command line, or None."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+              None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  return path
 
 
 def missing_config_field(e: BaseException) -> str | None:
@@ -221,10 +248,7 @@ def missing_config_fields_named() -> Iterator[None]:
 
 def _config_file_error(e: BaseException, argv: list[str]) -> NoReturn:
   """One line for a --config file that could not be run, then exit 2."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-              None)
-  if path is None and "--config" in argv[:-1]:
-    path = argv[argv.index("--config") + 1]
+  path = _config_path(argv)
   where = ""
   for frame in traceback.extract_tb(e.__traceback__):
     if path and os.path.basename(frame.filename) == os.path.basename(

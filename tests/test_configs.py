@@ -200,6 +200,31 @@ def test_broken_config_files_are_one_line_errors(script, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_config_files_whose_get_config_misbehaves_are_one_line_errors(
+    tmp_path):
+  """get_config not a function, taking an argument, raising, returning a
+  dict or None: ml_collections' folded traceback or a misleading "--config
+  must have a value other than None" before."""
+  files = {
+      "notfunc.py": ("get_config = 3\n",
+                     "calling its get_config() failed: TypeError: 'int'"),
+      "witharg.py": ("def get_config(arg):\n  return arg\n",
+                     "calling its get_config() failed: TypeError: get_config"),
+      "raises.py": ("def get_config():\n  raise ValueError('boom')\n",
+                    "calling its get_config() failed: ValueError: boom"),
+      "dict.py": ("def get_config():\n  return {'model': 'x'}\n",
+                  "returned a dict, not an ml_collections.ConfigDict"),
+      "none.py": ("def get_config():\n  pass\n",
+                  "returned None (a missing return statement?)")}
+  for name, (text, needle) in files.items():
+    (tmp_path / name).write_text(text)
+    result = run_cli("train.py", "--config", str(tmp_path / name),
+                     f"--workdir={tmp_path / 'run'}")
+    assert_one_line_error(result, needle)
+    assert name in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_dir_is_one_line_error(tmp_path):
   result = run_cli("train.py", "--config", "configs/mnist_lenet5.py",
                    f"--workdir={tmp_path}",
