@@ -1061,6 +1061,16 @@ class CheckpointManager:
             f"{saved[not_crc[0]]!r} as the CRC32 of {not_crc[0]!r}, not an "
             f"integer")
       now = tree_checksums(state)
+      if now and not saved:  # every save writes one CRC32 per array
+        raise CheckpointCorruptedError(
+            step, self.directory,
+            f"file {CHECKSUMS + '/' + JSON_ITEM_FILE!r} holds no CRC32 (an "
+            f"empty object): its arrays cannot be verified")
+      unverified = [p for p in now if p not in saved]
+      if unverified:  # e.g. saved sharded across hosts, now read whole
+        logger.warning("%s: %d array(s) have no saved CRC32 and are not "
+                       "verified (first: %r)", where, len(unverified),
+                       unverified[0])
       bad = [p for p, crc in now.items() if p in saved and saved[p] != crc]
       if bad:
         more = f"; {len(bad) - 1} more array(s) differ too" if bad[1:] else ""

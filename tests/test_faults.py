@@ -119,6 +119,10 @@ def _checksum_not_an_integer(step_dir: Path) -> None:
   (step_dir / "checksums" / "metadata").write_text(json.dumps(sums))
 
 
+def _checksums_emptied(step_dir: Path) -> None:
+  (step_dir / "checksums" / "metadata").write_text("{}")  # verified nothing
+
+
 def _overwrite_array_data(step_dir: Path) -> None:
   """Random bytes over every array data file; the JSON metadata is intact."""
   rng = np.random.default_rng(0)
@@ -150,6 +154,7 @@ CORRUPTIONS = [
     (_meta_json_null, "'meta/metadata' holds a JSON null, not an object"),
     (_checksum_not_an_integer, "'checksums/metadata' holds 'abc' as the "
      "CRC32 of"),
+    (_checksums_emptied, "'checksums/metadata' holds no CRC32"),
 ]
 
 
