@@ -230,6 +230,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
 
 def _check_checkpoint_file(path: str | os.PathLike) -> Path:
   """`path` (with ~ expanded) if it is a file; clear errors otherwise."""
+  if not os.fspath(path).strip():  # Path("") is the current directory
+    raise ValueError(f"torch checkpoint path is an empty string "
+                     f"({os.fspath(path)!r}); give the .pth file")
   file = Path(path).expanduser()
   if file.is_dir():
     hint = ""

@@ -597,6 +597,10 @@ def test_load_torch_checkpoint_checks_the_path(tmp_path):
                      "looks like a training workdir: pass it with "
                      "--checkpoint"):
     convert.load_torch_checkpoint(workdir, "resnet20")
+  # An unset shell variable: "" is the current directory to pathlib.
+  with pytest.raises(ValueError, match="torch checkpoint path is an empty "
+                     "string"):
+    convert.load_torch_checkpoint("", "resnet20")
 
 
 def test_in_channels_refuses_a_stem_for_other_images():
