@@ -337,7 +337,8 @@ def read_metrics(workdir: str | os.PathLike[str]
   kinds: dict[str, dict[int, dict[str, float]]] = {"train": {}, "eval": {}}
   for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
     try:
-      line = raw.decode("utf-8")
+      # A file saved by some editors starts with a byte-order mark.
+      line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
     except UnicodeDecodeError as e:
       _LOG.warning("%s line %d is not UTF-8 text (byte 0x%02x at column %d);"
                    " skipping it", path, number, raw[e.start], e.start + 1)

@@ -282,6 +282,18 @@ def test_read_metrics_warns_about_lines_that_are_not_utf8(tmp_path, caplog):
       "skipping it"]
 
 
+def test_read_metrics_accepts_a_byte_order_mark(tmp_path, caplog):
+  """A file saved by an editor that adds a BOM: its first line was skipped
+  as "half a line"."""
+  lines = [json.dumps(line) for line in _run_lines(1.0)]
+  (tmp_path / "metrics.jsonl").write_bytes(
+      b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+  with caplog.at_level("WARNING", logger="addernet_jax.figures"):
+    metrics = figures.read_metrics(tmp_path)
+  assert [r["step"] for r in metrics["train"]] == [5, 10, 15, 20, 25, 30]
+  assert not caplog.records
+
+
 def test_curves_draws_the_learning_rate_as_steps(tmp_path, monkeypatch):
   """A logged lr is the rate of the steps up to its line: a per-epoch
   schedule is drawn as steps, each value held back to the previous point."""
