@@ -794,6 +794,10 @@ class CheckpointManager:
     """Committed steps, ascending (unfinished step directories excluded)."""
     return sorted(s for s in self._mgr.all_steps() if self._is_finalized(s))
 
+  def unfinished_steps(self) -> list[int]:
+    """Step directories without their commit file, ascending."""
+    return sorted(set(self._mgr.all_steps()) - set(self.all_steps()))
+
   def latest_step(self) -> int | None:
     """The newest committed step, or None (not yet checked for corruption)."""
     steps = self.all_steps()
@@ -1148,8 +1152,7 @@ class CheckpointManager:
     """
     if not self.read_only:
       self._raise_pending_errors()
-    unfinished = sorted(set(self._mgr.all_steps()) - set(self.all_steps()))
-    for step in unfinished:
+    for step in self.unfinished_steps():
       logger.warning("ignoring unfinished checkpoint directory %s (no %s)",
                      self.directory / str(step), _METADATA_FILE)
       self._quarantine(step, unfinished=True)
@@ -1268,6 +1271,14 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
           f"no checkpoint found in {str(directory)!r}" +
           (f" (damaged step(s) {', '.join(map(str, moved))} were moved to "
            f"{str(mgr.corrupted_directory)!r})" if moved else ""))
+    unfinished = mgr.unfinished_steps()
+    if unfinished and unfinished[-1] > steps[0]:
+      # Training moves these aside when it resumes; evaluation only reads.
+      logger.warning(
+          "ignoring checkpoint step(s) %s in %s: no %s (unfinished, or the "
+          "file was lost); the newest complete step is %d",
+          ", ".join(map(str, unfinished)), directory, _METADATA_FILE,
+          steps[0])
 
     def restored(step: int, kind: str) -> Any:
       state, meta = mgr.restore_step(step, abstract_state, partial=True)

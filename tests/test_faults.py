@@ -363,6 +363,21 @@ def test_eval_restore_skips_corrupted_without_moving_it(tmp_path):
     ckpt.restore_for_eval(directory, ABSTRACT)
 
 
+def test_eval_restore_names_a_newer_step_without_commit_file(tmp_path,
+                                                              caplog):
+  """The newest step's _CHECKPOINT_METADATA lost: eval.py scored the step
+  before it with only Orbax's "Metadata file does not exist"."""
+  directory = tmp_path / "ck"
+  save_two(directory)
+  (directory / "2" / "_CHECKPOINT_METADATA").unlink()
+  with caplog.at_level(logging.WARNING, logger="addernet_jax.checkpoint"):
+    got = ckpt.restore_for_eval(directory, ABSTRACT)
+  assert_state(got, 1)
+  assert (directory / "2").is_dir()  # read-only: nothing moved
+  assert "ignoring checkpoint step(s) 2 in" in caplog.text, caplog.text
+  assert "newest complete step is 1" in caplog.text, caplog.text
+
+
 def test_eval_restore_says_which_step_it_read(tmp_path):
   directory = tmp_path / "ck"
   save_two(directory)  # no metrics: there is no best step
