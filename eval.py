@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from addernet_jax import attacks as attacks_lib
 from addernet_jax import parallel
 from addernet_jax import train_lib
+import configs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -74,6 +75,8 @@ def main(argv):
   if (FLAGS.checkpoint is None) == (FLAGS.torch_checkpoint is None):
     return train_lib.cli_error("give exactly one of --checkpoint WORKDIR "
                                "and --torch_checkpoint FILE")
+  train_lib.warn_unknown_config_fields(FLAGS.config,
+                                       configs.shipped_configs().values())
   try:
     with train_lib.missing_config_fields_named():
       result = evaluate()

@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from addernet_jax import train_lib
+import configs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics "
@@ -37,6 +38,8 @@ def main(argv):
     train_lib.parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    train_lib.warn_unknown_config_fields(
+        FLAGS.config, configs.shipped_configs().values())
     with train_lib.missing_config_fields_named():
       summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:

@@ -31,6 +31,7 @@ same device count).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging as std_logging
 import math
@@ -41,7 +42,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 from absl import flags
 from absl import logging
@@ -266,6 +267,42 @@ def _config_file_error(e: BaseException, argv: list[str]) -> NoReturn:
     text = f"{type(e).__name__}: {text}"
   cli_error(f"cannot load the --config file {path!r}{where}: {text}")
   sys.exit(2)
+
+
+def _field_paths(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  for key, value in config.items():
+    yield prefix + key, value
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _field_paths(value, f"{prefix}{key}.")
+
+
+def unknown_config_fields(config: ml_collections.ConfigDict,
+                          references: Iterable[ml_collections.ConfigDict]
+                          ) -> list[str]:
+  """The fields of `config` ("pkkd.tau" for nested ones) that none of the
+  `references` (e.g. the shipped configs) has, each with a close known name
+  where there is one ("learning_rte (did you mean learning_rate?)"): a typo
+  in a config file is otherwise ignored without a word."""
+  known = {path for ref in references for path, _ in _field_paths(ref)}
+  unknown = []
+  for path, _ in _field_paths(config):
+    parent = path.rpartition(".")[0]
+    if path in known or (parent and parent not in known):
+      continue  # known, or inside an unknown field already reported
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(path, siblings, n=1)
+    unknown.append(path + (f" (did you mean {close[0]}?)" if close else ""))
+  return unknown
+
+
+def warn_unknown_config_fields(config: ml_collections.ConfigDict,
+                               references: Iterable[ml_collections.ConfigDict]
+                               ) -> None:
+  """Logs one warning naming the fields `unknown_config_fields` finds."""
+  unknown = unknown_config_fields(config, references)
+  if unknown:
+    log.warning("the config has field(s) no shipped config has, which are "
+                "not read: %s", ", ".join(unknown))
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -225,6 +225,43 @@ def test_config_files_whose_get_config_misbehaves_are_one_line_errors(
   assert not (tmp_path / "run").exists()
 
 
+def test_unknown_config_fields_are_named_with_a_close_known_name():
+  import configs  # pylint: disable=g-import-not-at-top
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  shipped = configs.shipped_configs()
+  assert {"cifar10_resnet20", "cifar10_resnet20_pkkd", "sr_edsr_x2",
+          "smoke"} <= set(shipped)
+  for name, config in shipped.items():  # each shipped config is known
+    assert not train_lib.unknown_config_fields(config, shipped.values()), name
+  config = configs.shipped_configs()["cifar10_resnet20_pkkd"]  # a copy
+  config.learning_rte = 0.2
+  config.pkkd.temprature = 1.0
+  config.my_notes = {"owner": "me", "tags": ["a"]}
+  unknown = train_lib.unknown_config_fields(config, shipped.values())
+  assert sorted(unknown) == [
+      "learning_rte (did you mean learning_rate?)", "my_notes",
+      "pkkd.temprature (did you mean pkkd.temperature?)"], unknown
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_cli_warns_about_a_misspelt_config_field(script, tmp_path):
+  """A typo in a config file (not an override: those are refused) was
+  ignored without a word."""
+  (tmp_path / "typo.py").write_text(
+      "from configs import smoke\n"
+      "def get_config():\n"
+      "  config = smoke.get_config()\n"
+      "  config.weight_decy = 0.0\n"
+      "  return config\n")
+  where = "--workdir" if script == "train.py" else "--checkpoint"
+  result = run_cli(script, "--config", str(tmp_path / "typo.py"),
+                   f"{where}={tmp_path / 'run'}",
+                   "--config.num_classes=3")  # then stop early
+  assert_one_line_error(result)
+  assert ("not read: weight_decy (did you mean weight_decay?)"
+          in result.stderr), result.stderr
+
+
 def test_missing_data_dir_is_one_line_error(tmp_path):
   result = run_cli("train.py", "--config", "configs/mnist_lenet5.py",
                    f"--workdir={tmp_path}",
