@@ -327,6 +327,31 @@ def test_get_model_sr_arguments():
   with pytest.raises(ValueError, match="unknown super-resolution model"):
     models.get_sr_model("srcnn", scale=2)
   assert "edsr_baseline" not in models.MODEL_NAMES  # classification names
+  with pytest.raises(ValueError, match="scale must be one of.*got 2.0"):
+    models.get_sr_model("vdsr", scale=2.0)
+  with pytest.raises(ValueError, match="features must be an int >= 1, got "
+                     "-1"):
+    models.get_sr_model("vdsr", scale=2, features=-1)
+
+
+def test_sr_models_refuse_images_with_other_channels():
+  """The mean subtraction (EDSR) and the residual (VDSR) broadcast: a grey
+  image through an RGB EDSR returned RGB, an RGB one through a Y-channel
+  VDSR returned 3 channels, without an error."""
+  key = jax.random.key(0)
+  edsr = models.get_sr_model("edsr_baseline", scale=2, num_blocks=1,
+                             features=4)
+  with pytest.raises(ValueError, match=r"EDSR: input has 1 channels .* "
+                     r"colors=3, got shape \(1, 6, 6, 1\)"):
+    edsr.init(key, jnp.ones((1, 6, 6, 1)), train=False)
+  variables = edsr.init(key, jnp.ones((1, 6, 6, 3)), train=False)
+  with pytest.raises(ValueError, match="it looks like NCHW"):
+    edsr.apply(variables, jnp.ones((1, 3, 6, 6)), train=False)
+  vdsr = models.get_sr_model("vdsr", scale=2, depth=3, features=4)
+  with pytest.raises(ValueError, match="VDSR: input has 3 channels"):
+    vdsr.init(key, jnp.ones((1, 6, 6, 3)), train=False)
+  with pytest.raises(ValueError, match=r"rank 4\), got shape \(6, 6, 1\)"):
+    vdsr.init(key, jnp.ones((6, 6, 1)), train=False)
 
 
 # ---------------------------------------------------------------- data --

@@ -99,7 +99,10 @@ def get_sr_model(name: str, *, scale: int, conv: str = "adder",
   else:
     raise ValueError(f"unknown super-resolution model {name!r}; choose one "
                      f"of {SR_MODEL_NAMES}")
-  sr._check_sr_args(model.scale, model.colors)  # pylint: disable=protected-access
+  sizes = {"features": model.features}
+  sizes.update({"depth": model.depth} if name == "vdsr" else
+               {"num_blocks": model.num_blocks})
+  sr._check_sr_args(model.scale, model.colors, **sizes)  # pylint: disable=protected-access
   return model
 
 

@@ -36,6 +36,7 @@ bicubic-interpolated input.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -159,12 +160,37 @@ class Upsampler(nn.Module):
     return x
 
 
-def _check_sr_args(scale: int, colors: int) -> None:
-  if scale not in SR_SCALES:
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_sr_args(scale: int, colors: int, **sizes: int) -> None:
+  """ValueError naming a bad scale, colors or size (num_blocks, ...)."""
+  if not _is_int(scale) or scale not in SR_SCALES:
     raise ValueError(f"scale must be one of {SR_SCALES}, got {scale!r}")
-  if colors not in (1, 3):
+  if not _is_int(colors) or colors not in (1, 3):
     raise ValueError(f"colors must be 1 (Y channel) or 3 (RGB), got "
                      f"{colors!r}")
+  for name, value in sizes.items():
+    if not _is_int(value) or value < (0 if name == "num_blocks" else 1):
+      raise ValueError(f"{name} must be an int >= "
+                       f"{0 if name == 'num_blocks' else 1}, got {value!r}")
+
+
+def _check_sr_input(x: jax.Array, model: str, colors: int) -> None:
+  """Trace-time check: NHWC images with the model's `colors` channels (the
+  mean subtraction and the residual broadcast other channel counts into
+  wrong outputs instead of failing)."""
+  shape = tuple(getattr(x, "shape", ()))
+  if len(shape) != 4:
+    raise ValueError(f"{model}: input must be a batch of NHWC images (rank "
+                     f"4), got shape {shape}")
+  if shape[3] != colors:
+    hint = ("; it looks like NCHW: transpose it to NHWC with "
+            "x.transpose(0, 2, 3, 1)" if shape[1] == colors else "")
+    raise ValueError(f"{model}: input has {shape[3]} channels (last axis of "
+                     f"an NHWC batch) but the model has colors={colors}, got "
+                     f"shape {shape}{hint}")
 
 
 class EDSR(nn.Module):
@@ -195,7 +221,9 @@ class EDSR(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _check_sr_args(self.scale, self.colors)
+    _check_sr_args(self.scale, self.colors, num_blocks=self.num_blocks,
+                   features=self.features)
+    _check_sr_input(x, "EDSR", self.colors)
     unit = lambda name: AdderUnit(
         self.features, self.conv, self.adder, self.self_shortcut,
         self.power_activation, self.dtype, self.bn_axis_name,
@@ -240,9 +268,11 @@ class VDSR(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _check_sr_args(self.scale, self.colors)
+    _check_sr_args(self.scale, self.colors, depth=self.depth,
+                   features=self.features)
     if self.depth < 3:
       raise ValueError(f"VDSR depth must be >= 3, got {self.depth}")
+    _check_sr_input(x, "VDSR", self.colors)
     n, h, w, c = x.shape
     up = bicubic_resize(x.astype(jnp.float32), (h * self.scale, w * self.scale))
     y = nn.relu(_mult_conv(self.features, 3, self.dtype, "head")(up))
