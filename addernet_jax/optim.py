@@ -127,26 +127,44 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
   return getattr(config, key, default)
 
 
-def _require(config: Any, key: str) -> Any:
+def _number(config: Any, key: str, *, low: float = 0.0,
+            low_included: bool = True, high: float = math.inf,
+            default: float | None = None, official: str = "") -> float:
+  """config[key] as a float in the range; ValueError naming it otherwise.
+
+  Absent (or None): `default`, or an error when there is none (`official`
+  says what to set). A string, a bool or a callable is refused, not
+  converted (bool("false") is True; a schedule is not a number)."""
   value = _get(config, key)
   if value is None:
-    raise ValueError(f"config has no {key!r}; the optimiser needs it")
-  return value
+    if default is not None:
+      return default
+    raise ValueError(f"config has no {key!r}; the optimiser needs it"
+                     f"{f' ({official})' if official else ''}")
+  bound = (f"{'>=' if low_included else '>'} {low:g}"
+           + (f" and < {high:g}" if math.isfinite(high) else " (finite)"))
+  number = None
+  if not isinstance(value, (str, bytes, bool)) and not callable(value):
+    try:
+      number = float(value)  # Python, NumPy and concrete JAX scalars
+    except (TypeError, ValueError):
+      pass
+  if number is None or not (number >= low if low_included else number > low
+                            ) or not number < high:
+    extra = (": learning_rate is the peak of the official per-epoch cosine; "
+             "for another schedule build the optax chain yourself"
+             if callable(value) and key == "learning_rate" else "")
+    raise ValueError(f"config.{key}={value!r} must be a number {bound}{extra}")
+  return number
 
 
-def _number(config: Any, key: str, official: float, low: float, high: float
-            ) -> float:
-  """config[key] as a float in [low, high); ValueError naming it otherwise."""
-  value = _get(config, key)
-  if value is None:
-    raise ValueError(f"config has no {key!r}; the optimiser needs it (the "
-                     f"official value is {official}; 0 switches it off)")
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      low <= value < high):
-    bound = f" and < {high:g}" if math.isfinite(high) else " (finite)"
-    raise ValueError(f"config.{key}={value!r} must be a number >= {low:g}"
-                     f"{bound}")
-  return float(value)
+def _integer(config: Any, key: str, default: int | None = None) -> int:
+  """config[key] as an int (an integral float such as 2.0 too)."""
+  number = _number(config, key, low=-math.inf, default=default)
+  if number != int(number):
+    raise ValueError(f"config.{key}={_get(config, key)!r} must be a whole "
+                     f"number")
+  return int(number)
 
 
 def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
@@ -159,10 +177,10 @@ def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
   1-epoch run at `learning_rate / 2`), and `num_epochs=399` is the official
   CIFAR recipe to the step.
   """
-  num_train_steps = int(_get(config, "num_train_steps", 0) or 0)
+  num_train_steps = _integer(config, "num_train_steps", default=0)
   if num_train_steps > 0:
     return float(math.ceil(num_train_steps / steps_per_epoch) + 1)
-  num_epochs = _require(config, "num_epochs")
+  num_epochs = _integer(config, "num_epochs")
   if num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive, got {num_epochs!r}")
   return float(num_epochs + 1)
@@ -195,7 +213,8 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int
   if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
     raise ValueError(
         f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
-  base = float(_require(config, "learning_rate"))
+  base = _number(config, "learning_rate", low_included=False,
+                 official="the official value is 0.1")
   total = schedule_epochs(config, steps_per_epoch)
 
   def schedule(count: chex.Numeric) -> jax.Array:
@@ -241,22 +260,30 @@ def make_optimizer(config: Any, params: Any,
     if steps_per_epoch is None:
       raise ValueError("make_optimizer needs steps_per_epoch (argument or "
                        "config.steps_per_epoch)")
+  if (isinstance(steps_per_epoch, bool) or
+      not isinstance(steps_per_epoch, numbers.Integral)):
+    raise ValueError(f"steps_per_epoch must be a positive int, got "
+                     f"{steps_per_epoch!r}")
   steps_per_epoch = int(steps_per_epoch)
   jax.tree.structure(params)  # a pytree, or a clear error here
-  eta = float(_get(config, "eta", 0.2))
-  if not 0 <= eta < math.inf:  # NaN or < 0 would switch it off silently
-    raise ValueError(f"eta must be a finite number >= 0 (0: no adaptive "
-                     f"learning rate), got {eta!r}")
-  adaptive = bool(_get(config, "adaptive_lr", True)) and eta > 0
+  # NaN or < 0 would switch the adaptive rate off silently.
+  eta = _number(config, "eta", default=0.2)
+  adaptive_lr = _get(config, "adaptive_lr", True)
+  if not isinstance(adaptive_lr, (bool, np.bool_)):
+    raise ValueError(f"config.adaptive_lr={adaptive_lr!r} must be True or "
+                     f"False")
+  adaptive = bool(adaptive_lr) and eta > 0
   chain = []
   if adaptive:
     chain.append(optax.masked(scale_by_adaptive_lr(eta), adder_mask))
   # Required, not defaulted: a config lacking them silently trained without
   # the official momentum 0.9 / weight decay 5e-4 (0 switches either off).
-  weight_decay = _number(config, "weight_decay", 5e-4, 0.0, math.inf)
+  weight_decay = _number(config, "weight_decay", official=(
+      "the official value is 5e-4; 0 switches it off"))
   if weight_decay:
     chain.append(optax.add_decayed_weights(weight_decay))
-  momentum = _number(config, "momentum", 0.9, 0.0, 1.0)
+  momentum = _number(config, "momentum", high=1.0, official=(
+      "the official value is 0.9; 0 switches it off"))
   if momentum:
     chain.append(optax.trace(decay=momentum, nesterov=False))
   chain.append(optax.scale_by_learning_rate(

@@ -323,7 +323,8 @@ def test_eta_that_would_switch_the_adaptive_rate_off_is_refused():
   config = ml_collections.ConfigDict(dict(
       learning_rate=0.1, momentum=0.9, weight_decay=5e-4, num_epochs=2,
       num_train_steps=-1, eta=float("nan")))
-  with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+  with pytest.raises(ValueError, match=r"config.eta=nan must be a number >= "
+                     r"0 \(finite\)"):
     optim.make_optimizer(config, {"w": 1.0}, 10)
 
 

@@ -278,6 +278,19 @@ def test_make_optimizer_config_errors():
     ("momentum", "0.9", "config.momentum='0.9' must be a number"),
     ("weight_decay", -1e-4, "config.weight_decay=-0.0001 must be a number"),
     ("weight_decay", float("inf"), "config.weight_decay=inf must be"),
+    # found by using it: each was accepted (a negative or NaN rate trains
+    # backwards or to NaN) or failed with an error naming no field
+    ("learning_rate", -0.1, r"config.learning_rate=-0.1 must be a number > "
+     r"0 \(finite\)"),
+    ("learning_rate", float("nan"), "config.learning_rate=nan must be"),
+    ("learning_rate", "0.1", "config.learning_rate='0.1' must be a number"),
+    ("learning_rate", optax.constant_schedule(0.1),
+     "build the optax chain yourself"),
+    ("eta", -1.0, "config.eta=-1.0 must be a number >= 0"),
+    ("num_epochs", "2", "config.num_epochs='2' must be a number"),
+    ("num_epochs", 2.5, "config.num_epochs=2.5 must be a whole number"),
+    ("adaptive_lr", "false", "config.adaptive_lr='false' must be True or "
+     "False"),
 ])
 def test_make_optimizer_refuses_missing_or_bad_momentum_and_decay(
     key, value, message):
@@ -290,8 +303,24 @@ def test_make_optimizer_refuses_missing_or_bad_momentum_and_decay(
     config[key] = value
   with pytest.raises(ValueError, match=message):
     optim.make_optimizer(config, _params(), 3)
-  config[key] = 0
-  optim.make_optimizer(config, _params(), 3)  # 0 switches it off
+  if key in ("momentum", "weight_decay"):
+    config[key] = 0
+    optim.make_optimizer(config, _params(), 3)  # 0 switches it off
+
+
+def test_make_optimizer_takes_numpy_and_jax_scalars():
+  config = {**_config().to_dict(), "learning_rate": np.float32(0.1),
+            "momentum": jnp.float32(0.9), "weight_decay": jnp.asarray(5e-4),
+            "num_epochs": np.int64(400)}
+  got = optim.make_optimizer(config, _params(), np.int64(7))
+  want = optim.make_optimizer(_config(), _params(), 7)
+  grads = jax.tree.map(lambda p: p * 2.0, _params())
+  chex.assert_trees_all_close(
+      got.update(grads, got.init(_params()), _params())[0],
+      want.update(grads, want.init(_params()), _params())[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="steps_per_epoch must be a positive "
+                     "int, got 2.5"):
+    optim.make_optimizer(_config(), _params(), 2.5)
 
 
 def test_adaptive_lr_disabled():
