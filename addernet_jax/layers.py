@@ -47,13 +47,37 @@ def _padding(padding: Any) -> Any:
   return padding
 
 
+def _check_features(value: Any, name: str, layer: str) -> int:
+  """`value` if it is a positive int (NumPy ints too); ValueError else."""
+  number = ops.as_int(value)
+  if number is None or number < 1:
+    raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
+  return number
+
+
+def _check_channels(x: jax.Array, expected: int, layer: str, what: str,
+                    rank: int | None = None) -> None:
+  """ValueError naming the layer if `x`'s last axis is not `expected`."""
+  if rank is not None and x.ndim != rank:
+    raise ValueError(f"{layer}: input must be NHWC (rank {rank}), got shape "
+                     f"{tuple(x.shape)}")
+  if x.ndim < 2 and rank is None:
+    raise ValueError(f"{layer}: input must have a batch and a feature axis, "
+                     f"got shape {tuple(x.shape)}")
+  if x.shape[-1] != expected:
+    hint = ("; if x is NCHW, transpose it to NHWC with x.transpose(0, 2, 3, "
+            "1)" if rank == 4 and x.shape[1] == expected else "")
+    raise ValueError(f"{layer}: input has {x.shape[-1]} {what} (last axis, "
+                     f"shape {tuple(x.shape)}) but the layer expects "
+                     f"{expected} (in_features){hint}")
+
+
 def _dense_as_conv(x: jax.Array, kernel: jax.Array,
                    implementation: str | None,
-                   gradient: str = "official") -> jax.Array:
+                   gradient: str = "official",
+                   layer: str = "AdderDense") -> jax.Array:
   """A 1x1 adder on a 1x1 map: y[n, o] = -sum_c |x[n, c] - kernel[c, o]|."""
-  if x.ndim < 2:
-    raise ValueError(f"AdderDense: input must have a feature axis, got shape "
-                     f"{tuple(x.shape)}")
+  _check_channels(x, kernel.shape[0], layer, "features")
   batch_shape = x.shape[:-1]
   x2 = x.reshape((-1, 1, 1, x.shape[-1]))
   y = ops.adder_conv(x2, kernel[None, None], padding="VALID",
@@ -98,8 +122,9 @@ class AdderConv(nn.Module):
                        f"{tuple(x.shape)}")
     kh, kw = _pair(self.kernel_size)
     strides = _pair(self.strides, "strides")
+    features = _check_features(self.features, "features", "AdderConv")
     kernel = self.param(ADDER_KERNEL, self.kernel_init,
-                        (kh, kw, x.shape[-1], self.features), self.param_dtype)
+                        (kh, kw, x.shape[-1], features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
                        strides=strides, padding=_padding(self.padding),
@@ -125,8 +150,12 @@ class AdderDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    features = _check_features(self.features, "features", "AdderDense")
+    if x.ndim < 2:
+      raise ValueError(f"AdderDense: input must have a batch and a feature "
+                       f"axis, got shape {tuple(x.shape)}")
     kernel = self.param(ADDER_KERNEL, self.kernel_init,
-                        (x.shape[-1], self.features), self.param_dtype)
+                        (x.shape[-1], features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = _dense_as_conv(x.astype(dtype), kernel.astype(dtype),
                        self.implementation, self.gradient)
@@ -150,6 +179,9 @@ class AdderConvNNX(nnx.Module):
                implementation: str | None = None,
                gradient: str = "official", rngs: nnx.Rngs):
     kh, kw = _pair(kernel_size, layer="AdderConvNNX")
+    in_features = _check_features(in_features, "in_features", "AdderConvNNX")
+    out_features = _check_features(out_features, "out_features",
+                                   "AdderConvNNX")
     self.adder_kernel = nnx.Param(kernel_init(
         rngs.params(), (kh, kw, in_features, out_features), param_dtype))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
@@ -162,6 +194,7 @@ class AdderConvNNX(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.adder_kernel[...]
+    _check_channels(x, kernel.shape[2], "AdderConvNNX", "channels", rank=4)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
                        strides=self.strides, padding=self.padding,
@@ -181,6 +214,9 @@ class AdderDenseNNX(nnx.Module):
                kernel_init: Any = nnx.initializers.normal(stddev=1.0),
                implementation: str | None = None,
                gradient: str = "official", rngs: nnx.Rngs):
+    in_features = _check_features(in_features, "in_features", "AdderDenseNNX")
+    out_features = _check_features(out_features, "out_features",
+                                   "AdderDenseNNX")
     self.adder_kernel = nnx.Param(kernel_init(
         rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
@@ -193,7 +229,7 @@ class AdderDenseNNX(nnx.Module):
     kernel = self.adder_kernel[...]
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = _dense_as_conv(x.astype(dtype), kernel.astype(dtype),
-                       self.implementation, self.gradient)
+                       self.implementation, self.gradient, "AdderDenseNNX")
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y

@@ -208,11 +208,12 @@ def _check_inputs(x, w) -> None:
                       f"float16, got {arr.dtype}")
   if x.shape[3] != w.shape[2]:
     hints = []
+    # Only where the transposed array would fit (a guess, so worded as one).
     if x.shape[1] == w.shape[2]:
-      hints.append("x looks NCHW: transpose it to NHWC with "
+      hints.append("if x is NCHW, transpose it to NHWC with "
                    "x.transpose(0, 2, 3, 1)")
-    if w.shape[1] == x.shape[3]:
-      hints.append("w looks OIHW (PyTorch): transpose it to HWIO with "
+    if w.shape[1] == x.shape[3] and w.shape[2] == w.shape[3]:
+      hints.append("if w is OIHW (PyTorch), transpose it to HWIO with "
                    "w.transpose(2, 3, 1, 0)")
     hint = f" ({'; '.join(hints)})" if hints else ""
     raise ValueError(f"adder_conv: input channels do not match: x {tuple(x.shape)} "

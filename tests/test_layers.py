@@ -126,6 +126,40 @@ def test_bad_kernel_size_or_strides_raise_clear_error(kwargs, match):
     layers.AdderConvNNX(2, 4, **kwargs, rngs=nnx.Rngs(0))
 
 
+def test_layers_name_features_and_channel_mismatches():
+  """Found by using the layers: a negative width failed in MLIR, the NNX
+  layers' channel errors spoke of reshaped arrays (x (2, 1, 1, 3)) or
+  guessed NCHW/OIHW wrongly, never naming in_features."""
+  key = jax.random.key(0)
+  for layer in (layers.AdderConv(-1), layers.AdderDense(0)):
+    with pytest.raises(ValueError, match=r"features must be a positive int, "
+                       r"got (-1|0)"):
+      layer.init(key, jnp.ones((1, 5, 5, 3)))
+  with pytest.raises(ValueError, match="AdderDenseNNX: out_features must be"):
+    layers.AdderDenseNNX(3, -2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="AdderConvNNX: in_features must be"):
+    layers.AdderConvNNX(2.5, 4, rngs=nnx.Rngs(0))
+  dense = layers.AdderDenseNNX(4, 5, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"^AdderDenseNNX: input has 3 "
+                     r"features \(last axis, shape \(2, 3\)\) but the layer "
+                     r"expects 4 \(in_features\)$"):
+    dense(jnp.ones((2, 3)))
+  conv = layers.AdderConvNNX(5, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError) as err:
+    conv(jnp.ones((2, 5, 6, 3)))
+  assert str(err.value) == (
+      "AdderConvNNX: input has 3 channels (last axis, shape (2, 5, 6, 3)) but "
+      "the layer expects 5 (in_features); if x is NCHW, transpose it to NHWC "
+      "with x.transpose(0, 2, 3, 1)")
+  with pytest.raises(ValueError, match=r"AdderConvNNX: input must be NHWC "
+                     r"\(rank 4\)"):
+    conv(jnp.ones((5, 6, 5)))
+  # A 3x3 HWIO filter on RGB input is not "OIHW" (w.shape[1] == 3 alone).
+  with pytest.raises(ValueError) as err:
+    ops.adder_conv(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 2, 4)))
+  assert "OIHW" not in str(err.value) and "NCHW" not in str(err.value)
+
+
 def test_numpy_int_kernel_size_and_strides():
   """Sizes read from NumPy arrays/configs raised "'numpy.int64' object is
   not iterable"."""

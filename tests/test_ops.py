@@ -356,9 +356,9 @@ W = jnp.ones((3, 3, 3, 4), jnp.float32)
      ValueError, "only 2-D convolutions"),
     # Plausible layout mistakes get a hint naming the fix.
     (lambda: ops.adder_conv(jnp.ones((1, 3, 5, 6)), W), ValueError,
-     r"x looks NCHW: transpose it to NHWC"),
+     r"if x is NCHW, transpose it to NHWC"),
     (lambda: ops.adder_conv(X, jnp.ones((4, 3, 2, 2))), ValueError,
-     r"w looks OIHW \(PyTorch\)"),
+     r"if w is OIHW \(PyTorch\)"),
     (lambda: ops.adder_conv(X[..., :0], W[:, :, :0]), ValueError,
      "non-empty window and at least one input channel"),
     (lambda: ops.adder_conv(X, W, strides=True), ValueError,
