@@ -227,3 +227,7 @@ def test_nchw_batch_is_named(name, size, channels, conv):
                      rf"{channels + 1}\)") as error:
     apply((2, size, size, channels + 1))
   assert "NCHW" not in str(error.value)
+  # An empty batch: ZeroDivisionError or IndexError from a reshape before.
+  with pytest.raises(ValueError, match=r"the batch is empty, got shape "
+                     rf"\(0, {size}, {size}, {channels}\)"):
+    apply((0, size, size, channels))

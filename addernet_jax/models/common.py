@@ -196,6 +196,8 @@ def check_images(x: jax.Array, model: str, min_size: int = 1, *,
   if len(shape) != 4:
     raise ValueError(f"{model}: input must be a batch of NHWC images (rank "
                      f"4), got shape {shape}")
+  if shape[0] == 0:  # the reshape before the classifier cannot infer -1
+    raise ValueError(f"{model}: the batch is empty, got shape {shape}")
   channels = _stem_channels(module, stem) if module is not None else None
   if channels is not None and shape[3] != channels:
     hint = ("; it looks like NCHW: transpose it to NHWC with "
