@@ -20,6 +20,7 @@ included), linear weights (O, I) -> (I, O).
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -159,11 +160,14 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
   if model_name not in SUPPORTED_MODELS:
     raise ValueError(f"unknown model {model_name!r}; choose one of "
                      f"{SUPPORTED_MODELS}")
-  if in_channels is not None and (not isinstance(in_channels, int)
+  if in_channels is not None and (not isinstance(in_channels,
+                                                 numbers.Integral)
                                   or isinstance(in_channels, bool)
                                   or in_channels < 1):
     raise ValueError(f"in_channels must be a positive int or None, got "
                      f"{in_channels!r}")
+  if in_channels is not None:
+    in_channels = int(in_channels)  # a NumPy int from a dataset's shape
   state = _state_dict(state_dict, source)
   classifier = _CLASSIFIER.get(model_name, "fc")
   stem = _STEM.get(model_name, "conv1")
@@ -296,6 +300,14 @@ def infer_model_kwargs(variables: Mapping[str, Any]) -> dict[str, Any]:
   `num_classes` is the size of the classifier ('fc', or LeNet's 'fc3');
   `conv` is "adder" when any parameter is an adder filter, else "mult".
   """
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    keys = sorted(map(str, variables)) if isinstance(variables,
+                                                      Mapping) else None
+    found = (type(variables).__name__ if keys is None else
+             f"keys {', '.join(keys[:4])}{', ...' if keys[4:] else ''}")
+    raise ValueError(f"infer_model_kwargs takes a model's variables (a "
+                     f"mapping with 'params', as load_torch_checkpoint "
+                     f"returns), got {found}")
   leaves = traverse_util.flatten_dict(dict(variables["params"]))
   conv = ("adder" if any(p[-1] == layers.ADDER_KERNEL for p in leaves)
           else "mult")

@@ -472,6 +472,9 @@ def test_num_classes_inferred_and_mult_twin():
   variables = convert.convert_state_dict(flat, "resnet20")
   assert convert.infer_model_kwargs(variables) == {"num_classes": 100,
                                                    "conv": "mult"}
+  with pytest.raises(ValueError, match=r"takes a model's variables .* got "
+                     r"keys bn1, bn2, conv1, fc, ...$"):  # the params passed: KeyError before
+    convert.infer_model_kwargs(variables["params"])
   np.testing.assert_array_equal(
       np.asarray(variables["params"]["layer2_0"]["downsample_conv"]["kernel"]),
       flat["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
@@ -625,6 +628,10 @@ def test_in_channels_refuses_a_stem_for_other_images():
   assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 16)
   with pytest.raises(ValueError, match="in_channels must be a positive int"):
     convert.convert_state_dict(state, "resnet20", in_channels=0)
+  # A dataset's shape gives NumPy ints (refused before).
+  variables = convert.convert_state_dict(state, "resnet20",
+                                         in_channels=np.int64(3))
+  assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 16)
 
 
 def test_load_torch_checkpoint_in_channels(tmp_path):
