@@ -26,6 +26,7 @@ memory traffic).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,7 +110,16 @@ def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
                      f"{models_lib.MODEL_NAMES} or {models_lib.SR_MODEL_NAMES}")
   if sr and scale is None:
     raise ValueError(f"{model_name} is a super-resolution model: give scale=")
-  shape = tuple(int(s) for s in input_shape)
+  if sr and num_classes is not None:
+    raise ValueError(f"{model_name} is a super-resolution model: it takes no "
+                     f"num_classes=")
+  if not sr and scale is not None:
+    raise ValueError(f"scale= is for the super-resolution models "
+                     f"{models_lib.SR_MODEL_NAMES}, not {model_name!r}")
+  try:
+    shape = tuple(operator.index(s) for s in input_shape)  # 32.5 is refused
+  except TypeError:
+    shape = ()
   if len(shape) == 3:
     shape = (1,) + shape
   if len(shape) != 4 or any(s <= 0 for s in shape):
@@ -181,6 +191,7 @@ def estimate_energy_pj(totals: dict[str, int], precision: str = "fp32"
   "int8"). An estimate of the arithmetic only: memory access, which often
   dominates, is not included."""
   cost = _check_key(ENERGY_PJ, precision, "precision")
+  totals = _check_totals(totals)
   return totals["mul"] * cost["mul"] + totals["add"] * cost["add"]
 
 
@@ -190,7 +201,18 @@ def estimate_cycles(totals: dict[str, int], processor: str = "via_nano_2000"
   `CYCLES[processor]`, every operation after the previous one (the
   accounting of the AdderNet paper's example)."""
   cost = _check_key(CYCLES, processor, "processor")
+  totals = _check_totals(totals)
   return totals["mul"] * cost["mul"] + totals["add"] * cost["add"]
+
+
+def _check_totals(totals: Any) -> dict[str, int]:
+  """`totals` if it holds "mul" and "add" counts; the whole `count_ops`
+  result gives a ValueError pointing at its "total"."""
+  if isinstance(totals, dict) and "mul" in totals and "add" in totals:
+    return totals
+  hint = (': pass count_ops(...)["total"], not the whole result'
+          if isinstance(totals, dict) and "total" in totals else "")
+  raise ValueError(f'totals must be a dict with "mul" and "add" counts{hint}')
 
 
 def format_energy(pj: float) -> str:

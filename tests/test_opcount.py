@@ -101,6 +101,19 @@ def test_bad_arguments():
     opcount.count_ops("resnet20", (32, 32))
   with pytest.raises(ValueError, match="conv"):
     opcount.count_ops("resnet20", (32, 32, 3), conv="shift")
+  # Found by using it: truncated (32.5 -> 32) or ignored silently, or a
+  # KeyError: 'mul' for the whole count_ops result.
+  with pytest.raises(ValueError, match=r"input_shape .* got \(32.5, 32, 3\)"):
+    opcount.count_ops("resnet20", (32.5, 32, 3))
+  with pytest.raises(ValueError, match="scale= is for the super-resolution"):
+    opcount.count_ops("resnet20", (32, 32, 3), scale=2)
+  with pytest.raises(ValueError, match="vdsr is a super-resolution model: it "
+                     "takes no num_classes="):
+    opcount.count_ops("vdsr", (16, 16, 1), scale=2, num_classes=10)
+  with pytest.raises(ValueError, match=r'pass count_ops\(...\)\["total"\]'):
+    opcount.estimate_energy_pj({"total": {"mul": 1, "add": 1}, "layers": []})
+  with pytest.raises(ValueError, match='"mul" and "add" counts'):
+    opcount.estimate_cycles({"macs": 3})
 
 
 def test_format_count():
