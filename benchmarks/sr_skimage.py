@@ -14,7 +14,7 @@ bicubic interpolation.
 
 The defaults are the README's table (about 6 minutes on a 2-core CPU). A
 smoke-sized experiment, not the paper's: small networks, few steps, 10
-training images. Needs scikit-image (`pip install -e .[sr]`).
+training images. Needs scikit-image (`pip install -e ".[sr]"`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Run:
   python train.py --config configs/cifar100_vgg_small_pkkd.py \
       --workdir /tmp/cifar100_vgg_small_pkkd --config.data_dir=/path/to/data
   python eval.py --config configs/cifar100_vgg_small_pkkd.py \
-      --checkpoint /tmp/cifar100_vgg_small_pkkd  # evaluates the student
+      --checkpoint /tmp/cifar100_vgg_small_pkkd --config.data_dir=/path/to/data
+  (eval.py evaluates the student)
 
 Expected result: the paper reports CIFAR-100 VGG-small too; its figure is not
 quoted here (not checked against the paper's table). Xu et al., "Kernel Based

@@ -8,7 +8,8 @@ Run:
   python train.py --config configs/cifar10_resnet20_pkkd.py \
       --workdir /tmp/cifar10_resnet20_pkkd --config.data_dir=/path/to/data
   python eval.py --config configs/cifar10_resnet20_pkkd.py \
-      --checkpoint /tmp/cifar10_resnet20_pkkd  # evaluates the student
+      --checkpoint /tmp/cifar10_resnet20_pkkd --config.data_dir=/path/to/data
+  (eval.py evaluates the student)
 
 Expected result: top-1 92.96% for the PKKD ANN against 92.02% for the same ANN
 trained without it (paper, CIFAR-10 table). Xu et al., "Kernel Based

@@ -8,7 +8,8 @@ Run:
   python train.py --config configs/cifar10_resnet32_pkkd.py \
       --workdir /tmp/cifar10_resnet32_pkkd --config.data_dir=/path/to/data
   python eval.py --config configs/cifar10_resnet32_pkkd.py \
-      --checkpoint /tmp/cifar10_resnet32_pkkd  # evaluates the student
+      --checkpoint /tmp/cifar10_resnet32_pkkd --config.data_dir=/path/to/data
+  (eval.py evaluates the student)
 
 Expected result: the paper reports CIFAR-10 ResNet-32 too; its figure is not
 quoted here (not checked against the paper's table). Xu et al., "Kernel Based

@@ -8,7 +8,8 @@ Run:
   python train.py --config configs/cifar10_vgg_small_pkkd.py \
       --workdir /tmp/cifar10_vgg_small_pkkd --config.data_dir=/path/to/data
   python eval.py --config configs/cifar10_vgg_small_pkkd.py \
-      --checkpoint /tmp/cifar10_vgg_small_pkkd  # evaluates the student
+      --checkpoint /tmp/cifar10_vgg_small_pkkd --config.data_dir=/path/to/data
+  (eval.py evaluates the student)
 
 Expected result: top-1 95.03% for the PKKD ANN (paper, CIFAR-10 table). Xu et
 al., "Kernel Based Progressive Distillation for Adder Neural Networks",

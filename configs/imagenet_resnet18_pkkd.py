@@ -12,7 +12,8 @@ Run:
   python train.py --config configs/imagenet_resnet18_pkkd.py \
       --workdir /tmp/imagenet_resnet18_pkkd --config.data_dir=/path/to/data
   python eval.py --config configs/imagenet_resnet18_pkkd.py \
-      --checkpoint /tmp/imagenet_resnet18_pkkd  # evaluates the student
+      --checkpoint /tmp/imagenet_resnet18_pkkd --config.data_dir=/path/to/data
+  (eval.py evaluates the student)
 
 Expected result: the paper reports ImageNet ResNet-18 too; its figure is not
 quoted here (not checked against the paper's table). Xu et al., "Kernel Based

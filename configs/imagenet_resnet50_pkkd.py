@@ -12,7 +12,8 @@ Run:
   python train.py --config configs/imagenet_resnet50_pkkd.py \
       --workdir /tmp/imagenet_resnet50_pkkd --config.data_dir=/path/to/data
   python eval.py --config configs/imagenet_resnet50_pkkd.py \
-      --checkpoint /tmp/imagenet_resnet50_pkkd  # evaluates the student
+      --checkpoint /tmp/imagenet_resnet50_pkkd --config.data_dir=/path/to/data
+  (eval.py evaluates the student)
 
 Expected result: top-1 76.8% for the PKKD ANN-50, 0.6% above the CNN
 ResNet-50's 76.2% (paper, abstract and ImageNet table). Xu et al., "Kernel

@@ -4,7 +4,7 @@ Run:
   python train.py --config configs/sr_edsr_x4.py --workdir DIR \
       --config.data_dir=/path/DIV2K_train_HR --config.eval_data_dir=/path/Set5
 
-Expected result: the paper reports x4 and x4 for AdderSR EDSR as well (its
+Expected result: the paper reports x3 and x4 for AdderSR EDSR as well (its
 Table 3); only the x2 Set5 figures (37.92 / 0.9589 AdderSR, 38.11 / 0.9601
 CNN) are quoted in this repository. EDSR trains x3 and x4 starting from the
 x2 model; that initialisation is not implemented here (from scratch).
