@@ -1140,13 +1140,37 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   info = data_lib.dataset_info(config.dataset)
   if (int(config.get("recalibrate_bn_batches", 0) or 0) > 0
       and use_in_memory(config, info)):
-    result = _evaluate_with_recalibration(config, info, restored.state, step)
+    result = _evaluate_with_recalibration(
+        _with_training_batches(config, restored.meta), info, restored.state,
+        step)
   else:
     result = eval_lib.evaluate_variables(config, build_model(config),
                                          restored.state)
   return {**result, "step": step,
           "checkpoint": str(Path(workdir).expanduser().absolute()),
           "which": restored.which}
+
+
+def _with_training_batches(config: ml_collections.ConfigDict,
+                           meta: dict[str, Any]) -> ml_collections.ConfigDict:
+  """`config` with the seed and batch size the checkpoint's run trained with
+  (its meta), which choose the training batches BatchNorm is re-estimated
+  on: evaluating with other values (an override not repeated) gave another
+  top1_recalibrated than training's, without a word."""
+  changes = {key: meta[key] for key in ("seed", "batch_size")
+             if isinstance(meta.get(key), int)
+             and not isinstance(meta[key], bool)
+             and meta[key] != config.get(key)}
+  if not changes:
+    return config
+  log.info("re-estimating BatchNorm statistics on the training batches the "
+           "checkpoint was trained with: %s (from its meta; the config has "
+           "%s)", ", ".join(f"{k}={v}" for k, v in changes.items()),
+           ", ".join(f"{k}={config.get(k)}" for k in changes))
+  config = config.copy_and_resolve_references()
+  for key, value in changes.items():
+    config[key] = value
+  return config
 
 
 def _evaluate_with_recalibration(config: ml_collections.ConfigDict,
