@@ -112,6 +112,9 @@ def evaluate() -> dict:
     result = train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint,
                                            which=FLAGS.which)
   if FLAGS.attacks:
+    caveat = attacks_lib.running_statistics_caveat(result)
+    if caveat:
+      logging.warning("%s", caveat)
     print(attacks_lib.TABLE_HEADER, flush=True)
     result["attacks"] = attacks_lib.evaluate_attacks(
         FLAGS.config, FLAGS.attacks, checkpoint=FLAGS.checkpoint,

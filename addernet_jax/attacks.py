@@ -44,7 +44,7 @@ import math
 import re
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from jax import lax
@@ -545,6 +545,20 @@ def evaluate_attacks(config: ml_collections.ConfigDict,
 TABLE_HEADER = (f"{'attack':<8} {'gradient':<9} {'examples':>8} "
                 f"{'clean top-1':>11} {'attacked top-1':>14} "
                 f"{'attacked loss':>13} {'seconds':>8}")
+
+
+def running_statistics_caveat(result: Mapping[str, Any],
+                              gap: float = 0.05) -> str | None:
+  """A warning when an evaluation's `top1` (running BatchNorm statistics,
+  which the attacks use) trails its `top1_recalibrated` by more than `gap`,
+  as after a short run; None otherwise."""
+  recalibrated = result.get("top1_recalibrated")
+  if recalibrated is None or recalibrated - result["top1"] <= gap:
+    return None
+  return (f"the attacks use the checkpoint's running BatchNorm statistics, "
+          f"with which it scores {100 * result['top1']:.2f}% top-1 against "
+          f"{100 * recalibrated:.2f}% with statistics re-estimated (usual "
+          f"after a short run): the attack rows describe that weaker model")
 
 
 def format_row(row: dict[str, Any]) -> str:
