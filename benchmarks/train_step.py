@@ -142,7 +142,9 @@ def error_vs_xla(config, params, batch_stats, images, labels) -> dict:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--model", default=None,
+                      help="model name (default: the config's, or resnet20 "
+                      "without --config)")
   parser.add_argument("--config", default=None,
                       help="config file (default: configs/cifar10_resnet20.py"
                       ", or the model's dataset config)")
@@ -170,10 +172,14 @@ def main(argv=None) -> dict:
                       help="also append the JSON line to this file")
   args = parser.parse_args(argv)
 
+  if args.model is None and args.config is None:
+    args.model = "resnet20"
   config_path = args.config or DEFAULT_CONFIG.get(
       args.model, "configs/cifar10_resnet20.py")
   config = load_config(config_path)
-  config.model, config.conv, config.dtype = args.model, args.conv, args.dtype
+  if args.model is not None:  # --config alone keeps the config's model
+    config.model = args.model
+  config.conv, config.dtype = args.conv, args.dtype
   config.implementation = args.implementation
   if args.batch:
     config.batch_size = args.batch
@@ -218,6 +224,8 @@ def main(argv=None) -> dict:
     step_args = lambda i: (x, y)
     step_name = "train_lib.make_streaming_train_step"
 
+  print(f"compiling and timing {args.steps} steps of {step_name}",
+        file=sys.stderr, flush=True)
   start = time.perf_counter()
   with ops.record_backends() as record:
     step = step_fn.trace(state, *step_args(0)).lower().compile()
@@ -240,6 +248,9 @@ def main(argv=None) -> dict:
 
   eval_s = eval_compile_s = None
   if args.eval and in_memory:
+    print(f"timing the per-epoch evaluation: 3 evaluations of {num_test} "
+          f"test images, each with BatchNorm re-estimated (minutes on a CPU; "
+          f"--no-eval skips it)", file=sys.stderr, flush=True)
     evaluator = eval_lib.Evaluator(train_lib.build_model(config), info, mesh,
                                    config.eval_batch_size)
     start = time.perf_counter()
