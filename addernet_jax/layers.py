@@ -187,6 +187,7 @@ class AdderConvNNX(nnx.Module):
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
                  if use_bias else None)
     self.strides = _pair(strides, "strides", "AdderConvNNX")
+    ops.check_options(implementation, gradient, "AdderConvNNX")
     self.padding = _padding(padding)
     self.dtype = dtype
     self.implementation = implementation
@@ -215,6 +216,7 @@ class AdderDenseNNX(nnx.Module):
                implementation: str | None = None,
                gradient: str = "official", rngs: nnx.Rngs):
     in_features = _check_features(in_features, "in_features", "AdderDenseNNX")
+    ops.check_options(implementation, gradient, "AdderDenseNNX")
     out_features = _check_features(out_features, "out_features",
                                    "AdderDenseNNX")
     self.adder_kernel = nnx.Param(kernel_init(

@@ -146,6 +146,18 @@ def _select_backend(implementation: str | None, xp: jax.Array, w: jax.Array,
   return backend
 
 
+def check_options(implementation: str | None, gradient: str = "official",
+                  owner: str = "adder_conv") -> None:
+  """ValueError naming `owner` unless both are values `adder_conv` takes
+  (layers call it when built, not only when first applied)."""
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(f"{owner}: implementation must be None, 'xla' or "
+                     f"'pallas', got {implementation!r}")
+  if gradient not in GRADIENTS:
+    raise ValueError(f"{owner}: gradient must be 'official' or 'exact', "
+                     f"got {gradient!r}")
+
+
 def as_int(value: Any) -> int | None:
   """`value` as an int if it is an integer (Python, NumPy or a concrete 0-d
   integer array; not a bool, not a float such as 1.5), else None."""
@@ -438,12 +450,7 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
     backward: on the XLA path directly, with Pallas kernels through the
     reference's derivative of the same backward (kernels have none).
   """
-  if implementation not in (None, *IMPLEMENTATIONS):
-    raise ValueError(f"adder_conv: implementation must be None, 'xla' or "
-                     f"'pallas', got {implementation!r}")
-  if gradient not in GRADIENTS:
-    raise ValueError(f"adder_conv: gradient must be 'official' or 'exact', "
-                     f"got {gradient!r}")
+  check_options(implementation, gradient)
   _check_inputs(x, w)
   strides = positive_int_pair(strides, "strides")
   pads = _explicit_padding(padding, x.shape[1:3], w.shape[:2], strides)

@@ -154,6 +154,15 @@ def test_layers_name_features_and_channel_mismatches():
   with pytest.raises(ValueError, match=r"AdderConvNNX: input must be NHWC "
                      r"\(rank 4\)"):
     conv(jnp.ones((5, 6, 5)))
+  # Options are checked when the layer or model is built, not at first use.
+  with pytest.raises(ValueError, match="AdderConvNNX: implementation must be "
+                     "None, 'xla' or 'pallas', got 'cuda'"):
+    layers.AdderConvNNX(2, 3, implementation="cuda", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="AdderDenseNNX: gradient must be"):
+    layers.AdderDenseNNX(2, 3, gradient="exactly", rngs=nnx.Rngs(0))
+  from addernet_jax import models  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="get_model: implementation must be"):
+    models.get_model("resnet20", num_classes=10, implementation="foo")
   # A 3x3 HWIO filter on RGB input is not "OIHW" (w.shape[1] == 3 alone).
   with pytest.raises(ValueError) as err:
     ops.adder_conv(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 2, 4)))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from addernet_jax import layers
+from addernet_jax import layers, ops
 
 ModuleDef = Any
 CONV_KINDS = ("adder", "mult")
@@ -37,6 +37,7 @@ def conv_factory(conv: str, *, dtype: Any = jnp.float32,
   79.6%.
   """
   if conv == "adder":
+    ops.check_options(implementation, owner="get_model")
     return functools.partial(layers.AdderConv, use_bias=False,
                              dtype=ADDER_DTYPE, implementation=implementation)
   if conv == "mult":
