@@ -103,6 +103,8 @@ def _state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
     if not isinstance(key, str):
       raise ValueError(f"{path}: key {key!r} is a {type(key).__name__}, not "
                        f"a parameter name; not a plain state_dict")
+    if isinstance(value, jax.Array):
+      value = np.asarray(value)  # a JAX user's arrays: as good as NumPy's
     if not isinstance(value, np.ndarray):
       kind = type(value)
       name = (kind.__qualname__ if kind.__module__ == "builtins"

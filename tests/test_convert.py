@@ -681,3 +681,12 @@ def test_running_convert_as_a_command_explains_itself(tmp_path):
   assert "library module" in err[0] and "--torch_checkpoint" in err[0]
   assert "load_torch_checkpoint" in err[0]
   assert not (tmp_path / "out.npz").exists()
+
+
+def test_convert_state_dict_takes_jax_arrays():
+  """A JAX user's state dict (refused before: 'not a numpy array')."""
+  flat = _random_official_state("resnet20", 10, "adder", (32, 32, 3))
+  want = convert.convert_state_dict(flat, "resnet20")
+  got = convert.convert_state_dict(
+      {k: jnp.asarray(v) for k, v in flat.items()}, "resnet20")
+  jax.tree.map(np.testing.assert_array_equal, got, want)
