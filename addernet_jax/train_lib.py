@@ -535,6 +535,40 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "holdout_examples": int(config.get("holdout_examples", 0) or 0)}
 
 
+def schedule_identity(config: ml_collections.ConfigDict,
+                      steps_per_epoch: int) -> dict[str, float]:
+  """What a checkpoint's meta records of the learning-rate schedule: its peak
+  and its length in epochs (`optim.schedule_epochs`)."""
+  return {"learning_rate": float(config.learning_rate),
+          "schedule_epochs": optim.schedule_epochs(config, steps_per_epoch)}
+
+
+def schedule_change(meta: dict[str, Any], config: ml_collections.ConfigDict,
+                    steps_per_epoch: int, step: int) -> str | None:
+  """A warning when a resumed run's schedule differs from the checkpoint's
+  (e.g. num_epochs raised to train longer): the cosine is recomputed over
+  the new length, so the rate jumps at the resume step. None when it is the
+  same, or the meta predates these keys."""
+  old_lr, old_epochs = meta.get("learning_rate"), meta.get("schedule_epochs")
+  if not isinstance(old_lr, (int, float)) or not isinstance(
+      old_epochs, (int, float)):
+    return None
+  new = schedule_identity(config, steps_per_epoch)
+  if (math.isclose(old_lr, new["learning_rate"]) and
+      math.isclose(old_epochs, new["schedule_epochs"])):
+    return None
+  old_config = {"learning_rate": old_lr, "num_epochs": round(old_epochs) - 1,
+                "num_train_steps": 0}
+  before = float(optim.learning_rate_schedule(old_config, steps_per_epoch)(
+      step))
+  after = float(optim.learning_rate_schedule(config, steps_per_epoch)(step))
+  return (f"the learning-rate schedule differs from the checkpoint's run "
+          f"(peak {old_lr:g} -> {new['learning_rate']:g}, cosine over "
+          f"{old_epochs:g} -> {new['schedule_epochs']:g} epochs): from step "
+          f"{step} it follows the new one, so the rate goes from {before:.3g} "
+          f"to {after:.3g}")
+
+
 def check_meta(meta: Any, expected: dict[str, Any], keys: tuple[str, ...],
                where: str, advice: str) -> None:
   """ValueError listing every key of `keys` where a checkpoint's `meta`
@@ -792,6 +826,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  RESUME_ADVICE)
       log.info("resumed from step %d (%s)", start_step, meta)
       resumed_meta = meta if isinstance(meta, dict) else {}
+      change = schedule_change(resumed_meta, config, steps_per_epoch,
+                               start_step)
+      if change:
+        log.warning("%s", change)
       if start_step >= total_steps:
         log.warning("the checkpoint is at step %d, the config's last step is "
                     "%d: nothing to train, evaluating it", start_step,
@@ -967,6 +1005,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
       return
     meta = {"step": step, "epoch": step / steps_per_epoch,
             "steps_per_epoch": steps_per_epoch, **run_identity(config),
+            **schedule_identity(config, steps_per_epoch),
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
     # The loss checked for step s comes from the parameters before that

@@ -408,3 +408,29 @@ def test_library_log_filter_keeps_warnings_and_drops_probe_chatter():
   assert passes(absl, logging.ERROR, read_only, orbax_file)
   assert passes(absl, logging.WARNING, read_only)  # not from Orbax
   assert passes(absl, logging.INFO, "resumed from step %s %s")
+
+
+def test_resuming_with_another_schedule_is_named():
+  """Raising num_epochs to train longer recomputes the cosine over the new
+  length: the rate jumped at the resume step without a word."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from addernet_jax import optim, train_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(learning_rate=0.1, num_epochs=2,
+                                          num_train_steps=0))
+  meta = train_lib.schedule_identity(config, 22)
+  assert meta == {"learning_rate": 0.1, "schedule_epochs": 3.0}
+  assert train_lib.schedule_change(meta, config, 22, 44) is None
+  assert train_lib.schedule_change({}, config, 22, 44) is None  # older meta
+  longer = ml_collections.ConfigDict(dict(learning_rate=0.1, num_epochs=4,
+                                          num_train_steps=0))
+  before = float(optim.learning_rate_schedule(config, 22)(44))
+  after = float(optim.learning_rate_schedule(longer, 22)(44))
+  assert before == pytest.approx(0.025) and after == pytest.approx(0.03455,
+                                                                   rel=1e-3)
+  assert train_lib.schedule_change(meta, longer, 22, 44) == (
+      "the learning-rate schedule differs from the checkpoint's run (peak "
+      "0.1 -> 0.1, cosine over 3 -> 5 epochs): from step 44 it follows the "
+      f"new one, so the rate goes from {before:.3g} to {after:.3g}")
+  steps = ml_collections.ConfigDict(dict(learning_rate=0.1, num_epochs=2,
+                                         num_train_steps=44))
+  assert train_lib.schedule_change(meta, steps, 22, 44) is None  # same cosine
