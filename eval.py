@@ -66,6 +66,10 @@ flags.DEFINE_integer("attack_seed", 0, "Seed of the random starts (pgdN, "
                      "rfgsmN).")
 flags.DEFINE_integer("attack_max_examples", -1, "> 0: attack only this "
                      "many evenly spaced examples of the evaluation split.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of "
+                    "process 0 (jax.distributed), as for train.py.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -78,6 +82,9 @@ def main(argv):
   train_lib.warn_unknown_config_fields(FLAGS.config,
                                        configs.shipped_configs().values())
   try:
+    parallel.initialize_distributed(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     with train_lib.missing_config_fields_named():
       result = evaluate()
   except train_lib.USER_ERRORS as e:
@@ -88,6 +95,9 @@ def main(argv):
     train_lib.cli_error("interrupted")
     sys.stdout.flush()
     os._exit(130)  # pylint: disable=protected-access
+  except Exception as e:  # pylint: disable=broad-except
+    train_lib.exit_if_peer_failed(e)  # another host died: one line, exit 1
+    raise
   print(train_lib.json_line(result), flush=True)
   return 0
 

@@ -44,6 +44,9 @@ def main(argv):
       summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:
     return train_lib.cli_error(e)
+  except Exception as e:  # pylint: disable=broad-except
+    train_lib.exit_if_peer_failed(e)  # another host died: one line, exit 1
+    raise
   print(train_lib.json_line(summary), flush=True)
   return 0
 

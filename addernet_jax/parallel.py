@@ -91,6 +91,26 @@ def _enable_cpu_collectives() -> None:
     pass
 
 
+def _check_port_free(coordinator_address: str) -> None:
+  """ValueError if process 0 cannot listen on the coordinator's port (JAX
+  crashed with a segmentation fault, the other processes waited)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  port_text = coordinator_address.rsplit(":", 1)[1]
+  if not port_text.isdigit():
+    raise ValueError(f"coordinator_address must be HOST:PORT, got "
+                     f"{coordinator_address!r}")
+  try:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      # An earlier run's closed connections (TIME_WAIT) do not count.
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      s.bind(("", int(port_text)))
+  except OSError as e:
+    raise ValueError(f"process 0 cannot listen on port {port_text} of "
+                     f"coordinator_address {coordinator_address!r} ({e}): "
+                     f"another program (or an earlier run) holds it; choose "
+                     f"another port") from None
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None, *,
@@ -143,6 +163,12 @@ def initialize_distributed(coordinator_address: str | None = None,
       raise ValueError(f"coordinator_address must be HOST:PORT, got "
                        f"{coordinator_address!r}")
     _enable_cpu_collectives()
+    if process_id == 0 and coordinator_address is not None:
+      _check_port_free(coordinator_address)
+    logger.info("joining jax.distributed as process %s of %s (coordinator "
+                "%s); waiting up to %d s for every process: start the same "
+                "command on every host", process_id, num_processes,
+                coordinator_address, initialization_timeout)
     kwargs = {}
     if len(given) == 3:
       # A fully explicit launch: keep JAX from also applying a detected
@@ -165,6 +191,96 @@ def initialize_distributed(coordinator_address: str | None = None,
   _enable_cpu_collectives()
   jax.distributed.initialize(initialization_timeout=initialization_timeout)
   return True
+
+
+# --------------------------------------------------------------------------
+# Agreement between processes (a pod's hosts must run the same command).
+
+
+def _failing_processes(ok: bool) -> list[int]:
+  """The processes whose `ok` is False; the same list on every process (a
+  collective: every process must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array([int(bool(ok))],
+                                                     np.int32))
+  return [i for i, f in enumerate(np.asarray(flags).reshape(-1)) if not f]
+
+
+def broadcast_text(text: str) -> str:
+  """Process 0's `text`, on every process (a collective)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(text.encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(
+      np.array(len(data), np.int32)))
+  buffer = data.copy() if jax.process_index() == 0 else np.zeros(size,
+                                                                 np.uint8)
+  return bytes(np.asarray(
+      multihost_utils.broadcast_one_to_all(buffer))).decode()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+  return out
+
+
+def check_same_config(config: Mapping[str, Any]) -> None:
+  """ValueError on every process unless all processes run with the config of
+  process 0 (a flag given to one host only trained replicas that drift
+  apart, or hung at the end, without a word). No-op in one process."""
+  if jax.process_count() == 1:
+    return
+  import json  # pylint: disable=g-import-not-at-top
+  mine = json.dumps(config, sort_keys=True, default=str)
+  first = broadcast_text(mine)
+  failing = _failing_processes(mine == first)
+  if not failing:
+    return
+  advice = "every host must run the same command"
+  if mine != first:
+    here, there = _flat(json.loads(mine)), _flat(json.loads(first))
+    diffs = [f"{k} {here.get(k)!r} here, {there.get(k)!r} on process 0"
+             for k in sorted(set(here) | set(there))
+             if here.get(k) != there.get(k)]
+    raise ValueError(f"the config of process {jax.process_index()} differs "
+                     f"from process 0's: {'; '.join(diffs[:5])}; {advice}")
+  raise ValueError(f"the config of process(es) "
+                   f"{', '.join(map(str, failing))} differs from process 0's "
+                   f"(their errors name the fields); {advice}")
+
+
+def check_shared_directory(path: Any, what: str = "--workdir",
+                           wait_s: float = 60.0) -> None:
+  """ValueError on every process unless `path` is one folder all processes
+  see (each writes its part of every checkpoint there): process 0 writes a
+  file, the others look for it for up to `wait_s` seconds (network file
+  systems may show it late). A folder per host hung at the first save and
+  lost the checkpoint. No-op in one process."""
+  if jax.process_count() == 1:
+    return
+  import time  # pylint: disable=g-import-not-at-top
+  import uuid  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  marker = Path(path) / f".shared-check-{broadcast_text(uuid.uuid4().hex)}"
+  if jax.process_index() == 0:
+    marker.write_text("written by process 0 to check the folder is shared\n")
+  _failing_processes(True)  # a barrier: the file is written
+  deadline = time.monotonic() + wait_s
+  while not marker.exists() and time.monotonic() < deadline:
+    time.sleep(1.0)
+  missing = _failing_processes(marker.exists())
+  if jax.process_index() == 0:
+    marker.unlink(missing_ok=True)
+  if missing:
+    raise ValueError(
+        f"{what} {str(path)!r} is not one folder shared by every process: "
+        f"process(es) {', '.join(map(str, missing))} do not see the file "
+        f"process 0 wrote there. Every process writes its part of each "
+        f"checkpoint into it: give every host the same path on a shared file "
+        f"system (NFS, a mounted bucket)")
 
 
 # --------------------------------------------------------------------------

@@ -269,6 +269,24 @@ def _config_file_error(e: BaseException, argv: list[str]) -> NoReturn:
   sys.exit(2)
 
 
+def exit_if_peer_failed(error: BaseException) -> None:
+  """In a run of several processes, a failed cross-process computation
+  (`JaxRuntimeError`: another process stopped or died) prints one `error:`
+  line and leaves at once with status 1: a traceback, then minutes in JAX's
+  shutdown barrier waiting for the missing process, before. Returns
+  otherwise."""
+  if not (isinstance(error, jax.errors.JaxRuntimeError)
+          and jax.process_count() > 1):
+    return
+  first = (str(error).strip().splitlines() or [""])[0]
+  cli_error(f"process {jax.process_index()}: a computation shared with the "
+            f"other processes failed ({first[:200]}): another process "
+            f"probably stopped or died. Rerun the same command on every host "
+            f"to resume from the last checkpoint")
+  sys.stdout.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def _field_paths(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
   for key, value in config.items():
     yield prefix + key, value
@@ -774,6 +792,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   created = ckpt_lib.missing_directories(workdir)
   workdir = ckpt_lib.check_workdir(workdir)
+  parallel.check_same_config(config.to_dict())
+  parallel.check_shared_directory(workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
 

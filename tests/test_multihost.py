@@ -187,3 +187,67 @@ def test_sigterm_on_one_process_stops_all_at_the_same_step():
   stops = [[l for l in o.splitlines() if l.startswith("STOP")] for o in outs]
   assert stops[0] and stops[0] == stops[1], outs
   assert int(stops[0][0].split()[1]) >= 5
+
+
+_AGREEMENT_SCRIPT = """
+import sys
+from pathlib import Path
+from addernet_jax import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+pid, root = jax.process_index(), Path(sys.argv[3])
+own = root / f"host{pid}"
+own.mkdir(parents=True, exist_ok=True)
+for check in (lambda: parallel.check_shared_directory(own, wait_s=1),
+              lambda: parallel.check_same_config({"lr": 0.1, "n": pid})):
+  try:
+    check()
+    print("NO ERROR", flush=True)
+  except ValueError as e:
+    print("ERROR", e, flush=True)
+parallel.check_shared_directory(root, wait_s=1)
+parallel.check_same_config({"lr": 0.1, "opt": {"m": 0.9}})
+print("AGREED", sorted(p.name for p in root.iterdir()), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_processes_refuse_unshared_workdirs_and_differing_configs(tmp_path):
+  """Found rehearsing a pod on one machine: a folder per host hung at the
+  first save and lost the checkpoint; a flag given to one host only
+  trained drifting replicas (or hung at the end) without a word. Every
+  process now gets the error, at start-up."""
+  port = free_port()
+  commands = [[sys.executable, "-c", _AGREEMENT_SCRIPT, f"127.0.0.1:{port}",
+               str(i), str(tmp_path)] for i in range(2)]
+  outs = run_processes(commands, tp.worker_env(1), timeout=180)
+  for pid, out in enumerate(outs):
+    lines = out.splitlines()
+    errors = [l for l in lines if l.startswith(("ERROR", "NO ERROR"))]
+    assert len(errors) == 2, out
+    assert errors[0].startswith(f"ERROR --workdir '{tmp_path}/host{pid}' is "
+                                "not one folder shared by every process: "
+                                "process(es) 1 do not see"), out
+    if pid == 0:
+      assert errors[1] == ("ERROR the config of process(es) 1 differs from "
+                           "process 0's (their errors name the fields); "
+                           "every host must run the same command"), out
+    else:
+      assert errors[1] == ("ERROR the config of process 1 differs from "
+                           "process 0's: n 1 here, 0 on process 0; every "
+                           "host must run the same command"), out
+    # The shared folder passes, and the check leaves no file behind.
+    assert "AGREED ['host0', 'host1']" in lines, out
+
+
+def test_a_busy_coordinator_port_is_named():
+  """JAX's coordinator crashed (segmentation fault) on a port in use."""
+  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    with pytest.raises(ValueError, match=rf"process 0 cannot listen on port "
+                       rf"{port} .*choose another port"):
+      parallel._check_port_free(f"localhost:{port}")  # pylint: disable=protected-access
+  parallel._check_port_free(f"localhost:{port}")  # pylint: disable=protected-access
