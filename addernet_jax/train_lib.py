@@ -488,18 +488,21 @@ def make_streaming_train_step(mesh: jax.sharding.Mesh,
 class MetricsWriter:
   """metrics.jsonl and TensorBoard in the workdir (process 0 only).
 
-  A run resumed at `start_step` > 0 first appends `{"step": start_step,
-  "resumed_from_step": start_step}`: the lines above it past that step come
-  from the interrupted run after its last checkpoint, and readers
-  (`figures.read_metrics`) drop them.
+  A run resumed at `start_step` first appends `{"step": start_step,
+  "resumed_from_step": start_step}` (also at step 0 when the file has lines:
+  a run killed before its first checkpoint starts over): the lines above it
+  past that step come from the interrupted run after its last checkpoint,
+  and readers (`figures.read_metrics`) drop them.
   """
 
   def __init__(self, workdir: Path, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if enabled:
-      self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-      if start_step > 0:
+      path = workdir / "metrics.jsonl"
+      earlier = path.is_file() and path.stat().st_size > 0
+      self._file = open(path, "a", encoding="utf-8")
+      if start_step > 0 or earlier:
         self._file.write(json.dumps({"step": int(start_step),
                                      "resumed_from_step": int(start_step)})
                          + "\n")

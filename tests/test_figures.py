@@ -250,6 +250,16 @@ def test_read_metrics_drops_the_interrupted_runs_steps_after_a_resume(
   fresh.mkdir()
   train_lib.MetricsWriter(fresh, True, start_step=0).close()
   assert (fresh / "metrics.jsonl").read_text() == ""
+  # A run killed before its first checkpoint starts over from step 0: its
+  # lines were left in place, and its steps appeared twice.
+  killed = train_lib.MetricsWriter(fresh, True)
+  killed.write(2, {"train_loss": 7.0, "epoch": 1.0})
+  killed.close()
+  again = train_lib.MetricsWriter(fresh, True, start_step=0)
+  again.write(2, {"train_loss": 5.0, "epoch": 1.0})
+  again.close()
+  assert [(r["step"], r["train_loss"])
+          for r in figures.read_metrics(fresh)["train"]] == [(2, 5.0)]
 
 
 def test_read_metrics_warns_about_lines_that_are_not_json(tmp_path, caplog):
