@@ -590,6 +590,18 @@ def schedule_change(meta: dict[str, Any], config: ml_collections.ConfigDict,
           f"to {after:.3g}")
 
 
+def device_count_change(meta: dict[str, Any], num_devices: int
+                        ) -> str | None:
+  """A warning when a run resumes on another device count than its
+  checkpoint was written on (None if the same, or not recorded)."""
+  saved_on = meta.get("num_devices")
+  if not isinstance(saved_on, int) or saved_on == num_devices:
+    return None
+  return (f"resuming on {num_devices} devices a run checkpointed on "
+          f"{saved_on}: it continues correctly, but with another float32 "
+          f"summation order, so not bit-identical to an uninterrupted run")
+
+
 def check_meta(meta: Any, expected: dict[str, Any], keys: tuple[str, ...],
                where: str, advice: str) -> None:
   """ValueError listing every key of `keys` where a checkpoint's `meta`
@@ -853,6 +865,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                start_step)
       if change:
         log.warning("%s", change)
+      change = device_count_change(resumed_meta, num_devices)
+      if change:
+        log.warning("%s", change)
       if start_step >= total_steps:
         log.warning("the checkpoint is at step %d, the config's last step is "
                     "%d: nothing to train, evaluating it", start_step,
@@ -1029,6 +1044,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
     meta = {"step": step, "epoch": step / steps_per_epoch,
             "steps_per_epoch": steps_per_epoch, **run_identity(config),
             **schedule_identity(config, steps_per_epoch),
+            "num_devices": int(mesh.devices.size),
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
     # The loss checked for step s comes from the parameters before that

@@ -434,3 +434,13 @@ def test_resuming_with_another_schedule_is_named():
   steps = ml_collections.ConfigDict(dict(learning_rate=0.1, num_epochs=2,
                                          num_train_steps=44))
   assert train_lib.schedule_change(meta, steps, 22, 44) is None  # same cosine
+
+
+def test_resuming_on_another_device_count_is_named():
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  assert train_lib.device_count_change({"num_devices": 8}, 8) is None
+  assert train_lib.device_count_change({}, 8) is None  # older checkpoints
+  assert train_lib.device_count_change({"num_devices": 2}, 1) == (
+      "resuming on 1 devices a run checkpointed on 2: it continues "
+      "correctly, but with another float32 summation order, so not "
+      "bit-identical to an uninterrupted run")
