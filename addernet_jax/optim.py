@@ -167,6 +167,38 @@ def _integer(config: Any, key: str, default: int | None = None) -> int:
   return int(number)
 
 
+def _learning_rate(config: Any) -> float:
+  """The schedule's peak `config.learning_rate`, checked (> 0, finite)."""
+  return _number(config, "learning_rate", low_included=False,
+                 official="the official value is 0.1")
+
+
+def _hyperparameters(config: Any) -> tuple[float, float, float]:
+  """(eta, weight_decay, momentum) of `config`, checked; eta is 0 when the
+  adaptive rate is off (`adaptive_lr` False)."""
+  # NaN or < 0 would switch the adaptive rate off silently.
+  eta = _number(config, "eta", default=0.2)
+  adaptive_lr = _get(config, "adaptive_lr", True)
+  if not isinstance(adaptive_lr, (bool, np.bool_)):
+    raise ValueError(f"config.adaptive_lr={adaptive_lr!r} must be True or "
+                     f"False")
+  # Required, not defaulted: a config lacking them silently trained without
+  # the official momentum 0.9 / weight decay 5e-4 (0 switches either off).
+  weight_decay = _number(config, "weight_decay", official=(
+      "the official value is 5e-4; 0 switches it off"))
+  momentum = _number(config, "momentum", high=1.0, official=(
+      "the official value is 0.9; 0 switches it off"))
+  return (eta if adaptive_lr else 0.0), weight_decay, momentum
+
+
+def check_config(config: Any) -> None:
+  """ValueError naming the first optimiser field of `config` that
+  `make_optimizer` would refuse (`learning_rate`, `eta`, `adaptive_lr`,
+  `weight_decay`, `momentum`), before any data is loaded."""
+  _learning_rate(config)
+  _hyperparameters(config)
+
+
 def schedule_epochs(config: Any, steps_per_epoch: int) -> float:
   """Length, in epochs, of the cosine: the run's epochs plus one.
 
@@ -213,8 +245,7 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int
   if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
     raise ValueError(
         f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
-  base = _number(config, "learning_rate", low_included=False,
-                 official="the official value is 0.1")
+  base = _learning_rate(config)
   total = schedule_epochs(config, steps_per_epoch)
 
   def schedule(count: chex.Numeric) -> jax.Array:
@@ -266,24 +297,12 @@ def make_optimizer(config: Any, params: Any,
                      f"{steps_per_epoch!r}")
   steps_per_epoch = int(steps_per_epoch)
   jax.tree.structure(params)  # a pytree, or a clear error here
-  # NaN or < 0 would switch the adaptive rate off silently.
-  eta = _number(config, "eta", default=0.2)
-  adaptive_lr = _get(config, "adaptive_lr", True)
-  if not isinstance(adaptive_lr, (bool, np.bool_)):
-    raise ValueError(f"config.adaptive_lr={adaptive_lr!r} must be True or "
-                     f"False")
-  adaptive = bool(adaptive_lr) and eta > 0
+  eta, weight_decay, momentum = _hyperparameters(config)
   chain = []
-  if adaptive:
+  if eta > 0:
     chain.append(optax.masked(scale_by_adaptive_lr(eta), adder_mask))
-  # Required, not defaulted: a config lacking them silently trained without
-  # the official momentum 0.9 / weight decay 5e-4 (0 switches either off).
-  weight_decay = _number(config, "weight_decay", official=(
-      "the official value is 5e-4; 0 switches it off"))
   if weight_decay:
     chain.append(optax.add_decayed_weights(weight_decay))
-  momentum = _number(config, "momentum", high=1.0, official=(
-      "the official value is 0.9; 0 switches it off"))
   if momentum:
     chain.append(optax.trace(decay=momentum, nesterov=False))
   chain.append(optax.scale_by_learning_rate(

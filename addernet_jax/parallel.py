@@ -218,15 +218,6 @@ def broadcast_text(text: str) -> str:
       multihost_utils.broadcast_one_to_all(buffer))).decode()
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-  return out
-
-
 def check_same_config(config: Mapping[str, Any]) -> None:
   """ValueError on every process unless all processes run with the config of
   process 0 (a flag given to one host only trained replicas that drift
@@ -241,7 +232,9 @@ def check_same_config(config: Mapping[str, Any]) -> None:
     return
   advice = "every host must run the same command"
   if mine != first:
-    here, there = _flat(json.loads(mine)), _flat(json.loads(first))
+    from flax import traverse_util  # pylint: disable=g-import-not-at-top
+    here, there = (traverse_util.flatten_dict(json.loads(text), sep=".")
+                   for text in (mine, first))
     diffs = [f"{k} {here.get(k)!r} here, {there.get(k)!r} on process 0"
              for k in sorted(set(here) | set(there))
              if here.get(k) != there.get(k)]

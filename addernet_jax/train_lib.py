@@ -658,19 +658,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   if config.log_every_steps <= 0:
     raise ValueError(f"config.log_every_steps must be > 0, got "
                      f"{config.log_every_steps}")
-  # (low, high, low included): eta 0 switches the adaptive rate off.
-  ranges = {"learning_rate": (0, math.inf, False),
-            "momentum": (0, 1, True), "weight_decay": (0, math.inf, True),
-            "eta": (0, math.inf, True)}
-  for key, (low, high, low_included) in ranges.items():
-    value = config.get(key)
-    if value is not None and (
-        not isinstance(value, (int, float)) or not value < high or
-        not (value >= low if low_included else value > low)):
-      raise ValueError(
-          f"config.{key}={value!r} must be a number "
-          f"{'>=' if low_included else '>'} {low}"
-          f"{f' and < {high}' if math.isfinite(high) else ' (finite)'}")
+  optim.check_config(config)
   check_max_checkpoints(config)
   holdout = config.get("holdout_examples", 0)
   if holdout is not None and (not isinstance(holdout, int) or holdout < 0):
