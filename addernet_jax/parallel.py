@@ -276,6 +276,14 @@ def check_shared_directory(path: Any, what: str = "--workdir",
         f"system (NFS, a mounted bucket)")
 
 
+def check_processes_agree(config: Mapping[str, Any], workdir: Any) -> None:
+  """The start-up checks of a multi-process run, on every process: the same
+  config (`check_same_config`) and one shared `workdir`
+  (`check_shared_directory`). No-op in one process."""
+  check_same_config(config)
+  check_shared_directory(workdir)
+
+
 # --------------------------------------------------------------------------
 # Mesh and shardings.
 

@@ -795,8 +795,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   created = ckpt_lib.missing_directories(workdir)
   workdir = ckpt_lib.check_workdir(workdir)
-  parallel.check_same_config(config.to_dict())
-  parallel.check_shared_directory(workdir)
+  parallel.check_processes_agree(config.to_dict(), workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
 

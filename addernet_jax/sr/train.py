@@ -292,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       min_lr_size=config.patch_size)
   eval_images = load_eval_images(config)
   workdir = ckpt_lib.check_workdir(workdir)
+  parallel.check_processes_agree(config.to_dict(), workdir)
   is_main = jax.process_index() == 0
   rep = parallel.replicated_sharding(mesh)
   steps_per_epoch = config.steps_per_epoch
