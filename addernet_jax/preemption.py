@@ -4,8 +4,8 @@ Preemptible TPU/GPU nodes (and SLURM's `--signal`, Kubernetes, `kill`) send
 SIGTERM some seconds before the process is killed. The training loop should
 not die mid-step; it checks `preempted.should_stop(step)` once per step,
 saves a checkpoint and exits with status 0, and the next run resumes.
-A first Ctrl-C (SIGINT) does the same in a single-process run; a second one
-interrupts at once (KeyboardInterrupt), as Python does by default.
+A first Ctrl-C (SIGINT) does the same; a second one interrupts at once
+(KeyboardInterrupt), as Python does by default.
 
     preempted = install_preemption_handler()
     for step in ...:
@@ -25,6 +25,7 @@ service drives from SIGTERM on any host), else it reads the local flag.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -75,6 +76,17 @@ class PreemptionFlag(threading.Event):
           if signum == signal.SIGINT else "")
     self.set()
 
+  def _sigint_to_sigterm(self, signum: int, frame: Any) -> None:
+    del signum, frame
+    if self.signal_received == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, as by default
+    self.signal_received = signal.SIGINT
+    logger.warning(
+        "received SIGINT: every process will save a checkpoint and stop at "
+        "a step they all reach (Ctrl-C again to stop this process at once, "
+        "without saving; the others then stop with an error)")
+    os.kill(os.getpid(), signal.SIGTERM)
+
   def install(self) -> "PreemptionFlag":
     """Installs the handlers (main thread only); returns self."""
     self._use_jax_sync = _distributed_preemption_available()
@@ -83,13 +95,17 @@ class PreemptionFlag(threading.Event):
                      "thread: signals cannot be caught there")
       return self
     for sig in self.signals:
-      if self._use_jax_sync and sig in (signal.SIGTERM, signal.SIGINT):
+      if self._use_jax_sync and sig == signal.SIGTERM:
         # JAX's coordination service already listens for SIGTERM and tells
-        # every process; a Python handler would replace its handler. A
-        # SIGINT reaches one process only, which cannot stop alone without
-        # blocking the others in a collective: it keeps Python's default.
+        # every process; a Python handler would replace its handler.
         continue
-      self._previous[sig] = signal.signal(sig, self._handler)
+      handler = self._handler
+      if self._use_jax_sync and sig == signal.SIGINT:
+        # A Ctrl-C reaches one process only, which cannot stop alone without
+        # blocking the others in a collective: it becomes a SIGTERM to this
+        # process, which JAX's coordination service tells every process.
+        handler = self._sigint_to_sigterm
+      self._previous[sig] = signal.signal(sig, handler)
     return self
 
   def uninstall(self) -> None:
@@ -127,8 +143,9 @@ def install_preemption_handler(
   uses JAX's cross-host preemption agreement) and from the main thread.
 
   Args:
-    signals: the signals that request a checkpoint-and-exit (SIGINT only
-      in a single-process run; a second SIGINT raises KeyboardInterrupt).
+    signals: the signals that request a checkpoint-and-exit (a second
+      SIGINT raises KeyboardInterrupt; with several processes a SIGINT is
+      passed on as a SIGTERM, which JAX tells every process).
 
   Returns:
     A `PreemptionFlag` (a `threading.Event`): `.is_set()` once a signal

@@ -10,6 +10,7 @@ process (exit 134) rather than raise (docs/design.md §5).
 
 from __future__ import annotations
 
+import importlib
 import socket
 import subprocess
 import sys
@@ -169,7 +170,7 @@ for step in range(400):
   x = parallel.global_batch_from_local({"x": np.ones(2, np.float32)}, mesh)
   total(x["x"]).block_until_ready()  # a cross-process collective per step
   if step == 5 and jax.process_index() == 0:
-    os.kill(os.getpid(), signal.SIGTERM)  # only process 0 is preempted
+    os.kill(os.getpid(), getattr(signal, sys.argv[3]))  # process 0 only
   if flag.should_stop(step):
     print("STOP", step, flush=True)
     sys.exit(0)
@@ -179,10 +180,14 @@ sys.exit(5)
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_process_stops_all_at_the_same_step():
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_all_at_the_same_step(signal_name):
+  """SIGTERM (preemption) or Ctrl-C on one process. A Ctrl-C used to stop
+  that process alone, leaving the others blocked until JAX's heartbeat
+  gave up."""
   port = free_port()
   commands = [[sys.executable, "-c", _PREEMPT_SCRIPT, f"127.0.0.1:{port}",
-               str(i)] for i in range(2)]
+               str(i), signal_name] for i in range(2)]
   outs = run_processes(commands, tp.worker_env(1), timeout=180)
   stops = [[l for l in o.splitlines() if l.startswith("STOP")] for o in outs]
   assert stops[0] and stops[0] == stops[1], outs
@@ -251,3 +256,33 @@ def test_a_busy_coordinator_port_is_named():
                        rf"{port} .*choose another port"):
       parallel._check_port_free(f"localhost:{port}")  # pylint: disable=protected-access
   parallel._check_port_free(f"localhost:{port}")  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("name", ["smoke", "sr_smoke"])
+def test_every_training_loop_runs_the_multi_process_start_up_checks(
+    name, tmp_path, monkeypatch):
+  """AdderSR's loop (its own) skipped the config and shared-workdir checks
+  of a multi-process run. Both loops call them before writing anything."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from addernet_jax import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  checked = []
+
+  def disagree(config, workdir):
+    checked.append((config["seed"], Path(workdir)))
+    raise ValueError("processes disagree")
+
+  monkeypatch.setattr(parallel, "check_processes_agree", disagree)
+  sys.path.insert(0, str(ROOT))
+  config = importlib.import_module(f"configs.{name}").get_config()
+  if name == "sr_smoke":
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+      (tmp_path / split).mkdir()
+      Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(
+          tmp_path / split / "a.png")
+    config.data_dir = str(tmp_path / "train")
+    config.eval_data_dir = str(tmp_path / "test")
+  with pytest.raises(ValueError, match="processes disagree"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert checked == [(config.seed, tmp_path / "run")]
+  assert not (tmp_path / "run" / "checkpoints").exists()
