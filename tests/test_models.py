@@ -1,6 +1,8 @@
 """Model zoo: parameter counts against hand-derived (PyTorch) figures, shapes,
 adder/mult twins, and the layer that the `conv` switch replaces."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,6 +120,18 @@ def test_unknown_model_and_conv():
     get_model("resnet20", num_classes=10, conv="xor")
   with pytest.raises(ValueError, match="num_classes"):
     get_model("resnet20", num_classes=0)
+
+
+@pytest.mark.parametrize("dtype", ["float31", "int8", jnp.int32, 3])
+def test_a_dtype_that_is_not_floating_is_named(dtype):
+  """'float31' used to pass get_model and fail at init inside NumPy."""
+  for build in (lambda: get_model("resnet20", num_classes=10, dtype=dtype),
+                lambda: get_model("vdsr", scale=2, dtype=dtype)):
+    with pytest.raises(ValueError, match=f"dtype must be a floating-point "
+                       f"type .*got {re.escape(repr(dtype))}"):
+      build()
+  for dtype in ("bfloat16", jnp.float16, np.float32):
+    get_model("resnet20", num_classes=10, dtype=dtype)
 
 
 def test_adder_conv_layer_init_is_standard_normal():

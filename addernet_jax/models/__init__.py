@@ -69,6 +69,7 @@ def get_sr_model(name: str, *, scale: int, conv: str = "adder",
     A module used as `model.apply(variables, lr, train=bool, mutable=...)`
     on NHWC float images in [0, 1]; the output is `scale` times larger.
   """
+  common.check_dtype(dtype)
   if conv == "adder":
     conv_layer = common.conv_factory(conv, dtype=dtype,
                                      implementation=implementation)
@@ -153,6 +154,7 @@ def get_model(name: str, *, num_classes: int | None = None,
       or not isinstance(num_classes, numbers.Integral) or num_classes < 1):
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   num_classes = int(num_classes)
+  common.check_dtype(dtype)
   if gradient not in ("official", "exact"):
     raise ValueError(f"gradient must be 'official' or 'exact', got "
                      f"{gradient!r}")

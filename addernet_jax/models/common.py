@@ -20,6 +20,18 @@ CONV_KINDS = ("adder", "mult")
 ADDER_DTYPE = jnp.float32
 
 
+def check_dtype(dtype: Any) -> None:
+  """ValueError unless `dtype` names a floating-point type (a typo such as
+  "float31" otherwise surfaced as NumPy's TypeError at the first call)."""
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"dtype must be a floating-point type such as "
+                     f"jnp.float32, jnp.bfloat16 or 'float16', got {dtype!r}")
+
+
 def conv_factory(conv: str, *, dtype: Any = jnp.float32,
                  implementation: str | None = None) -> Callable[..., nn.Module]:
   """The layer every non-stem, non-classifier convolution of a model uses.
