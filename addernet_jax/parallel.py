@@ -107,8 +107,10 @@ def _check_port_free(coordinator_address: str) -> None:
   except OSError as e:
     raise ValueError(f"process 0 cannot listen on port {port_text} of "
                      f"coordinator_address {coordinator_address!r} ({e}): "
-                     f"another program (or an earlier run) holds it; choose "
-                     f"another port") from None
+                     f"another program (an earlier run, or another process "
+                     f"started with --process_id 0) holds it; choose "
+                     f"another port, and give each process its own "
+                     f"--process_id") from None
 
 
 def initialize_distributed(coordinator_address: str | None = None,
