@@ -329,8 +329,8 @@ def check_structure(saved_metadata: Any, abstract_state: Any, *,
       raise CheckpointStructureError(
           f"{where} does not match the model: first mismatching parameter "
           f"{path!r} has shape {saved[path]} in the checkpoint but "
-          f"{wanted[path]} in the model (another architecture or "
-          f"num_classes?)")
+          f"{wanted[path]} in the model (another architecture, width or "
+          f"number of classes?)")
   restored_heads = {path.split("/", 1)[0] for path in wanted}
   extra = sorted((p for p in saved if p not in wanted and (
       not allow_extra or p.split("/", 1)[0] in restored_heads)),

@@ -535,6 +535,17 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
     with pytest.raises(ValueError, match="scale 2 in the checkpoint, 3 in "
                        "the config"):
       run(changed, workdir)
+  # The self-shortcut adds no parameter: only the meta tells a checkpoint
+  # without it (evaluated with it, the PSNR was silently wrong). Widths and
+  # depths are named as fields, not as a parameter's shape.
+  for field, value, saved in (("self_shortcut", False, True),
+                              ("features", 16, 8), ("num_blocks", 2, 1)):
+    changed = _smoke_config(*skimage_folders)
+    changed[field] = value
+    for run in (train_lib.train_and_evaluate, train_lib.evaluate_checkpoint):
+      with pytest.raises(ValueError, match=f"{field} {saved} in the "
+                         f"checkpoint, {value} in the config"):
+        run(changed, workdir)
   # A checkpoint without the EDSR blocks' gates (as before they existed; the
   # identity_init=False network has none): the error says how to restore it.
   gateless = _smoke_config(*skimage_folders)

@@ -461,11 +461,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return summary
 
 
+def architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The network's shape beyond model, conv and scale: colors, width and
+  depth as built (the published sizes where the config leaves them out) and,
+  for AdderSR, the two fixes. `self_shortcut` adds no parameter, so only
+  this record tells a checkpoint trained without it (evaluated with it, the
+  PSNR was silently wrong). `identity_init` is left out: it changes only
+  the initialisation, and the EDSR gates it adds are named on restore."""
+  model = build_model(config, bn_axis_name=None)
+  arch = {"colors": model.colors, "features": model.features}
+  if config.model == "vdsr":
+    arch["depth"] = model.depth
+  else:
+    arch["num_blocks"] = model.num_blocks
+  if config.conv == "adder":
+    arch["self_shortcut"] = bool(model.self_shortcut)
+    arch["power_activation"] = bool(model.power_activation)
+  return arch
+
+
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a checkpoint's meta records of the run, and a resume must keep."""
   return {"task": "sr", "model": config.model, "conv": config.conv,
-          "scale": config.scale, "seed": config.seed,
+          "scale": config.scale, **architecture(config), "seed": config.seed,
           "batch_size": config.batch_size}
+
+
+# What evaluating a checkpoint must match: everything but seed and batch size.
+_EVAL_KEYS_EXCLUDED = ("seed", "batch_size")
 
 
 def restore_variables(config: ml_collections.ConfigDict,
@@ -516,7 +539,8 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
       {"step": jax.ShapeDtypeStruct((), jnp.int32),
        "params": variables["params"],
        "batch_stats": variables.get("batch_stats", {})})
-  keys = ("task", "model", "conv", "scale")
+  keys = tuple(k for k in run_identity(config)
+               if k not in _EVAL_KEYS_EXCLUDED)
   with _explained(config, workdir, keys, train_lib.EVAL_ADVICE):
     restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
                                          with_meta=True,
