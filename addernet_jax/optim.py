@@ -127,10 +127,11 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
   return getattr(config, key, default)
 
 
-def _number(config: Any, key: str, *, low: float = 0.0,
+def config_number(config: Any, key: str, *, low: float = 0.0,
             low_included: bool = True, high: float = math.inf,
             default: float | None = None, official: str = "") -> float:
-  """config[key] as a float in the range; ValueError naming it otherwise.
+  """config[key] as a float in the range; ValueError naming it otherwise
+  (the check every optimiser field of a config goes through).
 
   Absent (or None): `default`, or an error when there is none (`official`
   says what to set). A string, a bool or a callable is refused, not
@@ -160,7 +161,7 @@ def _number(config: Any, key: str, *, low: float = 0.0,
 
 def _integer(config: Any, key: str, default: int | None = None) -> int:
   """config[key] as an int (an integral float such as 2.0 too)."""
-  number = _number(config, key, low=-math.inf, default=default)
+  number = config_number(config, key, low=-math.inf, default=default)
   if number != int(number):
     raise ValueError(f"config.{key}={_get(config, key)!r} must be a whole "
                      f"number")
@@ -169,7 +170,7 @@ def _integer(config: Any, key: str, default: int | None = None) -> int:
 
 def _learning_rate(config: Any) -> float:
   """The schedule's peak `config.learning_rate`, checked (> 0, finite)."""
-  return _number(config, "learning_rate", low_included=False,
+  return config_number(config, "learning_rate", low_included=False,
                  official="the official value is 0.1")
 
 
@@ -177,16 +178,16 @@ def _hyperparameters(config: Any) -> tuple[float, float, float]:
   """(eta, weight_decay, momentum) of `config`, checked; eta is 0 when the
   adaptive rate is off (`adaptive_lr` False)."""
   # NaN or < 0 would switch the adaptive rate off silently.
-  eta = _number(config, "eta", default=0.2)
+  eta = config_number(config, "eta", default=0.2)
   adaptive_lr = _get(config, "adaptive_lr", True)
   if not isinstance(adaptive_lr, (bool, np.bool_)):
     raise ValueError(f"config.adaptive_lr={adaptive_lr!r} must be True or "
                      f"False")
   # Required, not defaulted: a config lacking them silently trained without
   # the official momentum 0.9 / weight decay 5e-4 (0 switches either off).
-  weight_decay = _number(config, "weight_decay", official=(
+  weight_decay = config_number(config, "weight_decay", official=(
       "the official value is 5e-4; 0 switches it off"))
-  momentum = _number(config, "momentum", high=1.0, official=(
+  momentum = config_number(config, "momentum", high=1.0, official=(
       "the official value is 0.9; 0 switches it off"))
   return (eta if adaptive_lr else 0.0), weight_decay, momentum
 

@@ -593,6 +593,17 @@ def test_sr_config_errors(skimage_folders, tmp_path):
   config.task = "detection"
   with pytest.raises(ValueError, match="config.task"):
     train_lib.train_and_evaluate(config, tmp_path / "w3")
+  # A negative rate trained to a loss of 4e14 without a word.
+  for field, value, message in (
+      ("learning_rate", -1.0, r"learning_rate=-1.0 must be a number > 0"),
+      ("lr_decay_factor", 0.0, r"lr_decay_factor=0.0 must be a number > 0"),
+      ("lr_decay_factor", 2.0, r"lr_decay_factor=2.0 must be > 0 and <= 1"),
+      ("adam_b2", 1.5, r"adam_b2=1.5 must be a number >= 0 and < 1")):
+    config = _smoke_config(*skimage_folders)
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+      train_lib.train_and_evaluate(config, tmp_path / "w5")
+    assert not (tmp_path / "w5").exists()
   config = _smoke_config(*skimage_folders)
   config.patch_size = 64  # larger than the 32x24 LR training images
   with pytest.raises(ValueError, match="too small"):

@@ -106,6 +106,7 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config.batch_size={config.batch_size} must be a "
                      f"multiple of the number of devices ({num_devices})")
   train_lib.check_max_checkpoints(config)
+  check_optimizer_config(config)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
                      f" (got {config.num_epochs} and {config.num_train_steps})")
@@ -139,6 +140,26 @@ def learning_rate_schedule(config: ml_collections.ConfigDict
       jnp.float32)
 
 
+def check_optimizer_config(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the first field `make_optimizer` reads that is out of
+  range (a negative learning rate trained to a loss of 4e14 without a
+  word)."""
+  number = optim.config_number
+  number(config, "learning_rate", low_included=False)
+  if number(config, "lr_decay_factor", low_included=False, default=0.5) > 1:
+    raise ValueError(f"config.lr_decay_factor={config.lr_decay_factor!r} "
+                     f"must be > 0 and <= 1 (EDSR halves the rate: 0.5)")
+  number(config, "lr_decay_steps", low=-math.inf, default=0)
+  number(config, "eta", default=0.2)
+  number(config, "weight_decay", default=0.0)
+  number(config, "adam_b1", high=1.0, default=0.9)
+  number(config, "adam_b2", high=1.0, default=0.999)
+  number(config, "adam_eps", low_included=False, default=1e-8)
+  if not isinstance(config.get("adaptive_lr", False), (bool, np.bool_)):
+    raise ValueError(f"config.adaptive_lr={config.adaptive_lr!r} must be "
+                     f"True or False")
+
+
 def make_optimizer(config: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
   """Adam (`adam_b1`, `adam_b2`, `adam_eps`) on the step-decay schedule;
@@ -146,8 +167,9 @@ def make_optimizer(config: ml_collections.ConfigDict
   filters before it and (`weight_decay` > 0) L2 decay added to the
   gradient."""
   chain = []
-  if config.get("adaptive_lr", False) and config.eta > 0:
-    chain.append(optax.masked(optim.scale_by_adaptive_lr(config.eta),
+  eta = config.get("eta", 0.2)
+  if config.get("adaptive_lr", False) and eta > 0:
+    chain.append(optax.masked(optim.scale_by_adaptive_lr(eta),
                               optim.adder_mask))
   if config.weight_decay > 0:
     chain.append(optax.add_decayed_weights(config.weight_decay))
