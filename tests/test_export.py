@@ -294,3 +294,49 @@ def test_cli_refuses_to_overwrite_its_inputs(tmp_path):
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert "Traceback" not in result.stderr
   assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_short_run_exports_re_estimated_statistics_on_request(
+    tmp_path, monkeypatch):
+  """A 1-epoch MNIST run exported its running BatchNorm statistics (15%
+  top-1 against 98% re-estimated) without a word. The export now warns, and
+  --batch_stats=recalibrated exports the statistics training's final
+  evaluation scored with."""
+  from addernet_jax import eval_lib, train_lib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  summary = train_lib.train_and_evaluate(config, tmp_path / "run")
+  running, recal = summary["eval_top1"], summary["eval_top1_recalibrated"]
+
+  caveat = export.running_statistics_caveat(tmp_path / "run", 3)
+  assert (caveat is not None) == (recal - running > 0.05)
+  monkeypatch.setattr(export, "RUNNING_STATISTICS_GAP", recal - running - 1)
+  assert (f"score {100 * running:.2f}% top-1 at step 3 against "
+          f"{100 * recal:.2f}% with statistics re-estimated"
+          ) in export.running_statistics_caveat(tmp_path / "run", 3)
+
+  variables, result = train_lib.recalibrated_variables(config,
+                                                       tmp_path / "run")
+  assert result["top1"] == pytest.approx(running, abs=1e-9)
+  assert result["top1_recalibrated"] == pytest.approx(recal, abs=1e-9)
+  model, exported_vars = export.load_variables(
+      config, checkpoint=tmp_path / "run", batch_stats="recalibrated")
+  jax.tree.map(np.testing.assert_array_equal, exported_vars, variables)
+  assert eval_lib.evaluate_variables(config, model, variables)["top1"] == (
+      pytest.approx(recal, abs=1e-9))
+  running_vars = train_lib.restore_variables(config, tmp_path / "run")
+  assert not np.array_equal(
+      jax.tree.leaves(variables["batch_stats"])[0],
+      np.asarray(jax.tree.leaves(running_vars["batch_stats"])[0]))
+
+  with pytest.raises(ValueError, match="an official checkpoint keeps its "
+                     "running ones"):
+    export.load_variables(config, torch_checkpoint=tmp_path / "x.pth",
+                          batch_stats="recalibrated")
+  with pytest.raises(ValueError, match="batch_stats must be one of"):
+    export.load_variables(config, checkpoint=tmp_path / "run",
+                          batch_stats="best")
+  from configs import sr_smoke  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="export is for classification"):
+    export.load_variables(sr_smoke.get_config(), checkpoint=tmp_path / "run")
