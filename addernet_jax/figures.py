@@ -11,8 +11,8 @@ with one JSON line:
 - `features`: the 2-D features of a LeNet++ trained on MNIST, AdderNet vs CNN
   (the paper: CNN features separate by angle, AdderNet features cluster
   around class centres);
-- `curves`: training curves (loss, top-1 error, learning rate) of one or
-  several workdirs from their `metrics.jsonl`;
+- `curves`: training curves (loss, top-1 error or AdderSR's PSNR, learning
+  rate) of one or several workdirs from their `metrics.jsonl`;
 - `gradients`: per-layer L2 norms of the filter gradients of LeNet-5-BN,
   AdderNet vs CNN, in the first iterations (the motivation of the adaptive
   learning rate).
@@ -191,6 +191,10 @@ def load_layer_weights(workdir: str | os.PathLike[str], layer: str,
   import jax  # pylint: disable=g-import-not-at-top
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
   meta = checkpoint_meta(workdir)
+  if meta.get("task") == "sr" or "dataset" not in meta:
+    raise FigureError(f"{str(workdir)!r} is not a classification run (an "
+                      f"AdderSR workdir?): `weights` reads the filters of "
+                      f"classification checkpoints")
   config = _config_from_meta(meta)
   restored = train_lib.restore_variables(config, workdir, which)
   params = jax.device_get(restored["params"])
@@ -320,7 +324,8 @@ def read_metrics(workdir: str | os.PathLike[str]
                  ) -> dict[str, list[dict[str, float]]]:
   """`{"train": [...], "eval": [...]}` from `<workdir>/metrics.jsonl`.
 
-  Training lines have `train_loss`, evaluation lines `eval_top1`; each kind
+  Training lines have `train_loss`, evaluation lines `eval_top1` (AdderSR:
+  `eval_psnr`); each kind
   is sorted by step and keeps the last line of a step (a resumed run repeats
   the steps after its checkpoint). A `resumed_from_step` line drops the lines
   before it past that step: the interrupted run's steps after its last
@@ -366,7 +371,8 @@ def read_metrics(workdir: str | os.PathLike[str]
       except (TypeError, ValueError):
         continue
     kind = ("train" if "train_loss" in values else
-            "eval" if "eval_top1" in values else None)
+            "eval" if "eval_top1" in values or "eval_psnr" in values
+            else None)
     if kind is not None:
       kinds[kind][int(values["step"])] = values
   if not kinds["train"] and not kinds["eval"]:
@@ -381,14 +387,26 @@ def _epochs(records: list[dict[str, float]]) -> np.ndarray:
   return np.array([r["step"] for r in records], np.float64)
 
 
+def is_sr_run(metrics: dict[str, list[dict[str, float]]]) -> bool:
+  """True for an AdderSR run's metrics (its evaluations are PSNR/SSIM)."""
+  return any("eval_psnr" in r for r in metrics["eval"])
+
+
 def curve_summary(metrics: dict[str, list[dict[str, float]]]
                   ) -> dict[str, Any]:
-  """The last epoch and the last and best evaluation accuracies."""
+  """The last epoch and the last and best evaluation accuracies (AdderSR:
+  PSNR and SSIM)."""
   train, evals = metrics["train"], metrics["eval"]
   last = (train[-1] if train else evals[-1])
   out: dict[str, Any] = {"last_step": int(last["step"]),
                          "last_epoch": last.get("epoch")}
-  if evals:
+  if evals and is_sr_run(metrics):
+    psnr = [e for e in evals if "eval_psnr" in e]
+    out["last_eval_psnr"] = psnr[-1]["eval_psnr"]
+    out["best_eval_psnr"] = max(e["eval_psnr"] for e in psnr)
+    out["last_eval_ssim"] = psnr[-1].get("eval_ssim")
+    out["eval_bicubic_psnr"] = psnr[-1].get("eval_bicubic_psnr")
+  elif evals:
     out["last_eval_top1"] = evals[-1].get("eval_top1")
     out["best_eval_top1"] = max(e["eval_top1"] for e in evals)
     recal = [e["eval_top1_recalibrated"] for e in evals
@@ -403,7 +421,15 @@ def curve_summary(metrics: dict[str, list[dict[str, float]]]
 
 def plot_curves(runs: Sequence[dict[str, Any]], output: str) -> list[str]:
   """Loss, top-1 error (log scale) and learning rate against the epoch;
-  each run has "label", "metrics" (`read_metrics`) and optionally "conv"."""
+  each run has "label", "metrics" (`read_metrics`) and optionally "conv".
+  AdderSR runs: L1 loss and evaluation PSNR (with bicubic's) instead; the
+  runs of one figure are all of one kind (`FigureError` otherwise)."""
+  kinds = {is_sr_run(run["metrics"]) for run in runs}
+  if len(kinds) > 1:
+    raise FigureError("curves draws runs of one kind: give either "
+                      "classification or super-resolution workdirs")
+  if kinds == {True}:
+    return _plot_sr_curves(runs, output)
   fig = _figure(13, 3.8)
   ax_loss, ax_err, ax_lr = fig.subplots(1, 3)
   convs = [run.get("conv") for run in runs]
@@ -448,12 +474,54 @@ def plot_curves(runs: Sequence[dict[str, Any]], output: str) -> list[str]:
   ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", yscale="log",
              title="top-1 error (100 - accuracy)")
   ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
-  for ax in (ax_loss, ax_err, ax_lr):
+  _finish_axes(ax_loss, ax_err, ax_lr)
+  return save_figure(fig, output)
+
+
+def _plot_sr_curves(runs: Sequence[dict[str, Any]], output: str
+                    ) -> list[str]:
+  """`plot_curves` for AdderSR runs: training L1 loss, evaluation PSNR (and
+  bicubic interpolation's, dotted) and the learning rate."""
+  fig = _figure(13, 3.8)
+  ax_loss, ax_psnr, ax_lr = fig.subplots(1, 3)
+  convs = [run.get("conv") for run in runs]
+  by_conv = all(c in ("adder", "mult") and convs.count(c) == 1 for c in convs)
+  for i, run in enumerate(runs):
+    color = _conv_color(run["conv"] if by_conv else "", i)
+    label = run["label"]
+    train, evals = run["metrics"]["train"], run["metrics"]["eval"]
+    if train:
+      ep = _epochs(train)
+      ax_loss.plot(ep, [r["train_loss"] for r in train], color=color,
+                   lw=1, alpha=0.8, label=f"{label} train")
+      if all("lr" in r for r in train):
+        ax_lr.plot(ep, [r["lr"] for r in train], color=color,
+                   lw=max(1.2, 3.5 - 1.5 * i), label=label,
+                   drawstyle="steps-pre")
+    psnr = [r for r in evals if "eval_psnr" in r]
+    if psnr:
+      ax_psnr.plot(_epochs(psnr), [r["eval_psnr"] for r in psnr],
+                   color=color, lw=1.8, ls="--", marker="o", ms=2.5,
+                   label=f"{label} eval")
+      bicubic = [r for r in psnr if "eval_bicubic_psnr" in r]
+      if bicubic:
+        ax_psnr.plot(_epochs(bicubic),
+                     [r["eval_bicubic_psnr"] for r in bicubic], color=color,
+                     lw=1, ls=":", label=f"{label} bicubic")
+  ax_loss.set(xlabel="epoch", ylabel="L1 loss", yscale="log", title="loss")
+  ax_psnr.set(xlabel="epoch", ylabel="PSNR (dB)", title="evaluation PSNR")
+  ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+  _finish_axes(ax_loss, ax_psnr, ax_lr)
+  return save_figure(fig, output)
+
+
+def _finish_axes(*axes: Any) -> None:
+  """Grid, small ticks and a legend where something is labelled."""
+  for ax in axes:
     ax.grid(True, which="both", alpha=0.25)
     ax.tick_params(labelsize=8)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7, frameon=False)
-  return save_figure(fig, output)
 
 
 # -------------------------------------------------------- gradient norms --

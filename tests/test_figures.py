@@ -154,7 +154,14 @@ def test_weights_command_errors(tmp_path, capsys):
       (["--torch_checkpoints", str(adder)],
        "is a directory, not a .pth file; it looks like a training workdir"),
       ([], "give --workdirs and/or --torch_checkpoints"),
+      # An AdderSR workdir (its meta has no dataset): was `error: dataset`.
+      (["--workdirs", str(tmp_path / "sr")],
+       "is not a classification run (an AdderSR workdir?)"),
   ]
+  meta = tmp_path / "sr" / "checkpoints" / "4" / "meta"
+  meta.mkdir(parents=True)
+  (meta / "metadata").write_text(json.dumps(
+      {"task": "sr", "model": "vdsr", "conv": "adder", "scale": 2}))
   for args, message in cases:
     assert figures.main(["weights", *args, "--output",
                          str(tmp_path / "w.png")]) == 1
@@ -330,6 +337,49 @@ def test_curves_draws_the_learning_rate_as_steps(tmp_path, monkeypatch):
         [{"label": "x", "metrics": figures.read_metrics(
             tmp_path / "loss_only")}], str(tmp_path / "c.png"))
   assert not figs[1].axes[1].get_lines()
+
+
+def _sr_lines():
+  lines = []
+  for step in (1, 2, 3, 4):
+    lines.append({"step": step, "train_loss": 0.1 / step, "lr": 1e-4,
+                  "epoch": step / 2})
+    if step % 2 == 0:
+      lines.append({"step": step, "eval_psnr": 30.0 + step,
+                    "eval_ssim": 0.8 + step / 100, "eval_bicubic_psnr": 31.0,
+                    "eval_bicubic_ssim": 0.85, "eval_num_images": 2,
+                    "epoch": step / 2})
+  return lines
+
+
+def test_curves_of_an_addersr_run_plot_l1_loss_and_psnr(tmp_path, capsys,
+                                                        monkeypatch):
+  """An AdderSR workdir was drawn as a classifier's: its L1 loss under
+  "cross-entropy loss", an empty top-1 panel and no PSNR."""
+  _write_metrics(tmp_path / "sr", _sr_lines())
+  metrics = figures.read_metrics(tmp_path / "sr")
+  assert [r["step"] for r in metrics["eval"]] == [2, 4]
+  summary = figures.curve_summary(metrics)
+  assert summary["last_eval_psnr"] == 34.0 and summary["best_eval_psnr"] == 34
+  assert summary["last_eval_ssim"] == pytest.approx(0.84)
+  assert summary["eval_bicubic_psnr"] == 31.0
+  figs = []
+  monkeypatch.setattr(figures, "save_figure",
+                      lambda fig, output: figs.append(fig) or [])
+  figures.plot_curves([{"label": "sr", "metrics": metrics}],
+                      str(tmp_path / "c.png"))
+  ax_loss, ax_psnr, _ = figs[0].axes
+  assert ax_loss.get_ylabel() == "L1 loss"
+  assert ax_psnr.get_ylabel() == "PSNR (dB)"
+  psnr, bicubic = ax_psnr.get_lines()
+  assert list(psnr.get_ydata()) == [32.0, 34.0]
+  assert list(bicubic.get_ydata()) == [31.0, 31.0]
+  _write_metrics(tmp_path / "cls", _run_lines(1.0))
+  with pytest.raises(figures.FigureError, match="runs of one kind"):
+    figures.plot_curves(
+        [{"label": "sr", "metrics": metrics},
+         {"label": "cls", "metrics": figures.read_metrics(tmp_path / "cls")}],
+        str(tmp_path / "c.png"))
 
 
 def test_curves_refuses_duplicate_labels(tmp_path, capsys):
