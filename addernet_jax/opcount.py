@@ -81,8 +81,8 @@ def _layer_record(module: nn.Module, x_shape: tuple[int, ...],
 
 
 def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
-              num_classes: int | None = None, scale: int | None = None
-              ) -> dict[str, Any]:
+              num_classes: int | None = None, scale: int | None = None,
+              **sr_sizes: int | None) -> dict[str, Any]:
   """#Mul and #Add of one forward pass of `get_model(model_name, ...)`.
 
   Args:
@@ -97,6 +97,9 @@ def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
       self-shortcut additions, power activations and BatchNorms, and VDSR's
       bicubic interpolation, are not counted (like BatchNorm and activations
       elsewhere).
+    **sr_sizes: a super-resolution model's `num_blocks` (EDSR), `depth`
+      (VDSR) and `features` (None: the published sizes), as
+      `models.get_sr_model` takes them.
 
   Returns:
     `{"total": {"mul": int, "add": int, "macs": int}, "layers": [...]}`, one
@@ -116,6 +119,11 @@ def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
   if not sr and scale is not None:
     raise ValueError(f"scale= is for the super-resolution models "
                      f"{models_lib.SR_MODEL_NAMES}, not {model_name!r}")
+  unknown = sorted(set(sr_sizes) - {"num_blocks", "depth", "features"})
+  if unknown or (not sr and any(v is not None for v in sr_sizes.values())):
+    raise ValueError(f"unexpected argument(s) {unknown or sorted(sr_sizes)}"
+                     f" for {model_name!r}: num_blocks=, depth= and features="
+                     f" size the super-resolution models")
   try:
     shape = tuple(operator.index(s) for s in input_shape)  # 32.5 is refused
   except TypeError:
@@ -127,7 +135,7 @@ def count_ops(model_name: str, input_shape: Sequence[int], conv: str = "adder",
                      f"positive sizes, got {tuple(input_shape)}")
   if sr:
     model = models_lib.get_sr_model(model_name, scale=scale, conv=conv,
-                                    colors=shape[-1])
+                                    colors=shape[-1], **sr_sizes)
   else:
     if num_classes is None:
       num_classes = default_num_classes(model_name)
@@ -322,9 +330,60 @@ def markdown_energy_table(precision: str = "fp32",
   return "\n".join(rows)
 
 
+def config_counts(config: Any, precision: str = "fp32",
+                  processor: str = "via_nano_2000") -> dict[str, Any]:
+  """The counts of one training config's network, AdderNet and its CNN twin:
+  at the dataset's image size with its classes, or for an AdderSR config
+  (`task="sr"`) at its scale, colors and sizes for one 1280x720 output.
+  Returns `{"model", "input_shape", "adder": {...}, "mult": {...}}`, each
+  with `mul`, `add`, `macs`, `energy_pj` and `cycles`."""
+  if config.get("task", "classification") == "sr":
+    from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+    sr_train.validate_model_config(config)
+    colors = sr_train.model_colors(config)
+    shape = (*sr_input_shape(config.model, config.scale)[:2], colors)
+    kwargs = {"scale": config.scale, "num_blocks": config.get("num_blocks"),
+              "depth": config.get("depth"),
+              "features": config.get("features")}
+  else:
+    from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    info = data_lib.dataset_info(config.dataset)
+    shape = tuple(info.image_shape)
+    kwargs = {"num_classes": info.num_classes}
+  out: dict[str, Any] = {"model": config.model, "input_shape": list(shape)}
+  if config.model == "lenet5_bn" and min(shape[:2]) < 32:
+    out["note"] = ("LeNet-5-BN pads its input to 32x32: the first layer's "
+                   "counts include the padding")
+  for conv in ("adder", "mult"):
+    totals = count_ops(config.model, shape, conv=conv, **kwargs)["total"]
+    out[conv] = {**totals, "energy_pj": estimate_energy_pj(totals, precision),
+                 "cycles": estimate_cycles(totals, processor)}
+  return out
+
+
+def _load_config_file(path: str) -> Any:
+  """`get_config()` of a config file (ValueError naming a bad one)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise ValueError(f"--config {path!r}: no such file")
+  # Shipped configs import their siblings as `configs.<name>`.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("opcount_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"--config {path!r} has no get_config() function")
+  return module.get_config()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """`python -m addernet_jax.opcount [--table ops|energy|sr|all] [--sr] [--precision
-  fp32|fp16|int8] [--processor via_nano_2000]`: markdown tables."""
+  fp32|fp16|int8] [--processor via_nano_2000]`: markdown tables;
+  `--config FILE`: one config's counts as a JSON line."""
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m addernet_jax.opcount",
@@ -338,7 +397,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--sr", action="store_true",
                       help="add the AdderSR rows (1280x720 outputs) to the "
                       "energy table")
+  parser.add_argument("--config", default=None,
+                      help="instead of the tables: the counts, energy and "
+                      "cycles of one training config's network (one JSON "
+                      "line)")
   args = parser.parse_args(argv)
+  if args.config is not None:
+    import json  # pylint: disable=g-import-not-at-top
+    try:
+      counts = config_counts(_load_config_file(args.config), args.precision,
+                             args.processor)
+    except (ValueError, KeyError) as e:
+      parser.exit(1, f"error: {e}\n")
+    print(json.dumps(counts))
+    return
   if args.table in ("ops", "all"):
     print(markdown_table())
   if args.table == "all":

@@ -164,3 +164,37 @@ def test_energy_table_has_every_model():
   for name in opcount.models_lib.MODEL_NAMES:
     assert f"| {name} |" in table
   assert "| lenet5_bn | 28x28x1 | 749.74 nJ | 1.92 uJ | 0.39 |" in table
+
+
+def test_sr_sizes_and_config_counts_by_hand(capsys):
+  """A reduced AdderSR network (sr_smoke: EDSR, 1 block of 8 channels, x2)
+  was counted as the full EDSR; counts per config were not available."""
+  import json  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  configs = Path(__file__).resolve().parents[1] / "configs"
+  f, blocks, h, w = 8, 1, 360, 640
+  # head 3->F, blocks x 2 FxF, body end FxF, upsampler F->4F: at LR; the
+  # tail F->3 at HR (4 pixels per LR pixel); all 3x3.
+  per_lr_pixel = 9 * (3 * f + 2 * blocks * f * f + f * f + f * 4 * f
+                      + 4 * f * 3)
+  total = opcount.count_ops("edsr_baseline", (h, w, 3), conv="mult", scale=2,
+                            num_blocks=blocks, features=f)["total"]
+  assert total["macs"] == per_lr_pixel * h * w
+  opcount.main(["--config", str(configs / "sr_smoke.py")])
+  counts = json.loads(capsys.readouterr().out)
+  assert counts["input_shape"] == [h, w, 3]
+  assert counts["mult"]["macs"] == counts["adder"]["macs"] == total["macs"]
+  assert counts["mult"]["energy_pj"] == opcount.estimate_energy_pj(
+      counts["mult"])
+  # A classification config: its dataset's image size and classes.
+  opcount.main(["--config", str(configs / "cifar100_resnet20.py")])
+  counts = json.loads(capsys.readouterr().out)
+  ten = opcount.count_ops("resnet20", (32, 32, 3), num_classes=10)["total"]
+  assert counts["adder"]["mul"] - ten["mul"] == 64 * 90  # the wider fc
+  with pytest.raises(ValueError, match="size the super-resolution models"):
+    opcount.count_ops("resnet20", (32, 32, 3), features=8)
+  with pytest.raises(ValueError, match=r"unexpected argument\(s\) \['width'"):
+    opcount.count_ops("vdsr", (8, 8, 1), scale=2, width=8)
+  with pytest.raises(SystemExit):
+    opcount.main(["--config", str(configs / "missing.py")])
+  assert "--config" in capsys.readouterr().err
