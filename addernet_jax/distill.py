@@ -309,6 +309,9 @@ def settings_from_config(config: ml_collections.ConfigDict,
       raise ValueError(f"config.pkkd.{name} must be a finite number >= 0, "
                        f"got {value!r}")
     values[name] = float(value)
+  if not any(values.values()):
+    raise ValueError("config.pkkd.ce_weight, kd_weight and feature_weight "
+                     "are all 0: the student would learn nothing")
   for name in ("temperature", "sigma_scale"):
     value = p.get(name)
     if not isinstance(value, (int, float)) or not value > 0 or \
@@ -469,6 +472,12 @@ def distilled_layers(apply_fn: Callable[..., Any], variables: Any,
     raise ValueError(f"config.pkkd.layers={','.join(patterns)!r} matches no "
                      f"adder layer of the model; its adder layers are "
                      f"{every}")
+  # One pattern that matches nothing (a typo, a BatchNorm's name) among
+  # others that do was silently ignored.
+  idle = [p for p in patterns if not any(matches(k, (p,)) for k in every)]
+  if idle:
+    raise ValueError(f"config.pkkd.layers: pattern(s) {idle} match no adder "
+                     f"layer of the model; its adder layers are {every}")
   return found
 
 

@@ -184,11 +184,13 @@ def cli_parse_flags(argv: list[str]) -> list[str]:
              if l.strip()] or [""]
     key, hint = lines[0].strip("\"' "), " ".join(lines[1:])
     overrides = [a for a in argv if a.startswith("--config.")]
-    if not any(f".{key}" in a.split("=")[0] for a in overrides):
+    culprits = [a for a in overrides
+                if f".{key}" in a.split("=")[0]] if key else []
+    if not culprits:
       # Not an override's key: the file itself failed (no get_config, or
       # get_config read a missing field).
       _config_file_error(outer, argv)
-    cli_error(f"unknown config key {key!r} in {' '.join(overrides)} (not a "
+    cli_error(f"unknown config key {key!r} in {' '.join(culprits)} (not a "
               f"field of the config file; see configs/default.py) {hint}")
     sys.exit(2)
   except OSError as e:  # the config file could not be loaded

@@ -161,11 +161,14 @@ def test_misspelt_nested_key_names_it_plainly_with_the_suggestion(tmp_path):
   """ConfigDict wraps its KeyError in an AttributeError: the line once read
   `unknown config key '\\'feature_wieght\\'\\nDid you mean ...'`."""
   result = run_cli("train.py", "--config", "configs/smoke.py",
-                   f"--workdir={tmp_path}", "--config.pkkd.feature_wieght=0")
+                   f"--workdir={tmp_path}", "--config.seed=3",
+                   "--config.pkkd.feature_wieght=0")
   assert_one_line_error(
-      result, "unknown config key 'feature_wieght'",
+      result, "unknown config key 'feature_wieght' in "
+      "--config.pkkd.feature_wieght=0 (",
       'Did you mean "feature_weight" instead of "feature_wieght"?')
   assert "\\" not in result.stderr, result.stderr
+  assert "seed" not in result.stderr, result.stderr  # only the culprit
 
 
 def test_wrong_value_type_is_one_line_error(tmp_path):

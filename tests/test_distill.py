@@ -276,6 +276,8 @@ def _smoke(**overrides):
     ({"pkkd.kd_weight": -1.0}, "config.pkkd.kd_weight"),
     ({"pkkd.layers": " "}, "config.pkkd.layers"),
     ({"pkkd.warmup_epochs": -2.0}, "config.pkkd.warmup_epochs"),
+    ({"pkkd.ce_weight": 0.0, "pkkd.kd_weight": 0.0,
+      "pkkd.feature_weight": 0.0}, "are all 0: the student would learn"),
 ])
 def test_bad_pkkd_config_is_a_clear_error(overrides, needle):
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
@@ -289,6 +291,14 @@ def test_layer_patterns_that_match_nothing_are_named():
   config = _smoke(**{"pkkd.layers": "layer9_*"})
   info = data_lib.dataset_info(config.dataset)
   with pytest.raises(ValueError, match="layer9_.*matches no adder layer"):
+    jax.eval_shape(lambda k: train_lib.create_train_state(
+        config, k, info.image_shape, steps_per_epoch=10),
+                   jax.random.PRNGKey(0))
+  # One idle pattern beside others that match (a BatchNorm's name) was
+  # silently ignored.
+  config = _smoke(**{"pkkd.layers": "fc*, bn1"})
+  with pytest.raises(ValueError, match=r"pattern\(s\) \['bn1'\] match no "
+                     "adder layer"):
     jax.eval_shape(lambda k: train_lib.create_train_state(
         config, k, info.image_shape, steps_per_epoch=10),
                    jax.random.PRNGKey(0))
