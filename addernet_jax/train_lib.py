@@ -1046,6 +1046,8 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             "steps_per_epoch": steps_per_epoch, **run_identity(config),
             **schedule_identity(config, steps_per_epoch),
             "num_devices": int(mesh.devices.size),
+            "recalibrate_bn_batches": int(
+                config.get("recalibrate_bn_batches", 0) or 0),
             "train_loss": last_train.get("train_loss"),
             "train_top1": last_train.get("train_top1")}
     # The loss checked for step s comes from the parameters before that
@@ -1232,13 +1234,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
 
 def _with_training_batches(config: ml_collections.ConfigDict,
                            meta: dict[str, Any]) -> ml_collections.ConfigDict:
-  """`config` with the seed and batch size the checkpoint's run trained with
-  (its meta), which choose the training batches BatchNorm is re-estimated
-  on: evaluating with other values (an override not repeated) gave another
-  top1_recalibrated than training's, without a word."""
-  changes = {key: meta[key] for key in ("seed", "batch_size")
+  """`config` with the seed, batch size and number of batches the
+  checkpoint's run re-estimated BatchNorm with (its meta), which choose the
+  training batches: evaluating with other values (an override not repeated)
+  gave another top1_recalibrated than training's, without a word."""
+  changes = {key: meta[key] for key in ("seed", "batch_size",
+                                        "recalibrate_bn_batches")
              if isinstance(meta.get(key), int)
              and not isinstance(meta[key], bool)
+             and (meta[key] > 0 or key == "seed")
              and meta[key] != config.get(key)}
   if not changes:
     return config

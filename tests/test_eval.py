@@ -79,19 +79,23 @@ def test_eval_of_our_checkpoint_matches_training(jax_cache, tmp_path,
                      r"last 40 training examples, .* trained with "
                      r"holdout_examples=0: 40 of them were trained on"):
     train_lib.evaluate_checkpoint(config, tmp_path)
-  # Evaluated without the run's seed and batch size (overrides not
-  # repeated): BatchNorm is still re-estimated on the run's batches (other
-  # batches, and another top1_recalibrated, before).
+  # Evaluated without the run's seed, batch size and number of batches
+  # (overrides not repeated): BatchNorm is still re-estimated on the run's
+  # batches (other batches, and another top1_recalibrated, before).
   config = smoke.get_config()
   config.seed, config.batch_size = config.seed + 5, config.batch_size * 2
+  config.recalibrate_bn_batches += 3
   seen = []
-  recalibrated_top1 = train_lib._recalibrated_top1  # pylint: disable=protected-access
+  recalibrated_stats = train_lib._recalibrated_stats  # pylint: disable=protected-access
   def spy(used_config, *args):
-    seen.append((used_config.seed, used_config.batch_size))
-    return recalibrated_top1(used_config, *args)
-  monkeypatch.setattr(train_lib, "_recalibrated_top1", spy)
+    seen.append((used_config.seed, used_config.batch_size,
+                 used_config.recalibrate_bn_batches))
+    return recalibrated_stats(used_config, *args)
+  monkeypatch.setattr(train_lib, "_recalibrated_stats", spy)
   result = train_lib.evaluate_checkpoint(config, tmp_path)
-  assert seen == [(smoke.get_config().seed, smoke.get_config().batch_size)]
+  trained = smoke.get_config()
+  assert seen == [(trained.seed, trained.batch_size,
+                   trained.recalibrate_bn_batches)]
   assert result["top1_recalibrated"] == pytest.approx(
       summary["eval_top1_recalibrated"], abs=1e-6)
   assert config.seed == smoke.get_config().seed + 5  # the caller's untouched
