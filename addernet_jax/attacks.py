@@ -71,6 +71,9 @@ DEFAULT_STEP = 2 / 255
 MIM_MOMENTUM = 1.0
 GRADIENTS = ("official", "exact")
 KINDS = ("fgsm", "bim", "pgd", "mim", "rfgsm")
+# Iterative attacks' largest number of steps (PGD-1000 is about the most a
+# robustness paper runs); a typo such as bim1000000 ran for days silently.
+MAX_STEPS = 10_000
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -108,7 +111,8 @@ class AttackSpec:
 
 
 def parse_attack(name: str) -> AttackSpec:
-  """'fgsm', 'bimN', 'pgdN', 'mimN' or 'rfgsmN' (N >= 1) -> its spec."""
+  """'fgsm', 'bimN', 'pgdN', 'mimN' or 'rfgsmN' (1 <= N <= MAX_STEPS) ->
+  its spec."""
   m = re.fullmatch(r"(fgsm|bim|pgd|mim|rfgsm)(\d*)", str(name).strip().lower())
   if m is None:
     raise ValueError(f"unknown attack {name!r}: use fgsm, bimN, pgdN, mimN "
@@ -124,6 +128,10 @@ def parse_attack(name: str) -> AttackSpec:
     raise ValueError(f"attack {name!r}: give the number of steps, e.g. "
                      f"{kind}7")
   steps = int(digits)
+  if steps > MAX_STEPS:
+    raise ValueError(f"attack {name!r}: {steps} steps is more than "
+                     f"{MAX_STEPS} (each step is a forward and a backward "
+                     f"pass over the evaluation set)")
   label = f"{kind}{steps}"
   if kind == "bim":
     return AttackSpec(label, kind, steps)

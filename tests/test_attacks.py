@@ -342,7 +342,10 @@ def test_parse_attack_names_and_sizes():
   assert [s.steps for s in specs] == [1, 7, 7, 5, 5]
   assert specs[0].step_is_eps and specs[2].uniform_start
   assert specs[3].momentum == 1.0 and specs[4].sign_start == 0.5
-  for bad in ("pgd", "fgsm3", "cw", "bim0", ""):
+  assert attacks.parse_attack("pgd10000").steps == 10_000
+  with pytest.raises(ValueError, match="1000000 steps is more than 10000"):
+    attacks.parse_attack("bim1000000")
+  for bad in ("pgd", "fgsm3", "cw", "bim0", "", "mim10001"):
     try:
       attacks.parse_attacks(bad)
     except ValueError:
