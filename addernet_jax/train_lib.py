@@ -487,6 +487,12 @@ def make_streaming_train_step(mesh: jax.sharding.Mesh,
 # -------------------------------------------------------------- the loop --
 
 
+def _ends_with_newline(path: Path) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 class MetricsWriter:
   """metrics.jsonl and TensorBoard in the workdir (process 0 only).
 
@@ -503,7 +509,12 @@ class MetricsWriter:
     if enabled:
       path = workdir / "metrics.jsonl"
       earlier = path.is_file() and path.stat().st_size > 0
+      # A run killed mid-write leaves half a line: start on a new one (the
+      # marker was appended to it, and lost with it).
+      torn = earlier and not _ends_with_newline(path)
       self._file = open(path, "a", encoding="utf-8")
+      if torn:
+        self._file.write("\n")
       if start_step > 0 or earlier:
         self._file.write(json.dumps({"step": int(start_step),
                                      "resumed_from_step": int(start_step)})

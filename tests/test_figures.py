@@ -267,6 +267,15 @@ def test_read_metrics_drops_the_interrupted_runs_steps_after_a_resume(
   again.close()
   assert [(r["step"], r["train_loss"])
           for r in figures.read_metrics(fresh)["train"]] == [(2, 5.0)]
+  # A run killed mid-write left half a line: the resume marker was appended
+  # to it and lost with it, so the killed run's steps counted.
+  with open(fresh / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 3, "train_loss": 9.0}\n{"step": 4, "train_lo')
+  resumed = train_lib.MetricsWriter(fresh, True, start_step=2)
+  resumed.close()
+  assert (fresh / "metrics.jsonl").read_text().endswith(
+      '"train_lo\n{"step": 2, "resumed_from_step": 2}\n')
+  assert [r["step"] for r in figures.read_metrics(fresh)["train"]] == [2]
 
 
 def test_read_metrics_warns_about_lines_that_are_not_json(tmp_path, caplog):
