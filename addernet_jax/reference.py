@@ -243,6 +243,12 @@ def input_grad(xp: jax.Array, w: jax.Array, g: jax.Array,
   return d.reshape(n, hq * sh, wq * sw, cin)[:, :hp, :wp]
 
 
+# "taps": the sum over n*ho*wo runs in blocks of this many terms, whose
+# partial sums are then added; one long float32 dot over 200,000 terms (MNIST
+# at batch 256) was 30x further from float64 than the official code.
+TAP_CHUNK = 256
+
+
 def filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides,
                 *, method: str | None = None) -> jax.Array:
   """dw[i,j,c,o] = sum_{n,p,q} (xp[n,p*s+i,q*s+j,c] - w[i,j,c,o]) g[n,p,q,o].
@@ -278,10 +284,23 @@ def filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides,
     (correlation,) = conv_vjp(g)
   elif method == "taps":
     out_hw = g.shape[1:3]
-    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    rows = g.shape[0] * out_hw[0] * out_hw[1]
+    chunk = min(TAP_CHUNK, rows)
+    chunks = -(-rows // chunk)
+    pad = chunks * chunk - rows
+
+    def blocks(a: jax.Array) -> jax.Array:  # [n, ho, wo, c] -> [T, C, c]
+      a = a.reshape(rows, a.shape[-1])
+      if pad:
+        a = jnp.pad(a, ((0, pad), (0, 0)))
+      return a.reshape(chunks, chunk, a.shape[-1])
+
+    g_blocks = blocks(g)
+    contract = (((1,), (1,)), ((0,), (0,)))
     correlation = jnp.stack([
-        lax.dot_general(tap_view(xp, i, j, out_hw, strides), g, contract,
-                        precision=lax.Precision.HIGHEST)
+        jnp.sum(lax.dot_general(blocks(tap_view(xp, i, j, out_hw, strides)),
+                                g_blocks, contract,
+                                precision=lax.Precision.HIGHEST), axis=0)
         for i in range(kh) for j in range(kw)]).reshape(kh, kw, cin, cout)
   else:
     raise ValueError(f"filter_grad: method must be None, 'conv' or 'taps', "

@@ -672,7 +672,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
     raise ValueError(f"config.log_every_steps must be > 0, got "
                      f"{config.log_every_steps}")
   optim.check_config(config)
-  check_max_checkpoints(config)
+  check_checkpointing(config)
+  recalibrate = config.get("recalibrate_bn_batches", 0)
+  if recalibrate is not None and (not isinstance(recalibrate, int)
+                                  or recalibrate < 0):
+    raise ValueError(f"config.recalibrate_bn_batches={recalibrate!r} must be "
+                     f"an int >= 0 (0: no re-estimation)")
   holdout = config.get("holdout_examples", 0)
   if holdout is not None and (not isinstance(holdout, int) or holdout < 0):
     raise ValueError(f"config.holdout_examples={holdout!r} must be an int >= "
@@ -689,12 +694,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   return info
 
 
-def check_max_checkpoints(config: ml_collections.ConfigDict) -> None:
-  """ValueError unless config.max_checkpoints_to_keep is a positive int."""
+def check_checkpointing(config: ml_collections.ConfigDict) -> None:
+  """ValueError unless config.max_checkpoints_to_keep is a positive int and
+  config.checkpoint_every_steps is > 0 or 0/-1 (every epoch)."""
   value = config.get("max_checkpoints_to_keep")
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"config.max_checkpoints_to_keep={value!r} must be an "
                      f"int >= 1")
+  every = config.get("checkpoint_every_steps")
+  if every is not None and (not isinstance(every, int) or every < -1):
+    raise ValueError(f"config.checkpoint_every_steps={every!r} must be a "
+                     f"number of steps > 0, or 0 or -1 (every epoch)")
 
 
 class InMemoryData:
@@ -761,7 +771,7 @@ def _fetch_metrics(pending: list[dict[str, jax.Array]], first_step: int
     step = first_step + int(bad[0]) + 1
     raise NonFiniteLossError(
         f"training loss is {losses[bad[0]]} at step {step}; stopping without "
-        "saving (the last good checkpoint is kept)")
+        "saving (checkpoints written before it, if any, are kept)")
   result = {"train_loss": float(losses.mean()),
             "train_top1": float(np.mean([m["top1"] for m in stacked]))}
   for key in stacked[0]:  # e.g. PKKD's teacher_loss, feature_loss

@@ -308,7 +308,9 @@ def test_bad_value_is_one_line_error(tmp_path):
                                        ("eta", -3.0),
                                        ("eta", float("inf")),
                                        ("max_checkpoints_to_keep", 0),
-                                       ("holdout_examples", -5)])
+                                       ("holdout_examples", -5),
+                                       ("recalibrate_bn_batches", -1),
+                                       ("checkpoint_every_steps", -7)])
 def test_optimizer_values_out_of_range_are_refused(key, value):
   """NaN or a negative eta once switched the adaptive rate off silently."""
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top

@@ -105,7 +105,7 @@ def validate_config(config: ml_collections.ConfigDict,
   if config.batch_size % num_devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be a "
                      f"multiple of the number of devices ({num_devices})")
-  train_lib.check_max_checkpoints(config)
+  train_lib.check_checkpointing(config)
   check_optimizer_config(config)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
@@ -384,8 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         bad = int(np.flatnonzero(~np.isfinite(losses))[0])
         raise train_lib.NonFiniteLossError(
             f"training loss is {losses[bad]} at step "
-            f"{step - len(losses) + bad + 1}; stopping without saving (the "
-            "last good checkpoint is kept)")
+            f"{step - len(losses) + bad + 1}; stopping without saving "
+            "(checkpoints written before it, if any, are kept)")
       now = time.perf_counter()
       last_train = {"train_loss": float(losses.mean()),
                     "lr": float(lr_fn(step - 1)),
