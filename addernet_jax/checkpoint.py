@@ -1224,6 +1224,19 @@ def _workdir_of(checkpoints_dir: Path) -> Path:
           else checkpoints_dir)
 
 
+class _StepRemovedWhileReading(CheckpointError):
+  """The step being read was deleted meanwhile (a training run in the same
+  workdir keeps only its newest checkpoints)."""
+
+  def __init__(self, step: int):
+    super().__init__(f"checkpoint step {step} was removed while being read")
+    self.step = step
+
+
+# How often evaluation re-reads after a training run deleted the step it read.
+_EVAL_READ_ATTEMPTS = 5
+
+
 def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
                      abstract_state: Any, which: str = "latest", *,
                      with_meta: bool = False,
@@ -1249,9 +1262,33 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
     CheckpointStructureError (ValueError): another architecture.
 
   With `with_meta=True` it returns an `EvalRestore` (state, meta, which).
+
+  A training run may save into the same workdir meanwhile: a step it
+  deletes while this reads it (it keeps the newest few) is not damage; the
+  steps are listed and read again.
   """
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+  for _ in range(_EVAL_READ_ATTEMPTS):
+    try:
+      return _restore_for_eval_once(workdir_or_checkpoints_dir,
+                                    abstract_state, which, with_meta,
+                                    best_metric)
+    except _StepRemovedWhileReading as e:
+      logger.warning(
+          "%s (a training run saving to %s keeps only its newest "
+          "checkpoints): reading the newest again", e,
+          _resolve_dir(workdir_or_checkpoints_dir))
+  raise CheckpointError(
+      f"the checkpoints in {str(_resolve_dir(workdir_or_checkpoints_dir))!r} "
+      f"were removed while being read {_EVAL_READ_ATTEMPTS} times: a "
+      f"training run is saving there; evaluate after it, or a copy")
+
+
+def _restore_for_eval_once(workdir_or_checkpoints_dir: str | os.PathLike,
+                           abstract_state: Any, which: str, with_meta: bool,
+                           best_metric: str) -> Any:
+  """One attempt of `restore_for_eval`."""
   directory = _resolve_dir(workdir_or_checkpoints_dir)
   if not directory.is_dir():
     raise CheckpointError(f"no checkpoint directory at {str(directory)!r}")
@@ -1281,7 +1318,12 @@ def restore_for_eval(workdir_or_checkpoints_dir: str | os.PathLike,
           steps[0])
 
     def restored(step: int, kind: str) -> Any:
-      state, meta = mgr.restore_step(step, abstract_state, partial=True)
+      try:
+        state, meta = mgr.restore_step(step, abstract_state, partial=True)
+      except CheckpointError as e:
+        if not (directory / str(step) / _METADATA_FILE).exists():
+          raise _StepRemovedWhileReading(step) from e
+        raise
       if not with_meta:
         return state
       return EvalRestore(state, meta if isinstance(meta, dict) else {}, kind)

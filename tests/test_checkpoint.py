@@ -161,6 +161,51 @@ def test_structure_check_missing_and_extra():
                          allow_extra=True)
 
 
+def test_eval_reads_again_when_training_deletes_the_step_it_reads(
+    tmp_path, base_state, monkeypatch, caplog):
+  """eval.py beside a running train.py, which deletes its oldest steps:
+  a step removed mid-read was reported as damage ("every checkpoint ... is
+  damaged"), inviting the user to delete good checkpoints."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  states = {s: perturb(base_state, s) for s in (1, 2, 3)}
+  with ckpt.CheckpointManager(workdir / "checkpoints") as mgr:
+    for step in (1, 2, 3):
+      mgr.save(step, states[step], {})
+  real = ckpt.CheckpointManager.restore_step
+  removals = []
+
+  def training_deletes_it(self, step, *args, **kwargs):
+    if step == 3 and len(removals) < 1:  # rotated out while being read
+      removals.append(step)
+      shutil.rmtree(self.directory / str(step))
+      raise ckpt.CheckpointCorruptedError(step, self.directory,
+                                          "folder 'meta' is missing")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt.CheckpointManager, "restore_step",
+                      training_deletes_it)
+  with caplog.at_level("WARNING"):
+    got = ckpt.restore_for_eval(workdir, abstract(base_state))
+  assert_trees_equal(got, states[2])
+  assert any("step 3 was removed while being read" in r.getMessage()
+             for r in caplog.records)
+  assert not any("damaged" in r.getMessage() for r in caplog.records)
+
+  def always_removed(self, step, *args, **kwargs):
+    (self.directory / str(step) / "_CHECKPOINT_METADATA").unlink()
+    raise ckpt.CheckpointError("reading failed")
+
+  busy = tmp_path / "busy"
+  with ckpt.CheckpointManager(busy / "checkpoints", max_to_keep=9) as mgr:
+    for step in range(1, 8):
+      mgr.save(step, states[1], {})
+  monkeypatch.setattr(ckpt.CheckpointManager, "restore_step", always_removed)
+  with pytest.raises(ckpt.CheckpointError, match="removed while being read "
+                     "5 times: a training run is saving there"):
+    ckpt.restore_for_eval(busy, abstract(base_state))
+
+
 def test_restore_for_eval_latest_best_and_partial(tmp_path, base_state):
   workdir = tmp_path / "run"
   states = {s: perturb(base_state, s) for s in (1, 2, 3)}
