@@ -1215,3 +1215,34 @@ def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
                        match=r"float\.tiff: a float image \(PIL mode 'F'\) "
                        r'has no known 0\.\.255 range'):
       load()
+
+
+def test_imagefolder_reads_nested_folders_and_names_empty_classes(
+    tmp_path, caplog):
+  """Images in a sub-folder of a class were skipped and a class left with
+  none trained on nothing, without a word; torchvision's ImageFolder
+  reads nested folders."""
+  expected = _make_imagefolder(tmp_path, splits=('train',), num_classes=3)
+  cat = tmp_path / 'train' / 'cat'
+  (cat / 'more').mkdir()
+  for f in sorted(cat.glob('*.png')):
+    f.rename(cat / 'more' / f.name)
+  paths, labels, classes = local.list_imagefolder(tmp_path, 'train')
+  assert classes == ['ant', 'cat', 'zebra']
+  assert sorted(p for p in paths if '/cat/' in p) == sorted(
+      str(cat / 'more' / f'{i:04d}.png') for i in range(3))
+  np.testing.assert_array_equal(np.sort(labels),
+                                np.sort(expected['train'][1]))
+  # A class folder with no image: a warning naming it.
+  for f in (cat / 'more').glob('*.png'):
+    f.unlink()
+  with caplog.at_level('WARNING'):
+    _, labels, _ = local.list_imagefolder(tmp_path, 'train')
+  assert 1 not in labels
+  assert any("1 class folder(s) have no image files ('cat')" in r.getMessage()
+             and 'train on no image' in r.getMessage()
+             for r in caplog.records)
+  # A dangling link named like an image is named, not skipped.
+  (tmp_path / 'train' / 'ant' / 'gone.png').symlink_to(tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match=r'gone\.png: not a readable file'):
+    local.list_imagefolder(tmp_path, 'train')

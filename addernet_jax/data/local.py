@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gzip
+import logging
 import math
 import multiprocessing
 import os
@@ -22,6 +23,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from addernet_jax.data import info as info_lib
+
+logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif',
                   '.tiff', '.webp')
@@ -102,11 +105,23 @@ def _class_dirs(path: Path) -> list[Path]:
 
 
 def _image_files(folder: Path | str) -> list[str]:
-  """Sorted names of the image files in `folder` (hidden ones left out)."""
-  with os.scandir(folder) as it:
-    return sorted(e.name for e in it
-                  if e.name.lower().endswith(IMG_EXTENSIONS) and
-                  not e.name.startswith('.') and e.is_file())
+  """Sorted paths, relative to `folder`, of the image files in it and its
+  sub-folders, as torchvision's ImageFolder finds them (nested folders were
+  skipped without a word: a class could train on none of its images).
+  Hidden files and folders ('.*') are left out; an image name that is not a
+  readable file (a dangling link) is a ValueError naming it."""
+  found = []
+  for top, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    for name in files:
+      if name.startswith('.') or not name.lower().endswith(IMG_EXTENSIONS):
+        continue
+      path = os.path.join(top, name)
+      if not os.path.isfile(path):
+        raise ValueError(f'{path}: not a readable file (a broken link?); '
+                         f'remove it or restore its target')
+      found.append(os.path.relpath(path, folder))
+  return sorted(found)
 
 
 def _has_image_file(folder: Path) -> bool:
@@ -445,6 +460,7 @@ def list_imagefolder(root: Path, split: str,
         'class needs its folder there.')
   index = {c: i for i, c in enumerate(classes)}
   per_class: list[tuple[int, list[str]]] = []
+  empty: list[str] = []
   for class_dir in _class_dirs(split_dir):
     if class_dir.name not in index:
       raise ValueError(
@@ -454,6 +470,15 @@ def list_imagefolder(root: Path, split: str,
     if files:
       per_class.append((index[class_dir.name],
                         [os.path.join(class_dir, f) for f in files]))
+    else:
+      empty.append(class_dir.name)
+  if empty and per_class:
+    shown = ', '.join(repr(c) for c in empty[:8]) + (
+        f' and {len(empty) - 8} more' if len(empty) > 8 else '')
+    logger.warning(
+        'ImageFolder split %r: %d class folder(s) have no image files (%s), '
+        'so those classes %s', str(split_dir), len(empty), shown,
+        'train on no image' if split == 'train' else 'have no example here')
   if not per_class:
     raise ValueError(f'ImageFolder split {str(split_dir)!r} has no image files'
                      f' ({", ".join(IMG_EXTENSIONS)}).')
