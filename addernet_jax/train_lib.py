@@ -131,7 +131,9 @@ USER_ERRORS = (ValueError, TypeError, KeyError, ckpt_lib.CheckpointError,
                # a file that is not a readable PyTorch checkpoint
                pickle.UnpicklingError,
                # config.data_dir unset and TFDS cannot provide the dataset
-               data_lib.DataUnavailableError)
+               data_lib.DataUnavailableError,
+               # a worker process of the input pipeline died
+               data_lib.DataWorkerError)
 
 
 def json_line(result: Any) -> str:

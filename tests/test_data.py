@@ -246,6 +246,33 @@ def test_streaming_unreadable_file_in_grain_worker(tmp_path):
     it.close()
 
 
+def test_a_dead_grain_worker_is_named(tmp_path):
+  """A decode worker killed (the OOM killer) surfaced as Grain's raw
+  RuntimeError traceback; now one DataWorkerError (a user error: one line)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  _make_imagefolder(tmp_path, ext='jpg', counts=(20, 20, 20),
+                    splits=('train',))
+  it = data.streaming_iterator('cifar10', tmp_path, 'train',
+                               global_batch_size=3, train=True, num_epochs=50,
+                               worker_count=1)
+  try:
+    next(it)
+    workers = [p for p in multiprocessing.active_children()
+               if 'grain' in p.name]
+    assert workers
+    for worker in workers:
+      os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(data.DataWorkerError, match=r'a data-loading worker '
+                       r'process died \(killed by signal 9, often the '
+                       r'out-of-memory killer\): lower --config.num_workers'):
+      for _ in range(2000):
+        next(it)
+  finally:
+    it.close()
+
+
 def test_imagefolder_listing_interleaved_by_class(tmp_path):
   """Files are listed interleaved by class, so that holdout_examples (the
   last N training examples) and eval_max_examples (the first N evaluation

@@ -16,12 +16,14 @@ from addernet_jax.data.info import DATASET_NAMES
 from addernet_jax.data.info import DatasetInfo
 from addernet_jax.data.info import dataset_info
 from addernet_jax.data.local import LAYOUTS_HELP
+from addernet_jax.data.streaming import DataWorkerError
 from addernet_jax.data.streaming import StreamingIterator
 from addernet_jax.data.streaming import streaming_iterator
 from addernet_jax.data.tfds_source import DataUnavailableError
 
 __all__ = [
-    'DATASET_NAMES', 'DataUnavailableError', 'DatasetInfo', 'LAYOUTS_HELP',
+    'DATASET_NAMES', 'DataUnavailableError', 'DataWorkerError',
+    'DatasetInfo', 'LAYOUTS_HELP',
     'StreamingIterator',
     'augment_and_normalize', 'dataset_info', 'load_arrays',
     'load_in_memory_splits',

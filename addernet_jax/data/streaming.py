@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -221,6 +222,10 @@ class LoadExample:
     return example
 
 
+class DataWorkerError(RuntimeError):
+  """A worker process of the input pipeline died."""
+
+
 class StreamingIterator(Iterator[dict]):
   """Iterator over per-process batches; also says how long an epoch is.
 
@@ -242,7 +247,23 @@ class StreamingIterator(Iterator[dict]):
     self.classes = classes
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    try:
+      return next(self._it)
+    except RuntimeError as e:
+      # Grain's message when a worker process died (the OOM killer, kill -9).
+      died = re.search(r'Worker process was terminated unexpectedly with '
+                       r'exit code (-?\d+)', str(e))
+      if died is None:
+        raise
+      code = int(died.group(1))
+      how = f'exit code {code}'
+      if code < 0:
+        how = f'killed by signal {-code}' + (
+            ', often the out-of-memory killer' if code == -9 else '')
+      raise DataWorkerError(
+          f'a data-loading worker process died ({how}): lower '
+          f'--config.num_workers or give the machine more memory; rerunning '
+          f'the command resumes from the last checkpoint') from None
 
   def __iter__(self):
     return self
