@@ -94,8 +94,12 @@ class AdderConv(nn.Module):
     strides: an int or a pair.
     padding: "SAME", "VALID", an int (symmetric, as PyTorch's `padding=`),
       one int per spatial dimension `(ph, pw)` (as `flax.linen.Conv`) or
-      `((top, bottom), (left, right))`.
-    use_bias: add a learned bias (the official layers have none).
+      `((top, bottom), (left, right))`. The default is Flax's "SAME", which
+      pads asymmetrically at stride 2 (e.g. (0, 1) for 3x3 on an even
+      size); porting the official `adder2d(..., stride, padding=p)` (its
+      default p is 0), give `padding=p`.
+    use_bias: add a learned bias (the official models have none).
+    bias_init: U(0, 1), the official `adder2d`'s (with `bias=True`).
     dtype: computation dtype (None: from the inputs); accumulation is float32.
     param_dtype: dtype of the filters.
     kernel_init: filter initialiser; N(0, 1) as in the official release.
@@ -111,7 +115,7 @@ class AdderConv(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(stddev=1.0)
-  bias_init: Any = nn.initializers.zeros
+  bias_init: Any = nn.initializers.uniform(scale=1.0)
   implementation: str | None = None
   gradient: str = "official"
 
@@ -184,8 +188,9 @@ class AdderConvNNX(nnx.Module):
                                    "AdderConvNNX")
     self.adder_kernel = nnx.Param(kernel_init(
         rngs.params(), (kh, kw, in_features, out_features), param_dtype))
-    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
-                 if use_bias else None)
+    # U(0, 1), as the official adder2d's bias.
+    self.bias = (nnx.Param(jax.random.uniform(
+        rngs.params(), (out_features,), param_dtype)) if use_bias else None)
     self.strides = _pair(strides, "strides", "AdderConvNNX")
     ops.check_options(implementation, gradient, "AdderConvNNX")
     self.padding = _padding(padding)

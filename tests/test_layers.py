@@ -49,6 +49,19 @@ def test_adder_conv_int_padding_and_bias():
                              _np_adder_conv_valid(xp, w) + b, rtol=1e-5, atol=1e-4)
 
 
+def test_adder_conv_bias_starts_as_the_official_one():
+  """The official adder2d(bias=True) draws its bias from U(0, 1); ours
+  started at 0."""
+  x = jnp.ones((1, 5, 5, 3))
+  for bias in (
+      layers.AdderConv(64, use_bias=True).init(jax.random.key(0), x)[
+          "params"]["bias"],
+      layers.AdderConvNNX(3, 64, use_bias=True, rngs=nnx.Rngs(0)).bias[...]):
+    b = np.asarray(bias)
+    assert b.shape == (64,) and b.min() >= 0 and b.max() < 1
+    assert 0.3 < b.mean() < 0.7 and b.std() > 0.2
+
+
 def test_adder_conv_rejects_non_nhwc():
   with pytest.raises(ValueError, match="NHWC"):
     layers.AdderConv(4).init(jax.random.key(0), jnp.ones((3, 5, 5)))
