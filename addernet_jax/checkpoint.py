@@ -1108,6 +1108,24 @@ class CheckpointManager:
     _barrier(f"addernet_quarantine_{step}")
     self._reload()
 
+  def _finish_deleting(self, step: int) -> None:
+    """Removes what is left of a step the rotation was deleting."""
+    if self.read_only:
+      return
+    if jax.process_index() == 0:
+      path = self.directory / str(step)
+      try:
+        shutil.rmtree(path)
+        logger.info("removed the rest of checkpoint step %d (%s), which was "
+                    "being deleted as an old checkpoint when the last run "
+                    "stopped", step, path)
+      except OSError as e:
+        logger.warning("could not remove the rest of the old checkpoint %s, "
+                       "which was being deleted when the last run stopped "
+                       "(%s)", path, _describe_cause(e))
+    _barrier(f"addernet_finish_deleting_{step}")
+    self._reload()
+
   def _refuse_fresh_start(self) -> None:
     """Raises if damaged steps were moved aside earlier (see `restore`)."""
     quarantined = self.quarantined_steps()
@@ -1152,7 +1170,14 @@ class CheckpointManager:
     """
     if not self.read_only:
       self._raise_pending_errors()
+    committed = self.all_steps()
     for step in self.unfinished_steps():
+      if committed and step < committed[0]:
+        # Older than every committed step: not a save cut short (saves are
+        # of newer steps) but one being deleted by the rotation
+        # (max_to_keep) when the process was killed.
+        self._finish_deleting(step)
+        continue
       logger.warning("ignoring unfinished checkpoint directory %s (no %s)",
                      self.directory / str(step), _METADATA_FILE)
       self._quarantine(step, unfinished=True)

@@ -126,6 +126,21 @@ def test_unfinished_step_directories_are_ignored(tmp_path, base_state):
     mgr.save(8, state, {"k": 2})   # the number of the bad directory is free
     mgr.wait_until_finished()
     assert mgr.all_steps() == [3, 8]
+  assert [p.name.split("-")[:2] for p in
+          (tmp_path.parent / (tmp_path.name + ".corrupted")).iterdir()] == [
+              ["8", "unfinished"]]
+  # A kill while the rotation deleted an old step leaves the rest of it
+  # (here: no commit file, its arrays): older than every committed step, so
+  # not a save cut short. It was moved aside as "unfinished", filling the
+  # .corrupted folder with full-size leftovers; its deletion is finished.
+  (tmp_path / "2" / "state").mkdir(parents=True)
+  (tmp_path / "2" / "state" / "array").write_bytes(b"\x01" * 10)
+  with ckpt.CheckpointManager(tmp_path) as mgr:
+    mgr.restore(abstract(base_state))
+    assert mgr.all_steps() == [3, 8] and mgr.unfinished_steps() == []
+  assert not (tmp_path / "2").exists()
+  assert len(list((tmp_path.parent / (tmp_path.name + ".corrupted")
+                   ).iterdir())) == 1
 
 
 def test_architecture_mismatch_names_parameter_and_shapes(tmp_path,
