@@ -72,7 +72,8 @@ _ERRNO_HINTS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
     errno.EROFS: "the file system is read-only",
-    errno.EFBIG: "the file size limit was reached",
+    errno.EFBIG: "the file size limit was reached (ulimit -f, or the file "
+                 "system's largest file)",
 }
 
 
@@ -131,8 +132,14 @@ def _describe_cause(exc: BaseException) -> str:
       break
     cur = cur.__cause__ or cur.__context__
   text = f"{type(exc).__name__}: {_short(str(exc))}"
+  # TensorStore's own errors carry the OS error as text.
+  code = re.search(r"os_error_code='(\d+)'", str(exc))
   if os_error is not None:
     text = f"{_ERRNO_HINTS[os_error.errno]} ({text})"
+  elif code and int(code.group(1)) in _ERRNO_HINTS:
+    failed = re.search(r"(Failed to [^:]+: [^\[]+)", str(exc))
+    detail = failed.group(1).strip() if failed else _short(str(exc), 200)
+    text = f"{_ERRNO_HINTS[int(code.group(1))]} ({detail})"
   else:
     low = str(exc).lower()
     for key, hint in (("no space left", "the disk is full"),
@@ -560,7 +567,7 @@ def _damage_of(exc: BaseException, step_dir: Path) -> str | None:
 
 def _is_orphaned_read_error(exc: BaseException | None) -> bool:
   """Whether `exc` is the aftermath of a failed Orbax read (see
-  `_install_read_error_filters`)."""
+  `_install_error_aftermath_filters`)."""
   for link in _chain(exc) if exc is not None else ():
     text = str(link)
     if isinstance(link, RuntimeError) and text == "Event loop is closed":
@@ -575,16 +582,20 @@ def _is_orphaned_read_error(exc: BaseException | None) -> bool:
 _filters_installed = False
 
 
-def _install_read_error_filters() -> None:
-  """Hides the aftermath of a failed read that `restore` reports itself.
+def _install_error_aftermath_filters() -> None:
+  """Hides the aftermath of a failed read or write that this module reports
+  itself (one line: `restore` names the damage, a failed save its cause).
 
-  When one TensorStore read of a step fails, Orbax's `asyncio.gather` raises
-  at once and its event loop closes while the sibling reads are in flight:
-  they then print "RuntimeError: Event loop is closed" (through
-  `sys.unraisablehook`, from TensorStore's threads, at any later time) and
-  asyncio logs "Task exception was never retrieved" with a traceback. These
-  say nothing new and would bury the one-line error; they are logged at
-  DEBUG level instead. Any other unraisable error or asyncio log is kept.
+  When one TensorStore read or write of a step fails, Orbax's
+  `asyncio.gather` raises at once and its event loop closes while the
+  sibling operations are in flight: they then print "RuntimeError: Event
+  loop is closed" (through `sys.unraisablehook`, from TensorStore's threads,
+  at any later time) and asyncio logs "... exception was never retrieved"
+  with a traceback; Orbax's save threads log the same error with its
+  traceback three times. A disk full at a save printed 400 lines around the
+  one that says so. These say nothing new: the unraisable errors and asyncio
+  logs go to DEBUG level, Orbax's error logs keep one shortened line without
+  the traceback. Any other unraisable error or log is kept whole.
   """
   global _filters_installed
   if _filters_installed:
@@ -612,6 +623,19 @@ def _install_read_error_filters() -> None:
       return True
 
   logging.getLogger("asyncio").addFilter(_AsyncioFilter())
+
+  class _OrbaxTracebackFilter(logging.Filter):
+
+    def filter(self, record: logging.LogRecord) -> bool:
+      if (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname
+          and _is_orphaned_read_error(record.exc_info[1])):
+        record.msg = _short(record.getMessage(), limit=300) + (
+            " (traceback left out: the error is reported below)")
+        record.args, record.exc_info, record.exc_text = None, None, None
+      return True
+
+  for name in ("absl", "orbax"):
+    logging.getLogger(name).addFilter(_OrbaxTracebackFilter())
 
 
 class _OrbaxCheckpointManager(ocp.CheckpointManager):
@@ -741,6 +765,7 @@ class CheckpointManager:
     self.best_mode = best_mode
     self.read_only = read_only
     self.verify_checksums = verify_checksums
+    _install_error_aftermath_filters()
     self._async = async_save
     self._pending_step: int | None = None
     try:
@@ -846,6 +871,16 @@ class CheckpointManager:
 
   # -- saving --------------------------------------------------------------
 
+  def _earlier_steps_note(self, step: int) -> str:
+    """What a failed save of `step` leaves: the steps committed before it."""
+    try:
+      earlier = [s for s in self.all_steps() if s < step]
+    except Exception:  # pylint: disable=broad-except
+      return "the previous checkpoints are intact"
+    if not earlier:
+      return "no checkpoint was written before it"
+    return f"the previous checkpoints are intact (latest: step {earlier[-1]})"
+
   def _raise_pending_errors(self) -> None:
     """Waits for the background save and turns its failure into an error."""
     step, self._pending_step = self._pending_step, None
@@ -855,7 +890,7 @@ class CheckpointManager:
       self._reset_manager()
       raise CheckpointError(
           f"saving checkpoint step {step} to {str(self.directory)!r} failed: "
-          f"{_describe_cause(e)}; the previous checkpoints are intact") from e
+          f"{_describe_cause(e)}; {self._earlier_steps_note(step)}") from e
 
   def _reset_manager(self) -> None:
     """Replaces the Orbax manager after a failed save.
@@ -930,7 +965,7 @@ class CheckpointManager:
       self._reset_manager()
       raise CheckpointError(
           f"saving checkpoint step {step} to {str(self.directory)!r} failed: "
-          f"{_describe_cause(e)}; the previous checkpoints are intact") from e
+          f"{_describe_cause(e)}; {self._earlier_steps_note(step)}") from e
     self._pending_step = step
     if force or not self._async:
       self._raise_pending_errors()
@@ -995,7 +1030,7 @@ class CheckpointManager:
         I/O error, a library version mismatch, ...): nothing says the step is
         damaged.
     """
-    _install_read_error_filters()
+    _install_error_aftermath_filters()
     try:
       return self._restore_step(step, abstract_state, partial)
     except (CheckpointStructureError, CheckpointCorruptedError):

@@ -647,6 +647,12 @@ def test_write_failure_in_tensorstore_is_reported(tmp_path):
       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
   assert "step 2" in proc.stdout and str(directory) in proc.stdout
+  # The cause and what is left, in words; and not 400 lines of Orbax's and
+  # asyncio's tracebacks of the same error around it.
+  assert ("the file size limit was reached (ulimit -f, or the file system's "
+          "largest file) (Failed to write") in proc.stdout, proc.stdout
+  assert "the previous checkpoints are intact (latest: step 1)" in proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   with ckpt.CheckpointManager(directory) as mgr:
     assert mgr.all_steps() == [1]
     got, meta = mgr.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
