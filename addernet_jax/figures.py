@@ -432,28 +432,15 @@ def plot_curves(runs: Sequence[dict[str, Any]], output: str) -> list[str]:
     return _plot_sr_curves(runs, output)
   fig = _figure(13, 3.8)
   ax_loss, ax_err, ax_lr = fig.subplots(1, 3)
-  convs = [run.get("conv") for run in runs]
-  by_conv = all(c in ("adder", "mult") and convs.count(c) == 1 for c in convs)
-  for i, run in enumerate(runs):
-    color = (_conv_color(run["conv"], i) if by_conv else
-             _conv_color("", i))
+  for i, (run, color) in enumerate(zip(runs, _run_colors(runs))):
     label = run["label"]
     train, evals = run["metrics"]["train"], run["metrics"]["eval"]
     if train:
-      ep = _epochs(train)
-      ax_loss.plot(ep, [r["train_loss"] for r in train], color=color,
-                   lw=1, alpha=0.8, label=f"{label} train")
+      _plot_training(ax_loss, ax_lr, train, color, label, i)
       if all("train_top1" in r for r in train):
-        ax_err.plot(ep, [100 * (1 - r["train_top1"]) for r in train],
+        ax_err.plot(_epochs(train),
+                    [100 * (1 - r["train_top1"]) for r in train],
                     color=color, lw=1, alpha=0.8, label=f"{label} train")
-      if all("lr" in r for r in train):
-        # Runs often share a schedule: the later ones drawn thinner on top.
-        # A logged lr is the rate of the steps since the previous line, so
-        # it holds up to its point ("steps-pre"), and a per-epoch schedule
-        # shows as steps.
-        ax_lr.plot(ep, [r["lr"] for r in train], color=color,
-                   lw=max(1.2, 3.5 - 1.5 * i), label=label,
-                   drawstyle="steps-pre")
     if evals:
       ep = _epochs(evals)
       if all("eval_loss" in r for r in evals):
@@ -484,20 +471,11 @@ def _plot_sr_curves(runs: Sequence[dict[str, Any]], output: str
   bicubic interpolation's, dotted) and the learning rate."""
   fig = _figure(13, 3.8)
   ax_loss, ax_psnr, ax_lr = fig.subplots(1, 3)
-  convs = [run.get("conv") for run in runs]
-  by_conv = all(c in ("adder", "mult") and convs.count(c) == 1 for c in convs)
-  for i, run in enumerate(runs):
-    color = _conv_color(run["conv"] if by_conv else "", i)
+  for i, (run, color) in enumerate(zip(runs, _run_colors(runs))):
     label = run["label"]
     train, evals = run["metrics"]["train"], run["metrics"]["eval"]
     if train:
-      ep = _epochs(train)
-      ax_loss.plot(ep, [r["train_loss"] for r in train], color=color,
-                   lw=1, alpha=0.8, label=f"{label} train")
-      if all("lr" in r for r in train):
-        ax_lr.plot(ep, [r["lr"] for r in train], color=color,
-                   lw=max(1.2, 3.5 - 1.5 * i), label=label,
-                   drawstyle="steps-pre")
+      _plot_training(ax_loss, ax_lr, train, color, label, i)
     psnr = [r for r in evals if "eval_psnr" in r]
     if psnr:
       ax_psnr.plot(_epochs(psnr), [r["eval_psnr"] for r in psnr],
@@ -513,6 +491,31 @@ def _plot_sr_curves(runs: Sequence[dict[str, Any]], output: str
   ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
   _finish_axes(ax_loss, ax_psnr, ax_lr)
   return save_figure(fig, output)
+
+
+def _run_colors(runs: Sequence[dict[str, Any]]) -> list[str]:
+  """One colour per run: AdderNet's and CNN's when the runs are one of each
+  (or one run), else a cycle."""
+  convs = [run.get("conv") for run in runs]
+  by_conv = all(c in ("adder", "mult") and convs.count(c) == 1 for c in convs)
+  return [_conv_color(run["conv"] if by_conv else "", i)
+          for i, run in enumerate(runs)]
+
+
+def _plot_training(ax_loss: Any, ax_lr: Any, train: list[dict[str, float]],
+                   color: str, label: str, index: int) -> None:
+  """A run's training loss and, where logged, its learning rate."""
+  ep = _epochs(train)
+  ax_loss.plot(ep, [r["train_loss"] for r in train], color=color, lw=1,
+               alpha=0.8, label=f"{label} train")
+  if all("lr" in r for r in train):
+    # Runs often share a schedule: the later ones drawn thinner on top. A
+    # logged lr is the rate of the steps since the previous line, so it
+    # holds up to its point ("steps-pre"), and a per-epoch schedule shows as
+    # steps.
+    ax_lr.plot(ep, [r["lr"] for r in train], color=color,
+               lw=max(1.2, 3.5 - 1.5 * index), label=label,
+               drawstyle="steps-pre")
 
 
 def _finish_axes(*axes: Any) -> None:
