@@ -813,6 +813,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if is_sr_task(config):  # AdderSR: its own loop (addernet_jax/sr/train.py)
     from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
     return sr_train.train_and_evaluate(config, workdir)
+  # From here on a SIGTERM or Ctrl-C, even during start-up (data loading,
+  # compilation), stops the run cleanly (exit status 0), not with 143.
+  with preemption_lib.install_preemption_handler() as preemption:
+    return _train_classifier(config, workdir, preemption)
+
+
+def _train_classifier(config: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike[str],
+                      preemption: preemption_lib.PreemptionFlag
+                      ) -> dict[str, Any]:
+  """`train_and_evaluate` of a classification config."""
   quiet_library_logs()
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
@@ -906,7 +917,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary = _loop(config, workdir, mesh, info, state, start_step,
                     total_steps, steps_per_epoch, data, train_iter,
                     data_key, train_step, evaluator, lr_fn, mgr, is_main,
-                    resumed_meta, teacher_evaluator)
+                    resumed_meta, teacher_evaluator, preemption)
   finally:
     if train_iter is not None:
       train_iter.close()
@@ -1014,7 +1025,7 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
 def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           steps_per_epoch, data, train_iter, data_key, train_step,
           evaluator, lr_fn, mgr, is_main, resumed_meta,
-          teacher_evaluator=None) -> dict[str, Any]:
+          teacher_evaluator, preemption) -> dict[str, Any]:
   """The training loop proper (see `train_and_evaluate`)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   writer = MetricsWriter(workdir, is_main, start_step)
@@ -1093,68 +1104,74 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
     mgr.save(step, state, meta, metrics=metrics, force=force)
     last_saved = step
 
-  with preemption_lib.install_preemption_handler() as preemption:
-    try:
-      while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if data is not None:
-          if epoch != perm_epoch:
-            perm, perm_epoch = data.permutation(data_key, epoch), epoch
-          state, metrics = train_step(state, data.images, data.labels, perm,
-                                      step_in_epoch)
-        else:
-          batch = next(train_iter)
-          batch = parallel.global_batch_from_local(
-              {"image": batch["image"], "label": batch["label"]}, mesh)
-          state, metrics = train_step(state, batch["image"], batch["label"])
-        pending.append(metrics)
-        window.push(metrics)
-        progress.dispatched(metrics)
-        step += 1
-        if step == start_step + 1:  # exclude compilation from images/s
-          jax.block_until_ready(metrics)
-          t_last, step_last = time.perf_counter(), step
-        end_of_epoch = step % steps_per_epoch == 0
-        if step % log_every == 0:
-          flush_metrics()
-        eval_metrics = None
-        if (end_of_epoch and (step // steps_per_epoch) % eval_every == 0
-            and step < total_steps):
-          flush_metrics()
-          eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
-                                   steps_per_epoch,
-                                   _last_epoch(step, steps_per_epoch),
-                                   teacher_evaluator)
-          writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
-          last_eval = eval_metrics
-          log.info("step %d: %s", step, eval_metrics)
-          t_last = time.perf_counter()  # images/s counts training time only
-        if step % every == 0 and step < total_steps:
-          flush_metrics()
-          save(eval_metrics)
-          t_last = time.perf_counter()
-        if preemption.should_stop(step):
-          flush_metrics()
-          save(None, force=True)
-          preempted = True
-          log.warning("%s: saved a checkpoint at step %d; exiting",
-                      signal.Signals(preemption.signal_received or
-                                     signal.SIGTERM).name, step)
-          break
-      flush_metrics()
-      progress.close()
-      if not preempted:
-        last_eval = _evaluate(config, evaluator, state, data, info, mesh,
-                              steps_per_epoch, _last_epoch(step,
-                                                           steps_per_epoch),
-                              teacher_evaluator)
-        writer.write(step, {**last_eval, "epoch": step / steps_per_epoch})
-        save(last_eval, force=True)
-      mgr.wait_until_finished()
-    finally:
-      progress.close(timeout=1.0)
-      bar.close()
-      writer.close()
+  # A signal during start-up (data loading, compilation): stop before the
+  # first step, with nothing new to save.
+  if preemption.should_stop(step):
+    preempted = True
+    log.warning("%s before the first step: stopping without training",
+                signal.Signals(preemption.signal_received or
+                               signal.SIGTERM).name)
+  try:
+    while step < total_steps and not preempted:
+      epoch, step_in_epoch = divmod(step, steps_per_epoch)
+      if data is not None:
+        if epoch != perm_epoch:
+          perm, perm_epoch = data.permutation(data_key, epoch), epoch
+        state, metrics = train_step(state, data.images, data.labels, perm,
+                                    step_in_epoch)
+      else:
+        batch = next(train_iter)
+        batch = parallel.global_batch_from_local(
+            {"image": batch["image"], "label": batch["label"]}, mesh)
+        state, metrics = train_step(state, batch["image"], batch["label"])
+      pending.append(metrics)
+      window.push(metrics)
+      progress.dispatched(metrics)
+      step += 1
+      if step == start_step + 1:  # exclude compilation from images/s
+        jax.block_until_ready(metrics)
+        t_last, step_last = time.perf_counter(), step
+      end_of_epoch = step % steps_per_epoch == 0
+      if step % log_every == 0:
+        flush_metrics()
+      eval_metrics = None
+      if (end_of_epoch and (step // steps_per_epoch) % eval_every == 0
+          and step < total_steps):
+        flush_metrics()
+        eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
+                                 steps_per_epoch,
+                                 _last_epoch(step, steps_per_epoch),
+                                 teacher_evaluator)
+        writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
+        last_eval = eval_metrics
+        log.info("step %d: %s", step, eval_metrics)
+        t_last = time.perf_counter()  # images/s counts training time only
+      if step % every == 0 and step < total_steps:
+        flush_metrics()
+        save(eval_metrics)
+        t_last = time.perf_counter()
+      if preemption.should_stop(step):
+        flush_metrics()
+        save(None, force=True)
+        preempted = True
+        log.warning("%s: saved a checkpoint at step %d; exiting",
+                    signal.Signals(preemption.signal_received or
+                                   signal.SIGTERM).name, step)
+        break
+    flush_metrics()
+    progress.close()
+    if not preempted:
+      last_eval = _evaluate(config, evaluator, state, data, info, mesh,
+                            steps_per_epoch, _last_epoch(step,
+                                                         steps_per_epoch),
+                            teacher_evaluator)
+      writer.write(step, {**last_eval, "epoch": step / steps_per_epoch})
+      save(last_eval, force=True)
+    mgr.wait_until_finished()
+  finally:
+    progress.close(timeout=1.0)
+    bar.close()
+    writer.close()
 
   summary = {"step": step, "epoch": round(step / steps_per_epoch, 4),
              "train_loss": last_train.get("train_loss"),

@@ -743,3 +743,27 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(tmp_path):
       np.testing.assert_array_equal(np.asarray(state["b"]), -step)
       assert mgr.latest_step() == step
       last_restored = step
+
+
+def test_sigterm_during_start_up_stops_cleanly(tmp_path, monkeypatch):
+  """A SIGTERM while data loaded or the step compiled killed the process
+  (exit status 143, what a requeue script reads as a failure); now the run
+  stops before its first step, with `preempted` and status 0."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  real_make_core = train_lib.make_core
+
+  def make_core_then_preempted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # during start-up
+    time.sleep(0.1)
+    return real_make_core(*args, **kwargs)
+
+  monkeypatch.setattr(train_lib, "make_core", make_core_then_preempted)
+  before = signal.getsignal(signal.SIGTERM)
+  summary = train_lib.train_and_evaluate(smoke.get_config(), tmp_path)
+  assert summary["preempted"] is True and summary["step"] == 0
+  assert signal.getsignal(signal.SIGTERM) is before
+  checkpoints = tmp_path / "checkpoints"
+  assert not checkpoints.exists() or not any(
+      p.name.isdigit() for p in checkpoints.iterdir())
