@@ -250,9 +250,11 @@ class StreamingIterator(Iterator[dict]):
     try:
       return next(self._it)
     except RuntimeError as e:
-      # Grain's message when a worker process died (the OOM killer, kill -9).
-      died = re.search(r'Worker process was terminated unexpectedly with '
-                       r'exit code (-?\d+)', str(e))
+      # Grain's message when a worker process died (the OOM killer, kill -9):
+      # "Worker process was ..." (Grain 0.2.18), "Grain worker process 0
+      # was ..." (0.2.13).
+      died = re.search(r'[Ww]orker process (?:\d+ )?was terminated '
+                       r'unexpectedly with exit code (-?\d+)', str(e))
       if died is None:
         raise
       code = int(died.group(1))
