@@ -1030,7 +1030,6 @@ class CheckpointManager:
         I/O error, a library version mismatch, ...): nothing says the step is
         damaged.
     """
-    _install_error_aftermath_filters()
     try:
       return self._restore_step(step, abstract_state, partial)
     except (CheckpointStructureError, CheckpointCorruptedError):

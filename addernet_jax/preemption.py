@@ -76,6 +76,12 @@ class PreemptionFlag(threading.Event):
           if signum == signal.SIGINT else "")
     self.set()
 
+  @property
+  def signal_name(self) -> str:
+    """"SIGTERM" or "SIGINT": what asked to stop (SIGTERM when JAX's
+    coordination service passed the notice on from another process)."""
+    return signal.Signals(self.signal_received or signal.SIGTERM).name
+
   def _sigint_to_sigterm(self, signum: int, frame: Any) -> None:
     del signum, frame
     if self.signal_received == signal.SIGINT:

@@ -37,7 +37,6 @@ import logging as std_logging
 import math
 import os
 import pickle
-import signal
 import sys
 import time
 import traceback
@@ -1109,8 +1108,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
   if preemption.should_stop(step):
     preempted = True
     log.warning("%s before the first step: stopping without training",
-                signal.Signals(preemption.signal_received or
-                               signal.SIGTERM).name)
+                preemption.signal_name)
   try:
     while step < total_steps and not preempted:
       epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -1155,8 +1153,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
         save(None, force=True)
         preempted = True
         log.warning("%s: saved a checkpoint at step %d; exiting",
-                    signal.Signals(preemption.signal_received or
-                                   signal.SIGTERM).name, step)
+                    preemption.signal_name, step)
         break
     flush_metrics()
     progress.close()

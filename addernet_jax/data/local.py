@@ -111,16 +111,24 @@ def _image_files(folder: Path | str) -> list[str]:
   Hidden files and folders ('.*') are left out; an image name that is not a
   readable file (a dangling link) is a ValueError naming it."""
   found = []
-  for top, dirs, files in os.walk(folder, followlinks=True):
-    dirs[:] = [d for d in dirs if not d.startswith('.')]
-    for name in files:
-      if name.startswith('.') or not name.lower().endswith(IMG_EXTENSIONS):
-        continue
-      path = os.path.join(top, name)
-      if not os.path.isfile(path):
-        raise ValueError(f'{path}: not a readable file (a broken link?); '
-                         f'remove it or restore its target')
-      found.append(os.path.relpath(path, folder))
+  pending = ['']  # folders to list, relative to `folder`
+  while pending:
+    relative = pending.pop()
+    # DirEntry.is_file/is_dir read the directory's own record: no stat per
+    # file (ImageNet has 1.28M), except for links.
+    with os.scandir(os.path.join(folder, relative)) as it:
+      for entry in it:
+        if entry.name.startswith('.'):
+          continue
+        path = os.path.join(relative, entry.name)
+        if entry.is_dir():
+          pending.append(path)
+        elif entry.name.lower().endswith(IMG_EXTENSIONS):
+          if not entry.is_file():
+            raise ValueError(f'{os.path.join(folder, path)}: not a readable '
+                             f'file (a broken link?); remove it or restore '
+                             f'its target')
+          found.append(path)
   return sorted(found)
 
 
