@@ -579,6 +579,33 @@ def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
   assert line["bicubic_psnr"] == pytest.approx(summary["eval_bicubic_psnr"])
 
 
+def test_sigterm_during_start_up_stops_cleanly(skimage_folders, tmp_path,
+                                              monkeypatch):
+  """A SIGTERM while the images loaded or the step compiled killed an
+  AdderSR run (exit status 143, a failure to a requeue script); it now
+  stops before the first step, `preempted`, status 0, nothing saved."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+  real_make_train_step = sr_train.make_train_step
+
+  def make_train_step_then_preempted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # during start-up
+    time.sleep(0.1)
+    return real_make_train_step(*args, **kwargs)
+
+  monkeypatch.setattr(sr_train, "make_train_step",
+                      make_train_step_then_preempted)
+  before = signal.getsignal(signal.SIGTERM)
+  summary = train_lib.train_and_evaluate(_smoke_config(*skimage_folders),
+                                         tmp_path)
+  assert summary["preempted"] is True and summary["step"] == 0
+  assert signal.getsignal(signal.SIGTERM) is before
+  checkpoints = tmp_path / "checkpoints"
+  assert not checkpoints.exists() or not any(
+      p.name.isdigit() for p in checkpoints.iterdir())
+
+
 def test_sr_config_errors(skimage_folders, tmp_path):
   config = _smoke_config(*skimage_folders)
   config.data_dir = str(tmp_path / "missing_hr")

@@ -303,6 +303,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ValueError, FileNotFoundError, NotADirectoryError: bad config or data.
     train_lib.NonFiniteLossError: the loss became NaN or Inf.
   """
+  # From here on a SIGTERM or Ctrl-C, even during start-up (data loading,
+  # compilation), stops the run cleanly (exit status 0), not with 143.
+  with preemption_lib.install_preemption_handler() as preemption:
+    return _train_sr(config, workdir, preemption)
+
+
+def _train_sr(config: ml_collections.ConfigDict,
+              workdir: str | os.PathLike[str],
+              preemption: preemption_lib.PreemptionFlag) -> dict[str, Any]:
+  """`train_and_evaluate` once the preemption handler is installed."""
   train_lib.quiet_library_logs()
   mesh = parallel.make_mesh()
   validate_config(config, mesh.devices.size)
@@ -430,43 +440,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # collective when the host runs 32 programs ahead).
     window = parallel.DispatchWindow.for_mesh(mesh)
     progress = progress_lib.StepProgress(bar)
-    with preemption_lib.install_preemption_handler() as preemption:
-      try:
-        while step < total_steps:
-          lr, hr = batch(step).values()
-          state, m = train_step(state, lr, hr)
-          pending.append(m["loss"])
-          window.push(m)
-          progress.dispatched(m)
-          step += 1
-          if step == start_step + 1:
-            jax.block_until_ready(m)
-            t_last, step_last = time.perf_counter(), step
-          if step % config.log_every_steps == 0:
-            flush()
-          eval_metrics = None
-          if step % eval_every == 0 and step < total_steps:
-            flush()
-            eval_metrics = last_eval = evaluate()
-            t_last = time.perf_counter()  # patches/s counts training only
-          if step % every == 0 and step < total_steps:
-            flush()
-            save(eval_metrics)
-            t_last = time.perf_counter()
-          if preemption.should_stop(step):
-            flush()
-            save(None, force=True)
-            preempted = True
-            break
-        flush()
-        progress.close()
-        if not preempted:
-          last_eval = evaluate()
-          save(last_eval, force=True)
-        mgr.wait_until_finished()
-      finally:
-        progress.close(timeout=1.0)
-        bar.close()
+    # A signal during start-up (data loading, compilation): stop before the
+    # first step, with nothing new to save.
+    if preemption.should_stop(step):
+      preempted = True
+      log.warning("%s before the first step: stopping without training",
+                  preemption.signal_name)
+    try:
+      while step < total_steps and not preempted:
+        lr, hr = batch(step).values()
+        state, m = train_step(state, lr, hr)
+        pending.append(m["loss"])
+        window.push(m)
+        progress.dispatched(m)
+        step += 1
+        if step == start_step + 1:
+          jax.block_until_ready(m)
+          t_last, step_last = time.perf_counter(), step
+        if step % config.log_every_steps == 0:
+          flush()
+        eval_metrics = None
+        if step % eval_every == 0 and step < total_steps:
+          flush()
+          eval_metrics = last_eval = evaluate()
+          t_last = time.perf_counter()  # patches/s counts training only
+        if step % every == 0 and step < total_steps:
+          flush()
+          save(eval_metrics)
+          t_last = time.perf_counter()
+        if preemption.should_stop(step):
+          flush()
+          save(None, force=True)
+          preempted = True
+          log.warning("%s: saved a checkpoint at step %d; exiting",
+                      preemption.signal_name, step)
+          break
+      flush()
+      progress.close()
+      if not preempted:
+        last_eval = evaluate()
+        save(last_eval, force=True)
+      mgr.wait_until_finished()
+    finally:
+      progress.close(timeout=1.0)
+      bar.close()
   finally:
     if writer is not None:
       writer.close()
