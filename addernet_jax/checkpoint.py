@@ -441,7 +441,9 @@ _TS_DAMAGE = {"DATA_LOSS": "garbled", "OUT_OF_RANGE": "truncated",
 # message says that decoding the stored bytes failed.
 _TS_DAMAGE_IF_DECODING = ("FAILED_PRECONDITION", "INVALID_ARGUMENT")
 _DECODING_WORDS = ("decompress", "zstd", "invalid json", "error decoding",
-                   "error parsing json", "truncated", "checksum")
+                   "error parsing json", "truncated", "checksum",
+                   # valid JSON of the wrong shape, e.g. `null` in _sharding
+                   "json pointer")
 # Python errors that say the file system is missing something, not that it
 # failed (those are OSErrors too).
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)

@@ -89,6 +89,10 @@ def _drop_state_metadata(step_dir: Path) -> None:
   (step_dir / "state" / "_METADATA").unlink()
 
 
+def _sharding_json_null(step_dir: Path) -> None:
+  (step_dir / "state" / "_sharding").write_text("null")
+
+
 def _garble_meta_json(step_dir: Path) -> None:
   (step_dir / "meta" / "metadata").write_text('{"step": 2, ')
 
@@ -144,6 +148,8 @@ CORRUPTIONS = [
     (_garble_all_data, "garbled"),
     (_overwrite_array_data, "garbled"),
     (_drop_state_metadata, "'state/_METADATA' is missing"),
+    # Valid JSON of the wrong shape: was "does not show damage", not moved.
+    (_sharding_json_null, "'state/_sharding' is undecodable"),
     (_garble_meta_json, "'meta/metadata' is not valid JSON"),
     # Orbax: FileNotFoundError without a file name, KeyError, a list as meta.
     (_drop_meta_file, "file 'meta/metadata' is missing"),
