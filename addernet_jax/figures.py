@@ -916,16 +916,27 @@ def _check_numbers(args: argparse.Namespace,
       raise FigureError(f"--{name} must be >= {minimum:g}, got {value}")
 
 
-def _load_data(dataset: str, data_dir: str | None, holdout: int):
+def _load_data(dataset: str, data_dir: str | None, holdout: int,
+               with_eval: bool = True):
+  """(info, (train images, labels), evaluation pair or None): with
+  `with_eval=False` only the training split is read (no test files needed)
+  and its last `holdout` examples are still left out."""
   from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   if dataset != "digits":
     if not data_dir:
       raise FigureError(f"--data_dir is required for {dataset}")
     _check_dir(data_dir, "--data_dir")
   info = data_lib.dataset_info(dataset)
-  train, evaluation = data_lib.load_in_memory_splits(
-      dataset, data_dir, holdout_examples=holdout)
-  return info, train, evaluation
+  if with_eval:
+    train, evaluation = data_lib.load_in_memory_splits(
+        dataset, data_dir, holdout_examples=holdout)
+    return info, train, evaluation
+  images, labels = data_lib.load_arrays(dataset, data_dir, "train")
+  if holdout >= len(labels):
+    raise FigureError(f"--holdout_examples {holdout} must be smaller than "
+                      f"the {len(labels)} training examples")
+  end = len(labels) - holdout
+  return info, (images[:end], labels[:end]), None
 
 
 def cmd_weights(args: argparse.Namespace) -> dict[str, Any]:
@@ -992,7 +1003,7 @@ def cmd_gradients(args: argparse.Namespace) -> dict[str, Any]:
   _check_numbers(args, {"holdout_examples": 0, "batch_size": 2, "steps": 1,
                         "seed": 0})
   info, train, _ = _load_data(args.dataset, args.data_dir,
-                              args.holdout_examples)
+                              args.holdout_examples, with_eval=False)
   images, labels = train
   traces = []
   for conv in ("adder", "mult"):

@@ -632,6 +632,30 @@ def test_gradients_command_errors(tmp_path, capsys):
     assert len(err) == 1 and message in err[0], err
 
 
+def test_gradients_reads_only_the_training_split(tmp_path, capsys):
+  """The gradient figure uses training images only: MNIST without its test
+  pair (as shipped with just the training set) was refused."""
+  import struct  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, 40, dtype=np.uint8)
+  (tmp_path / "train-images-idx3-ubyte").write_bytes(
+      struct.pack(">IIII", 0x803, 40, 28, 28) + images.tobytes())
+  (tmp_path / "train-labels-idx1-ubyte").write_bytes(
+      struct.pack(">II", 0x801, 40) + labels.tobytes())
+  _, (got_images, got_labels), evaluation = figures._load_data(  # pylint: disable=protected-access
+      "mnist", str(tmp_path), 7, with_eval=False)
+  assert evaluation is None
+  np.testing.assert_array_equal(got_images[..., 0], images[:33])
+  np.testing.assert_array_equal(got_labels, labels[:33])
+  assert figures.main(["gradients", "--data_dir", str(tmp_path),
+                       "--holdout_examples", "40",
+                       "--output", str(tmp_path / "g.png")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: --holdout_examples 40 must be smaller than the 40 "
+                 "training examples"], err
+
+
 # -------------------------------------------------------------- features --
 
 
