@@ -30,6 +30,7 @@ the attacked examples) before the JSON line, which then also has an
 
 import os
 import sys
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -82,11 +83,12 @@ def main(argv):
   train_lib.warn_unknown_config_fields(FLAGS.config,
                                        configs.shipped_configs().values())
   try:
-    parallel.initialize_distributed(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    with train_lib.missing_config_fields_named():
-      result = evaluate()
+    with train_lib.stdout_kept_for_the_result() as print_line:
+      parallel.initialize_distributed(
+          coordinator_address=FLAGS.coordinator_address,
+          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+      with train_lib.missing_config_fields_named():
+        result = evaluate(print_line)
   except train_lib.USER_ERRORS as e:
     return train_lib.cli_error(e)
   except KeyboardInterrupt:
@@ -102,9 +104,9 @@ def main(argv):
   return 0
 
 
-def evaluate() -> dict:
+def evaluate(print_line: Callable[[str], None] = print) -> dict:
   """The evaluation (and attacks) the flags ask for, as the JSON line's
-  object."""
+  object; the attack table's lines go to `print_line` as they come."""
   if train_lib.is_sr_task(FLAGS.config) and (FLAGS.torch_checkpoint
                                              or FLAGS.attacks):
     raise ValueError("--torch_checkpoint and --attacks are for "
@@ -125,14 +127,14 @@ def evaluate() -> dict:
     caveat = attacks_lib.running_statistics_caveat(result)
     if caveat:
       logging.warning("%s", caveat)
-    print(attacks_lib.TABLE_HEADER, flush=True)
+    print_line(attacks_lib.TABLE_HEADER)
     result["attacks"] = attacks_lib.evaluate_attacks(
         FLAGS.config, FLAGS.attacks, checkpoint=FLAGS.checkpoint,
         which=FLAGS.which, torch_checkpoint=FLAGS.torch_checkpoint,
         gradient=FLAGS.attack_grad, eps=FLAGS.attack_eps,
         step=FLAGS.attack_step, seed=FLAGS.attack_seed,
         max_examples=FLAGS.attack_max_examples,
-        on_row=lambda row: print(attacks_lib.format_row(row), flush=True))
+        on_row=lambda row: print_line(attacks_lib.format_row(row)))
   return result
 
 

@@ -35,13 +35,14 @@ def main(argv):
   if len(argv) > 1:
     return train_lib.cli_error(f"unexpected arguments: {argv[1:]}")
   try:
-    train_lib.parallel.initialize_distributed(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    train_lib.warn_unknown_config_fields(
-        FLAGS.config, configs.shipped_configs().values())
-    with train_lib.missing_config_fields_named():
-      summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with train_lib.stdout_kept_for_the_result():
+      train_lib.parallel.initialize_distributed(
+          coordinator_address=FLAGS.coordinator_address,
+          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+      train_lib.warn_unknown_config_fields(
+          FLAGS.config, configs.shipped_configs().values())
+      with train_lib.missing_config_fields_named():
+        summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:
     return train_lib.cli_error(e)
   except Exception as e:  # pylint: disable=broad-except

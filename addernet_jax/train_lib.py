@@ -149,6 +149,37 @@ def json_line(result: Any) -> str:
   return json.dumps(strict(result), allow_nan=False)
 
 
+@contextlib.contextmanager
+def stdout_kept_for_the_result() -> Iterator[Callable[[str], None]]:
+  """Within: everything written to file descriptor 1 goes to stderr, so that
+  the entry points' stdout holds only what they mean to print there. Native
+  libraries print to it too (Gloo's "[Gloo] Rank 0 is connected to 1 peer
+  ranks ..." in a multi-process CPU run) and broke `train.py > result.json`.
+
+  Yields:
+    `print_line(text)`: writes one line to the real stdout (e.g. the rows of
+    a table printed as they come).
+  """
+  sys.stdout.flush()
+  try:
+    saved = os.dup(1)
+  except OSError:  # no stdout at all: nothing to keep
+    yield print
+    return
+
+  def print_line(text: str) -> None:
+    sys.stdout.flush()
+    os.write(saved, (text + "\n").encode())
+
+  os.dup2(2, 1)
+  try:
+    yield print_line
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
 def cli_error(message: Any) -> int:
   """Prints `error: message` (one line) to stderr; returns exit status 1."""
   text = str(message.args[0]) if isinstance(message, KeyError) and \

@@ -139,6 +139,10 @@ def test_train_py_with_two_processes(tmp_path):
               for i in range(2)]
   outs = run_processes(commands, tp.worker_env(1))
   results = [_final_json(o) for o in outs]
+  # stdout holds the result line alone (Gloo's "[Gloo] Rank 0 is connected
+  # ..." went there and broke `train.py > result.json`).
+  for out in outs:
+    assert out.count("\n") == 1 and out.startswith("{"), out
   timing = ("images_per_sec", "wall_s")
   same = [{k: v for k, v in r.items() if k not in timing} for r in results]
   assert same[0] == same[1]
