@@ -240,6 +240,41 @@ def test_adder_unit_gradients_reach_alpha_and_the_filters():
 # -------------------------------------------------------------- models --
 
 
+@pytest.mark.parametrize("name,conv", [("edsr_baseline", "mult"),
+                                       ("edsr_baseline", "adder"),
+                                       ("vdsr", "mult")])
+def test_multiplication_biases_start_as_pytorchs(name, conv):
+  """EDSR-PyTorch's nn.Conv2d draws biases from U(+-1/sqrt(fan_in)); they
+  started at 0. Every multiplication convolution (head, tail, upsampler, the
+  CNN twin's units): inside the bound, spread like the uniform."""
+  size = {"num_blocks": 1} if name == "edsr_baseline" else {"depth": 3}
+  model = models.get_sr_model(name, scale=2, conv=conv, features=64, **size)
+  colors = 3 if name == "edsr_baseline" else 1
+  variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, colors)),
+                         train=False)
+  checked = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+    if jax.tree_util.keystr(path[-1:]) != "['bias']":
+      continue
+    kernel = variables["params"]
+    for key in path[:-1]:
+      kernel = kernel[key.key]
+    if "kernel" not in kernel:  # BatchNorm's bias
+      continue
+    kh, kw, cin, _ = kernel["kernel"].shape
+    bound = 1 / np.sqrt(kh * kw * cin)
+    bias = np.asarray(leaf)
+    assert np.all(np.abs(bias) <= bound), jax.tree_util.keystr(path)
+    if bias.size >= 64:
+      assert 0.7 < bias.std() / (bound / np.sqrt(3)) < 1.3, (
+          jax.tree_util.keystr(path), bias.std(), bound)
+    assert np.any(bias != 0)
+    checked += 1
+  assert checked == {("edsr_baseline", "mult"): 6,
+                     ("edsr_baseline", "adder"): 3,
+                     ("vdsr", "mult"): 3}[(name, conv)]
+
+
 def test_pixel_shuffle_is_torch_order():
   rng = np.random.default_rng(4)
   for r in (2, 3):

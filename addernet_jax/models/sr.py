@@ -112,7 +112,9 @@ class AdderUnit(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = common.pad_same_as_torch(3)
     if not self.adder:
-      return self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
+      return self.conv(self.features, (3, 3), padding=pad, name="conv",
+                       bias_init=common.torch_default_bias_init(
+                           x.shape[-1] * 9))(x)
     y = self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
     scale_init = (nn.initializers.zeros
                   if self.identity_init and self.self_shortcut
@@ -129,13 +131,16 @@ class AdderUnit(nn.Module):
     return y
 
 
-def _mult_conv(features: int, kernel: int, dtype: Any, name: str) -> nn.Conv:
+def _mult_conv(features: int, kernel: int, in_features: int, dtype: Any,
+               name: str) -> nn.Conv:
   """A multiplication convolution with bias, as the first, last and
-  upsampling layers of EDSR and VDSR: PyTorch's default kernel init, biases
-  start at zero (PyTorch draws them from U(+-1/sqrt(fan_in)))."""
+  upsampling layers of EDSR and VDSR: PyTorch's default init (EDSR-PyTorch's
+  `nn.Conv2d`), kernel and bias U(+-1/sqrt(fan_in))."""
   return nn.Conv(features, (kernel, kernel),
                  padding=common.pad_same_as_torch(kernel), use_bias=True,
                  dtype=dtype, kernel_init=common.torch_default_init,
+                 bias_init=common.torch_default_bias_init(
+                     in_features * kernel * kernel),
                  name=name)
 
 
@@ -155,7 +160,8 @@ class Upsampler(nn.Module):
     else:
       raise ValueError(f"scale must be a power of 2 or 3, got {self.scale}")
     for i, r in enumerate(steps):
-      x = _mult_conv(r * r * self.features, 3, self.dtype, f"conv{i}")(x)
+      x = _mult_conv(r * r * self.features, 3, x.shape[-1], self.dtype,
+                     f"conv{i}")(x)
       x = pixel_shuffle(x, r)
     return x
 
@@ -231,7 +237,7 @@ class EDSR(nn.Module):
     mean = jnp.asarray(DIV2K_RGB_MEAN if self.colors == 3 else (0.5,),
                        jnp.float32)
     x = x.astype(jnp.float32) - mean
-    head = _mult_conv(self.features, 3, self.dtype, "head")(x)
+    head = _mult_conv(self.features, 3, x.shape[-1], self.dtype, "head")(x)
     h = head
     for b in range(self.num_blocks):
       y = nn.relu(unit(f"block{b}_unit1")(h, train))
@@ -243,7 +249,7 @@ class EDSR(nn.Module):
       h = h + self.res_scale * y
     h = unit("body_end")(h, train) + head
     h = Upsampler(self.scale, self.features, self.dtype, name="upsampler")(h)
-    out = _mult_conv(self.colors, 3, self.dtype, "tail")(h)
+    out = _mult_conv(self.colors, 3, h.shape[-1], self.dtype, "tail")(h)
     return out.astype(jnp.float32) + mean
 
 
@@ -275,13 +281,14 @@ class VDSR(nn.Module):
     _check_sr_input(x, "VDSR", self.colors)
     n, h, w, c = x.shape
     up = bicubic_resize(x.astype(jnp.float32), (h * self.scale, w * self.scale))
-    y = nn.relu(_mult_conv(self.features, 3, self.dtype, "head")(up))
+    y = nn.relu(_mult_conv(self.features, 3, up.shape[-1], self.dtype,
+                           "head")(up))
     for i in range(self.depth - 2):
       y = nn.relu(AdderUnit(self.features, self.conv, self.adder,
                             self.self_shortcut, self.power_activation,
                             self.dtype, self.bn_axis_name, self.identity_init,
                             name=f"unit{i}")(y, train))
-    y = _mult_conv(self.colors, 3, self.dtype, "tail")(y)
+    y = _mult_conv(self.colors, 3, y.shape[-1], self.dtype, "tail")(y)
     return y.astype(jnp.float32) + up
 
 
