@@ -15,6 +15,12 @@ JAX alone, without this repository:
     exported = jax.export.deserialize(open("resnet20.jaxexport", "rb").read())
     logits = exported.call(np.zeros((8, 32, 32, 3), np.float32))
 
+An AdderSR checkpoint (`config.task = "sr"`) exports its network alone:
+float32 LR images in [0, 1] of any batch, height and width (RGB; a
+one-channel model such as VDSR takes BT.601 Y / 255, as in training) ->
+float32 images `scale` times larger, neither clipped nor rounded (the
+evaluation rounds them to 8 bits).
+
 The adder layers are exported in their pure-jnp form (the Pallas kernels are
 platform-specific custom calls), lowered for every platform asked for
 (default CPU and CUDA; `jax.export` refuses to run it on another).
@@ -95,8 +101,9 @@ def load_variables(config: ml_collections.ConfigDict, *,
     raise ValueError("give exactly one of checkpoint (a training workdir) and"
                      " torch_checkpoint (a .pth file)")
   if train_lib.is_sr_task(config):
-    raise ValueError("export is for classification configs; AdderSR "
-                     "models (config.task='sr') are not exported yet")
+    raise ValueError("load_variables is for classification configs; an "
+                     "AdderSR config (config.task='sr') loads with "
+                     "load_sr_variables")
   if batch_stats not in BATCH_STATS:
     raise ValueError(f"batch_stats must be one of {BATCH_STATS}, got "
                      f"{batch_stats!r}")
@@ -137,6 +144,22 @@ def load_variables(config: ml_collections.ConfigDict, *,
   return model, jax.device_get(variables)
 
 
+def load_sr_variables(config: ml_collections.ConfigDict,
+                      checkpoint: str | os.PathLike[str],
+                      which: str = "latest") -> tuple[Any, dict[str, Any]]:
+  """(model, variables as host arrays) of an AdderSR training workdir (the
+  checkpoint's recorded architecture is checked against `config`); the model
+  uses the pure-jnp adder."""
+  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+  restored = sr_train.restore_variables(config, checkpoint, which)
+  variables = {"params": restored["params"],
+               "batch_stats": restored["batch_stats"]}
+  model_config = ml_collections.ConfigDict(config.to_dict())
+  model_config.implementation = "xla"
+  model = sr_train.build_model(model_config, bn_axis_name=None)
+  return model, jax.device_get(variables)
+
+
 def running_statistics_caveat(checkpoint: str | os.PathLike[str],
                               step: int) -> str | None:
   """A warning when the evaluation saved with checkpoint `step` shows its
@@ -167,14 +190,34 @@ def export_model(model: Any, variables: dict[str, Any],
                  platforms: Sequence[str] = DEFAULT_PLATFORMS
                  ) -> jax_export.Exported:
   """`jax.export.Exported` of `pixels_to_logits` with a symbolic batch."""
-  unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
-  if unknown or not platforms:
-    raise ValueError(f"platforms must be among cpu, cuda, rocm, tpu; got "
-                     f"{list(platforms)}")
+  _check_platforms(platforms)
   (batch,) = jax_export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, *info.image_shape), jnp.float32)
   fn = jax.jit(pixels_to_logits(model, variables, info))
   return jax_export.export(fn, platforms=tuple(platforms))(spec)
+
+
+def export_sr_model(model: Any, variables: dict[str, Any], colors: int, *,
+                    platforms: Sequence[str] = DEFAULT_PLATFORMS
+                    ) -> jax_export.Exported:
+  """`jax.export.Exported` of an SR network in inference mode: float32 LR
+  images in [0, 1], shape (batch, height, width, colors), every size
+  symbolic -> float32 images `scale` times larger (not clipped)."""
+  _check_platforms(platforms)
+  batch, height, width = jax_export.symbolic_shape("batch, height, width")
+  spec = jax.ShapeDtypeStruct((batch, height, width, colors), jnp.float32)
+  variables = {"params": variables["params"],
+               "batch_stats": variables.get("batch_stats", {})}
+  fn = jax.jit(lambda x: model.apply(variables, x.astype(jnp.float32),
+                                     train=False).astype(jnp.float32))
+  return jax_export.export(fn, platforms=tuple(platforms))(spec)
+
+
+def _check_platforms(platforms: Sequence[str]) -> None:
+  unknown = sorted(set(platforms) - {"cpu", "cuda", "rocm", "tpu"})
+  if unknown or not platforms:
+    raise ValueError(f"platforms must be among cpu, cuda, rocm, tpu; got "
+                     f"{list(platforms)}")
 
 
 def _checkpoint_folder(workdir: str | os.PathLike[str]) -> Path:
@@ -306,22 +349,53 @@ def main(argv: Sequence[str]) -> int:
                  torch_checkpoint=FLAGS.torch_checkpoint,
                  config_file=config_flags.get_config_filename(
                      FLAGS["config"]))
-    model, variables = load_variables(
-        config, checkpoint=FLAGS.checkpoint, which=FLAGS.which,
-        torch_checkpoint=FLAGS.torch_checkpoint,
-        batch_stats=FLAGS.batch_stats)
-    info = data_lib.dataset_info(config.dataset)
-    exported = export_model(model, variables, info,
-                            platforms=FLAGS.platforms)
+    if train_lib.is_sr_task(config):
+      exported, described = _export_sr(config)
+    else:
+      model, variables = load_variables(
+          config, checkpoint=FLAGS.checkpoint, which=FLAGS.which,
+          torch_checkpoint=FLAGS.torch_checkpoint,
+          batch_stats=FLAGS.batch_stats)
+      info = data_lib.dataset_info(config.dataset)
+      exported = export_model(model, variables, info,
+                              platforms=FLAGS.platforms)
+      described = {"input_shape": ["batch", *info.image_shape],
+                   "batch_stats": FLAGS.batch_stats,
+                   "input": "float32 pixels in [0, 1]"}
     path = save(exported, FLAGS.output)
   except train_lib.USER_ERRORS as e:
     return train_lib.cli_error(e)
   print(json.dumps({"output": str(path), "bytes": path.stat().st_size,
-                    "platforms": list(exported.platforms),
-                    "input_shape": ["batch", *info.image_shape],
-                    "batch_stats": FLAGS.batch_stats,
-                    "input": "float32 pixels in [0, 1]"}), flush=True)
+                    "platforms": list(exported.platforms), **described}),
+        flush=True)
   return 0
+
+
+def _export_sr(config: ml_collections.ConfigDict
+               ) -> tuple[jax_export.Exported, dict[str, Any]]:
+  """main's export of an AdderSR config: (exported, JSON fields)."""
+  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+  if FLAGS.torch_checkpoint is not None:
+    raise ValueError("--torch_checkpoint is for classification configs: "
+                     "there are no official AdderSR weights; give "
+                     "--checkpoint WORKDIR")
+  if FLAGS.checkpoint is None:
+    raise ValueError("give --checkpoint WORKDIR (an AdderSR training run)")
+  if FLAGS.batch_stats != "running":
+    raise ValueError("--batch_stats=recalibrated is for classification "
+                     "configs; an AdderSR model is evaluated, and exported, "
+                     "with its running BatchNorm statistics")
+  model, variables = load_sr_variables(config, FLAGS.checkpoint, FLAGS.which)
+  colors = sr_train.model_colors(config)
+  exported = export_sr_model(model, variables, colors,
+                             platforms=FLAGS.platforms)
+  return exported, {
+      "input_shape": ["batch", "height", "width", colors],
+      "output_shape": ["batch", f"{config.scale}*height",
+                       f"{config.scale}*width", colors],
+      "input": ("float32 LR pixels in [0, 1]" if colors == 3 else
+                "float32 BT.601 Y / 255 of the LR image"),
+      "output_values": "float32, neither clipped nor rounded"}
 
 
 if __name__ == "__main__":

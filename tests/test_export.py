@@ -338,5 +338,5 @@ def test_a_short_run_exports_re_estimated_statistics_on_request(
     export.load_variables(config, checkpoint=tmp_path / "run",
                           batch_stats="best")
   from configs import sr_smoke  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="export is for classification"):
+  with pytest.raises(ValueError, match="load_variables is for classification"):
     export.load_variables(sr_smoke.get_config(), checkpoint=tmp_path / "run")

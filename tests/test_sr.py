@@ -641,6 +641,71 @@ def test_sigterm_during_start_up_stops_cleanly(skimage_folders, tmp_path,
       p.name.isdigit() for p in checkpoints.iterdir())
 
 
+def test_export_runs_without_the_repo_at_any_size(skimage_folders,
+                                                  tmp_path):
+  """`python -m addernet_jax.export` of an AdderSR workdir: one file that
+  runs with JAX alone at any batch, height and width and gives the
+  network's output; classification-only flags are refused by name."""
+  from addernet_jax import export  # pylint: disable=g-import-not-at-top
+  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(*skimage_folders)
+  workdir = tmp_path / "run"
+  train_lib.train_and_evaluate(config, workdir)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "addernet_jax.export", "--config",
+          "configs/sr_smoke.py", f"--checkpoint={workdir}"]
+  output = tmp_path / "sr.jaxexport"
+  result = subprocess.run(base + [f"--output={output}", "--platforms=cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  assert line["input_shape"] == ["batch", "height", "width", 3]
+  assert line["output_shape"] == ["batch", "2*height", "2*width", 3]
+
+  variables = sr_train.restore_variables(config, workdir)
+  model = sr_train.build_model(config, bn_axis_name=None)
+  rng = np.random.default_rng(0)
+  inputs = [rng.random((1, 13, 17, 3), np.float32),
+            rng.random((2, 8, 8, 3), np.float32)]
+  script = ("import sys, numpy as np, jax\n"
+            "f = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb')"
+            ".read()))\n"
+            "for i, name in enumerate(sys.argv[2:]):\n"
+            "  np.save(f'{name}.out.npy', np.asarray(f.call(np.load(name))))\n"
+            "assert not any(m.startswith('addernet_jax') for m in "
+            "sys.modules)\n")
+  names = []
+  for i, x in enumerate(inputs):
+    names.append(str(tmp_path / f"x{i}.npy"))
+    np.save(names[-1], x)
+  clean_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+  ran = subprocess.run([sys.executable, "-c", script, str(output), *names],
+                       cwd=tmp_path, env=clean_env, capture_output=True,
+                       text=True, timeout=300)
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  for x, name in zip(inputs, names):
+    got = np.load(f"{name}.out.npy")
+    want = np.asarray(model.apply(
+        {"params": variables["params"],
+         "batch_stats": variables["batch_stats"]}, x, train=False))
+    assert got.shape == (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  for flag, message in (
+      ("--batch_stats=recalibrated", "--batch_stats=recalibrated is for "
+       "classification configs"),
+      ("--config.features=16", "features 8 in the checkpoint, 16 in the "
+       "config")):
+    bad = subprocess.run(base + [flag, f"--output={tmp_path / 'x.jaxexport'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert message in bad.stderr.strip().splitlines()[-1], bad.stderr
+  with pytest.raises(ValueError, match="loads with load_sr_variables"):
+    export.load_variables(config, checkpoint=workdir)
+
+
 def test_sr_config_errors(skimage_folders, tmp_path):
   config = _smoke_config(*skimage_folders)
   config.data_dir = str(tmp_path / "missing_hr")
