@@ -215,9 +215,11 @@ def _check_inputs(x, w) -> None:
     if arr.ndim != rank:
       raise ValueError(f"adder_conv: {name} must have rank {rank} ({layout}), "
                        f"got shape {tuple(arr.shape)}")
-    if not any(arr.dtype == d for d in _SUPPORTED_DTYPES):
+    # As JAX takes it: NumPy float64 is float32 unless jax_enable_x64.
+    dtype = jax.dtypes.canonicalize_dtype(arr.dtype)
+    if not any(dtype == d for d in _SUPPORTED_DTYPES):
       raise TypeError(f"adder_conv: {name} must be float32, bfloat16 or "
-                      f"float16, got {arr.dtype}")
+                      f"float16, got {dtype}")
   if x.shape[3] != w.shape[2]:
     hints = []
     # Only where the transposed array would fit (a guess, so worded as one).

@@ -16,10 +16,11 @@ learning rate (`make_optimizer`).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Union
 
 import chex
 import jax
@@ -31,24 +32,68 @@ ADDER_KERNEL = "adder_kernel"  # == addernet_jax.layers.ADDER_KERNEL
 NORM_FLOOR = 1e-12             # the official clamp(min=1e-12)
 
 
+logger = logging.getLogger(__name__)
+
+
 class ScaleByAdaptiveLRState(NamedTuple):
   """`scale_by_adaptive_lr` keeps no state."""
 
 
-def scale_by_adaptive_lr(eta: float = 0.2) -> optax.GradientTransformation:
-  """Rescales each leaf to L2 norm `eta * sqrt(leaf.size)` (AdderNet eq. 13).
+# Which axes of a leaf index stacked layers (`flax.linen.scan`/`vmap` over
+# layers stacks their filters in one leaf): None (the leaf is one layer), an
+# axis or axes for every leaf, or a function of (key path, leaf) giving them.
+LayerAxes = Union[None, int, Sequence[int],
+                  Callable[[Any, Any], Union[None, int, Sequence[int]]]]
 
-  A leaf with a zero gradient stays exactly zero (no NaN). A NaN or infinite
-  gradient entry makes the norm, hence that whole leaf's update, NaN (as in
-  the official code; wrap the optimiser in `optax.apply_if_finite` to skip
-  such steps). The norm is taken in float32 whatever the gradient's dtype;
-  the update keeps the dtype. Apply it to adder filters only
-  (`optax.masked(..., adder_mask)`), as `make_optimizer` does.
+
+def _normalized_axes(axes: None | int | Sequence[int], leaf: Any,
+                     path: Any) -> tuple[int, ...]:
+  """`axes` of `leaf` as sorted non-negative ints (ValueError naming the
+  leaf when one is out of range or all of them are taken)."""
+  if axes is None:
+    return ()
+  given = axes
+  axes = (axes,) if isinstance(axes, numbers.Integral) else tuple(axes)
+  where = jax.tree_util.keystr(path) if path is not None else "a leaf"
+  ndim = np.ndim(leaf)
+  out = set()
+  for a in axes:
+    if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
+      raise ValueError(f"scale_by_adaptive_lr: layer_axes {given!r} does not "
+                       f"fit {where} of shape {np.shape(leaf)}")
+    out.add(int(a) % ndim)
+  if len(out) == ndim:
+    raise ValueError(f"scale_by_adaptive_lr: layer_axes {given!r} leaves no "
+                     f"filter axis of {where} of shape {np.shape(leaf)}")
+  return tuple(sorted(out))
+
+
+def scale_by_adaptive_lr(eta: float = 0.2, *, layer_axes: LayerAxes = None
+                         ) -> optax.GradientTransformation:
+  """Rescales each layer's filter gradient to L2 norm `eta * sqrt(k)`, `k`
+  its number of elements (AdderNet eq. 13).
+
+  A layer is a leaf, or with `layer_axes` one index along the leaf's
+  stacked-layer axes: layers stacked by `flax.linen.scan` (or `nn.vmap`)
+  share one leaf of shape `(num_layers, kh, kw, cin, cout)`, and one norm
+  over it would give each layer an update proportional to its own gradient
+  instead (`layer_axes=0` takes one norm per layer).
+
+  A layer with a zero gradient stays exactly zero (no NaN). A NaN gradient
+  entry makes the norm, hence that whole layer's update, NaN (an infinite
+  one: NaN there and 0 elsewhere) as in the official code; wrap the
+  optimiser in `optax.apply_if_finite` to skip such steps. The norm is
+  taken in float32 whatever the gradient's dtype; the update keeps the
+  dtype. Apply it to adder filters only (`optax.masked(..., adder_mask)`),
+  as `make_optimizer` does.
 
   Args:
     eta: the paper's eta (0.2 in the official release), a non-negative
       number, or a scalar array (e.g. through `optax.inject_hyperparams`,
       to schedule it).
+    layer_axes: None (each leaf is one layer), an axis or a sequence of axes
+      that index stacked layers in every leaf, or a function `(key_path,
+      leaf) -> axes or None` choosing them per leaf.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -71,22 +116,45 @@ def scale_by_adaptive_lr(eta: float = 0.2) -> optax.GradientTransformation:
     del params
     return ScaleByAdaptiveLRState()
 
-  def scale(g: jax.Array) -> jax.Array:
+  def scale(path: Any, g: jax.Array) -> jax.Array:
+    axes = layer_axes(path, g) if callable(layer_axes) else layer_axes
+    stacked = _normalized_axes(axes, g, path)
+    g = jnp.asarray(g)
+    reduced = tuple(i for i in range(g.ndim) if i not in stacked)
+    k = math.prod(g.shape[i] for i in reduced)
     g32 = g.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(g32)))
+    norm = jnp.sqrt(jnp.sum(jnp.square(g32), axis=reduced, keepdims=True))
     if isinstance(eta, float):
-      factor = eta * math.sqrt(g.size) / jnp.maximum(norm, NORM_FLOOR)
+      factor = eta * math.sqrt(k) / jnp.maximum(norm, NORM_FLOOR)
     else:  # traced (e.g. under jax.jit by optax.inject_hyperparams)
-      factor = (jnp.asarray(eta, jnp.float32) * math.sqrt(g.size)
+      factor = (jnp.asarray(eta, jnp.float32) * math.sqrt(k)
                 / jnp.maximum(norm, NORM_FLOOR))
     return (g32 * factor).astype(g.dtype)
 
   def update_fn(updates: optax.Updates, state: ScaleByAdaptiveLRState,
                 params: optax.Params | None = None):
     del params
-    return jax.tree.map(scale, updates), state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _warn_stacked_filters(params: Any) -> None:
+  """Warns about adder filters that look like stacked layers (rank not 4 or
+  2): one norm over them is not the paper's per-layer rate."""
+  stacked = [
+      (jax.tree_util.keystr(path), tuple(np.shape(leaf)))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+      if _is_adder_path(path) and np.ndim(leaf) not in (2, 4)]
+  if stacked:
+    names = ", ".join(f"{name} {shape}" for name, shape in stacked[:3])
+    more = f" and {len(stacked) - 3} more" if len(stacked) > 3 else ""
+    logger.warning(
+        "adder filter(s) %s%s are neither convolution (rank 4) nor dense "
+        "(rank 2) filters: layers stacked by nn.scan or nn.vmap? The adaptive "
+        "learning rate would take one norm over all of them; pass "
+        "make_optimizer(..., layer_axes=0) (the stacking axes) for one norm "
+        "per layer", names, more)
 
 
 def _key_name(entry: Any) -> str:
@@ -243,9 +311,12 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int
   Returns:
     An `optax.Schedule` (step count -> float32 learning rate).
   """
-  if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+  if (isinstance(steps_per_epoch, bool) or
+      not isinstance(steps_per_epoch, numbers.Integral) or
+      steps_per_epoch <= 0):
     raise ValueError(
         f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+  steps_per_epoch = int(steps_per_epoch)
   base = _learning_rate(config)
   total = schedule_epochs(config, steps_per_epoch)
 
@@ -258,7 +329,8 @@ def learning_rate_schedule(config: Any, steps_per_epoch: int
 
 
 def make_optimizer(config: Any, params: Any,
-                   steps_per_epoch: int | None = None
+                   steps_per_epoch: int | None = None, *,
+                   layer_axes: LayerAxes = None
                    ) -> optax.GradientTransformation:
   """The official optimiser, in the official order.
 
@@ -277,9 +349,15 @@ def make_optimizer(config: Any, params: Any,
       `num_train_steps`, optionally `eta` (0.2 when absent), `optimizer`
       ("sgd"), `adaptive_lr`, and `steps_per_epoch` (used when the argument
       is None).
-    params: the parameters the optimiser will update (only their structure
-      is used, to check that the mask applies).
+    params: the parameters the optimiser will update (or their shapes):
+      an adder filter whose rank is neither 4 (a convolution) nor 2 (a
+      dense layer), i.e. layers stacked by `nn.scan`/`nn.vmap`, draws a
+      warning unless `layer_axes` is given. Parameters without any adder
+      filter (a CNN) are fine: step 1 then does nothing.
     steps_per_epoch: optimiser steps per epoch.
+    layer_axes: `scale_by_adaptive_lr`'s: the axes of stacked layers (e.g.
+      0 for `nn.scan(..., variable_axes={"params": 0})`), so that each layer
+      gets its own norm.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -301,7 +379,10 @@ def make_optimizer(config: Any, params: Any,
   eta, weight_decay, momentum = _hyperparameters(config)
   chain = []
   if eta > 0:
-    chain.append(optax.masked(scale_by_adaptive_lr(eta), adder_mask))
+    if layer_axes is None:
+      _warn_stacked_filters(params)
+    chain.append(optax.masked(scale_by_adaptive_lr(eta, layer_axes=layer_axes),
+                              adder_mask))
   if weight_decay:
     chain.append(optax.add_decayed_weights(weight_decay))
   if momentum:

@@ -349,6 +349,26 @@ X = jnp.ones((1, 5, 5, 3), jnp.float32)
 W = jnp.ones((3, 3, 3, 4), jnp.float32)
 
 
+def test_numpy_float64_is_float32_unless_x64():
+  """NumPy's default dtype was refused although JAX (and lax.conv, the
+  layers, the models) take it as float32 with x64 off; under x64 float64
+  stays refused, as documented."""
+  rng = np.random.default_rng(5)
+  x, w = rng.standard_normal((2, 6, 7, 3)), rng.standard_normal((3, 3, 3, 4))
+  got = ops.adder_conv(x, w, padding=((1, 0), (0, 1)))
+  want = ops.adder_conv(x.astype(np.float32), w.astype(np.float32),
+                        padding=((1, 0), (0, 1)))
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  enable_x64 = getattr(jax, "enable_x64", None)
+  if enable_x64 is None:
+    from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  with enable_x64(True):
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or "
+                       "float16, got float64"):
+      ops.adder_conv(x, w)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda: ops.adder_conv(X, jnp.ones((3, 3, 2, 4))), ValueError,
      "input channels do not match"),
