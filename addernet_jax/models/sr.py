@@ -112,9 +112,7 @@ class AdderUnit(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = common.pad_same_as_torch(3)
     if not self.adder:
-      return self.conv(self.features, (3, 3), padding=pad, name="conv",
-                       bias_init=common.torch_default_bias_init(
-                           x.shape[-1] * 9))(x)
+      return self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
     y = self.conv(self.features, (3, 3), padding=pad, name="conv")(x)
     scale_init = (nn.initializers.zeros
                   if self.identity_init and self.self_shortcut
@@ -131,16 +129,16 @@ class AdderUnit(nn.Module):
     return y
 
 
-def _mult_conv(features: int, kernel: int, in_features: int, dtype: Any,
-               name: str) -> nn.Conv:
+def _mult_conv(features: int, kernel: int, dtype: Any, name: str) -> nn.Conv:
   """A multiplication convolution with bias, as the first, last and
-  upsampling layers of EDSR and VDSR: PyTorch's default init (EDSR-PyTorch's
-  `nn.Conv2d`), kernel and bias U(+-1/sqrt(fan_in))."""
+  upsampling layers of EDSR and VDSR: PyTorch's default kernel init, biases
+  at zero. EDSR-PyTorch draws biases from U(+-1/sqrt(fan_in)) on images in
+  0-255, where they are at most a third of a grey level; on our [0, 1]
+  images the same draw would be 255 times larger relative to the signal
+  (docs/addersr.md, choice 15)."""
   return nn.Conv(features, (kernel, kernel),
                  padding=common.pad_same_as_torch(kernel), use_bias=True,
                  dtype=dtype, kernel_init=common.torch_default_init,
-                 bias_init=common.torch_default_bias_init(
-                     in_features * kernel * kernel),
                  name=name)
 
 
@@ -160,8 +158,7 @@ class Upsampler(nn.Module):
     else:
       raise ValueError(f"scale must be a power of 2 or 3, got {self.scale}")
     for i, r in enumerate(steps):
-      x = _mult_conv(r * r * self.features, 3, x.shape[-1], self.dtype,
-                     f"conv{i}")(x)
+      x = _mult_conv(r * r * self.features, 3, self.dtype, f"conv{i}")(x)
       x = pixel_shuffle(x, r)
     return x
 
@@ -237,7 +234,7 @@ class EDSR(nn.Module):
     mean = jnp.asarray(DIV2K_RGB_MEAN if self.colors == 3 else (0.5,),
                        jnp.float32)
     x = x.astype(jnp.float32) - mean
-    head = _mult_conv(self.features, 3, x.shape[-1], self.dtype, "head")(x)
+    head = _mult_conv(self.features, 3, self.dtype, "head")(x)
     h = head
     for b in range(self.num_blocks):
       y = nn.relu(unit(f"block{b}_unit1")(h, train))
@@ -249,7 +246,7 @@ class EDSR(nn.Module):
       h = h + self.res_scale * y
     h = unit("body_end")(h, train) + head
     h = Upsampler(self.scale, self.features, self.dtype, name="upsampler")(h)
-    out = _mult_conv(self.colors, 3, h.shape[-1], self.dtype, "tail")(h)
+    out = _mult_conv(self.colors, 3, self.dtype, "tail")(h)
     return out.astype(jnp.float32) + mean
 
 
@@ -281,14 +278,13 @@ class VDSR(nn.Module):
     _check_sr_input(x, "VDSR", self.colors)
     n, h, w, c = x.shape
     up = bicubic_resize(x.astype(jnp.float32), (h * self.scale, w * self.scale))
-    y = nn.relu(_mult_conv(self.features, 3, up.shape[-1], self.dtype,
-                           "head")(up))
+    y = nn.relu(_mult_conv(self.features, 3, self.dtype, "head")(up))
     for i in range(self.depth - 2):
       y = nn.relu(AdderUnit(self.features, self.conv, self.adder,
                             self.self_shortcut, self.power_activation,
                             self.dtype, self.bn_axis_name, self.identity_init,
                             name=f"unit{i}")(y, train))
-    y = _mult_conv(self.colors, 3, y.shape[-1], self.dtype, "tail")(y)
+    y = _mult_conv(self.colors, 3, self.dtype, "tail")(y)
     return y.astype(jnp.float32) + up
 
 
