@@ -462,13 +462,64 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
                      f"the padded input {padded_hw} (x {tuple(x.shape)}, "
                      f"padding {pads})")
   dtype = jnp.result_type(x, w)
-  x, w = x.astype(dtype), w.astype(dtype)
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))) if any(
-      p for pair in pads for p in pair) else x
   window = ((pads[0][0], pads[0][0] + x.shape[1]),
             (pads[1][0], pads[1][0] + x.shape[2]))
   op = _adder_padded_exact if gradient == "exact" else _adder_padded
-  return op(xp, w, strides, implementation, window)
+
+  def run(x: jax.Array, w: jax.Array) -> jax.Array:
+    x, w = x.astype(dtype), w.astype(dtype)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0))) if any(
+        p for pair in pads for p in pair) else x
+    return op(xp, w, strides, implementation, window)
+
+  explicit = _explicit_sharding(x, w)
+  if explicit is None:
+    return run(x, w)
+  # Sharding in types (`jax.make_mesh`'s default Explicit axes): the
+  # reshapes and slices of the per-tap backward have no sharding rule there,
+  # so the layer runs with those axes Auto, as XLA partitions any jnp code,
+  # and returns the batch sharded as x's, the channels as w's outputs.
+  axes, out_sharding = explicit
+  return jax.sharding.auto_axes(run, axes=axes, out_sharding=out_sharding)(
+      x, w)
+
+
+def _explicit_sharding(x: Any, w: Any
+                       ) -> tuple[tuple[str, ...], Any] | None:
+  """None, or (the Explicit mesh axes that shard `x` or `w`, the output's
+  NamedSharding: batch as x's, channels as w's outputs)."""
+  if not hasattr(jax.sharding, "AxisType"):
+    return None
+  explicit = jax.sharding.AxisType.Explicit
+  specs, mesh = [], None
+  for arr in (x, w):
+    sharding = getattr(jax.typeof(arr), "sharding", None) if isinstance(
+        arr, jax.Array) or isinstance(arr, jax.core.Tracer) else None
+    spec = getattr(sharding, "spec", None)
+    if spec is None or not getattr(sharding.mesh, "axis_names", ()):
+      specs.append((None,) * 4)
+      continue
+    mesh = sharding.mesh
+    specs.append(tuple(spec) + (None,) * (4 - len(spec)))
+  if mesh is None:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+
+  def names(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+      return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+  used = {a for spec in specs for entry in spec for a in names(entry)
+          if types.get(a) == explicit}
+  if not used:
+    return None
+  batch, channels = specs[0][0], specs[1][3]
+  if set(names(batch)) & set(names(channels)):
+    channels = None  # one mesh axis cannot shard two dimensions
+  out = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(batch, None, None, channels))
+  return tuple(sorted(used)), out
 
 
 def adder_conv_general_dilated(

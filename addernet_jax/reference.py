@@ -273,6 +273,9 @@ def filter_grad(xp: jax.Array, w: jax.Array, g: jax.Array, strides: Strides,
   w = w.astype(jnp.float32)
   g = g.astype(jnp.float32)
   kh, kw, cin, cout = w.shape
+  if method == "taps" and not all(
+      isinstance(d, int) for d in (*g.shape[:3], *xp.shape[1:3])):
+    method = "conv"  # symbolic shapes (jax.export): no static blocks
   if method == "conv":
     def conv(kernel):
       return lax.conv_general_dilated(

@@ -41,3 +41,52 @@ def test_gradients_inside_shard_map_with_check_vma():
   result = subprocess.run([sys.executable, "-c", SCRIPT], env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+EXPLICIT_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from addernet_jax.ops import adder_conv
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rng = np.random.default_rng(0)
+    xh = rng.standard_normal((4, 7, 6, 3)).astype(np.float32)
+    wh = rng.standard_normal((3, 3, 3, 6)).astype(np.float32)
+    weights = np.arange(6, dtype=np.float32)
+    for impl in ("xla", "pallas"):
+      for gradient in ("official", "exact"):
+        def loss(x, w):
+          y = adder_conv(x, w, strides=(2, 1), padding=((1, 0), (0, 1)),
+                         implementation=impl, gradient=gradient)
+          return jnp.sum(y * weights) / 100, y
+        (_, ref_y), ref = jax.value_and_grad(loss, (0, 1), has_aux=True)(xh, wh)
+        for x_spec, w_spec, out_spec in (
+            (P("d"), P(), P("d", None, None, None)),
+            (P(), P(None, None, None, "d"), P(None, None, None, "d")),
+            (P("d"), P(None, None, None, "d"), P("d", None, None, None))):
+          x = jax.device_put(xh, NamedSharding(mesh, x_spec))
+          w = jax.device_put(wh, NamedSharding(mesh, w_spec))
+          (_, y), (dx, dw) = jax.jit(jax.value_and_grad(
+              loss, (0, 1), has_aux=True))(x, w)
+          assert y.sharding.spec == out_spec, (y.sharding, out_spec)
+          full = lambda spec: tuple(spec) + (None,) * (4 - len(spec))
+          assert full(dx.sharding.spec) == full(x_spec), dx.sharding
+          assert full(dw.sharding.spec) == full(w_spec), dw.sharding
+          np.testing.assert_allclose(y, ref_y, rtol=1e-6)
+          for got, want in ((dx, ref[0]), (dw, ref[1])):
+            np.testing.assert_allclose(got, want, rtol=1e-5,
+                                       atol=1e-5 * np.abs(want).max())
+    print("OK")
+""")
+
+
+def test_explicit_sharding_in_types():
+  """`jax.make_mesh`'s default Explicit axes (sharding in types): with the
+  batch or the output channels sharded, gradients raised ShardingTypeError
+  from inside the per-tap backward (and the Pallas forward). Forward and both
+  gradients now equal the unsharded ones and keep their inputs' shardings."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+  result = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
