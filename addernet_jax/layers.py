@@ -30,21 +30,33 @@ def _pair(value: int | Sequence[int], name: str = "kernel_size",
   return ops.positive_int_pair(value, name, layer)
 
 
-def _padding(padding: Any) -> Any:
+def _padding(padding: Any, layer: str) -> Any:
   """A layer's `padding` in the form `ops.adder_conv` takes.
 
-  As `flax.linen.Conv`: a string, an int (the same on every side), or one
-  entry per spatial dimension, each an int (the same on both sides) or a
-  `(low, high)` pair; so `1`, `(1, 2)` and `((1, 1), (2, 2))` all work.
-  Anything else goes through unchanged for `ops.adder_conv` to reject.
+  As `flax.linen.Conv`: "SAME" or "VALID", an int (the same on every side),
+  or one entry per spatial dimension, each an int (the same on both sides)
+  or a `(low, high)` pair; so `1`, `(1, 2)` and `((1, 1), (2, 2))` all work.
+  Anything else is a ValueError naming `layer`.
   """
-  if isinstance(padding, str):
+  if isinstance(padding, str) and padding.upper() in ("SAME", "VALID"):
     return padding
-  if ops.as_int(padding) is not None:
-    return ((padding, padding), (padding, padding))
-  if isinstance(padding, Sequence) and len(padding) == 2:
-    return tuple((p, p) if ops.as_int(p) is not None else p for p in padding)
-  return padding
+  pads = None
+  if not isinstance(padding, str):
+    if ops.as_int(padding) is not None:
+      pads = ((padding, padding), (padding, padding))
+    elif isinstance(padding, Sequence) and len(padding) == 2:
+      pads = tuple((p, p) if ops.as_int(p) is not None else p
+                   for p in padding)
+  ok = pads is not None and all(
+      isinstance(pair, Sequence) and len(pair) == 2 and
+      all(ops.as_int(p) is not None and ops.as_int(p) >= 0 for p in pair)
+      for pair in pads)
+  if not ok:
+    raise ValueError(
+        f"{layer}: padding must be 'SAME', 'VALID', a non-negative int, or "
+        f"one entry per spatial dimension (an int or a (low, high) pair), "
+        f"got {padding!r}")
+  return tuple(tuple(int(ops.as_int(p)) for p in pair) for pair in pads)
 
 
 def _check_features(value: Any, name: str, layer: str) -> int:
@@ -131,7 +143,8 @@ class AdderConv(nn.Module):
                         (kh, kw, x.shape[-1], features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = ops.adder_conv(x.astype(dtype), kernel.astype(dtype),
-                       strides=strides, padding=_padding(self.padding),
+                       strides=strides,
+                       padding=_padding(self.padding, "AdderConv"),
                        implementation=self.implementation,
                        gradient=self.gradient)
     if self.use_bias:
@@ -193,7 +206,7 @@ class AdderConvNNX(nnx.Module):
         rngs.params(), (out_features,), param_dtype)) if use_bias else None)
     self.strides = _pair(strides, "strides", "AdderConvNNX")
     ops.check_options(implementation, gradient, "AdderConvNNX")
-    self.padding = _padding(padding)
+    self.padding = _padding(padding, "AdderConvNNX")
     self.dtype = dtype
     self.implementation = implementation
     self.gradient = gradient

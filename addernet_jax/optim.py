@@ -171,13 +171,21 @@ def _is_adder_path(path: tuple[Any, ...]) -> bool:
   if (len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey)
       and path[-1].name == "value"):
     path = path[:-1]
-  return bool(path) and _key_name(path[-1]) == ADDER_KERNEL
+  if not path:
+    return False
+  last = path[-1]
+  key = getattr(last, "key", None)
+  if isinstance(key, tuple) and key:  # flax.traverse_util.flatten_dict
+    return str(key[-1]) == ADDER_KERNEL
+  # flatten_dict(..., sep="/") and other joined names
+  return _key_name(last).rsplit("/", 1)[-1] == ADDER_KERNEL
 
 
 def adder_mask(params: Any) -> Any:
   """A pytree of bools, True exactly where the leaf's path ends in
   "adder_kernel" (the adder filters of `addernet_jax.layers`, Linen
-  parameter dicts and NNX `State`s alike).
+  parameter dicts and NNX `State`s alike, also flattened by
+  `flax.traverse_util.flatten_dict`, with tuple or "/"-joined keys).
 
   Only those names are selected: the filters of a `flax.linen.Conv` (or
   `nnx.Conv`) made an adder layer with

@@ -131,6 +131,13 @@ def test_flax_style_per_dimension_int_padding(make):
     (dict(kernel_size=(3, 3, 3)), r"kernel_size must be .* got \(3, 3, 3\)"),
     (dict(kernel_size=0), "kernel_size must be"),
     (dict(strides=(2,)), r"strides must be .* got \(2,\)"),
+    # Was accepted by AdderConvNNX until its first call, then named
+    # adder_conv and its forms only.
+    (dict(padding="FOO"), r"padding must be 'SAME', 'VALID', a non-negative "
+     r"int, or one entry per spatial dimension .* got 'FOO'"),
+    (dict(padding=-1), r"padding must be .* got -1"),
+    (dict(padding=((1, 1), (1,))), r"padding must be .* got \(\(1, 1\), "
+     r"\(1,\)\)"),
 ])
 def test_bad_kernel_size_or_strides_raise_clear_error(kwargs, match):
   with pytest.raises(ValueError, match="AdderConv: " + match):

@@ -134,6 +134,14 @@ def test_a_dtype_that_is_not_floating_is_named(dtype):
     get_model("resnet20", num_classes=10, dtype=dtype)
 
 
+def test_float64_is_refused_by_name():
+  """Was accepted and silently computed in float32 (without x64), with a
+  warning per array."""
+  for dtype in (jnp.float64, "float64", np.float64):
+    with pytest.raises(ValueError, match="dtype float64 is not supported"):
+      get_model("resnet20", num_classes=10, dtype=dtype)
+
+
 def test_adder_conv_layer_init_is_standard_normal():
   layer = layers.AdderConv(64, (3, 3))
   params = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 32)))["params"]

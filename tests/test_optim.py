@@ -86,6 +86,20 @@ def test_adder_mask_exact():
   assert all(isinstance(v, bool) for _, v in flat)
 
 
+def test_adder_mask_on_flattened_dicts():
+  """flatten_dict's tuple keys and "/"-joined keys selected nothing."""
+  for sep in (None, "/"):
+    flat = traverse_util.flatten_dict(_params(), sep=sep)
+    mask = optim.adder_mask(flat)
+    selected = {k if sep is None else tuple(k.split("/"))
+                for k, v in mask.items() if v}
+    assert selected == ADDER_PATHS, (sep, selected)
+  assert not optim.adder_mask({"x/adder_kernel_norm": 1.0})[
+      "x/adder_kernel_norm"]
+  assert not optim.adder_mask({("adder_kernel", "scale"): 1.0})[
+      ("adder_kernel", "scale")]
+
+
 def test_adder_mask_on_flax_module():
   """Real Linen parameter names: only the AdderConv filter is masked."""
 

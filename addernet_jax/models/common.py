@@ -30,6 +30,12 @@ def check_dtype(dtype: Any) -> None:
   if not ok:
     raise ValueError(f"dtype must be a floating-point type such as "
                      f"jnp.float32, jnp.bfloat16 or 'float16', got {dtype!r}")
+  if jnp.dtype(dtype) == jnp.float64:
+    # Without x64 JAX computes it in float32, with a warning per array; the
+    # adder layers refuse float64 either way.
+    raise ValueError("dtype float64 is not supported (adder layers compute in "
+                     "float32, bfloat16 or float16; without jax_enable_x64 "
+                     "JAX would silently compute in float32)")
 
 
 def conv_factory(conv: str, *, dtype: Any = jnp.float32,
