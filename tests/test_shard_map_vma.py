@@ -34,13 +34,19 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_gradients_inside_shard_map_with_check_vma():
+def _run_on_two_devices(script: str) -> None:
+  """Runs `script` in a fresh interpreter with 2 host devices; it must print
+  OK."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-  result = subprocess.run([sys.executable, "-c", SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_gradients_inside_shard_map_with_check_vma():
+  _run_on_two_devices(SCRIPT)
 
 
 EXPLICIT_SCRIPT = textwrap.dedent("""
@@ -84,9 +90,4 @@ def test_explicit_sharding_in_types():
   batch or the output channels sharded, gradients raised ShardingTypeError
   from inside the per-tap backward (and the Pallas forward). Forward and both
   gradients now equal the unsharded ones and keep their inputs' shardings."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-  result = subprocess.run([sys.executable, "-c", EXPLICIT_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+  _run_on_two_devices(EXPLICIT_SCRIPT)
