@@ -1,4 +1,5 @@
-"""adder_conv inside a user's `jax.shard_map` with the default check_vma=True.
+"""adder_conv inside a user's `jax.shard_map` with the default check_vma=True,
+and under `jit` on a mesh with Explicit axes (sharding in types).
 
 Runs in a subprocess with 2 host devices (XLA_FLAGS must be set before JAX
 starts). The filter gradient of a replicated filter over a batch-sharded
