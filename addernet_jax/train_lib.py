@@ -155,16 +155,28 @@ def stdout_kept_for_the_result() -> Iterator[Callable[[str], None]]:
   the entry points' stdout holds only what they mean to print there. Native
   libraries print to it too (Gloo's "[Gloo] Rank 0 is connected to 1 peer
   ranks ..." in a multi-process CPU run) and broke `train.py > result.json`.
+  Nothing changes where `sys.stdout` is not file descriptor 1 (pytest's
+  capture, Jupyter, `contextlib.redirect_stdout`) or there is no stdout.
 
   Yields:
     `print_line(text)`: writes one line to the real stdout (e.g. the rows of
     a table printed as they come).
   """
+  def plain(text: str) -> None:
+    print(text, flush=True)
+
+  try:
+    real = sys.stdout is not None and sys.stdout.fileno() == 1
+  except (AttributeError, OSError, ValueError):
+    real = False
+  if not real:
+    yield plain
+    return
   sys.stdout.flush()
   try:
     saved = os.dup(1)
-  except OSError:  # no stdout at all: nothing to keep
-    yield print
+  except OSError:
+    yield plain
     return
 
   def print_line(text: str) -> None:
@@ -175,7 +187,8 @@ def stdout_kept_for_the_result() -> Iterator[Callable[[str], None]]:
   try:
     yield print_line
   finally:
-    sys.stdout.flush()
+    if sys.stdout is not None:
+      sys.stdout.flush()
     os.dup2(saved, 1)
     os.close(saved)
 

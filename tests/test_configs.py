@@ -382,3 +382,46 @@ def test_every_config_builds_and_traces_its_training_step(path):
   out_state, metrics = jax.eval_shape(step, state, *args)
   assert jax.tree.structure(out_state) == jax.tree.structure(state)
   assert all(m.shape == () for m in jax.tree.leaves(metrics)), metrics
+
+
+_STDOUT_SCRIPT = """
+import os, sys
+from addernet_jax import train_lib
+with train_lib.stdout_kept_for_the_result() as print_line:
+  try:
+    os.write(1, b"native line\\n")   # what Gloo's C++ prints
+  except OSError:  # stdout closed: C code ignores the error, as here
+    pass
+  print("python print")
+  print_line("table row")
+print("result")
+"""
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_stdout_holds_only_what_the_entry_points_print(tmp_path, closed):
+  """train.py/eval.py: native prints went to stdout before the result line;
+  within the block they go to stderr. With stdout closed (`>&-`) the block
+  crashed (AttributeError on sys.stdout None)."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  redirect = ">&-" if closed else f"> {tmp_path / 'out.txt'}"
+  result = subprocess.run(
+      ["bash", "-c", f'"{sys.executable}" -c "$SCRIPT" {redirect} '
+       f'2> {tmp_path / "err.txt"}'],
+      env=dict(env, SCRIPT=_STDOUT_SCRIPT), capture_output=True, text=True,
+      timeout=120)
+  err = (tmp_path / "err.txt").read_text()
+  assert result.returncode == 0, err
+  if not closed:
+    assert (tmp_path / "out.txt").read_text() == "table row\nresult\n"
+    assert "native line\npython print\n" in err, err
+
+
+def test_stdout_block_leaves_captured_stdout_alone(capsys):
+  """Where sys.stdout is not file descriptor 1 (pytest, Jupyter,
+  redirect_stdout) nothing is redirected and print_line prints there."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  with train_lib.stdout_kept_for_the_result() as print_line:
+    print_line("row")
+    print("inside")
+  assert capsys.readouterr().out == "row\ninside\n"
