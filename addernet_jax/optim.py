@@ -46,6 +46,25 @@ LayerAxes = Union[None, int, Sequence[int],
                   Callable[[Any, Any], Union[None, int, Sequence[int]]]]
 
 
+def _is_axis(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_layer_axes(layer_axes: LayerAxes) -> None:
+  """TypeError unless `layer_axes` is None, an int, a sequence of ints or a
+  function (checked when the transform is made, not at its first update)."""
+  if layer_axes is None or callable(layer_axes) or _is_axis(layer_axes):
+    return
+  if (isinstance(layer_axes, Sequence) and not isinstance(layer_axes, str)
+      and all(_is_axis(a) for a in layer_axes)):
+    return
+  raise TypeError(
+      f"scale_by_adaptive_lr: layer_axes must be None, an int, a sequence of "
+      f"ints or a function (key_path, leaf) -> axes, got {layer_axes!r}"
+      + (" (through optax.inject_hyperparams, pass static_args="
+         "('layer_axes',))" if isinstance(layer_axes, jax.Array) else ""))
+
+
 def _normalized_axes(axes: None | int | Sequence[int], leaf: Any,
                      path: Any) -> tuple[int, ...]:
   """`axes` of `leaf` as sorted non-negative ints (ValueError naming the
@@ -58,7 +77,7 @@ def _normalized_axes(axes: None | int | Sequence[int], leaf: Any,
   ndim = np.ndim(leaf)
   out = set()
   for a in axes:
-    if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
+    if not _is_axis(a) or not -ndim <= a < ndim:
       raise ValueError(f"scale_by_adaptive_lr: layer_axes {given!r} does not "
                        f"fit {where} of shape {np.shape(leaf)}")
     out.add(int(a) % ndim)
@@ -98,6 +117,7 @@ def scale_by_adaptive_lr(eta: float = 0.2, *, layer_axes: LayerAxes = None
   Returns:
     An `optax.GradientTransformation`.
   """
+  _check_layer_axes(layer_axes)
   if callable(eta):
     raise TypeError("scale_by_adaptive_lr: eta must be a number or a scalar "
                     "array, got a callable; to schedule eta use "
@@ -363,9 +383,11 @@ def make_optimizer(config: Any, params: Any,
       warning unless `layer_axes` is given. Parameters without any adder
       filter (a CNN) are fine: step 1 then does nothing.
     steps_per_epoch: optimiser steps per epoch.
-    layer_axes: `scale_by_adaptive_lr`'s: the axes of stacked layers (e.g.
-      0 for `nn.scan(..., variable_axes={"params": 0})`), so that each layer
-      gets its own norm.
+    layer_axes: the axes of stacked layers (e.g. 0 for `nn.scan(...,
+      variable_axes={"params": 0})`), so that each layer gets its own norm.
+      An int or a sequence applies to the stacked filters only, those of
+      rank other than 4 and 2 (a model may mix scanned and plain layers); a
+      function `(key_path, leaf) -> axes or None` chooses per filter.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -389,6 +411,11 @@ def make_optimizer(config: Any, params: Any,
   if eta > 0:
     if layer_axes is None:
       _warn_stacked_filters(params)
+    elif not callable(layer_axes):
+      _check_layer_axes(layer_axes)
+      stacked_axes = layer_axes
+      layer_axes = lambda _, leaf: (stacked_axes if np.ndim(leaf) not in (2, 4)
+                                    else None)
     chain.append(optax.masked(scale_by_adaptive_lr(eta, layer_axes=layer_axes),
                               adder_mask))
   if weight_decay:

@@ -219,6 +219,55 @@ def test_layers_stacked_by_scan_get_one_norm_each(caplog):
       bad.update(grads, bad.init(grads))
 
 
+def test_make_optimizer_layer_axes_leave_unstacked_filters_whole():
+  """A model mixing a scanned stack and a plain adder layer: an int
+  layer_axes split the plain (3, 3, cin, cout) filter into kernel rows (norm
+  0.9 made of rows of 0.52 instead of 1.2). In make_optimizer it applies to
+  stacked filters only (rank other than 4 and 2)."""
+  rng = np.random.default_rng(4)
+  grads = {"stack": {"adder_kernel": jnp.asarray(
+               rng.normal(size=(3, 3, 3, 4, 4)) * [[[[[1.0]]]], [[[[3.0]]]],
+                                                    [[[[9.0]]]]], jnp.float32)},
+           "plain": {"adder_kernel": jnp.asarray(
+               rng.normal(size=(3, 3, 4, 4)), jnp.float32)},
+           "fc": {"adder_kernel": jnp.asarray(rng.normal(size=(4, 10)),
+                                              jnp.float32)}}
+  config = _config(weight_decay=0.0, momentum=0.0)
+  lr = float(optim.learning_rate_schedule(config, 7)(0))
+  tx = optim.make_optimizer(config, grads, 7, layer_axes=0)
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  norm = lambda a: float(np.linalg.norm(np.asarray(a, np.float64)))
+  for i in range(3):
+    assert norm(updates["stack"]["adder_kernel"][i]) / lr == pytest.approx(
+        0.2 * math.sqrt(144), rel=1e-5)
+  assert norm(updates["plain"]["adder_kernel"]) / lr == pytest.approx(
+      0.2 * math.sqrt(144), rel=1e-5)
+  assert norm(updates["fc"]["adder_kernel"]) / lr == pytest.approx(
+      0.2 * math.sqrt(40), rel=1e-5)
+
+
+@pytest.mark.parametrize("layer_axes", [True, 1.0, "0", (0, 1.5)])
+def test_layer_axes_of_the_wrong_type_are_refused_at_once(layer_axes):
+  """Were accepted (True as axis 1) or failed at the first update with
+  "'float' object is not iterable"."""
+  with pytest.raises(TypeError, match="layer_axes must be None, an int, a "
+                     "sequence of ints or a function"):
+    optim.scale_by_adaptive_lr(0.2, layer_axes=layer_axes)
+  with pytest.raises(TypeError, match="layer_axes must be"):
+    optim.make_optimizer(_config(), _params(), 7, layer_axes=layer_axes)
+  injected = optax.inject_hyperparams(optim.scale_by_adaptive_lr)
+  with pytest.raises(TypeError, match=r"static_args=\('layer_axes',\)"):
+    injected(eta=0.2, layer_axes=0).init(_params())
+  tx = optax.inject_hyperparams(optim.scale_by_adaptive_lr,
+                                static_args=("layer_axes",))(eta=0.2,
+                                                             layer_axes=-1)
+  filters = {"adder_kernel": _params()["layer1_0"]["conv1"]["adder_kernel"]}
+  out, _ = tx.update(filters, tx.init(filters))
+  per_output = np.linalg.norm(np.asarray(out["adder_kernel"]).reshape(-1, 7),
+                              axis=0)
+  np.testing.assert_allclose(per_output, 0.2 * math.sqrt(45), rtol=1e-5)
+
+
 def test_infinite_and_python_float_gradients():
   """An infinite entry: NaN there, 0 elsewhere (as the docstring says); a
   Python float leaf is taken as an array."""
