@@ -17,6 +17,7 @@ import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from addernet_jax import ops
 
@@ -40,6 +41,8 @@ def _padding(padding: Any, layer: str) -> Any:
   """
   if isinstance(padding, str) and padding.upper() in ("SAME", "VALID"):
     return padding
+  if isinstance(padding, (np.ndarray, jax.Array)):
+    padding = padding.tolist()  # e.g. np.array([[1, 1], [1, 1]])
   pads = None
   if not isinstance(padding, str):
     if ops.as_int(padding) is not None:

@@ -484,38 +484,50 @@ def adder_conv(x: jax.Array, w: jax.Array, *,
       x, w)
 
 
+def explicit_layout(arr: Any) -> tuple[Any, tuple[Any, ...]] | None:
+  """(mesh, spec padded to the rank) of an array whose type is sharded over
+  Explicit mesh axes (`jax.make_mesh`'s default: sharding in types); None
+  otherwise (no mesh, Auto or Manual axes only, a NumPy array)."""
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit",
+                     None)
+  if explicit is None or not isinstance(arr, (jax.Array, jax.core.Tracer)):
+    return None
+  sharding = getattr(jax.typeof(arr), "sharding", None)
+  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+  if spec is None or not getattr(mesh, "axis_names", ()):
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  spec = tuple(spec) + (None,) * (np.ndim(arr) - len(spec))
+  if not any(types.get(a) == explicit for entry in spec
+             for a in _axis_names(entry)):
+    return None
+  return mesh, spec
+
+
+def _axis_names(entry: Any) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _explicit_sharding(x: Any, w: Any
                        ) -> tuple[tuple[str, ...], Any] | None:
   """None, or (the Explicit mesh axes that shard `x` or `w`, the output's
   NamedSharding: batch as x's, channels as w's outputs)."""
-  if not hasattr(jax.sharding, "AxisType"):
+  layouts = [explicit_layout(x), explicit_layout(w)]
+  found = [layout for layout in layouts if layout is not None]
+  if not found:
     return None
+  mesh = found[0][0]
   explicit = jax.sharding.AxisType.Explicit
-  specs, mesh = [], None
-  for arr in (x, w):
-    sharding = getattr(jax.typeof(arr), "sharding", None) if isinstance(
-        arr, jax.Array) or isinstance(arr, jax.core.Tracer) else None
-    spec = getattr(sharding, "spec", None)
-    if spec is None or not getattr(sharding.mesh, "axis_names", ()):
-      specs.append((None,) * 4)
-      continue
-    mesh = sharding.mesh
-    specs.append(tuple(spec) + (None,) * (4 - len(spec)))
-  if mesh is None:
-    return None
   types = dict(zip(mesh.axis_names, mesh.axis_types))
-
-  def names(entry: Any) -> tuple[str, ...]:
-    if entry is None:
-      return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-  used = {a for spec in specs for entry in spec for a in names(entry)
+  specs = [layout[1] if layout is not None else (None,) * 4
+           for layout in layouts]
+  used = {a for spec in specs for entry in spec for a in _axis_names(entry)
           if types.get(a) == explicit}
-  if not used:
-    return None
   batch, channels = specs[0][0], specs[1][3]
-  if set(names(batch)) & set(names(channels)):
+  if set(_axis_names(batch)) & set(_axis_names(channels)):
     channels = None  # one mesh axis cannot shard two dimensions
   out = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(batch, None, None, channels))
@@ -576,5 +588,17 @@ def adder_conv_general_dilated(
   if preferred_element_type is not None:
     y = y.astype(preferred_element_type)
   if out_sharding is not None:
-    y = jax.lax.with_sharding_constraint(y, out_sharding)
+    y = _constrain_sharding(y, out_sharding)
   return y
+
+
+def _constrain_sharding(y: jax.Array, sharding: Any) -> jax.Array:
+  """`y` with `sharding` (lax.conv's `out_sharding`): on Explicit mesh axes a
+  `reshard` (sharding in types; `with_sharding_constraint` only asserts
+  there), else a constraint for XLA's partitioner."""
+  mesh = getattr(sharding, "mesh", None) or jax.sharding.get_abstract_mesh()
+  explicit = getattr(jax.sharding, "AxisType", None)
+  if explicit is not None and any(
+      t == explicit.Explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.sharding.reshard(y, sharding)
+  return jax.lax.with_sharding_constraint(y, sharding)

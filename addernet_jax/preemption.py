@@ -71,7 +71,8 @@ class PreemptionFlag(threading.Event):
     if not self.is_set():
       logger.warning(
           "received %s: will save a checkpoint and stop after the current "
-          "step%s", signal.Signals(signum).name,
+          "step (during start-up: stop before the first one)%s",
+          signal.Signals(signum).name,
           " (Ctrl-C again to stop at once, without saving)"
           if signum == signal.SIGINT else "")
     self.set()

@@ -114,6 +114,14 @@ def test_flax_style_per_dimension_int_padding(make):
   `flax.linen.Conv`; it was rejected."""
   x = np.random.default_rng(3).normal(size=(2, 7, 5, 3)).astype(np.float32)
   layer = make((1, 2))
+  # The same given as NumPy arrays.
+  for same in (np.array([1, 2]), np.array([[1, 1], [2, 2]])):
+    array_layer = make(same)
+    if isinstance(array_layer, nn.Module):
+      out = array_layer.apply(array_layer.init(jax.random.key(0), x), x)
+    else:
+      out = array_layer(x)
+    assert out.shape == (2, 7, 7, 4)
   if isinstance(layer, nn.Module):
     variables = layer.init(jax.random.key(0), x)
     y = layer.apply(variables, x)

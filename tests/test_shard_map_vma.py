@@ -82,6 +82,46 @@ EXPLICIT_SCRIPT = textwrap.dedent("""
           for got, want in ((dx, ref[0]), (dw, ref[1])):
             np.testing.assert_allclose(got, want, rtol=1e-5,
                                        atol=1e-5 * np.abs(want).max())
+    # flax.nnx.Conv passes lax.conv's out_sharding: with Explicit axes a
+    # with_sharding_constraint only asserted (AssertionError "use
+    # jax.sharding.reshard") where the spec differed.
+    import flax.nnx as nnx
+    from addernet_jax.ops import adder_conv_general_dilated
+    conv = nnx.Conv(3, 6, (3, 3), conv_general_dilated=adder_conv_general_dilated,
+                    use_bias=False, rngs=nnx.Rngs(0))
+    want = conv(xh)
+    with jax.set_mesh(mesh):
+      x = jax.device_put(xh, NamedSharding(mesh, P("d")))
+      y = nnx.jit(lambda m, x: m(x, out_sharding=P(None, None, None, "d")))(
+          conv, x)
+    assert tuple(y.sharding.spec) == (None, None, None, "d"), y.sharding
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+
+    # A model's training step on an explicitly sharded batch: BatchNorm's
+    # first-sample shift raised ShardingTypeError.
+    from addernet_jax import models
+    model = models.get_model("lenet5_bn", num_classes=10)
+    images = rng.random((4, 28, 28, 1)).astype(np.float32)
+    labels = np.arange(4) % 10
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+
+    def step_loss(params, images, labels):
+      logits, _ = model.apply({"params": params,
+                               "batch_stats": variables["batch_stats"]},
+                              images, train=True, mutable=["batch_stats"])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                           labels[:, None], axis=1))
+
+    step = jax.jit(jax.value_and_grad(step_loss))
+    want_loss, want_grads = step(variables["params"], images, labels)
+    with jax.set_mesh(mesh):
+      loss, grads = step(variables["params"],
+                         jax.device_put(images, NamedSharding(mesh, P("d"))),
+                         jax.device_put(labels, NamedSharding(mesh, P("d"))))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(got, want, rtol=1e-4,
+                                 atol=1e-4 * np.abs(want).max())
     print("OK")
 """)
 

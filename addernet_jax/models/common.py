@@ -20,6 +20,20 @@ CONV_KINDS = ("adder", "mult")
 ADDER_DTYPE = jnp.float32
 
 
+def _first_sample(x: jax.Array, num_axes: int) -> jax.Array:
+  """`x[0, ..., 0]` over the first `num_axes` axes. Under sharding in types
+  (Explicit mesh axes) slicing one element of a sharded batch has no rule:
+  that slice runs with the axes Auto (a small gather), elsewhere unchanged."""
+  take = lambda a: a[(0,) * num_axes]
+  layout = ops.explicit_layout(x)
+  if layout is None:
+    return take(x)
+  mesh, spec = layout
+  out = jax.sharding.NamedSharding(mesh,
+                                   jax.sharding.PartitionSpec(*spec[num_axes:]))
+  return jax.sharding.auto_axes(take, out_sharding=out)(x)
+
+
 def check_dtype(dtype: Any) -> None:
   """ValueError unless `dtype` names a floating-point type (a typo such as
   "float31" otherwise surfaced as NumPy's TypeError at the first call)."""
@@ -154,7 +168,7 @@ class BatchNorm(nn.Module):
       # (adder outputs): summed after subtracting one sample per channel, so
       # the float32 sum runs at the spread's scale (XLA's plain reduction was
       # 2x further from float64 than PyTorch's; the shifted one matches it).
-      shift = lax.stop_gradient(x32[(0,) * len(axes)])
+      shift = lax.stop_gradient(_first_sample(x32, len(axes)))
       mean = shift + jnp.mean(x32 - shift, axis=axes)
       if axis_name is not None:
         mean = lax.pmean(mean, axis_name)
