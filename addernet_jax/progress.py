@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -56,9 +57,15 @@ class StepProgress:
 
 
 def shown(config: Any) -> bool:
-  """Whether this process shows progress bars: process 0 only, unless
+  """Whether this process shows progress bars: process 0, when its stderr is
+  a terminal (a redirected log would fill with redrawn bars), unless
   `config.progress_bar` is False."""
-  return jax.process_index() == 0 and bool(config.get("progress_bar", True))
+  try:
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+  except (AttributeError, ValueError):
+    terminal = False
+  return (jax.process_index() == 0 and terminal
+          and bool(config.get("progress_bar", True)))
 
 
 @contextlib.contextmanager

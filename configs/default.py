@@ -143,6 +143,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.max_checkpoints_to_keep = 3
   # Log training metrics (metrics.jsonl, TensorBoard) every this many steps.
   config.log_every_steps = 50
-  # Show a tqdm progress bar (images/s, ETA) on the console.
+  # Show a tqdm progress bar (images/s, ETA) when stderr is a terminal.
   config.progress_bar = True
   return config

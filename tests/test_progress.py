@@ -161,3 +161,23 @@ def test_evaluation_shows_its_batches(capsys, monkeypatch):
   assert len(handed) == 6 and all(
       leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
       for leaves in handed)
+
+
+def test_bars_are_shown_on_a_terminal_only(monkeypatch):
+  """A log redirected to a file filled with redrawn bars (carriage returns
+  and cursor-up escapes); they are shown where stderr is a terminal."""
+  from addernet_jax import progress  # pylint: disable=g-import-not-at-top
+
+  class Stream:
+    def __init__(self, tty):
+      self.tty = tty
+
+    def isatty(self):
+      return self.tty
+
+  for tty, setting, expected in ((True, True, True), (False, True, False),
+                                 (True, False, False)):
+    monkeypatch.setattr(sys, "stderr", Stream(tty))
+    assert progress.shown({"progress_bar": setting}) is expected
+  monkeypatch.setattr(sys, "stderr", None)
+  assert progress.shown({}) is False
