@@ -34,6 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     return train_lib.cli_error(f"unexpected arguments: {argv[1:]}")
+  train_lib.preemption_lib.exit_at_second_interrupt()
   try:
     with train_lib.stdout_kept_for_the_result():
       train_lib.parallel.initialize_distributed(

@@ -5,7 +5,9 @@ SIGTERM some seconds before the process is killed. The training loop should
 not die mid-step; it checks `preempted.should_stop(step)` once per step,
 saves a checkpoint and exits with status 0, and the next run resumes.
 A first Ctrl-C (SIGINT) does the same; a second one interrupts at once
-(KeyboardInterrupt), as Python does by default.
+(KeyboardInterrupt, as Python does by default; in the command-line entry
+points, after `exit_at_second_interrupt()`, one line and exit status 130:
+a KeyboardInterrupt raised while XLA compiles crashed the interpreter).
 
     preempted = install_preemption_handler()
     for step in ...:
@@ -49,6 +51,26 @@ def _distributed_preemption_available() -> bool:
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+_exit_at_second_interrupt = False
+
+
+def exit_at_second_interrupt(enabled: bool = True) -> None:
+  """A second Ctrl-C exits the process at once (one `error:` line, status
+  130) instead of raising KeyboardInterrupt: for command-line entry points,
+  where the exception, raised inside XLA's compilation or a device wait,
+  ended in a segmentation fault or a long traceback."""
+  global _exit_at_second_interrupt
+  _exit_at_second_interrupt = enabled
+
+
+def _second_interrupt() -> None:
+  if _exit_at_second_interrupt:
+    os.write(2, b"error: interrupted again: stopped at once, without saving "
+                b"(checkpoints already written are kept)\n")
+    os._exit(130)  # pylint: disable=protected-access
+  raise KeyboardInterrupt  # as Python does by default
+
+
 class PreemptionFlag(threading.Event):
   """A `threading.Event` set by SIGTERM and SIGINT (or the given signals).
 
@@ -66,7 +88,7 @@ class PreemptionFlag(threading.Event):
   def _handler(self, signum: int, frame: Any) -> None:
     del frame
     if signum == signal.SIGINT and self.is_set():
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now, as by default
+      _second_interrupt()
     self.signal_received = signum
     if not self.is_set():
       logger.warning(
@@ -86,7 +108,7 @@ class PreemptionFlag(threading.Event):
   def _sigint_to_sigterm(self, signum: int, frame: Any) -> None:
     del signum, frame
     if self.signal_received == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now, as by default
+      _second_interrupt()
     self.signal_received = signal.SIGINT
     logger.warning(
         "received SIGINT: every process will save a checkpoint and stop at "

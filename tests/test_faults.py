@@ -701,6 +701,32 @@ def test_first_ctrl_c_asks_for_a_checkpoint_the_second_interrupts():
   assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_second_ctrl_c_in_the_entry_points_exits_with_one_line():
+  """train.py: a second Ctrl-C raised KeyboardInterrupt wherever Python
+  was, inside XLA's compilation a segmentation fault (exit 139), in a device
+  wait a 17-frame traceback; it now prints one line and exits 130."""
+  script = textwrap.dedent("""
+      import os, signal, time
+      from addernet_jax import preemption
+      preemption.exit_at_second_interrupt()
+      with preemption.install_preemption_handler() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.wait(5.0)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5.0)
+      print("not reached")
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert "not reached" not in result.stdout
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "error: interrupted again: stopped at once, without saving"), (
+          result.stderr)
+  assert "Traceback" not in result.stderr
+
+
 _SAVE_LOOP = textwrap.dedent("""
     import sys
     import numpy as np, jax.numpy as jnp
