@@ -442,9 +442,11 @@ def load_attack_models(config: ml_collections.ConfigDict, *,
   (conv="mult") has one gradient: its models are all the same."""
   from addernet_jax import convert  # pylint: disable=g-import-not-at-top
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  # eval.py warns about running statistics in the attacks' own words.
   _, variables = export.load_variables(config, checkpoint=checkpoint,
                                        which=which,
-                                       torch_checkpoint=torch_checkpoint)
+                                       torch_checkpoint=torch_checkpoint,
+                                       warn_running_statistics=False)
   kwargs = convert.infer_model_kwargs(variables)
   built = {g: models.get_model(
       config.model, num_classes=kwargs["num_classes"], conv=kwargs["conv"],

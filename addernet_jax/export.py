@@ -82,7 +82,8 @@ def load_variables(config: ml_collections.ConfigDict, *,
                    checkpoint: str | os.PathLike[str] | None = None,
                    which: str = "latest",
                    torch_checkpoint: str | os.PathLike[str] | None = None,
-                   batch_stats: str = "running"
+                   batch_stats: str = "running",
+                   warn_running_statistics: bool = True
                    ) -> tuple[Any, dict[str, Any]]:
   """(model, variables as host arrays) of a training workdir or an
   official-layout PyTorch checkpoint; the model uses the pure-jnp adder.
@@ -92,6 +93,9 @@ def load_variables(config: ml_collections.ConfigDict, *,
   training batches (`train_lib.recalibrated_variables`): after a short run
   the running ones make a much weaker model (1 epoch of MNIST: 15% against
   98% top-1).
+
+  `warn_running_statistics`: log `running_statistics_caveat` (an export's
+  wording) when the running statistics trail re-estimated ones.
 
   A PyTorch checkpoint must fit the config's dataset: its stem takes the
   dataset's image channels and its classifier has the dataset's classes
@@ -135,7 +139,7 @@ def load_variables(config: ml_collections.ConfigDict, *,
     variables = {"params": restored["params"],
                  "batch_stats": restored["batch_stats"]}
     num_classes, conv = config.num_classes, config.conv
-    caveat = running_statistics_caveat(
+    caveat = warn_running_statistics and running_statistics_caveat(
         checkpoint, int(jax.device_get(restored["step"])))
     if caveat:
       logging.warning("%s", caveat)

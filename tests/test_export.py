@@ -316,6 +316,17 @@ def test_a_short_run_exports_re_estimated_statistics_on_request(
           f"{100 * recal:.2f}% with statistics re-estimated"
           ) in export.running_statistics_caveat(tmp_path / "run", 3)
 
+  # eval.py --attacks loads through load_variables: the export's advice
+  # (--batch_stats, a flag eval.py lacks) is not given there.
+  from addernet_jax import attacks  # pylint: disable=g-import-not-at-top
+  warned = []
+  monkeypatch.setattr(export.logging, "warning", lambda *args: warned.extend(
+      a for a in args if "--batch_stats" in str(a)))
+  export.load_variables(config, checkpoint=tmp_path / "run")
+  assert len(warned) == 1, warned
+  attacks.load_attack_models(config, checkpoint=str(tmp_path / "run"))
+  assert len(warned) == 1, warned
+
   variables, result = train_lib.recalibrated_variables(config,
                                                        tmp_path / "run")
   assert result["top1"] == pytest.approx(running, abs=1e-9)
