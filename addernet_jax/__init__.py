@@ -29,3 +29,18 @@ def _kernels_from_source_checkout() -> None:
 
 
 _kernels_from_source_checkout()
+
+# `import addernet_jax` then `addernet_jax.ops...` (as the README writes it):
+# submodules import on first use, so the package itself stays light.
+_LAZY_SUBMODULES = ("attacks", "checkpoint", "convert", "data", "distill",
+                    "eval_lib", "export", "figures", "layers", "models",
+                    "opcount", "ops", "optim", "parallel", "preemption",
+                    "progress", "reference", "sr", "torch_pickle",
+                    "train_lib")
+
+
+def __getattr__(name: str):
+  if name in _LAZY_SUBMODULES:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

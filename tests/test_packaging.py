@@ -105,3 +105,25 @@ def test_docs_and_code_point_only_to_files_a_clone_has():
         offenders.append(f"{name}: {needle}")
   assert not offenders, offenders
   assert (ROOT / "docs" / "design.md").is_file()
+
+
+def test_submodules_are_attributes_of_the_package():
+  """`import addernet_jax` then `addernet_jax.ops.adder_conv_general_dilated`
+  (as the README writes it) raised AttributeError; submodules now import on
+  first use and the bare import stays light."""
+  script = ("import sys, addernet_jax\n"
+            "assert 'addernet_jax.ops' not in sys.modules\n"
+            "assert callable(addernet_jax.ops.adder_conv_general_dilated)\n"
+            "assert callable(addernet_jax.optim.scale_by_adaptive_lr)\n"
+            "assert addernet_jax.models.get_model\n"
+            "try:\n"
+            "  addernet_jax.not_a_module\n"
+            "except AttributeError as e:\n"
+            "  assert 'not_a_module' in str(e)\n"
+            "else:\n"
+            "  raise AssertionError('no AttributeError')\n"
+            "print('OK')\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr
