@@ -641,11 +641,13 @@ def schedule_change(meta: dict[str, Any], config: ml_collections.ConfigDict,
   before = float(optim.learning_rate_schedule(old_config, steps_per_epoch)(
       step))
   after = float(optim.learning_rate_schedule(config, steps_per_epoch)(step))
+  jump = (f"so the rate goes from {before:.3g} to {after:.3g}"
+          if not math.isclose(before, after, rel_tol=1e-3) else
+          f"the same rate there ({after:.3g}), another decay after it")
   return (f"the learning-rate schedule differs from the checkpoint's run "
           f"(peak {old_lr:g} -> {new['learning_rate']:g}, cosine over "
           f"{old_epochs:g} -> {new['schedule_epochs']:g} epochs): from step "
-          f"{step} it follows the new one, so the rate goes from {before:.3g} "
-          f"to {after:.3g}")
+          f"{step} it follows the new one, {jump}")
 
 
 def device_count_change(meta: dict[str, Any], num_devices: int
@@ -927,8 +929,9 @@ def _train_classifier(config: ml_collections.ConfigDict,
                  RESUME_ADVICE)
       log.info("resumed from step %d (%s)", start_step, meta)
       resumed_meta = meta if isinstance(meta, dict) else {}
-      change = schedule_change(resumed_meta, config, steps_per_epoch,
-                               start_step)
+      change = (schedule_change(resumed_meta, config, steps_per_epoch,
+                                start_step) if start_step < total_steps
+                else None)  # nothing left to train: no rate to change
       if change:
         log.warning("%s", change)
       change = device_count_change(resumed_meta, num_devices)

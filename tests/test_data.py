@@ -1272,3 +1272,20 @@ def test_imagefolder_reads_nested_folders_and_names_empty_classes(
   (tmp_path / 'train' / 'ant' / 'gone.png').symlink_to(tmp_path / 'nowhere')
   with pytest.raises(ValueError, match=r'gone\.png: not a readable file'):
     local.list_imagefolder(tmp_path, 'train')
+
+
+def test_a_missing_test_split_points_to_holdout_examples(tmp_path):
+  """An ImageFolder or CIFAR pickles without a test split: the error named
+  what was expected but not --config.holdout_examples, which trains
+  without one (the MNIST error did)."""
+  _make_imagefolder(tmp_path / 'folder', splits=('train',))
+  with pytest.raises(ValueError, match=(
+      r"has no test split: expected class folders under one of test/, val/, "
+      r"validation/\. To train without the test split.*"
+      r"--config\.holdout_examples=10000")):
+    data.load_arrays('cifar10', tmp_path / 'folder', 'test')
+  (tmp_path / 'pickles').mkdir()
+  (tmp_path / 'pickles' / 'data_batch_1').write_bytes(b'')
+  with pytest.raises(ValueError, match=r"test_batch expected\)\. To train "
+                     r"without the test split"):
+    data.load_arrays('cifar10', tmp_path / 'pickles', 'test')

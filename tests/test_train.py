@@ -434,6 +434,15 @@ def test_resuming_with_another_schedule_is_named():
   steps = ml_collections.ConfigDict(dict(learning_rate=0.1, num_epochs=2,
                                          num_train_steps=44))
   assert train_lib.schedule_change(meta, steps, 22, 44) is None  # same cosine
+  # 1 epoch resumed as 3: both cosines give 0.05 at step 22, and "the rate
+  # goes from 0.05 to 0.05" announced a jump that is not there.
+  one = train_lib.schedule_identity(ml_collections.ConfigDict(dict(
+      learning_rate=0.1, num_epochs=1, num_train_steps=0)), 22)
+  three = ml_collections.ConfigDict(dict(learning_rate=0.1, num_epochs=3,
+                                         num_train_steps=0))
+  assert train_lib.schedule_change(one, three, 22, 22).endswith(
+      "from step 22 it follows the new one, the same rate there (0.05), "
+      "another decay after it"), train_lib.schedule_change(one, three, 22, 22)
 
 
 def test_resuming_on_another_device_count_is_named():

@@ -332,6 +332,7 @@ def load_cifar(root: Path, name: str, split: str
   files = [f for f in files if f.is_file()]
   if not files:
     hint = _NO_TRAIN_HINT if split == 'train' else ''
+    hint = hint or _HOLDOUT_HINT
     raise ValueError(f'CIFAR pickles in {str(folder)!r} have no {split} split '
                      f'({"data_batch_*" if split == "train" else "test_batch"}'
                      f' expected).{hint}' if name == 'cifar10' else
@@ -432,8 +433,9 @@ def imagefolder_split_dir(root: Path, split: str) -> Path:
       return root / d
   raise ValueError(
       f'ImageFolder data_dir {str(root)!r} has no {split} split: expected '
-      f'class folders under {" or ".join(IMAGEFOLDER_SPLIT_DIRS[split])}/.'
-      + (_NO_TRAIN_HINT if split == 'train' else ''))
+      f'class folders under one of '
+      f'{", ".join(d + "/" for d in IMAGEFOLDER_SPLIT_DIRS[split])}.'
+      + (_NO_TRAIN_HINT if split == 'train' else _HOLDOUT_HINT))
 
 
 def list_imagefolder(root: Path, split: str,
