@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.resnet20_layers import RESNET20_LAYERS, layer_shapes  # noqa: E402
+from benchmarks.resnet20_layers import layer_shapes, selected_layers  # noqa: E402
 
 FAMILY_MODULES = {"triton": "gpu", "mosaic_gpu": "mosaic_gpu",
                   "triton_simt": "triton_simt"}
@@ -154,11 +154,9 @@ def _dump(args, triton_ptx: str) -> None:
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "mosaic_dump": os.environ.get("MOSAIC_GPU_DUMP_TO", ""),
            "kernels": []}
-  wanted = set(filter(None, args.layers.split(",")))
+  layers = selected_layers(args.layers)
   families = [f for f in args.families.split(",") if f]
-  for layer in RESNET20_LAYERS:
-    if wanted and layer[0] not in wanted:
-      continue
+  for layer in layers:
     name, _, h, w_in, _, _, _, s, pad = layer
     sh = layer_shapes(args.batch, layer)
     for family in families:
@@ -435,6 +433,8 @@ def main(argv=None) -> None:
   p.add_argument("--log", default=None)
   p.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  if args.command == "dump":
+    selected_layers(args.layers, parser)  # an unknown name: one error line
   {"dump": dump, "ptxas": ptxas, "pack": pack, "summary": summary}[
       args.command](args)
 

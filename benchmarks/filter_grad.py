@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from addernet_jax import reference  # noqa: E402
-from benchmarks.resnet20_layers import RESNET20_LAYERS, layer_shapes  # noqa: E402
+from benchmarks.resnet20_layers import layer_shapes, selected_layers  # noqa: E402
 from benchmarks.timing import per_call_seconds  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -101,12 +101,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   batch = args.batch or (4 if jax.default_backend() == "cpu" else 256)
-  wanted = set(filter(None, args.layers.split(",")))
+  layers = selected_layers(args.layers, parser)
   rows = []
   rng = np.random.default_rng(0)
-  for layer in RESNET20_LAYERS:
-    if wanted and layer[0] not in wanted:
-      continue
+  for layer in layers:
     sh = layer_shapes(batch, layer)
     # BN-like input (positive mean after ReLU) and a zero-sum-ish gradient:
     # the cancellation that makes dw's precision matter.

@@ -27,3 +27,19 @@ def layer_shapes(batch: int, layer) -> dict:
   return {"xp": (batch, hp, wp, cin), "w": (k, k, cin, cout),
           "y": (batch, ho, wo, cout), "strides": (s, s),
           "macs": batch * ho * wo * k * k * cin * cout}
+
+
+def selected_layers(names: str, parser=None) -> list:
+  """The RESNET20_LAYERS entries named in `names` (comma-separated; empty:
+  all). An unknown name is an error listing the valid ones (through
+  `parser.error` when given, else ValueError): it was ignored silently."""
+  wanted = [n for n in names.split(",") if n] if names else []
+  known = [layer[0] for layer in RESNET20_LAYERS]
+  unknown = sorted(set(wanted) - set(known))
+  if unknown:
+    message = f"unknown --layers {unknown}; choose from {known}"
+    if parser is not None:
+      parser.error(message)
+    raise ValueError(message)
+  return [layer for layer in RESNET20_LAYERS
+          if not wanted or layer[0] in wanted]

@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from addernet_jax import reference  # noqa: E402
-from benchmarks.floor import RESNET20_LAYERS, layer_shapes  # noqa: E402
+from benchmarks.resnet20_layers import layer_shapes, selected_layers  # noqa: E402
 from benchmarks.timing import per_call_seconds  # noqa: E402
 from addernet_jax.kernels import gpu  # noqa: E402
 
@@ -216,19 +216,13 @@ def main(argv=None):
   if args.floor:
     for row in json.loads(Path(args.floor).read_text())["layers"]:
       floors[row["layer"]] = row
-  wanted = set(filter(None, args.layers.split(",")))
-  unknown = wanted - {layer[0] for layer in RESNET20_LAYERS}
-  if unknown:
-    parser.error(f"unknown --layers {sorted(unknown)}; choose from "
-                 f"{[layer[0] for layer in RESNET20_LAYERS]}")
+  layers = selected_layers(args.layers, parser)
   rows = []
   result = {"device": str(jax.devices()[0].device_kind), "backend": backend,
             "interpret": interpret, "jax": jax.__version__, "batch": batch,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
   key = jax.random.key(0)
-  for layer in RESNET20_LAYERS:
-    if wanted and layer[0] not in wanted:
-      continue
+  for layer in layers:
     sh = layer_shapes(batch, layer)
     kx, kw, kg, key = jax.random.split(key, 4)
     xp = jax.random.normal(kx, sh["xp"], jnp.float32)

@@ -334,3 +334,14 @@ def test_tune_sweeps_the_tpu_batch_family():
       assert 9 * bs.block_c * bs.block_n <= tpu_batch.SMEM_SCALARS
       assert tpu_batch._vmem_bytes(kind, geo, sh["w"], sh["strides"],
                                    bs) <= tpu_batch.VMEM_BUDGET
+
+
+def test_an_unknown_layer_name_is_refused_naming_the_valid_ones():
+  """`filter_grad.py --layers layer1` ran nothing and exited 0."""
+  layers = _module("resnet20_layers")
+  assert layers.selected_layers("") == layers.RESNET20_LAYERS
+  assert [l[0] for l in layers.selected_layers(
+      "s3_3x3_64-64,s1_3x3_16-16")] == ["s1_3x3_16-16", "s3_3x3_64-64"]
+  with pytest.raises(ValueError, match=r"unknown --layers \['layer1'\]; "
+                     r"choose from \['s1_3x3_16-16'"):
+    layers.selected_layers("s1_3x3_16-16,layer1")
