@@ -1,4 +1,4 @@
-"""Evaluates a checkpoint (ours or an official PyTorch one) on the test split.
+r"""Evaluates a checkpoint (ours or an official PyTorch one) on the test split.
 
   python eval.py --config configs/cifar10_resnet20.py --checkpoint WORKDIR \
       [--which=best] --config.data_dir=/path/to/cifar10

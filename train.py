@@ -1,4 +1,4 @@
-"""Trains an AdderNet (or its CNN baseline) from an ml_collections config.
+r"""Trains an AdderNet (or its CNN baseline) from an ml_collections config.
 
   python train.py --config configs/digits_lenet5.py --workdir /tmp/digits
   python train.py --config configs/cifar10_resnet20.py --workdir DIR \

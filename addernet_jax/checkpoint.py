@@ -1368,7 +1368,10 @@ def _restore_for_eval_once(workdir_or_checkpoints_dir: str | os.PathLike,
       raise CheckpointError(
           f"no checkpoint found in {str(directory)!r}" +
           (f" (damaged step(s) {', '.join(map(str, moved))} were moved to "
-           f"{str(mgr.corrupted_directory)!r})" if moved else ""))
+           f"{str(mgr.corrupted_directory)!r})" if moved else
+           " (training saves its first one at the end of the first epoch, "
+           "or every --config.checkpoint_every_steps steps, and when "
+           "stopped by SIGTERM or Ctrl-C)"))
     unfinished = mgr.unfinished_steps()
     if unfinished and unfinished[-1] > steps[0]:
       # Training moves these aside when it resumes; evaluation only reads.

@@ -1,4 +1,4 @@
-"""Serialises a trained model for serving with `jax.export`.
+r"""Serialises a trained model for serving with `jax.export`.
 
     python -m addernet_jax.export --config configs/cifar10_resnet20.py \
         --checkpoint WORKDIR --output resnet20.jaxexport

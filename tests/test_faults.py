@@ -799,3 +799,13 @@ def test_sigterm_during_start_up_stops_cleanly(tmp_path, monkeypatch):
   checkpoints = tmp_path / "checkpoints"
   assert not checkpoints.exists() or not any(
       p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def test_eval_before_the_first_save_says_when_training_saves(tmp_path):
+  """eval.py on a running training's workdir before its first checkpoint:
+  "no checkpoint found" alone read like a wrong path."""
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(ckpt.CheckpointError, match=(
+      r"no checkpoint found in .* \(training saves its first one at the end "
+      r"of the first epoch, or every --config.checkpoint_every_steps steps")):
+    ckpt.restore_for_eval(tmp_path / "checkpoints", ABSTRACT)
