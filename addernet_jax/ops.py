@@ -488,20 +488,28 @@ def explicit_layout(arr: Any) -> tuple[Any, tuple[Any, ...]] | None:
   """(mesh, spec padded to the rank) of an array whose type is sharded over
   Explicit mesh axes (`jax.make_mesh`'s default: sharding in types); None
   otherwise (no mesh, Auto or Manual axes only, a NumPy array)."""
-  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit",
-                     None)
-  if explicit is None or not isinstance(arr, (jax.Array, jax.core.Tracer)):
+  if not isinstance(arr, (jax.Array, jax.core.Tracer)):
     return None
   sharding = getattr(jax.typeof(arr), "sharding", None)
   spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-  if spec is None or not getattr(mesh, "axis_names", ()):
+  explicit = _explicit_axes(mesh)
+  if spec is None or not explicit:
     return None
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
   spec = tuple(spec) + (None,) * (np.ndim(arr) - len(spec))
-  if not any(types.get(a) == explicit for entry in spec
-             for a in _axis_names(entry)):
+  if not any(a in explicit for entry in spec for a in _axis_names(entry)):
     return None
   return mesh, spec
+
+
+def _explicit_axes(mesh: Any) -> frozenset:
+  """The names of `mesh`'s Explicit axes (none before JAX had axis types)."""
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit",
+                     None)
+  if explicit is None:
+    return frozenset()
+  return frozenset(name for name, kind in zip(
+      getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ()))
+                   if kind == explicit)
 
 
 def _axis_names(entry: Any) -> tuple[str, ...]:
@@ -520,12 +528,11 @@ def _explicit_sharding(x: Any, w: Any
   if not found:
     return None
   mesh = found[0][0]
-  explicit = jax.sharding.AxisType.Explicit
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  explicit = _explicit_axes(mesh)
   specs = [layout[1] if layout is not None else (None,) * 4
            for layout in layouts]
   used = {a for spec in specs for entry in spec for a in _axis_names(entry)
-          if types.get(a) == explicit}
+          if a in explicit}
   batch, channels = specs[0][0], specs[1][3]
   if set(_axis_names(batch)) & set(_axis_names(channels)):
     channels = None  # one mesh axis cannot shard two dimensions
@@ -597,8 +604,6 @@ def _constrain_sharding(y: jax.Array, sharding: Any) -> jax.Array:
   `reshard` (sharding in types; `with_sharding_constraint` only asserts
   there), else a constraint for XLA's partitioner."""
   mesh = getattr(sharding, "mesh", None) or jax.sharding.get_abstract_mesh()
-  explicit = getattr(jax.sharding, "AxisType", None)
-  if explicit is not None and any(
-      t == explicit.Explicit for t in getattr(mesh, "axis_types", ())):
+  if _explicit_axes(mesh):
     return jax.sharding.reshard(y, sharding)
   return jax.lax.with_sharding_constraint(y, sharding)
