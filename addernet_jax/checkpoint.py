@@ -655,6 +655,18 @@ class _OrbaxCheckpointManager(ocp.CheckpointManager):
                      self.directory, _short(str(e)))
       return None
 
+  def await_cleanup(self) -> None:
+    """Waits for the removal of earlier runs' unfinished temporary folders.
+
+    Orbax starts it in a thread when the manager is made and waits for it only
+    in `save`: a program that ends before (after a failed save, or having only
+    looked at the directory) stopped that thread mid-way, with a traceback
+    ("cannot schedule new futures after shutdown") at exit.
+    """
+    wait = getattr(self, "_maybe_await_cleanup_tmp_directory", None)
+    if wait is not None:
+      wait()
+
 
 # --------------------------------------------------------------------------
 # The manager.
@@ -809,8 +821,14 @@ class CheckpointManager:
     handlers = {STATE: ocp.StandardCheckpointHandler(),
                 META: ocp.JsonCheckpointHandler(),
                 CHECKSUMS: ocp.JsonCheckpointHandler()}
-    return _OrbaxCheckpointManager(self.directory, options=options,
-                                 item_handlers=handlers)
+    manager = _OrbaxCheckpointManager(self.directory, options=options,
+                                      item_handlers=handlers)
+    try:
+      manager.await_cleanup()
+    except Exception as e:  # pylint: disable=broad-except
+      logger.warning("removing unfinished checkpoint folders in %s failed: %s",
+                     self.directory, _short(str(e)))
+    return manager
 
   # -- queries -------------------------------------------------------------
 

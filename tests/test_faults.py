@@ -665,6 +665,31 @@ def test_write_failure_in_tensorstore_is_reported(tmp_path):
     np.testing.assert_array_equal(np.asarray(got["w"]), np.ones(4))
 
 
+_EXIT_RIGHT_AWAY_SCRIPT = textwrap.dedent("""
+    import sys
+    from addernet_jax import checkpoint as ckpt
+    ckpt.CheckpointManager(sys.argv[1])
+    sys.exit(3)
+""")
+
+
+def test_program_ending_right_after_opening_a_directory_exits_cleanly(
+    tmp_path):
+  # Orbax removes an earlier run's unfinished folders in a thread; a program
+  # that ended before it finished printed a traceback at exit (seen in CI
+  # after a failed save, whose manager is replaced).
+  directory = tmp_path / "ck"
+  for i in range(40):
+    (directory / f"{i}.orbax-checkpoint-tmp-{1000 + i}").mkdir(parents=True)
+  proc = subprocess.run(
+      [sys.executable, "-c", _EXIT_RIGHT_AWAY_SCRIPT, str(directory)],
+      capture_output=True, text=True, timeout=120, cwd=ROOT,
+      env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert not list(directory.iterdir())
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root ignores directory permissions")
 def test_read_only_directory(tmp_path):
