@@ -993,7 +993,10 @@ def cmd_curves(args: argparse.Namespace) -> dict[str, Any]:
       conv = None
     runs.append({"label": label, "metrics": metrics, "conv": conv,
                  "summary": curve_summary(metrics)})
-    _print(f"{label} ({workdir}): {json.dumps(runs[-1]['summary'])}")
+  # Every workdir is read before anything is printed: a wrong path among them
+  # ends in one error line, not after the summaries of the others.
+  for workdir, run in zip(args.workdirs, runs):
+    _print(f"{run['label']} ({workdir}): {json.dumps(run['summary'])}")
   files = plot_curves(runs, args.output)
   return {"files": files, "runs": {r["label"]: r["summary"] for r in runs}}
 

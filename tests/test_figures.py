@@ -500,12 +500,17 @@ def test_curves_command(tmp_path, capsys):
   assert result["runs"]["CNN"]["last_eval_top1"] == pytest.approx(1 - 0.05 / 3)
   for args, message in [
       (["--workdirs", str(tmp_path / "nope")], "does not exist"),
+      # a wrong path after a good one: nothing printed before the error
+      (["--workdirs", str(tmp_path / "adder"), str(tmp_path / "nope")],
+       "does not exist"),
       (["--workdirs", str(tmp_path)], "metrics.jsonl' does not exist"),
       (["--workdirs", str(tmp_path / "adder"), "--labels", "a", "b"],
        "--labels has 2 names for 1 workdirs")]:
     assert figures.main(["curves", *args, "--output", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+    assert not captured.out, captured.out
 
 
 # ------------------------------------------------------- gradient norms --
