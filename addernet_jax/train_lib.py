@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn
 from absl import flags
 from absl import logging
 import flax
+from flax import traverse_util
 from flax.training import train_state
 import jax
 from jax import lax
@@ -720,6 +721,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
                      f"{config.log_every_steps}")
   optim.check_config(config)
   check_checkpointing(config)
+  init_from = config.get("init_from")
+  if init_from is not None and not isinstance(init_from, str):
+    raise ValueError(f"config.init_from={init_from!r} must be a path (a "
+                     f"training workdir or a .pth file)")
   recalibrate = config.get("recalibrate_bn_batches", 0)
   if recalibrate is not None and (not isinstance(recalibrate, int)
                                   or recalibrate < 0):
@@ -856,6 +861,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     NonFiniteLossError: the loss became NaN or Inf.
   """
   if is_sr_task(config):  # AdderSR: its own loop (addernet_jax/sr/train.py)
+    if config.get("init_from"):
+      raise ValueError("config.init_from is for classification runs; an "
+                       "AdderSR run starts from random weights")
     from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
     return sr_train.train_and_evaluate(config, workdir)
   # From here on a SIGTERM or Ctrl-C, even during start-up (data loading,
@@ -875,6 +883,12 @@ def _train_classifier(config: ml_collections.ConfigDict,
   info = validate_config(config, num_devices)
   log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   created = ckpt_lib.missing_directories(workdir)
+  init_from = config.get("init_from")
+  if (init_from and not Path(init_from).expanduser().exists()
+      and not _latest_step_dir(Path(workdir).expanduser() / "checkpoints")):
+    # A fresh run would need it; a resumed one does not read it.
+    raise FileNotFoundError(f"config.init_from={init_from!r} does not exist "
+                            f"(a training workdir or a .pth file)")
   workdir = ckpt_lib.check_workdir(workdir)
   parallel.check_processes_agree(config.to_dict(), workdir)
   is_main = jax.process_index() == 0
@@ -921,6 +935,10 @@ def _train_classifier(config: ml_collections.ConfigDict,
     if restored is None:
       state = jax.jit(create, out_shardings=rep)(init_rng)
       start_step = 0
+      if config.get("init_from"):
+        variables, source = load_initial_weights(config)
+        state = with_initial_weights(state, variables, source, rep)
+        log.info("parameters and BatchNorm statistics from %s", source)
     else:
       state, meta = restored
       start_step = int(jax.device_get(state.step))
@@ -928,6 +946,9 @@ def _train_classifier(config: ml_collections.ConfigDict,
                  f"the checkpoint at step {start_step} in {str(workdir)!r}",
                  RESUME_ADVICE)
       log.info("resumed from step %d (%s)", start_step, meta)
+      if config.get("init_from"):
+        log.info("config.init_from is not read: the run continues from its "
+                 "own checkpoint")
       resumed_meta = meta if isinstance(meta, dict) else {}
       change = (schedule_change(resumed_meta, config, steps_per_epoch,
                                 start_step) if start_step < total_steps
@@ -1126,6 +1147,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             "steps_per_epoch": steps_per_epoch, **run_identity(config),
             **schedule_identity(config, steps_per_epoch),
             "num_devices": int(mesh.devices.size),
+            "init_from": config.get("init_from"),
             "recalibrate_bn_batches": int(
                 config.get("recalibrate_bn_batches", 0) or 0),
             "train_loss": last_train.get("train_loss"),
@@ -1272,6 +1294,75 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
              EVAL_ADVICE)
   _check_holdout_unseen(restored.meta, config, where)
   return restored
+
+
+def load_initial_weights(config: ml_collections.ConfigDict
+                         ) -> tuple[dict[str, Any], str]:
+  """(`{"params", "batch_stats"}` as host arrays, a description) of
+  `config.init_from`: a training workdir (its latest checkpoint; the model,
+  conv kind and dataset checked against its meta) or an official-layout
+  PyTorch checkpoint (`addernet_jax.convert`; its conv kind and classes
+  checked against the config).
+
+  Raises:
+    FileNotFoundError: no such path.
+    ValueError: weights of another model, conv kind, dataset or number of
+      classes (named with both values).
+    CheckpointError, pickle.UnpicklingError: unreadable weights.
+  """
+  source = Path(str(config.init_from)).expanduser()
+  if not source.exists():
+    raise FileNotFoundError(f"config.init_from={str(config.init_from)!r} does"
+                            f" not exist (a training workdir or a .pth file)")
+  if source.is_dir():
+    restored = _restore_for_eval(config, source, "latest")
+    variables = {"params": restored.state["params"],
+                 "batch_stats": restored.state["batch_stats"]}
+    step = int(jax.device_get(restored.state["step"]))
+    return jax.device_get(variables), f"{str(source)!r} (step {step})"
+  from addernet_jax import convert  # pylint: disable=g-import-not-at-top
+  info = data_lib.dataset_info(config.dataset)
+  variables = convert.load_torch_checkpoint(
+      source, config.model, in_channels=info.image_shape[-1])
+  kwargs = convert.infer_model_kwargs(variables)
+  for key in ("conv", "num_classes"):
+    if kwargs[key] != config[key]:
+      raise ValueError(f"config.init_from={str(source)!r} holds a model with "
+                       f"{key} {kwargs[key]!r}, the config has "
+                       f"config.{key}={config[key]!r}")
+  return variables, repr(str(source))
+
+
+def with_initial_weights(state: TrainState, variables: dict[str, Any],
+                         source: str, sharding: Any) -> TrainState:
+  """`state` with its parameters and BatchNorm statistics taken from
+  `variables` (host arrays of the same tree and shapes; cast to the state's
+  dtypes) and its optimizer state made afresh for them."""
+  new = {}
+  for name in ("params", "batch_stats"):
+    ours = traverse_util.flatten_dict(flax.core.unfreeze(getattr(state,
+                                                                 name)))
+    theirs = traverse_util.flatten_dict(flax.core.unfreeze(
+        variables.get(name, {})))
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    if missing or extra:
+      which = (f"lacks {'/'.join(missing[0])}" if missing
+               else f"has {'/'.join(extra[0])}, which the model has not")
+      raise ValueError(f"config.init_from {source}: its {name} {which}")
+    for key, leaf in ours.items():
+      if tuple(np.shape(theirs[key])) != tuple(leaf.shape):
+        raise ValueError(
+            f"config.init_from {source}: {name} {'/'.join(key)} has shape "
+            f"{tuple(np.shape(theirs[key]))}, the model's is "
+            f"{tuple(leaf.shape)}")
+    new[name] = traverse_util.unflatten_dict({
+        key: _replicate(np.asarray(theirs[key], leaf.dtype), sharding)
+        for key, leaf in ours.items()})
+  params = new["params"]
+  opt_state = jax.jit(state.tx.init, out_shardings=sharding)(params)
+  return state.replace(params=params, batch_stats=new["batch_stats"],
+                       opt_state=opt_state)
 
 
 def _check_holdout_unseen(meta: Any, config: ml_collections.ConfigDict,

@@ -63,6 +63,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.adaptive_lr = True
   # PRNG seed: initialisation, data order and augmentation.
   config.seed = 0
+  # Start a new run from trained weights instead of random ones: a training
+  # workdir of this project (its latest checkpoint) or an official-layout
+  # PyTorch checkpoint (.pth, e.g. the AdderNet release's ResNet-20). Only
+  # the parameters and BatchNorm statistics are taken; the step, optimizer
+  # state, schedule and data order start afresh. The model, conv kind and
+  # classes must be the config's (a workdir's dataset too). Read only when
+  # the workdir holds no checkpoint: a resumed run continues from its own.
+  # None: random initialisation from `seed`.
+  config.init_from = config_dict.placeholder(str)
 
   # ---- Distillation (docs/pkkd.md). ----
   # 'none': plain training. 'pkkd': kernel based progressive distillation

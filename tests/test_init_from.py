@@ -1,0 +1,148 @@
+"""config.init_from: a new run starting from trained weights (a workdir of
+this project or the official PyTorch checkpoint)."""
+
+from pathlib import Path
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from addernet_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+from addernet_jax import layers  # pylint: disable=g-import-not-at-top
+from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+from configs import smoke  # pylint: disable=g-import-not-at-top
+
+KERNEL = layers.ADDER_KERNEL  # the smoke config's LeNet is an AdderNet
+
+
+def _assert_trees_equal(a, b):
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def _state(config, image_shape=(8, 8, 1), abstract=True):
+  """A new TrainState (its shapes only unless `abstract` is False) and a
+  one-device replicated sharding."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  create = lambda: train_lib.create_train_state(
+      config, jax.random.PRNGKey(3), image_shape, steps_per_epoch=10)
+  return (jax.eval_shape(create) if abstract else create()), rep
+
+
+def _distance(a, b) -> float:
+  return float(np.sqrt(sum(
+      np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)
+      for x, y in zip(jax.tree_util.tree_leaves(a),
+                      jax.tree_util.tree_leaves(b)))))
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory) -> Path:
+  workdir = tmp_path_factory.mktemp("source")
+  train_lib.train_and_evaluate(smoke.get_config(), workdir)
+  return workdir
+
+
+def test_a_workdir_gives_its_weights_and_a_fresh_optimizer(trained_workdir):
+  config = smoke.get_config()
+  config.init_from = str(trained_workdir)
+  variables, source = train_lib.load_initial_weights(config)
+  assert source == f"{str(trained_workdir)!r} (step 3)"
+  state, rep = _state(config)
+  new = train_lib.with_initial_weights(state, variables, source, rep)
+  saved = jax.device_get(train_lib.restore_variables(config, trained_workdir))
+  _assert_trees_equal(new.params, saved["params"])
+  _assert_trees_equal(new.batch_stats, saved["batch_stats"])
+  # The optimizer state is the initial one of the new weights (momentum 0).
+  _assert_trees_equal(new.opt_state, state.tx.init(new.params))
+  assert new.params["fc3"][KERNEL].sharding == rep
+
+
+def test_a_run_from_a_workdir_trains_from_it_and_resumes_without_it(
+    trained_workdir, tmp_path):
+  config = smoke.get_config()
+  config.num_train_steps = 1
+  config.init_from = str(trained_workdir)
+  workdir = tmp_path / "run"
+  train_lib.train_and_evaluate(config, workdir)
+  # One step away from the source's weights, far from a random start.
+  ours = jax.device_get(train_lib.restore_variables(config, workdir))
+  theirs = jax.device_get(train_lib.restore_variables(config,
+                                                      trained_workdir))
+  random = _state(config, abstract=False)[0].params
+  assert (_distance(ours["params"], theirs["params"])
+          < 0.5 * _distance(random, theirs["params"]))
+  meta = ckpt_lib.CheckpointManager(workdir / "checkpoints",
+                                    read_only=True).meta(1)
+  assert meta["init_from"] == str(trained_workdir)
+  # A rerun reads the run's own checkpoint, not init_from (even gone).
+  config.init_from = str(tmp_path / "gone")
+  again = train_lib.train_and_evaluate(config, workdir)
+  assert again["step"] == 1
+
+
+def test_a_missing_source_fails_before_anything_is_written(tmp_path):
+  config = smoke.get_config()
+  config.init_from = str(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError,
+                     match=r"config.init_from='.*nope' does not exist"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_weights_of_another_architecture_are_named(trained_workdir):
+  config = smoke.get_config()
+  config.init_from = str(trained_workdir)
+  config.conv = "mult"
+  with pytest.raises(ValueError, match="conv"):
+    train_lib.load_initial_weights(config)
+  config = smoke.get_config()
+  state, rep = _state(config)
+  variables = jax.tree_util.tree_map(
+      lambda leaf: np.ones(leaf.shape, leaf.dtype),
+      {"params": state.params, "batch_stats": state.batch_stats})
+  shape = variables["params"]["fc3"][KERNEL].shape
+  variables["params"]["fc3"][KERNEL] = np.zeros((3, 4), np.float32)
+  with pytest.raises(ValueError, match=re.escape(
+      f"params fc3/{KERNEL} has shape (3, 4), the model's is {shape}")):
+    train_lib.with_initial_weights(state, variables, "'x'", rep)
+  del variables["params"]["fc3"]
+  with pytest.raises(ValueError, match="its params lacks fc3/"):
+    train_lib.with_initial_weights(state, variables, "'x'", rep)
+
+
+def test_an_addersr_config_refuses_it():
+  from configs import sr_smoke  # pylint: disable=g-import-not-at-top
+  config = sr_smoke.get_config()
+  config.init_from = "/anything"
+  with pytest.raises(ValueError, match="init_from is for classification"):
+    train_lib.train_and_evaluate(config, "/nonexistent-workdir")
+
+
+def test_the_official_checkpoint_initialises_resnet20(shared_data):
+  path = shared_data / "official-resnet20" / "ResNet20-AdderNet.pth"
+  from addernet_jax import convert  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_resnet20  # pylint: disable=g-import-not-at-top
+  config = cifar10_resnet20.get_config()
+  config.init_from = str(path)
+  variables, _ = train_lib.load_initial_weights(config)
+  state, rep = _state(config, (32, 32, 3))
+  new = train_lib.with_initial_weights(state, variables, str(path), rep)
+  expected = convert.load_torch_checkpoint(path, "resnet20", in_channels=3)
+  _assert_trees_equal(new.params, expected["params"])
+  _assert_trees_equal(new.batch_stats, expected["batch_stats"])
+  config.conv = "mult"
+  with pytest.raises(ValueError, match="conv 'adder', the config has "
+                     "config.conv='mult'"):
+    train_lib.load_initial_weights(config)
