@@ -680,6 +680,8 @@ def check_meta(meta: Any, expected: dict[str, Any], keys: tuple[str, ...],
 RESUME_ADVICE = ("Resuming would mix two runs: rerun with the values it was "
                  "trained with, or give a new --workdir")
 EVAL_ADVICE = "Evaluate it with the config it was trained with"
+INIT_ADVICE = ("config.init_from takes weights of the config's model, conv "
+               "kind and dataset")
 
 
 @contextlib.contextmanager
@@ -883,12 +885,11 @@ def _train_classifier(config: ml_collections.ConfigDict,
   info = validate_config(config, num_devices)
   log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
   created = ckpt_lib.missing_directories(workdir)
-  init_from = config.get("init_from")
-  if (init_from and not Path(init_from).expanduser().exists()
-      and not _latest_step_dir(Path(workdir).expanduser() / "checkpoints")):
-    # A fresh run would need it; a resumed one does not read it.
-    raise FileNotFoundError(f"config.init_from={init_from!r} does not exist "
-                            f"(a training workdir or a .pth file)")
+  # A fresh run reads config.init_from first (a wrong one fails before the
+  # data is loaded or anything is written); a resumed run does not read it.
+  fresh = not _latest_step_dir(Path(workdir).expanduser() / "checkpoints")
+  initial = (load_initial_weights(config)
+             if fresh and config.get("init_from") else None)
   workdir = ckpt_lib.check_workdir(workdir)
   parallel.check_processes_agree(config.to_dict(), workdir)
   is_main = jax.process_index() == 0
@@ -936,7 +937,8 @@ def _train_classifier(config: ml_collections.ConfigDict,
       state = jax.jit(create, out_shardings=rep)(init_rng)
       start_step = 0
       if config.get("init_from"):
-        variables, source = load_initial_weights(config)
+        # (read here if the workdir held only unfinished step folders)
+        variables, source = initial or load_initial_weights(config)
         state = with_initial_weights(state, variables, source, rep)
         log.info("parameters and BatchNorm statistics from %s", source)
     else:
@@ -1271,8 +1273,8 @@ def restore_variables(config: ml_collections.ConfigDict,
 
 
 def _restore_for_eval(config: ml_collections.ConfigDict,
-                      workdir: str | os.PathLike[str], which: str
-                      ) -> ckpt_lib.EvalRestore:
+                      workdir: str | os.PathLike[str], which: str,
+                      advice: str = EVAL_ADVICE) -> ckpt_lib.EvalRestore:
   """`restore_variables` with the step's meta and which step it read; a
   checkpoint of another model, conv kind or dataset is a ValueError."""
   info = data_lib.dataset_info(config.dataset)
@@ -1285,13 +1287,12 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
                         "params": variables["params"],
                         "batch_stats": variables.get("batch_stats", {})}, rep)
   with explained_by_meta(workdir, run_identity(config), _EVAL_KEYS,
-                         EVAL_ADVICE):
+                         advice):
     restored = ckpt_lib.restore_for_eval(workdir, abstract, which=which,
                                          with_meta=True)
   where = (f"the checkpoint in {str(workdir)!r} (step "
            f"{restored.meta.get('step', '?')})")
-  check_meta(restored.meta, run_identity(config), _EVAL_KEYS, where,
-             EVAL_ADVICE)
+  check_meta(restored.meta, run_identity(config), _EVAL_KEYS, where, advice)
   _check_holdout_unseen(restored.meta, config, where)
   return restored
 
@@ -1307,30 +1308,32 @@ def load_initial_weights(config: ml_collections.ConfigDict
   Raises:
     FileNotFoundError: no such path.
     ValueError: weights of another model, conv kind, dataset or number of
-      classes (named with both values).
-    CheckpointError, pickle.UnpicklingError: unreadable weights.
+      classes, or unreadable ones; the message starts with
+      `config.init_from=PATH:`.
   """
   source = Path(str(config.init_from)).expanduser()
   if not source.exists():
     raise FileNotFoundError(f"config.init_from={str(config.init_from)!r} does"
                             f" not exist (a training workdir or a .pth file)")
-  if source.is_dir():
-    restored = _restore_for_eval(config, source, "latest")
-    variables = {"params": restored.state["params"],
-                 "batch_stats": restored.state["batch_stats"]}
-    step = int(jax.device_get(restored.state["step"]))
-    return jax.device_get(variables), f"{str(source)!r} (step {step})"
-  from addernet_jax import convert  # pylint: disable=g-import-not-at-top
-  info = data_lib.dataset_info(config.dataset)
-  variables = convert.load_torch_checkpoint(
-      source, config.model, in_channels=info.image_shape[-1])
-  kwargs = convert.infer_model_kwargs(variables)
-  for key in ("conv", "num_classes"):
-    if kwargs[key] != config[key]:
-      raise ValueError(f"config.init_from={str(source)!r} holds a model with "
-                       f"{key} {kwargs[key]!r}, the config has "
-                       f"config.{key}={config[key]!r}")
-  return variables, repr(str(source))
+  try:
+    if source.is_dir():
+      restored = _restore_for_eval(config, source, "latest", INIT_ADVICE)
+      variables = {"params": restored.state["params"],
+                   "batch_stats": restored.state["batch_stats"]}
+      step = int(jax.device_get(restored.state["step"]))
+      return jax.device_get(variables), f"{str(source)!r} (step {step})"
+    from addernet_jax import convert  # pylint: disable=g-import-not-at-top
+    info = data_lib.dataset_info(config.dataset)
+    variables = convert.load_torch_checkpoint(
+        source, config.model, in_channels=info.image_shape[-1])
+    kwargs = convert.infer_model_kwargs(variables)
+    for key in ("conv", "num_classes"):
+      if kwargs[key] != config[key]:
+        raise ValueError(f"it holds a model with {key} {kwargs[key]!r}, the "
+                         f"config has config.{key}={config[key]!r}")
+    return variables, repr(str(source))
+  except USER_ERRORS as e:
+    raise ValueError(f"config.init_from={str(source)!r}: {e}") from e
 
 
 def with_initial_weights(state: TrainState, variables: dict[str, Any],
@@ -1349,11 +1352,11 @@ def with_initial_weights(state: TrainState, variables: dict[str, Any],
     if missing or extra:
       which = (f"lacks {'/'.join(missing[0])}" if missing
                else f"has {'/'.join(extra[0])}, which the model has not")
-      raise ValueError(f"config.init_from {source}: its {name} {which}")
+      raise ValueError(f"config.init_from={source}: its {name} {which}")
     for key, leaf in ours.items():
       if tuple(np.shape(theirs[key])) != tuple(leaf.shape):
         raise ValueError(
-            f"config.init_from {source}: {name} {'/'.join(key)} has shape "
+            f"config.init_from={source}: {name} {'/'.join(key)} has shape "
             f"{tuple(np.shape(theirs[key]))}, the model's is "
             f"{tuple(leaf.shape)}")
     new[name] = traverse_util.unflatten_dict({

@@ -101,11 +101,21 @@ def test_a_missing_source_fails_before_anything_is_written(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_weights_of_another_architecture_are_named(trained_workdir):
+def test_weights_of_another_architecture_are_named(trained_workdir,
+                                                   tmp_path):
   config = smoke.get_config()
   config.init_from = str(trained_workdir)
   config.conv = "mult"
-  with pytest.raises(ValueError, match="conv"):
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.init_from={str(trained_workdir)!r}: the checkpoint at step 3")
+                     + ".*conv 'adder' in the checkpoint, 'mult' in the config"
+                     ".*config.init_from takes weights of the config's model"):
+    train_lib.load_initial_weights(config)
+  # Not a workdir: the error says which setting it comes from.
+  config = smoke.get_config()
+  config.init_from = str(tmp_path)
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.init_from={str(tmp_path)!r}: no checkpoint found")):
     train_lib.load_initial_weights(config)
   config = smoke.get_config()
   state, rep = _state(config)
