@@ -230,6 +230,12 @@ def check_writable(path: str | os.PathLike) -> Path:
   return path.resolve()
 
 
+def is_checkpoint_step(path: str | os.PathLike) -> bool:
+  """Whether `path` is one committed checkpoint step (`<workdir>/
+  checkpoints/<step>`), not a workdir."""
+  return (Path(path) / _METADATA_FILE).is_file()
+
+
 def check_workdir(path: str | os.PathLike) -> Path:
   """`check_writable` for a training workdir, which must not be a
   checkpoint step or a checkpoints folder itself (a run there would start
@@ -803,7 +809,9 @@ class CheckpointManager:
       return worst
     return worst if math.isnan(value) else value
 
-  def _make_manager(self) -> ocp.CheckpointManager:
+  def _make_manager(self, strict: bool = True) -> ocp.CheckpointManager:
+    """Orbax's manager of the directory; CheckpointError if removing earlier
+    unfinished folders fails (`strict`; else a warning)."""
     pp = ocp.checkpoint_managers
     policies = [pp.LatestN(self.max_to_keep)]
     best_fn = None
@@ -826,8 +834,18 @@ class CheckpointManager:
     try:
       manager.await_cleanup()
     except Exception as e:  # pylint: disable=broad-except
-      logger.warning("removing unfinished checkpoint folders in %s failed: %s",
-                     self.directory, _short(str(e)))
+      # Orbax raises it again from every save: say it now, not after an
+      # epoch of training.
+      message = (f"removing unfinished checkpoint folders in "
+                 f"{str(self.directory)!r} failed: {_describe_cause(e)}")
+      if not strict:
+        logger.warning("%s", message)
+        return manager
+      try:
+        manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      raise CheckpointError(message) from e
     return manager
 
   # -- queries -------------------------------------------------------------
@@ -923,7 +941,8 @@ class CheckpointManager:
       self._mgr.close()
     except Exception:  # pylint: disable=broad-except
       pass
-    self._mgr = self._make_manager()
+    # A failed save is being reported: a cleanup failure is only a warning.
+    self._mgr = self._make_manager(strict=False)
 
   def _reload(self) -> None:
     try:

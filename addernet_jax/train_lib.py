@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, NoReturn
 
 from absl import flags
 from absl import logging
@@ -933,14 +933,18 @@ def _train_classifier(config: ml_collections.ConfigDict,
                            _RESUME_KEYS, RESUME_ADVICE):
       restored = mgr.restore(abstract_state)
     resumed_meta = {}
+    # Where the run started, for the meta: random weights unless below.
+    provenance = {"init_from": None, "init_from_step": None}
     if restored is None:
       state = jax.jit(create, out_shardings=rep)(init_rng)
       start_step = 0
       if config.get("init_from"):
         # (read here if the workdir held only unfinished step folders)
-        variables, source = initial or load_initial_weights(config)
-        state = with_initial_weights(state, variables, source, rep)
-        log.info("parameters and BatchNorm statistics from %s", source)
+        initial = initial or load_initial_weights(config)
+        state = with_initial_weights(state, initial, rep)
+        log.info("parameters and BatchNorm statistics from %s",
+                 initial.describe())
+        provenance = initial.record()
     else:
       state, meta = restored
       start_step = int(jax.device_get(state.step))
@@ -948,10 +952,9 @@ def _train_classifier(config: ml_collections.ConfigDict,
                  f"the checkpoint at step {start_step} in {str(workdir)!r}",
                  RESUME_ADVICE)
       log.info("resumed from step %d (%s)", start_step, meta)
-      if config.get("init_from"):
-        log.info("config.init_from is not read: the run continues from its "
-                 "own checkpoint")
       resumed_meta = meta if isinstance(meta, dict) else {}
+      provenance = {key: resumed_meta.get(key) for key in provenance}
+      _note_init_from_not_read(config, workdir, start_step, provenance)
       change = (schedule_change(resumed_meta, config, steps_per_epoch,
                                 start_step) if start_step < total_steps
                 else None)  # nothing left to train: no rate to change
@@ -986,7 +989,7 @@ def _train_classifier(config: ml_collections.ConfigDict,
     summary = _loop(config, workdir, mesh, info, state, start_step,
                     total_steps, steps_per_epoch, data, train_iter,
                     data_key, train_step, evaluator, lr_fn, mgr, is_main,
-                    resumed_meta, teacher_evaluator, preemption)
+                    resumed_meta, teacher_evaluator, preemption, provenance)
   finally:
     if train_iter is not None:
       train_iter.close()
@@ -1094,7 +1097,7 @@ def _evaluate(config, evaluator, state, data, info, mesh, steps_per_epoch,
 def _loop(config, workdir, mesh, info, state, start_step, total_steps,
           steps_per_epoch, data, train_iter, data_key, train_step,
           evaluator, lr_fn, mgr, is_main, resumed_meta,
-          teacher_evaluator, preemption) -> dict[str, Any]:
+          teacher_evaluator, preemption, provenance) -> dict[str, Any]:
   """The training loop proper (see `train_and_evaluate`)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   writer = MetricsWriter(workdir, is_main, start_step)
@@ -1149,7 +1152,7 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
             "steps_per_epoch": steps_per_epoch, **run_identity(config),
             **schedule_identity(config, steps_per_epoch),
             "num_devices": int(mesh.devices.size),
-            "init_from": config.get("init_from"),
+            **provenance,
             "recalibrate_bn_batches": int(
                 config.get("recalibrate_bn_batches", 0) or 0),
             "train_loss": last_train.get("train_loss"),
@@ -1297,13 +1300,26 @@ def _restore_for_eval(config: ml_collections.ConfigDict,
   return restored
 
 
-def load_initial_weights(config: ml_collections.ConfigDict
-                         ) -> tuple[dict[str, Any], str]:
-  """(`{"params", "batch_stats"}` as host arrays, a description) of
-  `config.init_from`: a training workdir (its latest checkpoint; the model,
-  conv kind and dataset checked against its meta) or an official-layout
-  PyTorch checkpoint (`addernet_jax.convert`; its conv kind and classes
-  checked against the config).
+class InitialWeights(NamedTuple):
+  """Trained weights a new run starts from (`config.init_from`)."""
+  variables: dict[str, Any]  # {"params", "batch_stats"}, host arrays
+  path: str  # absolute
+  step: int | None  # the workdir's step read; None for a .pth file
+
+  def describe(self) -> str:
+    return repr(self.path) + ("" if self.step is None
+                              else f" (step {self.step})")
+
+  def record(self) -> dict[str, Any]:
+    """What checkpoints' meta say of where the run started."""
+    return {"init_from": self.path, "init_from_step": self.step}
+
+
+def load_initial_weights(config: ml_collections.ConfigDict) -> InitialWeights:
+  """The weights of `config.init_from`: a training workdir (its latest
+  checkpoint; the model, conv kind and dataset checked against its meta) or
+  an official-layout PyTorch checkpoint (`addernet_jax.convert`; its conv
+  kind and classes checked against the config).
 
   Raises:
     FileNotFoundError: no such path.
@@ -1311,17 +1327,23 @@ def load_initial_weights(config: ml_collections.ConfigDict
       classes, or unreadable ones; the message starts with
       `config.init_from=PATH:`.
   """
-  source = Path(str(config.init_from)).expanduser()
+  given = str(config.init_from)
+  source = Path(given).expanduser().absolute()
   if not source.exists():
-    raise FileNotFoundError(f"config.init_from={str(config.init_from)!r} does"
-                            f" not exist (a training workdir or a .pth file)")
+    raise FileNotFoundError(f"config.init_from={given!r} does not exist (a "
+                            f"training workdir or a .pth file)")
+  if ckpt_lib.is_checkpoint_step(source):
+    raise ValueError(f"config.init_from={given!r} is one checkpoint step; "
+                     f"give its training workdir "
+                     f"{str(source.parent.parent)!r}, whose latest step is "
+                     f"read")
   try:
     if source.is_dir():
       restored = _restore_for_eval(config, source, "latest", INIT_ADVICE)
       variables = {"params": restored.state["params"],
                    "batch_stats": restored.state["batch_stats"]}
       step = int(jax.device_get(restored.state["step"]))
-      return jax.device_get(variables), f"{str(source)!r} (step {step})"
+      return InitialWeights(jax.device_get(variables), str(source), step)
     from addernet_jax import convert  # pylint: disable=g-import-not-at-top
     info = data_lib.dataset_info(config.dataset)
     variables = convert.load_torch_checkpoint(
@@ -1331,22 +1353,23 @@ def load_initial_weights(config: ml_collections.ConfigDict
       if kwargs[key] != config[key]:
         raise ValueError(f"it holds a model with {key} {kwargs[key]!r}, the "
                          f"config has config.{key}={config[key]!r}")
-    return variables, repr(str(source))
+    return InitialWeights(variables, str(source), None)
   except USER_ERRORS as e:
-    raise ValueError(f"config.init_from={str(source)!r}: {e}") from e
+    raise ValueError(f"config.init_from={given!r}: {e}") from e
 
 
-def with_initial_weights(state: TrainState, variables: dict[str, Any],
-                         source: str, sharding: Any) -> TrainState:
+def with_initial_weights(state: TrainState, initial: InitialWeights,
+                         sharding: Any) -> TrainState:
   """`state` with its parameters and BatchNorm statistics taken from
-  `variables` (host arrays of the same tree and shapes; cast to the state's
-  dtypes) and its optimizer state made afresh for them."""
+  `initial` (the same tree and shapes; cast to the state's dtypes) and its
+  optimizer state made afresh for them."""
   new = {}
+  source = initial.describe()
   for name in ("params", "batch_stats"):
     ours = traverse_util.flatten_dict(flax.core.unfreeze(getattr(state,
                                                                  name)))
     theirs = traverse_util.flatten_dict(flax.core.unfreeze(
-        variables.get(name, {})))
+        initial.variables.get(name, {})))
     missing = sorted(set(ours) - set(theirs))
     extra = sorted(set(theirs) - set(ours))
     if missing or extra:
@@ -1366,6 +1389,26 @@ def with_initial_weights(state: TrainState, variables: dict[str, Any],
   opt_state = jax.jit(state.tx.init, out_shardings=sharding)(params)
   return state.replace(params=params, batch_stats=new["batch_stats"],
                        opt_state=opt_state)
+
+
+def _note_init_from_not_read(config: ml_collections.ConfigDict,
+                             workdir: Path, step: int,
+                             provenance: dict[str, Any]) -> None:
+  """Logs that a resumed run does not read `config.init_from`: a warning
+  when it names other weights than the run started from (a new fine-tuning
+  meant for a new workdir)."""
+  given = config.get("init_from")
+  if not given:
+    return
+  if str(Path(given).expanduser().absolute()) == provenance["init_from"]:
+    log.info("config.init_from is not read again: the run continues from its "
+             "own checkpoint at step %d", step)
+    return
+  started = (f"started from {provenance['init_from']!r}"
+             if provenance["init_from"] else "started from random weights")
+  log.warning("config.init_from=%r is not read: %r holds a run at step %d "
+              "(%s), which this continues; give a new --workdir to start a "
+              "run from %r", given, str(workdir), step, started, given)
 
 
 def _check_holdout_unseen(meta: Any, config: ml_collections.ConfigDict,

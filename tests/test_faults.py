@@ -690,6 +690,28 @@ def test_program_ending_right_after_opening_a_directory_exits_cleanly(
   assert not list(directory.iterdir())
 
 
+def test_a_failing_cleanup_of_unfinished_folders_is_an_error_at_once(
+    tmp_path, monkeypatch):
+  # Orbax would raise it again from every save: the first checkpoint, an
+  # epoch later. Said when the manager is made instead.
+  from orbax.checkpoint._src.path import temporary_paths  # pylint: disable=g-import-not-at-top
+
+  async def failing_cleanup(*args, **kwargs):
+    raise OSError(errno.EACCES, "Permission denied", "x.orbax-checkpoint-tmp")
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths",
+                      failing_cleanup)
+  directory = tmp_path / "ck"
+  with pytest.raises(ckpt.CheckpointError,
+                     match="removing unfinished checkpoint folders in .*ck' "
+                     "failed: permission denied"):
+    ckpt.CheckpointManager(directory)
+  # The lock is released: a manager made once the cause is gone works.
+  monkeypatch.undo()
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert mgr.save(1, {"w": jnp.ones((2,))}, force=True)
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root ignores directory permissions")
 def test_read_only_directory(tmp_path):

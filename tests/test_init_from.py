@@ -57,10 +57,12 @@ def trained_workdir(tmp_path_factory) -> Path:
 def test_a_workdir_gives_its_weights_and_a_fresh_optimizer(trained_workdir):
   config = smoke.get_config()
   config.init_from = str(trained_workdir)
-  variables, source = train_lib.load_initial_weights(config)
-  assert source == f"{str(trained_workdir)!r} (step 3)"
+  initial = train_lib.load_initial_weights(config)
+  assert initial.describe() == f"{str(trained_workdir)!r} (step 3)"
+  assert initial.record() == {"init_from": str(trained_workdir),
+                              "init_from_step": 3}
   state, rep = _state(config)
-  new = train_lib.with_initial_weights(state, variables, source, rep)
+  new = train_lib.with_initial_weights(state, initial, rep)
   saved = jax.device_get(train_lib.restore_variables(config, trained_workdir))
   _assert_trees_equal(new.params, saved["params"])
   _assert_trees_equal(new.batch_stats, saved["batch_stats"])
@@ -70,10 +72,12 @@ def test_a_workdir_gives_its_weights_and_a_fresh_optimizer(trained_workdir):
 
 
 def test_a_run_from_a_workdir_trains_from_it_and_resumes_without_it(
-    trained_workdir, tmp_path):
+    trained_workdir, tmp_path, monkeypatch, caplog):
   config = smoke.get_config()
   config.num_train_steps = 1
-  config.init_from = str(trained_workdir)
+  # A relative path: the meta records it absolute, with the step read.
+  monkeypatch.chdir(trained_workdir.parent)
+  config.init_from = trained_workdir.name
   workdir = tmp_path / "run"
   train_lib.train_and_evaluate(config, workdir)
   # One step away from the source's weights, far from a random start.
@@ -83,13 +87,25 @@ def test_a_run_from_a_workdir_trains_from_it_and_resumes_without_it(
   random = _state(config, abstract=False)[0].params
   assert (_distance(ours["params"], theirs["params"])
           < 0.5 * _distance(random, theirs["params"]))
-  meta = ckpt_lib.CheckpointManager(workdir / "checkpoints",
-                                    read_only=True).meta(1)
-  assert meta["init_from"] == str(trained_workdir)
-  # A rerun reads the run's own checkpoint, not init_from (even gone).
+
+  def meta(step):
+    with ckpt_lib.CheckpointManager(workdir / "checkpoints",
+                                    read_only=True) as mgr:
+      return mgr.meta(step)
+
+  started = {"init_from": str(trained_workdir), "init_from_step": 3}
+  assert {k: meta(1)[k] for k in started} == started
+  # Resuming reads the run's own checkpoint, not init_from (even gone); a
+  # warning says so, and the meta still names where the run started.
+  config.num_train_steps = 2
   config.init_from = str(tmp_path / "gone")
-  again = train_lib.train_and_evaluate(config, workdir)
-  assert again["step"] == 1
+  with caplog.at_level("WARNING"):
+    resumed = train_lib.train_and_evaluate(config, workdir)
+  assert resumed["step"] == 2
+  assert {k: meta(2)[k] for k in started} == started
+  assert any(f"config.init_from={str(tmp_path / 'gone')!r} is not read" in
+             r.getMessage() and f"started from {str(trained_workdir)!r}" in
+             r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_a_missing_source_fails_before_anything_is_written(tmp_path):
@@ -117,19 +133,28 @@ def test_weights_of_another_architecture_are_named(trained_workdir,
   with pytest.raises(ValueError, match=re.escape(
       f"config.init_from={str(tmp_path)!r}: no checkpoint found")):
     train_lib.load_initial_weights(config)
+  # One step of a workdir: named, with the workdir to give.
+  step = trained_workdir / "checkpoints" / "3"
+  config.init_from = str(step)
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.init_from={str(step)!r} is one checkpoint step; give its "
+      f"training workdir {str(trained_workdir)!r}")):
+    train_lib.load_initial_weights(config)
   config = smoke.get_config()
   state, rep = _state(config)
   variables = jax.tree_util.tree_map(
       lambda leaf: np.ones(leaf.shape, leaf.dtype),
       {"params": state.params, "batch_stats": state.batch_stats})
+  initial = train_lib.InitialWeights(variables, "/x", None)
   shape = variables["params"]["fc3"][KERNEL].shape
   variables["params"]["fc3"][KERNEL] = np.zeros((3, 4), np.float32)
   with pytest.raises(ValueError, match=re.escape(
-      f"params fc3/{KERNEL} has shape (3, 4), the model's is {shape}")):
-    train_lib.with_initial_weights(state, variables, "'x'", rep)
+      f"config.init_from='/x': params fc3/{KERNEL} has shape (3, 4), the "
+      f"model's is {shape}")):
+    train_lib.with_initial_weights(state, initial, rep)
   del variables["params"]["fc3"]
   with pytest.raises(ValueError, match="its params lacks fc3/"):
-    train_lib.with_initial_weights(state, variables, "'x'", rep)
+    train_lib.with_initial_weights(state, initial, rep)
 
 
 def test_an_addersr_config_refuses_it():
@@ -146,9 +171,10 @@ def test_the_official_checkpoint_initialises_resnet20(shared_data):
   from configs import cifar10_resnet20  # pylint: disable=g-import-not-at-top
   config = cifar10_resnet20.get_config()
   config.init_from = str(path)
-  variables, _ = train_lib.load_initial_weights(config)
+  initial = train_lib.load_initial_weights(config)
+  assert initial.record() == {"init_from": str(path), "init_from_step": None}
   state, rep = _state(config, (32, 32, 3))
-  new = train_lib.with_initial_weights(state, variables, str(path), rep)
+  new = train_lib.with_initial_weights(state, initial, rep)
   expected = convert.load_torch_checkpoint(path, "resnet20", in_channels=3)
   _assert_trees_equal(new.params, expected["params"])
   _assert_trees_equal(new.batch_stats, expected["batch_stats"])
