@@ -230,10 +230,13 @@ def check_writable(path: str | os.PathLike) -> Path:
   return path.resolve()
 
 
-def is_checkpoint_step(path: str | os.PathLike) -> bool:
-  """Whether `path` is one committed checkpoint step (`<workdir>/
-  checkpoints/<step>`), not a workdir."""
-  return (Path(path) / _METADATA_FILE).is_file()
+def workdir_of_step(path: str | os.PathLike) -> Path | None:
+  """The training workdir of `path` when `path` is one committed checkpoint
+  step (`<workdir>/checkpoints/<step>`); None when it is not a step."""
+  path = Path(path)
+  if not (path / _METADATA_FILE).is_file():
+    return None
+  return _workdir_of(path.absolute().parent)
 
 
 def check_workdir(path: str | os.PathLike) -> Path:
@@ -241,11 +244,11 @@ def check_workdir(path: str | os.PathLike) -> Path:
   checkpoint step or a checkpoints folder itself (a run there would start
   over inside it); CheckpointError naming the workdir to give instead."""
   local = require_local_path(path, "workdir")
-  if (local / _METADATA_FILE).is_file():
+  step_of = workdir_of_step(local)
+  if step_of is not None:
     raise CheckpointError(
         f"workdir {str(path)!r} is one checkpoint step, not a workdir: give "
-        f"the run's workdir {str(_workdir_of(local.absolute().parent))!r} to "
-        f"resume it")
+        f"the run's workdir {str(step_of)!r} to resume it")
   if local.is_dir() and any((step / _METADATA_FILE).is_file()
                             for step in local.iterdir() if step.is_dir()):
     raise CheckpointError(
@@ -1394,10 +1397,11 @@ def _restore_for_eval_once(workdir_or_checkpoints_dir: str | os.PathLike,
                           best_metric=best_metric)
   try:
     steps = mgr.all_steps()[::-1]
-    if not steps and (directory / _METADATA_FILE).exists():
+    step_of = None if steps else workdir_of_step(directory)
+    if step_of is not None:
       raise CheckpointError(
           f"{str(directory)!r} is one checkpoint step, not a workdir: pass "
-          f"the workdir {str(_workdir_of(directory.parent))!r} (--which "
+          f"the workdir {str(step_of)!r} (--which "
           f"chooses "
           f"the latest or the best step)")
     if not steps:

@@ -117,15 +117,9 @@ def load_variables(config: ml_collections.ConfigDict, *,
                      "checkpoint keeps its running ones")
   dtype = train_lib.get_dtype(config.dtype)
   if torch_checkpoint is not None:
-    from addernet_jax import convert  # pylint: disable=g-import-not-at-top
-    info = data_lib.dataset_info(config.dataset)
-    variables = convert.load_torch_checkpoint(
-        torch_checkpoint, config.model, in_channels=info.image_shape[-1])
-    kwargs = convert.infer_model_kwargs(variables)
+    variables, kwargs = train_lib.torch_checkpoint_variables(
+        config, torch_checkpoint)
     num_classes, conv = kwargs["num_classes"], kwargs["conv"]
-    if num_classes != info.num_classes:
-      raise ValueError(f"{str(torch_checkpoint)!r} has {num_classes} classes, "
-                       f"{config.dataset} has {info.num_classes}")
   elif batch_stats == "recalibrated":
     variables, result = train_lib.recalibrated_variables(config, checkpoint,
                                                          which)

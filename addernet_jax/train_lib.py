@@ -1332,11 +1332,11 @@ def load_initial_weights(config: ml_collections.ConfigDict) -> InitialWeights:
   if not source.exists():
     raise FileNotFoundError(f"config.init_from={given!r} does not exist (a "
                             f"training workdir or a .pth file)")
-  if ckpt_lib.is_checkpoint_step(source):
+  step_of = ckpt_lib.workdir_of_step(source)
+  if step_of is not None:
     raise ValueError(f"config.init_from={given!r} is one checkpoint step; "
-                     f"give its training workdir "
-                     f"{str(source.parent.parent)!r}, whose latest step is "
-                     f"read")
+                     f"give its training workdir {str(step_of)!r}, whose "
+                     f"latest step is read")
   try:
     if source.is_dir():
       restored = _restore_for_eval(config, source, "latest", INIT_ADVICE)
@@ -1344,15 +1344,11 @@ def load_initial_weights(config: ml_collections.ConfigDict) -> InitialWeights:
                    "batch_stats": restored.state["batch_stats"]}
       step = int(jax.device_get(restored.state["step"]))
       return InitialWeights(jax.device_get(variables), str(source), step)
-    from addernet_jax import convert  # pylint: disable=g-import-not-at-top
-    info = data_lib.dataset_info(config.dataset)
-    variables = convert.load_torch_checkpoint(
-        source, config.model, in_channels=info.image_shape[-1])
-    kwargs = convert.infer_model_kwargs(variables)
-    for key in ("conv", "num_classes"):
-      if kwargs[key] != config[key]:
-        raise ValueError(f"it holds a model with {key} {kwargs[key]!r}, the "
-                         f"config has config.{key}={config[key]!r}")
+    variables, kwargs = torch_checkpoint_variables(config, source)
+    conv = kwargs["conv"]
+    if conv != config.conv:
+      raise ValueError(f"it holds a model with conv {conv!r}, the config has "
+                       f"config.conv={config.conv!r}")
     return InitialWeights(variables, str(source), None)
   except USER_ERRORS as e:
     raise ValueError(f"config.init_from={given!r}: {e}") from e
@@ -1555,21 +1551,32 @@ def evaluate_torch_checkpoint(config: ml_collections.ConfigDict,
                               path: str | os.PathLike[str]) -> dict[str, Any]:
   """The same for an official-layout PyTorch checkpoint (through
   `addernet_jax.convert`); its conv kind is read from the file."""
+  variables, kwargs = torch_checkpoint_variables(config, path)
+  conv = kwargs["conv"]
+  if conv != config.conv:
+    log.warning("%s holds a model of conv kind %r (read from the file); "
+                "config.conv=%r is not used", path, conv, config.conv)
+  model = models.get_model(config.model, num_classes=kwargs["num_classes"],
+                           conv=conv, dtype=get_dtype(config.dtype),
+                           bn_axis_name=BATCH_AXIS,
+                           implementation=config.get("implementation"))
+  result = eval_lib.evaluate_variables(config, model, variables)
+  return {**result, "torch_checkpoint": str(path), "conv": conv}
+
+
+def torch_checkpoint_variables(config: ml_collections.ConfigDict,
+                               path: str | os.PathLike[str]
+                               ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(variables, `{"num_classes", "conv"}` read from the file) of an
+  official-layout PyTorch checkpoint of `config.model`
+  (`addernet_jax.convert`). ValueError unless its stem takes the dataset's image channels and
+  its classifier has the dataset's classes."""
   from addernet_jax import convert  # pylint: disable=g-import-not-at-top
   info = data_lib.dataset_info(config.dataset)
   variables = convert.load_torch_checkpoint(
       path, config.model, in_channels=info.image_shape[-1])
   kwargs = convert.infer_model_kwargs(variables)
-  if kwargs["conv"] != config.conv:
-    log.warning("%s holds a model of conv kind %r (read from the file); "
-                "config.conv=%r is not used", path, kwargs["conv"],
-                config.conv)
   if kwargs["num_classes"] != info.num_classes:
     raise ValueError(f"{str(path)!r} has {kwargs['num_classes']} classes, "
                      f"{config.dataset} has {info.num_classes}")
-  model = models.get_model(config.model, num_classes=kwargs["num_classes"],
-                           conv=kwargs["conv"], dtype=get_dtype(config.dtype),
-                           bn_axis_name=BATCH_AXIS,
-                           implementation=config.get("implementation"))
-  result = eval_lib.evaluate_variables(config, model, variables)
-  return {**result, "torch_checkpoint": str(path), "conv": kwargs["conv"]}
+  return variables, kwargs

@@ -5,6 +5,7 @@ from pathlib import Path
 import re
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -19,15 +20,6 @@ from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
 from configs import smoke  # pylint: disable=g-import-not-at-top
 
 KERNEL = layers.ADDER_KERNEL  # the smoke config's LeNet is an AdderNet
-
-
-def _assert_trees_equal(a, b):
-  flat_a = jax.tree_util.tree_leaves_with_path(a)
-  flat_b = jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                  err_msg=jax.tree_util.keystr(path))
 
 
 def _state(config, image_shape=(8, 8, 1), abstract=True):
@@ -64,10 +56,10 @@ def test_a_workdir_gives_its_weights_and_a_fresh_optimizer(trained_workdir):
   state, rep = _state(config)
   new = train_lib.with_initial_weights(state, initial, rep)
   saved = jax.device_get(train_lib.restore_variables(config, trained_workdir))
-  _assert_trees_equal(new.params, saved["params"])
-  _assert_trees_equal(new.batch_stats, saved["batch_stats"])
+  chex.assert_trees_all_equal(new.params, saved["params"])
+  chex.assert_trees_all_equal(new.batch_stats, saved["batch_stats"])
   # The optimizer state is the initial one of the new weights (momentum 0).
-  _assert_trees_equal(new.opt_state, state.tx.init(new.params))
+  chex.assert_trees_all_equal(new.opt_state, state.tx.init(new.params))
   assert new.params["fc3"][KERNEL].sharding == rep
 
 
@@ -176,8 +168,8 @@ def test_the_official_checkpoint_initialises_resnet20(shared_data):
   state, rep = _state(config, (32, 32, 3))
   new = train_lib.with_initial_weights(state, initial, rep)
   expected = convert.load_torch_checkpoint(path, "resnet20", in_channels=3)
-  _assert_trees_equal(new.params, expected["params"])
-  _assert_trees_equal(new.batch_stats, expected["batch_stats"])
+  chex.assert_trees_all_equal(new.params, expected["params"])
+  chex.assert_trees_all_equal(new.batch_stats, expected["batch_stats"])
   config.conv = "mult"
   with pytest.raises(ValueError, match="conv 'adder', the config has "
                      "config.conv='mult'"):

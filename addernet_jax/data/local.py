@@ -331,8 +331,7 @@ def load_cifar(root: Path, name: str, split: str
     key = 'fine_labels'
   files = [f for f in files if f.is_file()]
   if not files:
-    hint = _NO_TRAIN_HINT if split == 'train' else ''
-    hint = hint or _HOLDOUT_HINT
+    hint = _NO_TRAIN_HINT if split == 'train' else _HOLDOUT_HINT
     raise ValueError(f'CIFAR pickles in {str(folder)!r} have no {split} split '
                      f'({"data_batch_*" if split == "train" else "test_batch"}'
                      f' expected).{hint}' if name == 'cifar10' else
