@@ -38,6 +38,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from addernet_jax import attacks as attacks_lib
+from addernet_jax import cli
 from addernet_jax import parallel
 from addernet_jax import train_lib
 import configs
@@ -76,31 +77,31 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   if len(argv) > 1:
-    return train_lib.cli_error(f"unexpected arguments: {argv[1:]}")
+    return cli.print_error(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.checkpoint is None) == (FLAGS.torch_checkpoint is None):
-    return train_lib.cli_error("give exactly one of --checkpoint WORKDIR "
-                               "and --torch_checkpoint FILE")
-  train_lib.warn_unknown_config_fields(FLAGS.config,
-                                       configs.shipped_configs().values())
+    return cli.print_error("give exactly one of --checkpoint WORKDIR "
+                           "and --torch_checkpoint FILE")
+  cli.warn_unknown_config_fields(FLAGS.config,
+                                 configs.shipped_configs().values())
   try:
-    with train_lib.stdout_kept_for_the_result() as print_line:
+    with cli.stdout_kept_for_the_result() as print_line:
       parallel.initialize_distributed(
           coordinator_address=FLAGS.coordinator_address,
           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-      with train_lib.missing_config_fields_named():
+      with cli.missing_config_fields_named():
         result = evaluate(print_line)
-  except train_lib.USER_ERRORS as e:
-    return train_lib.cli_error(e)
+  except cli.USER_ERRORS as e:
+    return cli.print_error(e)
   except KeyboardInterrupt:
     # Evaluation writes nothing, so nothing is lost by leaving at once; a
     # normal exit with computations in flight aborted in XLA's threads.
-    train_lib.cli_error("interrupted")
+    cli.print_error("interrupted")
     sys.stdout.flush()
     os._exit(130)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
-    train_lib.exit_if_peer_failed(e)  # another host died: one line, exit 1
+    cli.exit_if_peer_failed(e)  # another host died: one line, exit 1
     raise
-  print(train_lib.json_line(result), flush=True)
+  print(cli.json_line(result), flush=True)
   return 0
 
 
@@ -139,4 +140,4 @@ def evaluate(print_line: Callable[[str], None] = print) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train_lib.cli_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from addernet_jax import cli
 from addernet_jax import train_lib
 import configs
 
@@ -33,25 +34,25 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    return train_lib.cli_error(f"unexpected arguments: {argv[1:]}")
+    return cli.print_error(f"unexpected arguments: {argv[1:]}")
   train_lib.preemption_lib.exit_at_second_interrupt()
   try:
-    with train_lib.stdout_kept_for_the_result():
+    with cli.stdout_kept_for_the_result():
       train_lib.parallel.initialize_distributed(
           coordinator_address=FLAGS.coordinator_address,
           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-      train_lib.warn_unknown_config_fields(
+      cli.warn_unknown_config_fields(
           FLAGS.config, configs.shipped_configs().values())
-      with train_lib.missing_config_fields_named():
+      with cli.missing_config_fields_named():
         summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (*train_lib.USER_ERRORS, train_lib.NonFiniteLossError) as e:
-    return train_lib.cli_error(e)
+  except (*cli.USER_ERRORS, train_lib.NonFiniteLossError) as e:
+    return cli.print_error(e)
   except Exception as e:  # pylint: disable=broad-except
-    train_lib.exit_if_peer_failed(e)  # another host died: one line, exit 1
+    cli.exit_if_peer_failed(e)  # another host died: one line, exit 1
     raise
-  print(train_lib.json_line(summary), flush=True)
+  print(cli.json_line(summary), flush=True)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train_lib.cli_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

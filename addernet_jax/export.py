@@ -48,6 +48,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from addernet_jax import checkpoint as ckpt_lib
+from addernet_jax import cli
 from addernet_jax import data as data_lib
 from addernet_jax import models
 from addernet_jax import train_lib
@@ -340,7 +341,7 @@ def main(argv: Sequence[str]) -> int:
   """Exports; the last line printed is a JSON object with `output`,
   `bytes`, `platforms` and `input_shape`."""
   if len(argv) > 1:
-    return train_lib.cli_error(f"unexpected arguments: {list(argv[1:])}")
+    return cli.print_error(f"unexpected arguments: {list(argv[1:])}")
   try:
     config = FLAGS.config
     check_output(FLAGS.output, checkpoint=FLAGS.checkpoint,
@@ -361,8 +362,8 @@ def main(argv: Sequence[str]) -> int:
                    "batch_stats": FLAGS.batch_stats,
                    "input": "float32 pixels in [0, 1]"}
     path = save(exported, FLAGS.output)
-  except train_lib.USER_ERRORS as e:
-    return train_lib.cli_error(e)
+  except cli.USER_ERRORS as e:
+    return cli.print_error(e)
   print(json.dumps({"output": str(path), "bytes": path.stat().st_size,
                     "platforms": list(exported.platforms), **described}),
         flush=True)
@@ -398,4 +399,4 @@ def _export_sr(config: ml_collections.ConfigDict
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=train_lib.cli_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

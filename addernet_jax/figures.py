@@ -1155,17 +1155,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.quiet_library_logs()
+  from addernet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_library_logs()
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    return train_lib.cli_error("matplotlib is not installed: pip install "
-                               "'addernet-jax[figures]'")
+    return cli.print_error("matplotlib is not installed: pip install "
+                           "'addernet-jax[figures]'")
   try:
     result = args.func(args)
-  except (FigureError, FloatingPointError, *train_lib.USER_ERRORS) as e:
-    return train_lib.cli_error(e)
+  except (FigureError, FloatingPointError, *cli.USER_ERRORS) as e:
+    return cli.print_error(e)
   print(json.dumps(result), flush=True)
   return 0
 

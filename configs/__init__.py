@@ -8,8 +8,8 @@ import ml_collections
 
 def shipped_configs() -> dict[str, ml_collections.ConfigDict]:
   """Each config file's `get_config()` in this folder, by module name: the
-  fields train.py and eval.py know (what `train_lib.unknown_config_fields`
-  compares a user's config with)."""
+  fields train.py and eval.py know (what
+  `addernet_jax.cli.unknown_config_fields` compares a user's config with)."""
   configs = {}
   for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
     module = importlib.import_module(f"{__name__}.{path.stem}")

@@ -230,17 +230,17 @@ def test_config_files_whose_get_config_misbehaves_are_one_line_errors(
 
 def test_unknown_config_fields_are_named_with_a_close_known_name():
   import configs  # pylint: disable=g-import-not-at-top
-  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from addernet_jax import cli  # pylint: disable=g-import-not-at-top
   shipped = configs.shipped_configs()
   assert {"cifar10_resnet20", "cifar10_resnet20_pkkd", "sr_edsr_x2",
           "smoke"} <= set(shipped)
   for name, config in shipped.items():  # each shipped config is known
-    assert not train_lib.unknown_config_fields(config, shipped.values()), name
+    assert not cli.unknown_config_fields(config, shipped.values()), name
   config = configs.shipped_configs()["cifar10_resnet20_pkkd"]  # a copy
   config.learning_rte = 0.2
   config.pkkd.temprature = 1.0
   config.my_notes = {"owner": "me", "tags": ["a"]}
-  unknown = train_lib.unknown_config_fields(config, shipped.values())
+  unknown = cli.unknown_config_fields(config, shipped.values())
   assert sorted(unknown) == [
       "learning_rte (did you mean learning_rate?)", "my_notes",
       "pkkd.temprature (did you mean pkkd.temperature?)"], unknown
@@ -336,9 +336,9 @@ def test_eta_that_would_switch_the_adaptive_rate_off_is_refused():
 def test_json_line_is_strict_json():
   import json  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  line = train_lib.json_line({"loss": float("nan"), "top1": np.float32(0.5),
-                              "rows": [{"x": float("inf")}], "n": 3})
+  from addernet_jax import cli  # pylint: disable=g-import-not-at-top
+  line = cli.json_line({"loss": float("nan"), "top1": np.float32(0.5),
+                        "rows": [{"x": float("inf")}], "n": 3})
   assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
       "loss": None, "top1": 0.5, "rows": [{"x": None}], "n": 3}
 
@@ -386,8 +386,8 @@ def test_every_config_builds_and_traces_its_training_step(path):
 
 _STDOUT_SCRIPT = """
 import os, sys
-from addernet_jax import train_lib
-with train_lib.stdout_kept_for_the_result() as print_line:
+from addernet_jax import cli
+with cli.stdout_kept_for_the_result() as print_line:
   try:
     os.write(1, b"native line\\n")   # what Gloo's C++ prints
   except OSError:  # stdout closed: C code ignores the error, as here
@@ -420,8 +420,8 @@ def test_stdout_holds_only_what_the_entry_points_print(tmp_path, closed):
 def test_stdout_block_leaves_captured_stdout_alone(capsys):
   """Where sys.stdout is not file descriptor 1 (pytest, Jupyter,
   redirect_stdout) nothing is redirected and print_line prints there."""
-  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  with train_lib.stdout_kept_for_the_result() as print_line:
+  from addernet_jax import cli  # pylint: disable=g-import-not-at-top
+  with cli.stdout_kept_for_the_result() as print_line:
     print_line("row")
     print("inside")
   assert capsys.readouterr().out == "row\ninside\n"

@@ -384,9 +384,9 @@ def test_cli_log_leaves_out_jax_backend_probe_chatter(tmp_path):
 
 def test_library_log_filter_keeps_warnings_and_drops_probe_chatter():
   import logging  # pylint: disable=g-import-not-at-top
-  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.quiet_library_logs()
-  train_lib.quiet_library_logs()  # idempotent: one filter per logger
+  from addernet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_library_logs()
+  cli.quiet_library_logs()  # idempotent: one filter per logger
   probe = logging.getLogger("jax._src.xla_bridge")
   assert len(probe.filters) == 1
 

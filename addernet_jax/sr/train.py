@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from addernet_jax import checkpoint as ckpt_lib
+from addernet_jax import cli
 from addernet_jax import models
 from addernet_jax import optim
 from addernet_jax import parallel
@@ -313,7 +314,7 @@ def _train_sr(config: ml_collections.ConfigDict,
               workdir: str | os.PathLike[str],
               preemption: preemption_lib.PreemptionFlag) -> dict[str, Any]:
   """`train_and_evaluate` once the preemption handler is installed."""
-  train_lib.quiet_library_logs()
+  cli.quiet_library_logs()
   mesh = parallel.make_mesh()
   validate_config(config, mesh.devices.size)
   log.info("training on %s", parallel.describe_devices(mesh, config.batch_size))
