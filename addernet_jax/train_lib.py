@@ -59,6 +59,7 @@ from addernet_jax import optim
 from addernet_jax import parallel
 from addernet_jax import preemption as preemption_lib
 from addernet_jax import progress as progress_lib
+from addernet_jax import step_loop
 
 P = jax.sharding.PartitionSpec
 BATCH_AXIS = parallel.BATCH_AXIS
@@ -822,37 +823,42 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
   every = config.checkpoint_every_steps
   every = steps_per_epoch if every is None or every <= 0 else every
   eval_every = max(1, int(config.get("eval_every_epochs", 1) or 1))
-  log_every = config.log_every_steps
   bar = tqdm(total=total_steps, initial=start_step, unit="step",
              disable=not progress_lib.shown(config),
              dynamic_ncols=True, smoothing=0.1)
-  progress = progress_lib.StepProgress(bar)
-  summary: dict[str, Any] = {}
   last_train: dict[str, float] = {
       k: resumed_meta[k] for k in ("train_loss", "train_top1")
       if resumed_meta.get(k) is not None}
-  last_eval: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
   pending_first = start_step
-  step = start_step
   perm_epoch, perm = -1, None
-  t_last, step_last = time.perf_counter(), start_step
-  t_start = t_last
+  t_start = time.perf_counter()
+  throughput = step_loop.Throughput(start_step)
   last_saved = start_step if start_step > 0 else -1
-  preempted = False
-  # At most a few steps in flight on a multi-device CPU mesh (XLA:CPU
-  # deadlocks in a collective when the host runs 32 programs ahead; see
-  # parallel.DispatchWindow); no limit on one device, GPUs and TPUs.
-  window = parallel.DispatchWindow.for_mesh(mesh)
 
-  def flush_metrics() -> None:
-    nonlocal pending, pending_first, t_last, step_last, last_train
+  def train_one(step: int) -> dict[str, jax.Array]:
+    nonlocal state, perm, perm_epoch
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    if data is not None:
+      if epoch != perm_epoch:
+        perm, perm_epoch = data.permutation(data_key, epoch), epoch
+      state, metrics = train_step(state, data.images, data.labels, perm,
+                                  step_in_epoch)
+    else:
+      batch = next(train_iter)
+      batch = parallel.global_batch_from_local(
+          {"image": batch["image"], "label": batch["label"]}, mesh)
+      state, metrics = train_step(state, batch["image"], batch["label"])
+    pending.append(metrics)
+    return metrics
+
+  def flush_metrics(step: int) -> None:
+    nonlocal pending, pending_first, last_train
     if not pending:
       return
     metrics = _fetch_metrics(pending, pending_first)
-    now = time.perf_counter()
-    if step > step_last:  # images/s of the steps since the last log
-      ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+    ips = throughput.take(step, config.batch_size)
+    if ips is not None:  # images/s of the steps since the last log
       metrics["images_per_sec"] = ips
       bar.set_postfix(loss=f"{metrics['train_loss']:.4f}",
                       img_s=f"{ips:.0f}", refresh=False)
@@ -860,9 +866,17 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
     writer.write(step, metrics)
     last_train = metrics
     pending, pending_first = [], step
-    t_last, step_last = now, step
 
-  def save(eval_metrics: dict[str, float] | None, force: bool = False):
+  def evaluate(step: int) -> dict[str, float]:
+    eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
+                             steps_per_epoch,
+                             _last_epoch(step, steps_per_epoch),
+                             teacher_evaluator)
+    writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
+    log.info("step %d: %s", step, eval_metrics)
+    return eval_metrics
+
+  def save(step: int, eval_metrics: dict[str, float] | None, force: bool):
     nonlocal last_saved
     if step == last_saved:
       return
@@ -895,73 +909,22 @@ def _loop(config, workdir, mesh, info, state, start_step, total_steps,
     mgr.save(step, state, meta, metrics=metrics, force=force)
     last_saved = step
 
-  # A signal during start-up (data loading, compilation): stop before the
-  # first step, with nothing new to save.
-  if preemption.should_stop(step):
-    preempted = True
-    log.warning("%s before the first step: stopping without training",
-                preemption.signal_name)
+  def eval_due(step: int) -> bool:
+    epochs, in_epoch = divmod(step, steps_per_epoch)
+    return in_epoch == 0 and epochs % eval_every == 0
+
   try:
-    while step < total_steps and not preempted:
-      epoch, step_in_epoch = divmod(step, steps_per_epoch)
-      if data is not None:
-        if epoch != perm_epoch:
-          perm, perm_epoch = data.permutation(data_key, epoch), epoch
-        state, metrics = train_step(state, data.images, data.labels, perm,
-                                    step_in_epoch)
-      else:
-        batch = next(train_iter)
-        batch = parallel.global_batch_from_local(
-            {"image": batch["image"], "label": batch["label"]}, mesh)
-        state, metrics = train_step(state, batch["image"], batch["label"])
-      pending.append(metrics)
-      window.push(metrics)
-      progress.dispatched(metrics)
-      step += 1
-      if step == start_step + 1:  # exclude compilation from images/s
-        jax.block_until_ready(metrics)
-        t_last, step_last = time.perf_counter(), step
-      end_of_epoch = step % steps_per_epoch == 0
-      if step % log_every == 0:
-        flush_metrics()
-      eval_metrics = None
-      if (end_of_epoch and (step // steps_per_epoch) % eval_every == 0
-          and step < total_steps):
-        flush_metrics()
-        eval_metrics = _evaluate(config, evaluator, state, data, info, mesh,
-                                 steps_per_epoch,
-                                 _last_epoch(step, steps_per_epoch),
-                                 teacher_evaluator)
-        writer.write(step, {**eval_metrics, "epoch": step / steps_per_epoch})
-        last_eval = eval_metrics
-        log.info("step %d: %s", step, eval_metrics)
-        t_last = time.perf_counter()  # images/s counts training time only
-      if step % every == 0 and step < total_steps:
-        flush_metrics()
-        save(eval_metrics)
-        t_last = time.perf_counter()
-      if preemption.should_stop(step):
-        flush_metrics()
-        save(None, force=True)
-        preempted = True
-        log.warning("%s: saved a checkpoint at step %d; exiting",
-                    preemption.signal_name, step)
-        break
-    flush_metrics()
-    progress.close()
-    if not preempted:
-      last_eval = _evaluate(config, evaluator, state, data, info, mesh,
-                            steps_per_epoch, _last_epoch(step,
-                                                         steps_per_epoch),
-                            teacher_evaluator)
-      writer.write(step, {**last_eval, "epoch": step / steps_per_epoch})
-      save(last_eval, force=True)
+    end = step_loop.run_steps(
+        step=start_step, total_steps=total_steps, train_step=train_one,
+        flush=flush_metrics, evaluate=evaluate, save=save, eval_due=eval_due,
+        save_every=every, log_every=config.log_every_steps,
+        preemption=preemption, mesh=mesh, bar=bar, throughput=throughput)
     mgr.wait_until_finished()
   finally:
-    progress.close(timeout=1.0)
     bar.close()
     writer.close()
 
+  step, preempted, last_eval = end.step, end.preempted, end.last_eval or {}
   summary = {"step": step, "epoch": round(step / steps_per_epoch, 4),
              "train_loss": last_train.get("train_loss"),
              "train_top1": last_train.get("train_top1"),

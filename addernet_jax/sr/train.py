@@ -42,6 +42,7 @@ from addernet_jax import optim
 from addernet_jax import parallel
 from addernet_jax import preemption as preemption_lib
 from addernet_jax import progress as progress_lib
+from addernet_jax import step_loop
 from addernet_jax import train_lib
 from addernet_jax.models import sr as sr_models
 from addernet_jax.sr import data as data_lib
@@ -380,14 +381,19 @@ def _train_sr(config: ml_collections.ConfigDict,
       return parallel.global_batch_from_local({"lr": lr, "hr": hr}, mesh)
 
     pending: list[jax.Array] = []
-    last_eval: dict[str, Any] = {}
     last_saved = step if step > 0 else -1
-    t_start = t_last = time.perf_counter()
-    step_last = step
-    preempted = False
+    t_start = time.perf_counter()
+    throughput = step_loop.Throughput(step)
 
-    def flush() -> None:
-      nonlocal pending, last_train, t_last, step_last
+    def train_one(step_index: int) -> dict[str, jax.Array]:
+      nonlocal state
+      lr, hr = batch(step_index).values()
+      state, m = train_step(state, lr, hr)
+      pending.append(m["loss"])
+      return m
+
+    def flush(step: int) -> None:
+      nonlocal pending, last_train
       if not pending:
         return
       losses = np.asarray(jax.device_get(pending), np.float64)
@@ -397,23 +403,23 @@ def _train_sr(config: ml_collections.ConfigDict,
             f"training loss is {losses[bad]} at step "
             f"{step - len(losses) + bad + 1}; stopping without saving "
             "(checkpoints written before it, if any, are kept)")
-      now = time.perf_counter()
       last_train = {"train_loss": float(losses.mean()),
                     "lr": float(lr_fn(step - 1)),
-                    "epoch": step / steps_per_epoch,
-                    "patches_per_sec": (step - step_last) * config.batch_size
-                                       / max(now - t_last, 1e-9)}
+                    "epoch": step / steps_per_epoch}
+      rate = throughput.take(step, config.batch_size)
+      if rate is not None:  # none right after the first (compiling) step
+        last_train["patches_per_sec"] = rate
       writer.write(step, last_train)
-      pending, t_last, step_last = [], now, step
+      pending = []
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate(step: int) -> dict[str, Any]:
       result = evaluator.evaluate(state.params, state.batch_stats)
       out = {f"eval_{k}": v for k, v in result.items()}
       writer.write(step, {**out, "epoch": step / steps_per_epoch})
       log.info("step %d: %s", step, out)
       return out
 
-    def save(eval_metrics: dict[str, Any] | None, force: bool = False):
+    def save(step: int, eval_metrics: dict[str, Any] | None, force: bool):
       nonlocal last_saved
       if step == last_saved:
         return
@@ -436,59 +442,21 @@ def _train_sr(config: ml_collections.ConfigDict,
     bar = tqdm(total=total_steps, initial=step, unit="step",
                disable=not progress_lib.shown(config),
                dynamic_ncols=True)
-    # At most a few steps in flight on a multi-device CPU mesh, as in the
-    # classification loop (parallel.DispatchWindow: XLA:CPU deadlocks in a
-    # collective when the host runs 32 programs ahead).
-    window = parallel.DispatchWindow.for_mesh(mesh)
-    progress = progress_lib.StepProgress(bar)
-    # A signal during start-up (data loading, compilation): stop before the
-    # first step, with nothing new to save.
-    if preemption.should_stop(step):
-      preempted = True
-      log.warning("%s before the first step: stopping without training",
-                  preemption.signal_name)
     try:
-      while step < total_steps and not preempted:
-        lr, hr = batch(step).values()
-        state, m = train_step(state, lr, hr)
-        pending.append(m["loss"])
-        window.push(m)
-        progress.dispatched(m)
-        step += 1
-        if step == start_step + 1:
-          jax.block_until_ready(m)
-          t_last, step_last = time.perf_counter(), step
-        if step % config.log_every_steps == 0:
-          flush()
-        eval_metrics = None
-        if step % eval_every == 0 and step < total_steps:
-          flush()
-          eval_metrics = last_eval = evaluate()
-          t_last = time.perf_counter()  # patches/s counts training only
-        if step % every == 0 and step < total_steps:
-          flush()
-          save(eval_metrics)
-          t_last = time.perf_counter()
-        if preemption.should_stop(step):
-          flush()
-          save(None, force=True)
-          preempted = True
-          log.warning("%s: saved a checkpoint at step %d; exiting",
-                      preemption.signal_name, step)
-          break
-      flush()
-      progress.close()
-      if not preempted:
-        last_eval = evaluate()
-        save(last_eval, force=True)
+      end = step_loop.run_steps(
+          step=step, total_steps=total_steps, train_step=train_one,
+          flush=flush, evaluate=evaluate, save=save,
+          eval_due=lambda s: s % eval_every == 0, save_every=every,
+          log_every=config.log_every_steps, preemption=preemption,
+          mesh=mesh, bar=bar, throughput=throughput)
       mgr.wait_until_finished()
     finally:
-      progress.close(timeout=1.0)
       bar.close()
   finally:
     if writer is not None:
       writer.close()
     mgr.close()
+  step, preempted, last_eval = end.step, end.preempted, end.last_eval or {}
   summary = {"step": step, "epoch": round(step / steps_per_epoch, 4),
              "train_loss": last_train.get("train_loss"),
              "eval_psnr": last_eval.get("eval_psnr"),
