@@ -14,7 +14,10 @@ Name mapping (the models mirror the official names with '.' -> '_'):
 `scale`/`bias` (params) and `running_mean`/`running_var` -> `mean`/`var`
 (batch_stats); `num_batches_tracked` is dropped.
 Layouts: convolution and adder filters OIHW -> HWIO (the 1x1 `fc` conv
-included), linear weights (O, I) -> (I, O).
+included), linear weights (O, I) -> (I, O). The first linear layer after a
+flattened feature map (LeNet-5-BN's `fc1`, VGG-small's `fc`) also has its
+inputs reordered: PyTorch flattens an NCHW map channel first, (C, H, W), the
+Flax models flatten NHWC maps as (H, W, C).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ _TRACE_HW = {"lenet5_bn": 28, "vgg_small": 32, "resnet18": 64, "resnet34": 64,
              "resnet50": 64, **{n: 32 for n in models_lib.CIFAR_RESNET_DEPTHS}}
 _CLASSIFIER = {"lenet5_bn": "fc3"}  # default "fc"
 _STEM = {"lenet5_bn": "conv1", "vgg_small": "conv0"}  # default "conv1"
+# The linear layer that takes a flattened feature map, and the convolution
+# that makes the map (its output channels are the map's).
+_FLATTENED_INPUT = {"lenet5_bn": ("fc1", "conv2"), "vgg_small": ("fc", "conv5")}
 SUPPORTED_MODELS = tuple(models_lib.MODEL_NAMES)
 
 
@@ -191,6 +197,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
 
   converted: dict[str, dict[tuple[str, ...], np.ndarray]] = {
       "params": {}, "batch_stats": {}}
+  flattened, map_conv = _FLATTENED_INPUT.get(model_name, (None, None))
+  map_channels = next((int(leaf.shape[-1]) for path, leaf
+                       in expected["params"].items()
+                       if path[0] == map_conv and len(leaf.shape) == 4), None)
   torch_names: dict[tuple[str, tuple[str, ...]], str] = {}
   for key, value in state.items():
     try:
@@ -200,6 +210,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
     if mapped is None:
       continue
     collection, path, array = mapped
+    if path[0] == flattened and array.ndim == 2:
+      array = _channels_last_rows(array, map_channels)
     torch_names[(collection, path)] = key
     where = "/".join(path)
     if path not in expected[collection]:
@@ -232,6 +244,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
                             dtype=expected[collection][path].dtype)
           for path, array in arrays.items()})
       for collection, arrays in converted.items()}
+
+
+def _channels_last_rows(kernel: np.ndarray, channels: int) -> np.ndarray:
+  """(C*H*W, O) rows in PyTorch's channel-first flatten order -> the
+  (H*W*C, O) order of a flattened NHWC map. A row count that is no multiple
+  of `channels` is left as it is (the shape check names the mismatch)."""
+  rows, out = kernel.shape
+  if rows % channels:
+    return kernel
+  return (kernel.reshape(channels, rows // channels, out)
+          .transpose(1, 0, 2).reshape(rows, out))
 
 
 def _check_checkpoint_file(path: str | os.PathLike) -> Path:

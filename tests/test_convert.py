@@ -690,3 +690,96 @@ def test_convert_state_dict_takes_jax_arrays():
   got = convert.convert_state_dict(
       {k: jnp.asarray(v) for k, v in flat.items()}, "resnet20")
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _torch_flattening_model(torch, model_name: str, num_classes: int):
+  """LeNet-5-BN or VGG-small (the CNN twin) written in PyTorch with the
+  official names, as a PyTorch user's state_dict comes: NCHW maps flattened
+  channel first."""
+  nn, F = torch.nn, torch.nn.functional
+
+  class LeNet(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv1 = nn.Conv2d(1, 6, 5, padding=2, bias=False)
+      self.conv2 = nn.Conv2d(6, 16, 5, bias=False)
+      self.fc1 = nn.Linear(400, 120, bias=False)
+      self.fc2 = nn.Linear(120, 84, bias=False)
+      self.fc3 = nn.Linear(84, num_classes, bias=False)
+      for i, width in enumerate((6, 16), start=1):
+        setattr(self, f"bn{i}", nn.BatchNorm2d(width))
+      for i, width in enumerate((120, 84, num_classes), start=3):
+        setattr(self, f"bn{i}", nn.BatchNorm1d(width))
+
+    def forward(self, x):
+      x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+      x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+      x = F.relu(self.bn3(self.fc1(x.flatten(1))))
+      x = F.relu(self.bn4(self.fc2(x)))
+      return self.bn5(self.fc3(x))
+
+  class VGGSmall(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv0 = nn.Conv2d(3, 128, 3, padding=1, bias=False)
+      self.bn0 = nn.BatchNorm2d(128)
+      widths, cin = (128, 256, 256, 512, 512), 128
+      for i, width in enumerate(widths, start=1):
+        setattr(self, f"conv{i}", nn.Conv2d(cin, width, 3, padding=1,
+                                            bias=False))
+        setattr(self, f"bn{i}", nn.BatchNorm2d(width))
+        cin = width
+      self.fc = nn.Linear(512 * 4 * 4, num_classes, bias=False)
+      self.bn_fc = nn.BatchNorm1d(num_classes)
+
+    def forward(self, x):
+      x = F.relu(self.bn0(self.conv0(x)))
+      for i in range(1, 6):
+        x = getattr(self, f"conv{i}")(x)
+        if i % 2:
+          x = F.max_pool2d(x, 2)
+        x = F.relu(getattr(self, f"bn{i}")(x))
+      return self.bn_fc(self.fc(x.flatten(1)))
+
+  return {"lenet5_bn": LeNet, "vgg_small": VGGSmall}[model_name]()
+
+
+@pytest.mark.parametrize("model_name,image_shape", [
+    ("lenet5_bn", (28, 28, 1)), ("vgg_small", (32, 32, 3))])
+def test_flattening_models_match_pytorch(model_name, image_shape):
+  """A PyTorch state_dict of the models whose classifier reads a flattened
+  feature map gives PyTorch's logits: its first linear layer's inputs are
+  reordered from PyTorch's (C, H, W) flatten to the models' (H, W, C) (a
+  plain transpose gave logits off by about half their size)."""
+  torch = pytest.importorskip("torch", reason="torch is not installed (CI "
+                              "installs it)")
+  torch.manual_seed(0)
+  module = _torch_flattening_model(torch, model_name, 10).double().eval()
+  rng = np.random.default_rng(0)
+  with torch.no_grad():
+    for name, tensor in module.state_dict().items():
+      if name.endswith("running_mean") or name.endswith("bias"):
+        tensor.copy_(torch.from_numpy(rng.normal(0, 0.1, tensor.shape)))
+      elif name.endswith("running_var") or (
+          name.endswith("weight") and tensor.ndim == 1):
+        tensor.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, tensor.shape)))
+  state = {k: v.numpy().astype(np.float32)
+           for k, v in module.state_dict().items()}
+  variables = convert.convert_state_dict(state, model_name)
+  images = rng.normal(size=(3, *image_shape))
+  with torch.no_grad():
+    want = module(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  got = get_model(model_name, num_classes=10, conv="mult").apply(
+      variables, jnp.asarray(images, jnp.float32), train=False)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                             atol=2e-4 * np.abs(want).max())
+  if model_name == "lenet5_bn":  # every layer of its adder twin is adder
+    adder = convert.convert_state_dict(
+        {(k[:-len("weight")] + "adder" if k.endswith(".weight")
+          and v.ndim in (2, 4) else k): v for k, v in state.items()},
+        model_name)
+    np.testing.assert_array_equal(
+        np.asarray(adder["params"]["fc1"]["adder_kernel"]),
+        np.asarray(variables["params"]["fc1"]["kernel"]))

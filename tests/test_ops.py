@@ -255,7 +255,11 @@ def test_filter_grad_precision_of_long_sums(method):
   layer on MNIST-like 28x28 images at batch 256, BatchNorm-style output
   gradient): "taps" as one float32 dot per tap was 8.5e-6 from float64 (the
   official float32 code: 2.7-3.0e-7 on real MNIST); in blocks of
-  `reference.TAP_CHUNK` terms 3.9e-7 ("conv": 5.5e-7)."""
+  `reference.TAP_CHUNK` terms 3.9e-7, the CPU's default. "conv" here is
+  XLA:CPU's convolution gradient, on no default path of the CPU (GPUs and
+  TPUs run their own): 5.5e-7 on JAX 0.10.2 and 0.11.2, 1.23e-6 on 0.12.0.1,
+  whose order of summation changed; the bound guards against a regression
+  to one long sum."""
   rng = np.random.default_rng(0)
   n, h, k, cout = 256, 28, 5, 6
   x = np.full((n, h, h, 1), -0.1307 / 0.3081)  # the background pixel
@@ -275,7 +279,8 @@ def test_filter_grad_precision_of_long_sums(method):
                   - w[i, j] * g.astype(np.float64).sum((0, 1, 2)))
   got = np.asarray(reference.filter_grad(xp, w, g, (1, 1), method=method),
                    np.float64)
-  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 8e-7
+  bound = {"taps": 8e-7, "conv": 2e-6}[method]
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
 
 
 def test_no_large_intermediate_is_materialised():
