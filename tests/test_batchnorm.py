@@ -171,3 +171,36 @@ def test_synchronised_over_devices_equals_one_device():
     assert out[check_vma]["y"] < 1e-4, out
     assert out[check_vma]["var"] < 1e-5, out
     assert out[check_vma]["mean"] < 1e-6, out
+
+
+def test_the_models_batch_norm_has_the_official_constants():
+  """`common.batch_norm`, the factory every model uses, against
+  torch.nn.BatchNorm2d with the official constants (momentum 0.1, eps 1e-5)
+  in float64: training-mode output, running statistics over three steps,
+  then the evaluation-mode module on them."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  shape = (6, 5, 4, 3)
+  ref = torch.nn.BatchNorm2d(3, momentum=0.1, eps=1e-5).double()
+  to_torch = lambda a: torch.from_numpy(np.moveaxis(a, -1, 1))
+  from_torch = lambda t: np.moveaxis(t.detach().numpy(), 1, -1)
+  with _x64():
+    train = common.batch_norm(True, dtype=jnp.float64, axis_name=None,
+                              name="bn")
+    variables = _f64(train.init(jax.random.key(0), jnp.zeros(shape)))
+    for _ in range(3):
+      x = rng.standard_normal(shape) * 0.05 + 0.3  # variance near eps
+      want = from_torch(ref.train()(to_torch(x)))
+      y, updates = train.apply(variables, jnp.asarray(x),
+                               mutable=["batch_stats"])
+      variables = {"params": variables["params"], **_f64(updates)}
+      np.testing.assert_allclose(y, want, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(variables["batch_stats"]["mean"],
+                               ref.running_mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(variables["batch_stats"]["var"],
+                               ref.running_var.numpy(), rtol=1e-12)
+    evaluate = common.batch_norm(False, dtype=jnp.float64, axis_name=None,
+                                 name="bn")
+    np.testing.assert_allclose(
+        evaluate.apply(variables, jnp.asarray(x)),
+        from_torch(ref.eval()(to_torch(x))), rtol=0, atol=1e-10)

@@ -208,3 +208,26 @@ def test_numpy_int_kernel_size_and_strides():
   conv = layers.AdderConvNNX(2, 4, np.int64(3), strides=np.int64(2),
                              rngs=nnx.Rngs(0))
   assert conv(x).shape == (1, 4, 3, 4)
+
+
+def test_every_adder_layer_starts_from_the_official_normal_filters():
+  """adder2d's filters are N(0, 1) (`torch.randn`), as are ours in every
+  layer, Linen and NNX (LeNet-5-BN's fully connected layers too); Flax's
+  defaults (lecun_normal: std 1/sqrt(fan_in)) would be 16-64x smaller."""
+  rngs = lambda: nnx.Rngs(0)
+  x4, x2 = jnp.ones((1, 8, 8, 64)), jnp.ones((1, 256))
+  filters = {
+      "AdderConv": layers.AdderConv(96, (3, 3)).init(
+          jax.random.key(0), x4)["params"][layers.ADDER_KERNEL],
+      "AdderDense": layers.AdderDense(96).init(
+          jax.random.key(0), x2)["params"][layers.ADDER_KERNEL],
+      "AdderConvNNX": layers.AdderConvNNX(64, 96, 3,
+                                          rngs=rngs()).adder_kernel[...],
+      "AdderDenseNNX": layers.AdderDenseNNX(256, 96,
+                                            rngs=rngs()).adder_kernel[...],
+  }
+  for name, w in filters.items():
+    w = np.asarray(w, np.float64)
+    assert w.size >= 24_000, name
+    assert abs(w.mean()) < 0.03 and abs(w.std() - 1.0) < 0.03, (
+        name, w.mean(), w.std())

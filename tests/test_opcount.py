@@ -198,3 +198,16 @@ def test_sr_sizes_and_config_counts_by_hand(capsys):
   with pytest.raises(SystemExit):
     opcount.main(["--config", str(configs / "missing.py")])
   assert "--config" in capsys.readouterr().err
+
+
+def test_energy_and_latency_tables_are_the_cited_ones():
+  """Horowitz, ISSCC 2014, Fig. 1.1.9 (45 nm; pJ): FP32 mult 3.7, add 0.9;
+  FP16 mult 1.1, add 0.4; 8-bit int mult 0.2, add 0.03. The AdderNet paper
+  (3.3): VIA Nano 2000, multiplication 4 cycles, addition 2."""
+  assert opcount.ENERGY_PJ == {"fp32": {"mul": 3.7, "add": 0.9},
+                               "fp16": {"mul": 1.1, "add": 0.4},
+                               "int8": {"mul": 0.2, "add": 0.03}}
+  assert opcount.CYCLES == {"via_nano_2000": {"mul": 4, "add": 2}}
+  totals = {"mul": 1000, "add": 3000}
+  assert opcount.estimate_energy_pj(totals, "fp16") == pytest.approx(
+      1000 * 1.1 + 3000 * 0.4)

@@ -451,3 +451,52 @@ def test_numpy_int_strides_and_padding_are_accepted():
   got = ops.adder_conv_general_dilated(
       x, w, 2, ((1, 1), (0, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_array_equal(got, want)
+
+
+def test_forward_is_correctly_rounded_where_the_sum_is_exact():
+  """Inputs on a grid of 2^-12 (|w| < 64, |x| < 1): every |x - w| and the
+  exact total are representable in float64, and the reference's offset
+  block partials (an exact pair hi + lo) round the total once, so the
+  float32 result is the float64 one rounded to float32, bit for bit (without
+  the low word `lo`, about a quarter of the outputs were off by an ulp)."""
+  rng = np.random.default_rng(0)
+  n, h, cin, cout = 2, 8, 32, 8
+  w = rng.integers(-2**18, 2**18, (3, 3, cin, cout)) / 2**12
+  x = rng.integers(-2**12, 2**12, (n, h, h, cin)) / 2**12
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((n, h, h, cout))
+  for i in range(3):
+    for j in range(3):
+      want -= np.abs(xp[:, i:i + h, j:j + h, :, None] - w[i, j]).sum(-2)
+  got = np.asarray(reference.forward(jnp.asarray(xp, jnp.float32),
+                                     jnp.asarray(w, jnp.float32), (1, 1)))
+  np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("method", ["conv", "taps"])
+def test_filter_grad_asks_for_full_float32_products(method):
+  """Every product of the filter gradient runs at Precision.HIGHEST: on GPUs
+  (TF32) and TPUs (bfloat16 passes) the default would lose 10+ bits, which
+  no CPU test can see; so check the program."""
+  xp = jnp.ones((2, 6, 6, 3))
+  w = jnp.ones((3, 3, 3, 4))
+  g = jnp.ones((2, 4, 4, 4))
+  jaxpr = jax.make_jaxpr(lambda a, b, c: reference.filter_grad(
+      a, b, c, (1, 1), method=method))(xp, w, g)
+
+  def products(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        yield eqn
+      for value in eqn.params.values():  # the bodies of loops, calls, ...
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+          if hasattr(sub, "eqns"):
+            yield from products(sub)
+
+  found = list(products(jaxpr.jaxpr))
+  assert found, jaxpr
+  for eqn in found:
+    precision = eqn.params["precision"]
+    precisions = precision if isinstance(precision, tuple) else (precision,)
+    assert all(p == lax.Precision.HIGHEST for p in precisions), eqn

@@ -529,3 +529,23 @@ def test_bad_eta_raises_clear_error():
     optim.scale_by_adaptive_lr(-0.2)
   with pytest.raises(TypeError, match="inject_hyperparams"):
     optim.scale_by_adaptive_lr(optax.constant_schedule(0.2))
+
+
+def test_eta_defaults_to_the_papers():
+  """A config without `eta` gets the paper's 0.2 (the updates equal those of
+  eta=0.2 and differ from eta=0.1)."""
+  params = _params()
+  grads = jax.tree.map(lambda p: p * 3.0 + 0.5, params)
+
+  def first_update(config):
+    tx = optim.make_optimizer(config, params, 3)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  config = _config()
+  del config["eta"]
+  default = first_update(config)
+  chex.assert_trees_all_close(default, first_update(_config(eta=0.2)),
+                              rtol=0, atol=0)
+  other = first_update(_config(eta=0.1))
+  assert not np.allclose(default["layer1_0"]["conv1"]["adder_kernel"],
+                         other["layer1_0"]["conv1"]["adder_kernel"])

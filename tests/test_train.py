@@ -206,20 +206,20 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(jax_cache,
                        ref_vars)
 
 
-EIGHT_VS_ONE = textwrap.dedent("""
+N_VS_ONE = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     from addernet_jax import data as data_lib, eval_lib, parallel, train_lib
     from configs import smoke
-    assert jax.device_count() == 8, jax.devices()
+    assert jax.device_count() == {n}, jax.devices()
     config = smoke.get_config()
     config.dataset, config.data_dir = "cifar10", {data_dir!r}
-    config.batch_size = 24  # 3 per device
-    config.eval_batch_size = 16  # 2 per device; 40 examples: last padded
+    config.batch_size = 24  # 3 per device on 8
+    config.eval_batch_size = 16  # 2 per device on 8; 40 examples: last padded
     info = data_lib.dataset_info(config.dataset)
     out = {{}}
-    for n in (1, 8):
+    for n in (1, {n}):
       mesh = parallel.make_mesh(jax.devices()[:n])
       rep = parallel.replicated_sharding(mesh)
       data = train_lib.InMemoryData.load(config, mesh)
@@ -232,12 +232,14 @@ EIGHT_VS_ONE = textwrap.dedent("""
       for i in range({steps}):
         state, metrics = step(state, data.images, data.labels, perm, i)
         losses.append(float(metrics["loss"]))
-      evaluator = eval_lib.Evaluator(train_lib.build_model(config), info, mesh,
-                                     config.eval_batch_size)
-      ev = evaluator.evaluate_in_memory(state.params, state.batch_stats,
-                                        data.eval)
-      stats = evaluator.recalibrate_batch_stats(
-          state.params, state.batch_stats, data.images, perm, 24, 2)
+      ev, stats = {{}}, {{}}
+      if {evaluate}:
+        evaluator = eval_lib.Evaluator(train_lib.build_model(config), info,
+                                       mesh, config.eval_batch_size)
+        ev = evaluator.evaluate_in_memory(state.params, state.batch_stats,
+                                          data.eval)
+        stats = evaluator.recalibrate_batch_stats(
+            state.params, state.batch_stats, data.images, perm, 24, 2)
       np.savez({out!r} + f"/{{n}}.npz", **{{
           jax.tree_util.keystr(p): np.asarray(v) for p, v in
           jax.tree_util.tree_leaves_with_path(
@@ -262,34 +264,41 @@ def write_random_cifar(folder: Path, num_train: int, num_test: int) -> None:
                    "labels": rng.integers(0, 10, n).tolist()}, f)
 
 
-@pytest.mark.extended  # the same 8-vs-1 check runs in-process in test_parallel.py
 @pytest.mark.slow
-def test_eight_devices_equal_one_device(jax_cache, tmp_path):
-  """Same global batch on 8 devices and on 1: the same step up to float32
-  reduction order (gradients pmean-ed once, BatchNorm statistics synchronised,
-  augmentation independent of the device count, masked evaluation)."""
-  steps = 4
+@pytest.mark.parametrize("devices", [
+    2, pytest.param(8, marks=pytest.mark.extended)])  # 2: the default run
+def test_many_devices_equal_one_device(jax_cache, tmp_path, devices):
+  """train_lib's step with the same global batch on N devices and on 1: the
+  same step up to float32 reduction order (gradients and metrics pmean-ed
+  once, BatchNorm statistics synchronised, each device its own rows of the
+  batch, augmentation keyed by the position in the global batch; on 8, the
+  masked evaluation and BN re-estimation too). test_parallel.py checks the
+  same for a step of its own, not this one."""
+  steps, evaluate = (4, True) if devices == 8 else (2, False)
   write_random_cifar(tmp_path / "cifar", 120, 40)
-  script = EIGHT_VS_ONE.format(root=str(ROOT), steps=steps, out=str(tmp_path),
-                               data_dir=str(tmp_path / "cifar"))
+  script = N_VS_ONE.format(root=str(ROOT), steps=steps, out=str(tmp_path),
+                           data_dir=str(tmp_path / "cifar"), n=devices,
+                           evaluate=evaluate)
   result = subprocess.run(
       [sys.executable, "-c", script], cwd=ROOT, capture_output=True,
       text=True, timeout=900,
-      env=cli_env(jax_cache,
-                  XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+      env=cli_env(jax_cache, XLA_FLAGS=f"--xla_force_host_platform_device_"
+                                       f"count={devices}"))
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.splitlines()[-1])
-  one, eight = out["1"], out["8"]
-  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
-  assert eight["eval"]["num_examples"] == one["eval"]["num_examples"] == 40
-  for key in ("loss", "top1", "top5"):
-    np.testing.assert_allclose(eight["eval"][key], one["eval"][key],
-                               rtol=1e-5)
-  a, b = np.load(tmp_path / "1.npz"), np.load(tmp_path / "8.npz")
+  one, many = out["1"], out[str(devices)]
+  np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
+  if evaluate:
+    assert many["eval"]["num_examples"] == one["eval"]["num_examples"] == 40
+    for key in ("loss", "top1", "top5"):
+      np.testing.assert_allclose(many["eval"][key], one["eval"][key],
+                                 rtol=1e-5)
+  a, b = np.load(tmp_path / "1.npz"), np.load(tmp_path / f"{devices}.npz")
   assert sorted(a.files) == sorted(b.files)
   worst = max((float(np.abs(a[k] - b[k]).max()) /
                max(float(np.abs(a[k]).max()), 1e-3), k) for k in a.files)
-  print(f"8 vs 1 device after {steps} steps: worst relative error {worst}")
+  print(f"{devices} vs 1 device after {steps} steps: worst relative error "
+        f"{worst}")
   # Only float32 reduction order differs: relative to each tensor's scale.
   assert worst[0] < 1e-4, worst
 
@@ -453,3 +462,21 @@ def test_resuming_on_another_device_count_is_named():
       "resuming on 1 devices a run checkpointed on 2: it continues "
       "correctly, but with another float32 summation order, so not "
       "bit-identical to an uninterrupted run")
+
+
+def test_cross_entropy_loss_is_the_batch_mean_in_float64():
+  """The training loss: the mean over the batch (not the sum) of
+  logsumexp(z) - z[label], computed in float32 from bfloat16 logits too."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (5, 10))
+  labels = rng.integers(0, 10, 5)
+  top = logits.max(1)
+  want = np.mean(top + np.log(np.exp(logits - top[:, None]).sum(1))
+                 - logits[np.arange(5), labels])
+  got = train_lib.cross_entropy_loss(np.float32(logits), labels)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bf16 = jnp.asarray(logits, jnp.bfloat16)
+  assert train_lib.cross_entropy_loss(bf16, labels).dtype == jnp.float32
