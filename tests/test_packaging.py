@@ -21,7 +21,11 @@ ops._pallas_backend((2, 10, 10, 3), (3, 3, 3, 4), (1, 1), "float32")
 assert sys.modules["kernels"] is kernels, sys.modules["kernels"]
 assert not hasattr(kernels, "dispatch")
 assert dispatch.__name__ == "addernet_jax.kernels.dispatch"
-assert gpu.__file__.startswith(sys.argv[1]), gpu.__file__
+# Ours, wherever installed (the checkout's kernels/ for an editable install,
+# site-packages/addernet_jax/kernels otherwise), never the foreign folder.
+import addernet_jax.kernels as own
+assert not gpu.__file__.startswith(sys.argv[1]), gpu.__file__
+assert gpu.__file__.startswith(own.__path__[0]), (gpu.__file__, own.__path__)
 print("ok")
 """
 
@@ -32,7 +36,7 @@ def test_a_foreign_kernels_package_is_left_alone(tmp_path):
   (foreign / "__init__.py").write_text("FOREIGN = True\n")
   env = {**os.environ, "PYTHONPATH": str(tmp_path), "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(
-      [sys.executable, "-c", _CHECK, str(ROOT / "kernels")], cwd=tmp_path,
+      [sys.executable, "-c", _CHECK, str(foreign)], cwd=tmp_path,
       env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and result.stdout.strip() == "ok", (
       result.stdout + result.stderr)
