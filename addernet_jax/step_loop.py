@@ -16,6 +16,7 @@ from absl import logging as log
 import jax
 
 from addernet_jax import parallel
+from addernet_jax import preemption as preemption_lib
 from addernet_jax import progress as progress_lib
 
 
@@ -58,8 +59,9 @@ def run_steps(*, step: int, total_steps: int,
               evaluate: Callable[[int], dict[str, Any]],
               save: Callable[[int, dict[str, Any] | None, bool], None],
               eval_due: Callable[[int], bool], save_every: int,
-              log_every: int, preemption: Any, mesh: jax.sharding.Mesh,
-              bar: Any, throughput: Throughput) -> LoopEnd:
+              log_every: int, preemption: preemption_lib.PreemptionFlag,
+              mesh: jax.sharding.Mesh, bar: Any,
+              throughput: Throughput) -> LoopEnd:
   """Runs training steps `step`..`total_steps - 1`, then evaluates and saves.
 
   After each step `s` (counted from 1): metrics are flushed every
@@ -77,7 +79,7 @@ def run_steps(*, step: int, total_steps: int,
       called with the number of steps done.
     evaluate: evaluates the current state, returns its metrics.
     save: `save(step, eval_metrics_or_None, force)` writes a checkpoint.
-    preemption: a `preemption.PreemptionWatcher` (`should_stop(step)`,
+    preemption: the `preemption.PreemptionFlag` of the run (`should_stop`,
       `signal_name`).
     bar: a tqdm bar counting finished steps (`progress.StepProgress`).
   """
