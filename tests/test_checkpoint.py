@@ -276,3 +276,16 @@ def test_invalid_arguments(tmp_path):
     ckpt.CheckpointManager(tmp_path, max_to_keep=0)
   with pytest.raises(ValueError, match="best_mode"):
     ckpt.CheckpointManager(tmp_path, best_mode="largest")
+
+
+@pytest.mark.parametrize("mode,values", [
+    ("max", [float("nan"), 0.5, 0.7, 0.6]),
+    ("min", [float("nan"), 0.5, 0.3, 0.4])])
+def test_a_nan_metric_is_never_the_best(tmp_path, mode, values):
+  with ckpt.CheckpointManager(tmp_path / "ck", max_to_keep=10,
+                              best_metric="m", best_mode=mode,
+                              async_save=False) as mgr:
+    for step, value in enumerate(values, start=1):
+      mgr.save(step, {"w": jnp.ones(2)}, metrics={"m": value})
+    mgr.wait_until_finished()
+    assert mgr.best_step() == 3

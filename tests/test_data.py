@@ -1289,3 +1289,38 @@ def test_a_missing_test_split_points_to_holdout_examples(tmp_path):
   with pytest.raises(ValueError, match=r"test_batch expected\)\. To train "
                      r"without the test split"):
     data.load_arrays('cifar10', tmp_path / 'pickles', 'test')
+
+
+def test_imagefolder_class_order_is_torchvisions(tmp_path):
+  """Class indices follow the case-sensitive sorted folder names, as
+  torchvision's ImageFolder (`sorted(os.scandir)`): "Banana" before
+  "apple"; every file gets its folder's index."""
+  names = ["Zebra", "apple", "Banana", "cat", "dog", "Eel", "fox", "goat",
+           "Hen", "ibis"]
+  for split in ("train", "test"):
+    for i, name in enumerate(names):
+      folder = tmp_path / split / name
+      folder.mkdir(parents=True)
+      Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(folder / "0.png")
+  paths, labels, classes = local.list_imagefolder(
+      tmp_path, "test", data.dataset_info("cifar10"))
+  assert classes == sorted(names)
+  assert [classes[label] for label in labels] == [
+      Path(p).parent.name for p in paths]
+
+
+def test_normalisation_constants_of_every_dataset():
+  """The constants of the official training scripts and torchvision; the
+  digits' own are their training split's mean and std."""
+  want = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+          "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+          "mnist": ((0.1307,), (0.3081,)),
+          "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+  for name, (mean, std) in want.items():
+    info = data.dataset_info(name)
+    assert (tuple(info.mean), tuple(info.std)) == (mean, std), name
+  images, _ = local.load_digits("train")
+  images = images.astype(np.float64) / 255
+  info = data.dataset_info("digits")
+  assert abs(images.mean() - info.mean[0]) < 5e-5
+  assert abs(images.std() - info.std[0]) < 5e-5

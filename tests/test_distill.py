@@ -504,3 +504,32 @@ def test_bad_distill_value_is_one_line_error(jax_cache, tmp_path):
   assert result.returncode != 0 and "Traceback" not in result.stderr
   errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and "config.distill" in errors[0], result.stderr
+
+
+def test_student_distances_are_the_l1_distances_of_the_adder_layer():
+  """PKKD's kernel maps of an adder layer start from its L1 distances
+  ||x - f||_1 (>= 0) for every patch and filter, against float64 NumPy."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from addernet_jax import layers  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return layers.AdderConv(4, kernel_size=(3, 3), padding="VALID",
+                              name="a")(x)
+
+  x = np.random.default_rng(0).normal(size=(2, 5, 5, 3)).astype(np.float32)
+  model = Net()
+  variables = model.init(jax.random.key(0), x)
+  _, _, taps = distill.apply_with_taps(model.apply, variables, x, train=False,
+                                       mutable=(),
+                                       select=lambda name, module: True)
+  got = np.asarray(distill.student_distances(taps)["a"], np.float64)
+  w = np.asarray(taps["a"]["kernel"], np.float64)  # HWIO
+  want = np.zeros((2, 3, 3, 4))
+  for i in range(3):
+    for j in range(3):
+      patch = x[:, i:i + 3, j:j + 3, :, None].astype(np.float64)
+      want[:, i, j] = np.abs(patch - w).sum(axis=(1, 2, 3))
+  np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -196,3 +196,40 @@ def test_eval_official_torch_checkpoint_on_jpeg_test_folder(
   # images above.
   assert result["num_examples"] == 1000 and result["conv"] == "adder"
   assert result["top1"] > 0.6 and result["top5"] >= result["top1"]
+
+
+def test_evaluator_metrics_against_float64_at_every_rank():
+  """Top-1, top-5 and loss of the evaluator over 300 examples (a padded last
+  batch) whose label sits at every rank 0-9 of the logits, against float64
+  NumPy: top-5 counts ranks 0-4 (the official checkpoint's test images put
+  no label at rank 4, so they cannot tell top-5 from top-4)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from addernet_jax import data, eval_lib, parallel  # pylint: disable=g-import-not-at-top
+
+  class PixelsAsLogits(nn.Module):  # the first 10 normalised pixels
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return x.reshape(x.shape[0], -1)[:, :10] * 3.0
+
+  rng = np.random.default_rng(0)
+  n = 300
+  info = data.dataset_info("mnist")
+  images = np.zeros((n, *info.image_shape), np.uint8)
+  values = np.stack([rng.permutation(256)[:10] for _ in range(n)])
+  images.reshape(n, -1)[:, :10] = values
+  ranks = np.arange(n) % 10
+  labels = np.argsort(-values, axis=1)[np.arange(n), ranks]
+  mesh = parallel.make_mesh()
+  evaluator = eval_lib.Evaluator(PixelsAsLogits(), info, mesh, 64)
+  got = evaluator.evaluate_in_memory(
+      {}, {}, eval_lib.InMemoryEvalSet(images, labels, mesh))
+  logits = (values / 255.0 - info.mean[0]) / info.std[0] * 3.0
+  top = logits.max(1)
+  loss = top + np.log(np.exp(logits - top[:, None]).sum(1)) - logits[
+      np.arange(n), labels]
+  assert got["num_examples"] == n
+  assert got["top1"] == pytest.approx(np.mean(ranks == 0))  # 0.1
+  assert got["top5"] == pytest.approx(np.mean(ranks < 5))  # 0.5
+  assert got["loss"] == pytest.approx(loss.mean(), rel=1e-5)

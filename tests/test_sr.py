@@ -752,3 +752,54 @@ def test_short_runs_beat_bicubic_in_psnr_and_ssim(tmp_path):
   for conv in ("adder", "mult"):
     assert summary[f"{conv}_psnr"] > summary["bicubic_psnr"] + 0.2, summary
     assert summary[f"{conv}_ssim"] > summary["bicubic_ssim"], summary
+
+
+def test_border_shave_crops_every_side_and_matches_float64():
+  """`border` pixels go from each of the four sides (damage on any one side
+  alone leaves PSNR infinite), and the figures equal a float64 PSNR and
+  scikit-image's SSIM (Gaussian window, sigma 1.5) on explicitly cropped Y
+  images."""
+  from skimage.metrics import structural_similarity  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  hr = rng.integers(0, 256, (30, 34, 3)).astype(np.float64)
+  for side in (np.s_[:2], np.s_[-2:], np.s_[:, :2], np.s_[:, -2:]):
+    out = hr.copy()
+    out[side] = 255 - out[side]
+    assert metrics.y_psnr_ssim(out, hr, border=2)[0] == float("inf"), side
+  y = lambda im: 16 + im @ np.array([65.481, 128.553, 24.966]) / 255
+  out = rng.integers(0, 256, (30, 34, 3)).astype(np.float64)
+  a, b = y(out)[3:-3, 3:-3], y(hr)[3:-3, 3:-3]
+  psnr, ssim = metrics.y_psnr_ssim(out, hr, border=3)
+  assert psnr == pytest.approx(10 * np.log10(255**2 / np.mean((a - b)**2)),
+                               abs=1e-9)
+  assert ssim == pytest.approx(structural_similarity(
+      a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+      data_range=255), abs=1e-9)
+
+
+def test_modcrop_keeps_the_top_left_corner(tmp_path):
+  """A high-resolution image is cut to a multiple of the scale by dropping
+  its last rows and columns (EDSR's modcrop), and the low-resolution image is
+  the bicubic reduction of exactly that crop."""
+  img = np.random.default_rng(5).integers(0, 256, (37, 50, 3), np.uint8)
+  Image.fromarray(img).save(tmp_path / "a.png")
+  ds = sr_data.ImageFolderSR(tmp_path, 3)
+  np.testing.assert_array_equal(ds.hr[0], img[:36, :48])
+  np.testing.assert_array_equal(ds.lr[0], np.asarray(
+      Image.fromarray(img[:36, :48]).resize((16, 12), Image.BICUBIC)))
+
+
+def test_patch_offsets_cover_every_position(tmp_path):
+  """Training patches are drawn from every offset of the low-resolution
+  image, the last row and column included."""
+  Image.fromarray(np.random.default_rng(1).integers(
+      0, 256, (14, 16, 3), np.uint8)).save(tmp_path / "a.png")
+  ds = sr_data.ImageFolderSR(tmp_path, 2, min_lr_size=4)  # LR 7x8, patch 4
+  lr_image = ds.lr[0]
+  seen = set()
+  for step in range(60):
+    lr, _ = sr_data.sample_batch(ds, 8, 4, seed=0, step=step, augment=False)
+    for patch in lr:
+      seen |= {(y, x) for y in range(4) for x in range(5)
+               if np.array_equal(patch, lr_image[y:y + 4, x:x + 4])}
+  assert seen == {(y, x) for y in range(4) for x in range(5)}, sorted(seen)
