@@ -233,3 +233,44 @@ def test_evaluator_metrics_against_float64_at_every_rank():
   assert got["top1"] == pytest.approx(np.mean(ranks == 0))  # 0.1
   assert got["top5"] == pytest.approx(np.mean(ranks < 5))  # 0.5
   assert got["loss"] == pytest.approx(loss.mean(), rel=1e-5)
+
+
+def test_batch_norm_re_estimation_is_the_average_of_batch_statistics():
+  """BN statistics re-estimated over 3 batches equal the float64 average of
+  each batch's mean and unbiased variance (PyTorch's `update_bn` with a
+  cumulative average), whatever the statistics were before."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from addernet_jax import data, eval_lib, parallel  # pylint: disable=g-import-not-at-top
+  from addernet_jax.models import common  # pylint: disable=g-import-not-at-top
+
+  class NormalisedPixels(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = common.batch_norm(train, dtype=jnp.float32, axis_name=None,
+                            name="bn")(x)
+      return x.reshape(x.shape[0], -1)[:, :10]
+
+  rng = np.random.default_rng(0)
+  info = data.dataset_info("cifar10")
+  images = rng.integers(0, 256, (100, *info.image_shape), np.uint8)
+  perm = rng.permutation(100).astype(np.int32)
+  model = NormalisedPixels()
+  stale = {"bn": {"mean": jnp.full((3,), 5.0), "var": jnp.full((3,), 9.0)}}
+  mesh = parallel.make_mesh()
+  evaluator = eval_lib.Evaluator(model, info, mesh, 32)
+  params = {"bn": {"scale": jnp.full((3,), 2.0), "bias": jnp.ones((3,))}}
+  got = evaluator.recalibrate_batch_stats(params, stale, jnp.asarray(images),
+                                          jnp.asarray(perm), 32, 3)
+  x = (images / 255.0 - np.array(info.mean)) / np.array(info.std)
+  batches = [x[perm[i * 32:(i + 1) * 32]] for i in range(3)]
+  want_mean = np.mean([b.mean((0, 1, 2)) for b in batches], axis=0)
+  want_var = np.mean([b.reshape(-1, 3).var(0, ddof=1) for b in batches],
+                     axis=0)
+  np.testing.assert_allclose(got["bn"]["mean"], want_mean, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(got["bn"]["var"], want_var, rtol=1e-5)
+  assert jax.tree.structure(got) == jax.tree.structure(stale)
