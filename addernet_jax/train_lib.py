@@ -996,6 +996,11 @@ class InitialWeights(NamedTuple):
     return {"init_from": self.path, "init_from_step": self.step}
 
 
+def _init_from_path(config: ml_collections.ConfigDict) -> Path:
+  """`config.init_from` as the absolute path the meta records."""
+  return Path(str(config.init_from)).expanduser().absolute()
+
+
 def load_initial_weights(config: ml_collections.ConfigDict) -> InitialWeights:
   """The weights of `config.init_from`: a training workdir (its latest
   checkpoint; the model, conv kind and dataset checked against its meta) or
@@ -1009,7 +1014,7 @@ def load_initial_weights(config: ml_collections.ConfigDict) -> InitialWeights:
       `config.init_from=PATH:`.
   """
   given = str(config.init_from)
-  source = Path(given).expanduser().absolute()
+  source = _init_from_path(config)
   if not source.exists():
     raise FileNotFoundError(f"config.init_from={given!r} does not exist (a "
                             f"training workdir or a .pth file)")
@@ -1077,7 +1082,7 @@ def _note_init_from_not_read(config: ml_collections.ConfigDict,
   given = config.get("init_from")
   if not given:
     return
-  if str(Path(given).expanduser().absolute()) == provenance["init_from"]:
+  if str(_init_from_path(config)) == provenance["init_from"]:
     log.info("config.init_from is not read again: the run continues from its "
              "own checkpoint at step %d", step)
     return
@@ -1250,8 +1255,8 @@ def torch_checkpoint_variables(config: ml_collections.ConfigDict,
                                ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(variables, `{"num_classes", "conv"}` read from the file) of an
   official-layout PyTorch checkpoint of `config.model`
-  (`addernet_jax.convert`). ValueError unless its stem takes the dataset's image channels and
-  its classifier has the dataset's classes."""
+  (`addernet_jax.convert`). ValueError unless its stem takes the dataset's
+  image channels and its classifier has the dataset's classes."""
   from addernet_jax import convert  # pylint: disable=g-import-not-at-top
   info = data_lib.dataset_info(config.dataset)
   variables = convert.load_torch_checkpoint(
