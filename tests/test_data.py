@@ -1274,6 +1274,25 @@ def test_imagefolder_reads_nested_folders_and_names_empty_classes(
     local.list_imagefolder(tmp_path, 'train')
 
 
+def test_imagefolder_file_order_within_a_class_is_torchvisions(tmp_path):
+  """Nested files come in torchvision's order (its make_dataset: sorted
+  os.walk, then sorted file names): folder by folder, not sorted relative
+  paths, which put 'sub-x/b' before 'sub/a' and 'z' after both."""
+  cls = tmp_path / 'train' / 'cls'
+  names = ['z.png', 'a.png', 'sub/b.png', 'sub/a.png', 'sub-x/a.png',
+           'sub/deeper/a.png', 'sub0/c.png', 'Sub/a.png']
+  for name in names:
+    (cls / name).parent.mkdir(parents=True, exist_ok=True)
+    (cls / name).write_bytes(b'')
+  expected = [os.path.join(root, f)
+              for root, _, files in sorted(os.walk(cls, followlinks=True))
+              for f in sorted(files)]
+  paths, labels, _ = local.list_imagefolder(tmp_path, 'train')
+  assert paths == expected
+  assert paths != sorted(paths)  # the case this test is for
+  np.testing.assert_array_equal(labels, 0)
+
+
 def test_a_missing_test_split_points_to_holdout_examples(tmp_path):
   """An ImageFolder or CIFAR pickles without a test split: the error named
   what was expected but not --config.holdout_examples, which trains

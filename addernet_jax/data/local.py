@@ -109,7 +109,9 @@ def _image_files(folder: Path | str) -> list[str]:
   sub-folders, as torchvision's ImageFolder finds them (nested folders were
   skipped without a word: a class could train on none of its images).
   Hidden files and folders ('.*') are left out; an image name that is not a
-  readable file (a dangling link) is a ValueError naming it."""
+  readable file (a dangling link) is a ValueError naming it. The order is
+  torchvision's: folder by folder in sorted order of their paths, file names
+  sorted within each."""
   found = []
   pending = ['']  # folders to list, relative to `folder`
   while pending:
@@ -129,7 +131,7 @@ def _image_files(folder: Path | str) -> list[str]:
                              f'file (a broken link?); remove it or restore '
                              f'its target')
           found.append(path)
-  return sorted(found)
+  return sorted(found, key=lambda p: (os.path.dirname(p), p))
 
 
 def _has_image_file(folder: Path) -> bool:
