@@ -149,6 +149,7 @@ def test_gpu_diagnose_script_is_valid_bash_and_documented():
   assert "QUICK" in text and "DIAG_BUDGET" in text
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_gpu_diagnose_dry_run_every_stage_succeeds(tmp_path):
   """QUICK=1 on the CPU: every stage exits 0 and the training-step stage
   writes its rows (a stage failing here would fail on the GPU too, and a
@@ -228,6 +229,7 @@ def test_gpu_prepare_installs_carried_wheels_and_checks_imports(tmp_path):
   assert "No module named 'ml_collections'" in result.stderr
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_gpu_session_dry_run_of_the_stages_the_diagnosis_lacks(tmp_path):
   """gpu_session.sh's QUICK=1 stages that gpu_diagnose.sh does not run:
   the official PyTorch method (where PyTorch is installed) and the

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
@@ -126,6 +128,7 @@ EXPLICIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_explicit_sharding_in_types():
   """`jax.make_mesh`'s default Explicit axes (sharding in types): with the
   batch or the output channels sharded, gradients raised ShardingTypeError
