@@ -2,6 +2,7 @@ r"""Evaluates a checkpoint (ours or an official PyTorch one) on the test split.
 
   python eval.py --config configs/cifar10_resnet20.py --checkpoint WORKDIR \
       [--which=best] --config.data_dir=/path/to/cifar10
+      (--workdir WORKDIR, as train.py names it, is the same)
   python eval.py --config configs/cifar10_resnet20.py \
       --torch_checkpoint ResNet20-AdderNet.pth --config.data_dir=...
 
@@ -49,6 +50,7 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("checkpoint", None, "A training workdir (its "
                     "checkpoints/ folder is read).")
+flags.DEFINE_alias("workdir", "checkpoint")  # the name train.py gives it
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "With --checkpoint: "
                   "the latest checkpoint or the best by eval_top1.")
 flags.DEFINE_string("torch_checkpoint", None, "An official-layout PyTorch "

@@ -180,6 +180,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     print_error(f"cannot load the --config file: {lines[-1]}")
     sys.exit(2)
+  except flags.UnrecognizedFlagError as e:
+    print_error(_unknown_flag_text(e.flagname))
+    sys.exit(2)
   except (flags.Error, *USER_ERRORS) as e:
     path = _config_path(argv)
     text = str(e)
@@ -197,6 +200,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
     _config_file_error(e, argv)  # running the file failed (SyntaxError...)
+
+
+def _unknown_flag_text(name: str) -> str:
+  """The error for an unknown --name: close matches among the program's own
+  flags (absl's own suggestions come from every flag, absl's logging ones
+  included: 'workdir' drew 'log_dir'), and the list of those flags."""
+  own = sorted(f.name for f in flags.FLAGS.get_key_flags_for_module(
+      sys.argv[0]))
+  close = difflib.get_close_matches(name, own, n=2, cutoff=0.6)
+  hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close \
+      else ""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  program = (f"python -m {spec.name}" if spec is not None
+             else os.path.basename(sys.argv[0]))
+  return (f"unknown command line flag --{name}{hint} ({program} takes "
+          f"{', '.join('--' + f for f in own)}; --help says what each "
+          f"does)")
 
 
 def _config_path(argv: list[str]) -> str | None:

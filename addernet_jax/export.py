@@ -322,6 +322,7 @@ def _define_flags() -> None:
       "config", None, "The training config of the model (configs/*.py).",
       lock_config=True)
   flags.DEFINE_string("checkpoint", None, "A training workdir.")
+  flags.DEFINE_alias("workdir", "checkpoint")  # the name train.py gives it
   flags.DEFINE_enum("which", "latest", ["latest", "best"],
                     "With --checkpoint: the latest or the best checkpoint.")
   flags.DEFINE_string("torch_checkpoint", None,

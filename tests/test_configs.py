@@ -157,6 +157,30 @@ def test_unknown_config_key_is_one_line_error(script, tmp_path):
   assert_one_line_error(result, "no_such_key")
 
 
+def test_unknown_flags_suggest_the_programs_own_flags(tmp_path):
+  """absl suggested among every flag, its logging ones included: train.py's
+  --work_dir drew nothing useful and eval.py's --workdir drew 'log_dir'."""
+  result = run_cli("train.py", "--config", "configs/smoke.py",
+                   f"--work_dir={tmp_path}")
+  assert_one_line_error(
+      result, "unknown command line flag --work_dir; did you mean "
+      "--workdir? (train.py takes --config, --coordinator_address, "
+      "--num_processes, --process_id, --workdir;")
+  result = run_cli("eval.py", "--config", "configs/smoke.py",
+                   f"--chekpoint={tmp_path}")
+  assert_one_line_error(
+      result, "did you mean --checkpoint or --torch_checkpoint? (eval.py "
+      "takes --attack_eps,")
+  assert "log_dir" not in result.stderr
+
+
+def test_eval_reads_workdir_as_train_py_names_it(tmp_path):
+  """`eval.py --workdir` (train.py's name for the folder) is --checkpoint."""
+  result = run_cli("eval.py", "--config", "configs/smoke.py",
+                   f"--workdir={tmp_path}")
+  assert_one_line_error(result, f"no checkpoint found in '{tmp_path}'")
+
+
 def test_misspelt_nested_key_names_it_plainly_with_the_suggestion(tmp_path):
   """ConfigDict wraps its KeyError in an AttributeError: the line once read
   `unknown config key '\\'feature_wieght\\'\\nDid you mean ...'`."""
