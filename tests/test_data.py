@@ -456,6 +456,21 @@ def test_data_dir_hints_archive_and_split_folder(tmp_path):
   with pytest.raises(ValueError, match=f'pass its parent {parent}'):
     data.streaming_iterator('cifar10', split, 'train', global_batch_size=2,
                             train=True, worker_count=0)
+  # Extracted as the message says (tar xzf FILE -C DIR), then DIR passed.
+  extracted = tmp_path / 'extracted'
+  extracted.mkdir()
+  with tarfile.open(archive) as tar:
+    tar.extractall(extracted)
+  inner = re.escape(repr(str(extracted / 'cifar10-jpeg')))
+  with pytest.raises(ValueError, match=r"sub-folder 'cifar10-jpeg' holds a "
+                     f'known layout: pass {inner}'):
+    data.load_arrays('cifar10', extracted, 'train')
+  with pytest.raises(ValueError, match=f'pass {inner}'):
+    data.streaming_iterator('cifar10', extracted, 'train', global_batch_size=2,
+                            train=True, worker_count=0)
+  np.testing.assert_array_equal(
+      data.load_arrays('cifar10', extracted / 'cifar10-jpeg', 'train')[1],
+      data.load_arrays('cifar10', tmp_path / 'folder', 'train')[1])
   holder = tmp_path / 'holder'
   holder.mkdir()
   shutil.copy(archive, holder)

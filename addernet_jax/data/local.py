@@ -142,13 +142,22 @@ def _has_image_file(folder: Path) -> bool:
 
 def layout_hint(root: Path) -> str:
   """A hint for a directory of no known layout: a split folder passed
-  instead of its parent, or archives still to extract ('' if neither)."""
+  instead of its parent, the data one folder down (an archive extracted into
+  it), or archives still to extract ('' if none of these)."""
   hints = []
   if any(_has_image_file(d) for d in _class_dirs(root)):
     hints.append(
         f' It looks like a single ImageFolder split (its sub-folders are class'
         f' folders of images): pass its parent {str(root.parent)!r}, which '
         'should hold train/ and test/ (or val/).')
+  # `tar xzf FILE -C DIR` puts the data one folder down: DIR/cifar10-jpeg.
+  inner = [d for d in _class_dirs(root)[:32]
+           if is_imagefolder(d) or is_mnist(d) or any(
+               _cifar_dir(d, n) is not None for n in _CIFAR_SUBDIRS)]
+  if inner:
+    hints.append(f' Its sub-folder {inner[0].name!r} holds a known layout: '
+                 f'pass {str(inner[0])!r} (--config.data_dir='
+                 f'{inner[0]}).')
   archives = sorted(p.name for p in root.iterdir()
                     if _is_archive(p) and p.is_file())
   if archives:
