@@ -15,6 +15,7 @@ import logging as std_logging
 import math
 import os
 import pickle
+import re
 import sys
 import traceback
 from typing import Any, Callable, Iterable, Iterator, NoReturn
@@ -196,10 +197,35 @@ def parse_flags(argv: list[str]) -> list[str]:
     elif path and "--config must have a value other than None" in text:
       text = (f"cannot load the --config file {path!r}: its get_config() "
               f"returned None (a missing return statement?)")
+    else:
+      missing = _MISSING_FLAG.findall(text)
+      if missing:
+        text = _missing_flags_text(missing)
     print_error(text)
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
     _config_file_error(e, argv)  # running the file failed (SyntaxError...)
+
+
+_MISSING_FLAG = re.compile(r"Flag --(\w+) must have a value other than None")
+
+
+def _program() -> str:
+  """How the user ran this program: 'train.py' or 'python -m module'."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  return (f"python -m {spec.name}" if spec is not None
+          else os.path.basename(sys.argv[0]))
+
+
+def _missing_flags_text(names: list[str]) -> str:
+  """The error for required flags left out (absl: "flag --config=None: Flag
+  --config must have a value other than None." for each), with their help."""
+  described = "; ".join(
+      f"--{n}: {flags.FLAGS[n].help.rstrip('.')}" if n in flags.FLAGS
+      else f"--{n}"
+      for n in dict.fromkeys(names))
+  return (f"{_program()} needs {' and '.join('--' + n for n in names)} "
+          f"({described}); --help says more")
 
 
 def _unknown_flag_text(name: str) -> str:
@@ -211,10 +237,7 @@ def _unknown_flag_text(name: str) -> str:
   close = difflib.get_close_matches(name, own, n=2, cutoff=0.6)
   hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close \
       else ""
-  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  program = (f"python -m {spec.name}" if spec is not None
-             else os.path.basename(sys.argv[0]))
-  return (f"unknown command line flag --{name}{hint} ({program} takes "
+  return (f"unknown command line flag --{name}{hint} ({_program()} takes "
           f"{', '.join('--' + f for f in own)}; --help says what each "
           f"does)")
 

@@ -174,6 +174,16 @@ def test_unknown_flags_suggest_the_programs_own_flags(tmp_path):
   assert "log_dir" not in result.stderr
 
 
+def test_missing_required_flags_are_named_with_their_help():
+  """absl's "flag --config=None: Flag --config must have a value other than
+  None." for each flag left out, before."""
+  result = run_cli("train.py")
+  assert_one_line_error(
+      result, "train.py needs --config and --workdir (--config: ",
+      "; --workdir: Directory for checkpoints")
+  assert "other than None" not in result.stderr
+
+
 def test_eval_reads_workdir_as_train_py_names_it(tmp_path):
   """`eval.py --workdir` (train.py's name for the folder) is --checkpoint."""
   result = run_cli("eval.py", "--config", "configs/smoke.py",
