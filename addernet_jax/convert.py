@@ -119,7 +119,8 @@ def _state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
           f"{path}: entry {key!r} is a {name}, not a numpy array; the values "
           f"must be numpy arrays (for torch tensors: "
           f"{{k: v.numpy() for k, v in state_dict.items()}})")
-    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(
+    # jnp's dtype tree: bfloat16 (ml_dtypes) is not under np.floating.
+    if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(
         value).all():
       raise ValueError(
           f"{path}: entry {key!r} holds {int((~np.isfinite(value)).sum())} "

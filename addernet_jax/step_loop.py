@@ -117,7 +117,7 @@ def run_steps(*, step: int, total_steps: int,
         throughput.restart()
       if preemption.should_stop(step):
         flush(step)
-        save(step, None, True)
+        save(step, eval_metrics, True)
         log.warning("%s: saved a checkpoint at step %d; exiting",
                     preemption.signal_name, step)
         preempted = True

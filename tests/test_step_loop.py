@@ -24,9 +24,14 @@ class _Preemption:
 
 def _run(total: int, *, start: int = 0, log_every: int = 2,
          save_every: int = 4, eval_every: int = 3,
-         preempt_at: int | None = None):
-  """Runs the loop with recording callbacks; returns (end, events)."""
+         preempt_at: int | None = None, record_clock: bool = False):
+  """Runs the loop with recording callbacks; returns (end, events). With
+  `record_clock`, the throughput clock's restarts are events too."""
   events = []
+
+  class Clock:
+    def restart(self, step=None):
+      events.append(("restart", step))
 
   def train_step(step):
     events.append(("step", step))
@@ -40,7 +45,7 @@ def _run(total: int, *, start: int = 0, log_every: int = 2,
       eval_due=lambda s: s % eval_every == 0, save_every=save_every,
       log_every=log_every, preemption=_Preemption(preempt_at),
       mesh=parallel.make_mesh(), bar=types.SimpleNamespace(disable=True),
-      throughput=step_loop.Throughput(start))
+      throughput=Clock() if record_clock else step_loop.Throughput(start))
   return end, events
 
 
@@ -80,6 +85,48 @@ def test_preemption_saves_and_stops_without_a_final_evaluation():
   assert ("flush", 5) in after and after.count(("save", 5, None, True)) == 1
   assert after.index(("flush", 5)) < after.index(("save", 5, None, True))
   assert not any(e[0] == "eval" for e in events)
+
+
+def test_preemption_at_an_evaluation_saves_its_metrics():
+  """A signal on an evaluation step saved the checkpoint with the training
+  metrics: the evaluation was lost to "best" (ranked last)."""
+  end, events = _run(20, preempt_at=6, eval_every=3, save_every=100)
+  assert end == (6, True, {"eval_x": 6.0})
+  assert [e for e in events if e[0] == "save"] == [
+      ("save", 6, {"eval_x": 6.0}, True)]
+
+
+def test_throughput_clock_restarts_after_first_step_and_every_pause():
+  """The rate leaves out compilation (the first step of a resumed run too)
+  and every evaluation and checkpoint inside the loop."""
+  _, events = _run(9, start=2, log_every=100, record_clock=True)
+
+  def after(event):
+    return events[events.index(event) + 1]
+  assert after(("step", 2)) == ("restart", 3)  # resumed: first step is 2
+  assert after(("eval", 3)) == ("restart", None)
+  assert after(("save", 4, None, False)) == ("restart", None)
+  assert after(("eval", 6)) == ("restart", None)
+  assert after(("save", 8, None, False)) == ("restart", None)
+
+
+def test_resumed_run_logs_on_the_global_cadence():
+  """Log lines fall on multiples of log_every of the global step."""
+  _, events = _run(11, start=3, log_every=4, eval_every=100, save_every=100)
+  assert [e[1] for e in events if e[0] == "flush"] == [4, 8, 11]
+
+
+def test_preempted_run_returns_its_last_evaluation():
+  """A preempted run reports the metrics of its last evaluation."""
+  end, _ = _run(20, preempt_at=7, eval_every=3, save_every=100)
+  assert end == (7, True, {"eval_x": 6.0})
+
+
+def test_last_step_on_the_evaluation_cadence_is_evaluated_once():
+  """When the last step is also an evaluation step, only the final
+  evaluation runs (not one inside the loop as well)."""
+  _, events = _run(12, eval_every=3, save_every=100, log_every=100)
+  assert [e[1] for e in events if e[0] == "eval"] == [3, 6, 9, 12]
 
 
 def test_preemption_before_the_first_step_does_nothing():
