@@ -227,29 +227,34 @@ def _fake_tensors(state: dict, storages: list) -> dict:
   return out
 
 
-def _write_fake(path: Path, obj, storages: list[_FakeStorage], legacy: bool):
-  """A torch.save-format file of `obj` (fake tensors) in either container."""
+def _write_fake(path: Path, obj, storages: list[_FakeStorage], legacy: bool,
+                byteorder: str = "little"):
+  """A torch.save-format file of `obj` (fake tensors) in either container,
+  as saved on a machine of the given byte order."""
   main = io.BytesIO()
   _TorchLikePickler(main, legacy).dump(obj)
+  order = "<" if byteorder == "little" else ">"
   if legacy:
     with open(path, "wb") as f:
       for header in (torch_pickle.LEGACY_MAGIC_NUMBER,
                      torch_pickle.LEGACY_PROTOCOL_VERSION,
-                     {"protocol_version": 1001, "little_endian": True,
+                     {"protocol_version": 1001,
+                      "little_endian": byteorder == "little",
                       "type_sizes": {"short": 2, "int": 4, "long": 4}}):
         pickle.dump(header, f, protocol=2)
       f.write(main.getvalue())
       pickle.dump([s.key for s in storages], f, protocol=2)
       for s in storages:
-        f.write(struct.pack("<q", s.flat.size))
-        f.write(s.flat.astype(s.flat.dtype.newbyteorder("<")).tobytes())
+        f.write(struct.pack(order + "q", s.flat.size))
+        f.write(s.flat.astype(s.flat.dtype.newbyteorder(order)).tobytes())
   else:
     with zipfile.ZipFile(path, "w") as z:
       z.writestr("archive/data.pkl", main.getvalue())
-      z.writestr("archive/byteorder", "little")
+      z.writestr("archive/byteorder", byteorder)
       z.writestr("archive/version", "3\n")
       for s in storages:
-        z.writestr(f"archive/data/{s.key}", s.flat.tobytes())
+        z.writestr(f"archive/data/{s.key}",
+                   s.flat.astype(s.flat.dtype.newbyteorder(order)).tobytes())
 
 
 def _assert_tree_equal(got, want):
@@ -309,6 +314,94 @@ def test_strided_and_shared_storage_views(tmp_path, legacy):
   _write_fake(path, bad, [storage], legacy)
   with pytest.raises(pickle.UnpicklingError, match="reads element"):
     torch_pickle.load(path)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_a_tensor_ending_one_past_its_storage_is_refused(tmp_path, legacy):
+  """The bounds check is exact: a tensor whose last element is one past
+  its storage was read (the test above reaches five elements past)."""
+  flat = np.arange(15, dtype=np.float32)
+  storage = _FakeStorage("0", flat)
+  path = tmp_path / "edge.pth"
+  ok = collections.OrderedDict(t=_FakeTensor(storage, 0, (5, 3), (1, 5)))
+  _write_fake(path, ok, [storage], legacy)
+  np.testing.assert_array_equal(torch_pickle.load(path)["t"],
+                                flat.reshape(3, 5).T)
+  bad = collections.OrderedDict(t=_FakeTensor(storage, 1, (5, 3), (1, 5)))
+  _write_fake(path, bad, [storage], legacy)  # last element index 15 of 15
+  with pytest.raises(pickle.UnpicklingError, match="reads element 15"):
+    torch_pickle.load(path)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_big_endian_checkpoints(tmp_path, legacy):
+  """A checkpoint saved on a big-endian machine (byteorder 'big' in a zip,
+  little_endian False in a legacy file) reads as the same numbers: only
+  little-endian files were tested, so ignoring the byte order passed."""
+  values = collections.OrderedDict(
+      w=np.linspace(-2, 3, 12, dtype=np.float32).reshape(3, 4),
+      n=np.arange(5, dtype=np.int64) - 2)
+  storages: list = []
+  path = tmp_path / "be.pth"
+  _write_fake(path, _fake_tensors(values, storages), storages, legacy,
+              byteorder="big")
+  got = torch_pickle.load(path)
+  for k, v in values.items():
+    assert got[k].dtype == v.dtype
+    np.testing.assert_array_equal(got[k], v)
+
+
+def test_legacy_storage_views(tmp_path):
+  """Very old legacy files name a slice of a storage with view_metadata
+  (key, offset, numel): a tensor on the view reads the slice, and a view
+  reaching past its storage is refused. No test wrote a view."""
+  flat = np.arange(10, dtype=np.float32)
+
+  def write(view_offset, view_numel):
+    class ViewPickler(_TorchLikePickler):
+      def persistent_id(self, obj):
+        if not isinstance(obj, _FakeStorage):
+          return None
+        return ("storage", _Global("torch", "FloatStorage"), "0", "cpu", 10,
+                ("v", view_offset, view_numel))
+
+    main = io.BytesIO()
+    ViewPickler(main, True).dump(collections.OrderedDict(
+        t=_FakeTensor(_FakeStorage("0", flat), 1, (2, 2), (2, 1))))
+    path = tmp_path / "view.pth"
+    with open(path, "wb") as f:
+      for header in (torch_pickle.LEGACY_MAGIC_NUMBER,
+                     torch_pickle.LEGACY_PROTOCOL_VERSION,
+                     {"little_endian": True}):
+        pickle.dump(header, f, protocol=2)
+      f.write(main.getvalue())
+      pickle.dump(["0"], f, protocol=2)
+      f.write(struct.pack("<q", 10) + flat.tobytes())
+    return path
+
+  got = torch_pickle.load(write(4, 5))["t"]
+  np.testing.assert_array_equal(got, flat[4:9][1:5].reshape(2, 2))
+  with pytest.raises(pickle.UnpicklingError,
+                     match="storage view outside its storage"):
+    torch_pickle.load(write(6, 5))
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_int8_and_int16_storages(tmp_path, legacy, monkeypatch):
+  """Char (int8) and Short (int16) storages, the two dtypes of the reader's
+  table that no test wrote: reading them as unsigned passed."""
+  monkeypatch.setitem(_STORAGE_NAMES, np.dtype(np.int8), "CharStorage")
+  monkeypatch.setitem(_STORAGE_NAMES, np.dtype(np.int16), "ShortStorage")
+  values = collections.OrderedDict(
+      c=np.array([-128, -1, 0, 127], np.int8),
+      s=np.array([-32768, -2, 5, 32767], np.int16))
+  storages: list = []
+  path = tmp_path / "ints.pth"
+  _write_fake(path, _fake_tensors(values, storages), storages, legacy)
+  got = torch_pickle.load(path)
+  for k, v in values.items():
+    assert got[k].dtype == v.dtype
+    np.testing.assert_array_equal(got[k], v)
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])

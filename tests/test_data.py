@@ -311,6 +311,28 @@ def test_imagefolder_listing_interleaved_by_class(tmp_path):
   np.testing.assert_array_equal(y_eval, np.arange(10))
 
 
+def test_holdout_and_eval_limit_keep_images_with_their_labels(tmp_path):
+  """The held-out split and the eval_max_examples prefix keep each image
+  with its label: images taken from the wrong end of the list passed, as
+  only the labels and shapes were checked."""
+  expected = _make_imagefolder(tmp_path, counts=(3, 2, 4))
+  x, y = expected['train']  # 12 examples in listing order
+  train, (xe, ye) = data.load_in_memory_splits(
+      'cifar10', tmp_path, holdout_examples=4, eval_max_examples=3)
+  np.testing.assert_array_equal(train[0], x[:-4])
+  np.testing.assert_array_equal(train[1], y[:-4])
+  np.testing.assert_array_equal(xe, x[-4:-1])
+  np.testing.assert_array_equal(ye, y[-4:-1])
+  _, (xt, yt) = data.load_in_memory_splits('cifar10', tmp_path,
+                                           eval_max_examples=5)
+  np.testing.assert_array_equal(xt, expected['test'][0][:5])
+  np.testing.assert_array_equal(yt, expected['test'][1][:5])
+  train, (x1, _) = data.load_in_memory_splits('cifar10', tmp_path,
+                                              holdout_examples=1)
+  np.testing.assert_array_equal(x1, x[-1:])
+  np.testing.assert_array_equal(train[0], x[:-1])
+
+
 def test_imagefolder_class_count_must_match_dataset(tmp_path):
   expected = _make_imagefolder(tmp_path, classes=[f'c{c}' for c in range(10)],
                                counts=[1] * 10, num_classes=10)
@@ -391,6 +413,34 @@ def test_imagefolder_cache_reused_and_damaged_entry_rebuilt(
     with np.load(entry) as f:  # rewritten whole
       np.testing.assert_array_equal(f['images'], expected['test'][0])
     assert sorted(p.name for p in cache.iterdir()) == [entry.name]
+
+
+def test_imagefolder_cache_follows_relabelling_and_rewritten_files(
+    tmp_path, monkeypatch):
+  """A cache entry must not outlive a change of labels or pixels (a class
+  folder renamed so that the class indices shift, the same image paths; an
+  image rewritten with the same size): a key of paths and sizes alone,
+  without a check of the labels, passed."""
+  expected = _make_imagefolder(tmp_path / 'd', splits=('test',), ext='bmp')
+  monkeypatch.setenv(arrays.CACHE_ENV, str(tmp_path / 'cache'))
+  _, y = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(y, expected['test'][1])
+  # An empty padding class renamed to sort first: every label shifts by one.
+  test_dir = tmp_path / 'd' / 'test'
+  (test_dir / 'zz_empty0000').rename(test_dir / 'Aempty')
+  _, y2 = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(y2, expected['test'][1] + 1)
+  # The same-size BMP rewritten with other pixels (a later mtime).
+  first = sorted((test_dir / 'ant').glob('*.bmp'))[0]
+  size = first.stat().st_size
+  new = np.full((32, 32, 3), 7, np.uint8)
+  Image.fromarray(new).save(first)
+  assert first.stat().st_size == size
+  st = first.stat()
+  os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  x3, _ = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  paths, _, _ = local.list_imagefolder(tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(x3[paths.index(str(first))], new)
 
 
 def test_imagefolder_cache_dir_errors(tmp_path, monkeypatch, caplog):
@@ -1126,6 +1176,42 @@ def test_streaming_resume_and_eval_padding(tmp_path):
                  for i in range(k * 8 + 4, k * 8 + 8) if i < 21]
 
 
+def test_streaming_cifar_crop_flip_matches_torchvision():
+  """The streamed pipeline's own (numpy) CIFAR augmentation: zero padding
+  4, crop offsets uniform over 0..8, a horizontal flip with p = 1/2. Only
+  the in-memory (JAX) augmentation was compared with torchvision."""
+  img = _coded_images(1, np.random.default_rng(0))[0]
+  tops, lefts, flips = [], [], []
+  for s in range(600):
+    out = streaming._pad_crop_flip(img, np.random.default_rng(s))
+    raw = out.astype(int)
+    flip = bool(raw[16, 17, 1] < raw[16, 15, 1])
+    top = raw[16, 16, 0] - 10 - 16 + 4
+    left = raw[16, 16, 1] - 10 - (15 if flip else 16) + 4
+    ref = np.pad(img, ((4, 4), (4, 4), (0, 0)))[top:top + 32, left:left + 32]
+    np.testing.assert_array_equal(out, ref[:, ::-1] if flip else ref)
+    tops.append(top)
+    lefts.append(left)
+    flips.append(flip)
+  assert set(tops) == set(lefts) == set(range(9))
+  assert abs(np.mean(flips) - 0.5) < 0.1
+
+
+def test_streaming_cifar_eval_is_not_augmented(tmp_path):
+  """Streamed CIFAR evaluation is the plain normalised images in listing
+  order, as the in-memory pipeline reads them: augmenting the evaluation
+  batches too passed."""
+  expected = _make_imagefolder(tmp_path, splits=('test',))
+  info = data.dataset_info('cifar10')
+  batches = _collect(data.streaming_iterator(
+      'cifar10', tmp_path, 'test', global_batch_size=4, train=False,
+      worker_count=0))
+  got = np.concatenate([b['image'][b['mask']] for b in batches])
+  want = ((expected['test'][0] / 255.0 - np.asarray(info.mean))
+          / np.asarray(info.std))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_streaming_imagenet_transforms(tmp_path):
   rng = np.random.default_rng(14)
   sizes = [(300, 260), (250, 400), (180, 120)]
@@ -1162,6 +1248,32 @@ def test_streaming_imagenet_transforms(tmp_path):
   assert np.all(np.isfinite(np.stack([t['image'] for t in train])))
 
 
+def test_streaming_imagenet_eval_centre_crop_of_every_image(tmp_path):
+  """Resize(256) + CenterCrop(224) on every image, with torchvision's
+  round() of the crop offsets: the test above compares one image, where
+  round() and rounding down agree, so `(oh - 224) // 2` passed."""
+  rng = np.random.default_rng(14)
+  sizes = [(300, 260), (250, 402), (181, 120)]
+  for i, (h, w) in enumerate(sizes):
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    (tmp_path / 'val' / f'n{i}').mkdir(parents=True)
+    Image.fromarray(arr).save(tmp_path / 'val' / f'n{i}' / 'a.png')
+  _pad_classes(tmp_path / 'val', 1000)
+  info = data.dataset_info('imagenet2012')
+  b = _collect(data.streaming_iterator('imagenet2012', tmp_path, 'test',
+                                       global_batch_size=3, train=False,
+                                       worker_count=0))[0]
+  for i in range(3):
+    with Image.open(tmp_path / 'val' / f'n{i}' / 'a.png') as img:
+      w, h = img.size
+      ow, oh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+      img = img.convert('RGB').resize((ow, oh), Image.BILINEAR)
+      top, left = int(round((oh - 224) / 2)), int(round((ow - 224) / 2))
+      ref = np.asarray(img.crop((left, top, left + 224, top + 224))) / 255.0
+    ref = (ref - np.asarray(info.mean)) / np.asarray(info.std)
+    np.testing.assert_allclose(b['image'][i], ref, atol=1e-5, err_msg=str(i))
+
+
 def test_random_resized_crop_box_bounds():
   rng = np.random.default_rng(15)
   for _ in range(300):
@@ -1172,6 +1284,21 @@ def test_random_resized_crop_box_bounds():
   # A very wide image falls back to the central crop of ratio 4/3 at most.
   assert streaming.random_resized_crop_box(
       10, 1000, np.random.default_rng(0)) == (0, 493, 10, 13)
+
+
+def test_random_resized_crop_box_fallbacks_and_scale_range():
+  """The tall-image fallback (a central crop of ratio 3/4) and the area
+  range 0.08..1 of torchvision's RandomResizedCrop: only the bounds and
+  the wide-image fallback were checked."""
+  assert streaming.random_resized_crop_box(
+      1000, 10, np.random.default_rng(0)) == (493, 0, 13, 10)
+  rng = np.random.default_rng(1)
+  fractions = []
+  for _ in range(2000):
+    _, _, h, w = streaming.random_resized_crop_box(400, 400, rng)
+    fractions.append(h * w / 160000)
+  assert min(fractions) < 0.1 and max(fractions) > 0.9
+  assert 0.45 < np.median(fractions) < 0.6  # U(0.08, 1), some rejected
 
 
 def test_streaming_bad_arguments(tmp_path):

@@ -69,6 +69,15 @@ def test_fits_are_the_closed_form_maximum_likelihood():
         w, gau["loc"] + dl, gau["scale"] * (1 + ds))) < gau["loglik"]
 
 
+def test_gaussian_scale_is_the_biased_std():
+  """The Gaussian fit's scale is the maximum-likelihood (biased) std: the
+  average log-likelihood is flat at the MLE, so the test above let an
+  n - 1 divisor pass."""
+  w = np.random.default_rng(2).normal(0, 1, 50)
+  assert figures.fit_gaussian(w)["scale"] == pytest.approx(np.std(w),
+                                                           rel=1e-12)
+
+
 @pytest.mark.parametrize("bad", [[1.0], [2.0, 2.0, 2.0], [0.0, np.nan, 1.0]])
 def test_fits_refuse_degenerate_values(bad):
   with pytest.raises(ValueError):
@@ -234,6 +243,35 @@ def test_read_metrics_keeps_the_last_line_of_each_step(tmp_path):
   assert summary["last_eval_top1_recalibrated"] == pytest.approx(1 - 0.05 / 3)
 
 
+def test_best_accuracy_is_the_best_not_the_last(tmp_path):
+  """`best_*` is the maximum over the evaluations, not the last one: the
+  fixtures' accuracies only ever rose, so the last value passed."""
+  lines = _run_lines(1.0)
+  lines.append({"step": 40, "eval_top1": 0.5, "eval_loss": 2.0,
+                "epoch": 4.0})
+  _write_metrics(tmp_path / "cls", lines)
+  summary = figures.curve_summary(figures.read_metrics(tmp_path / "cls"))
+  assert summary["last_eval_top1"] == 0.5
+  assert summary["best_eval_top1"] == pytest.approx(1 - 0.1 / 3)
+  _write_metrics(tmp_path / "sr", [
+      {"step": 1, "train_loss": 0.1, "epoch": 1.0},
+      {"step": 1, "eval_psnr": 31.0, "eval_ssim": 0.9, "epoch": 1.0},
+      {"step": 2, "eval_psnr": 30.0, "eval_ssim": 0.8, "epoch": 2.0}])
+  summary = figures.curve_summary(figures.read_metrics(tmp_path / "sr"))
+  assert (summary["last_eval_psnr"], summary["best_eval_psnr"]) == (30.0,
+                                                                    31.0)
+
+
+def test_curve_summary_recalibrated_only_where_logged(tmp_path):
+  """Evaluations without a recalibrated accuracy are left out: counting
+  them as 0 (then reported as the last recalibrated accuracy) passed."""
+  lines = _run_lines(1.0)
+  del lines[-1]["eval_top1_recalibrated"]
+  _write_metrics(tmp_path, lines)
+  s = figures.curve_summary(figures.read_metrics(tmp_path))
+  assert s["last_eval_top1_recalibrated"] == pytest.approx(1 - 0.05 / 2)
+
+
 def test_read_metrics_drops_the_interrupted_runs_steps_after_a_resume(
     tmp_path):
   """A run killed at step 5 after a checkpoint at 2, resumed with another
@@ -346,6 +384,24 @@ def test_curves_draws_the_learning_rate_as_steps(tmp_path, monkeypatch):
         [{"label": "x", "metrics": figures.read_metrics(
             tmp_path / "loss_only")}], str(tmp_path / "c.png"))
   assert not figs[1].axes[1].get_lines()
+
+
+def test_curves_error_panel_plots_top1_error_in_percent(tmp_path,
+                                                        monkeypatch):
+  """The error panel's data is 100 * (1 - top-1): only the learning-rate
+  panel's data was checked, so plotting the accuracy itself passed."""
+  figs = []
+  monkeypatch.setattr(figures, "save_figure",
+                      lambda fig, output: figs.append(fig) or [])
+  _write_metrics(tmp_path / "run", _run_lines(1.0))
+  figures.plot_curves([{"label": "run", "metrics": figures.read_metrics(
+      tmp_path / "run")}], str(tmp_path / "c.png"))
+  ax_err = figs[0].axes[1]
+  lines = {l.get_label(): l for l in ax_err.get_lines()}
+  assert list(lines["run eval"].get_ydata()) == pytest.approx(
+      [100 * 0.1 / e for e in (1, 2, 3)])
+  assert list(lines["run eval, BN recalibrated"].get_ydata()) == pytest.approx(
+      [100 * 0.05 / e for e in (1, 2, 3)])
 
 
 def _sr_lines():
@@ -609,6 +665,47 @@ def test_adder_gradients_match_the_official_formula_directly():
                              atol=1e-4 * np.abs(direct).max())
 
 
+def test_normalize_uses_the_dataset_statistics():
+  """The figures' own normalisation (gradient and feature figures) divides
+  by the dataset's std: leaving the division out passed."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+  got = figures._normalize(x, "mnist")  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, (x / 255.0 - 0.1307) / 0.3081, rtol=1e-6,
+                             atol=1e-6)
+
+
+def _spy_normalize(monkeypatch):
+  """Records a copy of every batch passed to figures._normalize."""
+  seen = []
+  real = figures._normalize  # pylint: disable=protected-access
+
+  def spy(x, dataset):
+    seen.append(np.asarray(x).copy())
+    return real(x, dataset)
+
+  monkeypatch.setattr(figures, "_normalize", spy)
+  return seen
+
+
+def _rows(batches):
+  """The images of `batches`, as a sorted list of their bytes."""
+  return sorted(map(bytes, np.concatenate(batches).reshape(
+      sum(len(b) for b in batches), -1)))
+
+
+def test_gradient_norm_trace_steps_through_the_batches(monkeypatch):
+  """Step s uses batch s of one permutation: every step on the first
+  batch again passed."""
+  images, labels = local.load_digits("train")
+  images, labels = images[:96], labels[:96]
+  seen = _spy_normalize(monkeypatch)
+  figures.gradient_norm_trace("mult", images, labels, dataset="digits",
+                              steps=3, batch_size=32)
+  assert len(seen) == 4  # seen[0]: the initialisation sample
+  assert _rows(seen[1:]) == _rows([images])
+
+
 @pytest.mark.slow
 def test_gradient_norm_trace_adder_smaller_than_cnn():
   images, labels = local.load_digits("train")
@@ -685,6 +782,31 @@ def test_feature_geometry_tells_rays_from_clusters():
     figures.feature_geometry(np.zeros((4, 3)), np.zeros(4))
 
 
+def test_angular_spread_is_the_circular_standard_deviation():
+  """For angles N(mu, sigma) the circular std is sigma: a spread off by a
+  factor sqrt(2) passed."""
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), 4000)
+  sigma = 0.2
+  ang = labels * np.pi / 2 + rng.normal(0, sigma, labels.size)
+  r = rng.uniform(1, 3, labels.size)
+  f = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+  g = figures.feature_geometry(f, labels)
+  assert g["angular_spread_deg"] == pytest.approx(np.degrees(sigma),
+                                                  rel=0.05)
+
+
+def test_feature_geometry_with_labels_that_are_not_0_to_k():
+  """Class ids need not be 0..K-1 (a held-out subset may lack some):
+  taking the nearest centre's index for its class id passed."""
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.array([2, 5, 7]), 100)
+  centres = {2: (5, 0), 5: (0, 5), 7: (-5, -5)}
+  f = np.stack([centres[k] for k in labels]) + rng.normal(0, 0.3, (300, 2))
+  g = figures.feature_geometry(f, labels)
+  assert g["centre_top1"] == 1.0 and g["angle_top1"] == 1.0
+
+
 @pytest.mark.parametrize("conv", [
     pytest.param("adder", marks=pytest.mark.slow), "mult"])
 def test_lenet_plus_plus_features_shape(conv):
@@ -721,6 +843,65 @@ def test_features_command_errors(tmp_path, capsys):
     assert figures.main(["features", *args, "--output", out]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+class _BNNet(nn.Module):
+  """Dense - BatchNorm: batch statistics that numpy can recompute."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dense(3, name="fc")(x.reshape((x.shape[0], -1)))
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                        name="bn")(x)
+
+
+def test_recalibrated_batch_stats_are_the_average_of_batch_statistics():
+  """The features figure's BatchNorm statistics are the mean, over the full
+  batches, of each batch's mean and variance: statistics left scaled by
+  1 - momentum, or a partial last batch counted, passed."""
+  images, _ = local.load_digits("train")
+  images = images[:70]
+  model = _BNNet()
+  x = figures._normalize(images, "digits")  # pylint: disable=protected-access
+  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  stats = figures.recalibrate_batch_stats(model, variables, images,
+                                          "digits", batch_size=16)
+  w = np.asarray(variables["params"]["fc"]["kernel"], np.float64)
+  b = np.asarray(variables["params"]["fc"]["bias"], np.float64)
+  h = np.asarray(x, np.float64).reshape(70, -1) @ w + b
+  batches = [h[i:i + 16] for i in range(0, 64, 16)]  # the last 6 left out
+  np.testing.assert_allclose(stats["bn"]["mean"],
+                             np.mean([v.mean(0) for v in batches], 0),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats["bn"]["var"],
+                             np.mean([v.var(0) for v in batches], 0),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_train_feature_model_reshuffles_and_recalibrates_on_20_batches(
+    monkeypatch):
+  """Every epoch sees every image once, in a new order, and BatchNorm is
+  re-estimated on the first 20 batches: one order for all epochs, or fewer
+  batches, passed."""
+  images, labels = local.load_digits("train")
+  images, labels = images[:200], labels[:200]
+  seen = _spy_normalize(monkeypatch)
+  got = {}
+
+  def fake_recal(model, variables, imgs, dataset, batch_size):
+    del model, dataset, batch_size
+    got["n"] = len(imgs)
+    return variables["batch_stats"]
+
+  monkeypatch.setattr(figures, "recalibrate_batch_stats", fake_recal)
+  figures.train_feature_model("mult", (images, labels), dataset="digits",
+                              widths=(2,) * 6, epochs=2, batch_size=8)
+  epochs = [seen[1:26], seen[26:51]]  # seen[0]: the initialisation sample
+  assert len(seen) == 51
+  for batches in epochs:
+    assert _rows(batches) == _rows([images])
+  assert not all(np.array_equal(a, b) for a, b in zip(*epochs))
+  assert got["n"] == 160
 
 
 @pytest.mark.extended  # the LeNet++ model and the figure code have their own tests
