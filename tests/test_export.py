@@ -43,18 +43,24 @@ def _call_without_the_repo(path: Path, x: np.ndarray, tmp: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def lenet():
+  """LeNet-5-BN whose running statistics are those of MNIST-like inputs (60
+  train-mode passes at momentum 0.9 over 32 random images; the tests use
+  other images). With initial or randomly perturbed statistics the adder
+  outputs (near -36) made every ReLU after the first BatchNorm zero: the
+  logits were the same for every image, and the round trips compared
+  constants (the round trip checks that they vary)."""
   info = data_lib.dataset_info("mnist")
   model = models.get_model("lenet5_bn", num_classes=10, conv="adder",
                            implementation="xla")
   variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)),
                          train=False)
-  # Non-trivial running statistics, so that inference mode is visible.
-  variables = {"params": variables["params"],
-               "batch_stats": jax.tree.map(
-                   lambda s: s + 0.5 * jnp.abs(jax.random.normal(
-                       jax.random.PRNGKey(4), s.shape)),
-                   variables["batch_stats"])}
-  return model, variables, info
+  rng = np.random.default_rng(1)
+  x = (rng.random((32, 28, 28, 1), np.float32) - 0.1307) / 0.3081
+  step = jax.jit(lambda v: model.apply(v, x, train=True,
+                                       mutable=["batch_stats"])[1])
+  for _ in range(60):
+    variables = {"params": variables["params"], **step(variables)}
+  return model, jax.device_get(variables), info
 
 
 def test_round_trip_gives_the_models_logits_at_any_batch(lenet, tmp_path):
@@ -71,11 +77,44 @@ def test_round_trip_gives_the_models_logits_at_any_batch(lenet, tmp_path):
     # The reference is the model itself on normalised pixels.
     direct = model.apply(variables, (x - 0.1307) / 0.3081, train=False)
     np.testing.assert_allclose(expected, direct, rtol=1e-5, atol=1e-3)
+    # Not vacuous: the logits depend on the image.
+    assert batch == 1 or np.ptp(np.asarray(direct), axis=0).max() > 0.1, direct
     got = _call_without_the_repo(path, x, tmp_path)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
   again = export.load(path).call(x)
   np.testing.assert_allclose(np.asarray(again), expected, rtol=1e-6,
                              atol=1e-4)
+
+
+def test_exported_logits_depend_on_the_pixels_as_normalised(lenet,
+                                                            tmp_path):
+  """The export must normalise the pixels as training did ((x - mean) / std):
+  on a dead network, whose logits ignore the input, any normalisation passed
+  the round trip."""
+  model, variables, info = lenet
+  rng = np.random.default_rng(0)
+  x = rng.random((5, 28, 28, 1), dtype=np.float32)
+  direct = np.asarray(model.apply(variables, (x - 0.1307) / 0.3081,
+                                  train=False))
+  # Not vacuous: the logits vary with the image, and normalising otherwise
+  # ((x - m) * s, or no mean) changes them.
+  assert np.ptp(direct, axis=0).max() > 0.1, direct
+  for wrong in ((x - 0.1307) * 0.3081, x / 0.3081):
+    assert np.abs(np.asarray(model.apply(variables, wrong, train=False))
+                  - direct).max() > 0.1
+  exported = export.export_model(model, variables, info, platforms=("cpu",))
+  np.testing.assert_allclose(np.asarray(exported.call(x)), direct,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_export_lowers_for_the_platforms_asked(lenet):
+  """--platforms must reach jax.export: a fixed platform list passed the
+  round trip, which asks for the default ("cpu", "cuda") only."""
+  model, variables, info = lenet
+  for platforms in (("cpu",), ("cpu", "tpu")):
+    exported = export.export_model(model, variables, info,
+                                   platforms=platforms)
+    assert exported.platforms == platforms
 
 
 def test_bad_inputs_get_clear_errors(lenet, tmp_path):
@@ -90,6 +129,14 @@ def test_bad_inputs_get_clear_errors(lenet, tmp_path):
   with pytest.raises(ValueError, match="is a directory"):
     export.save(export.export_model(model, variables, info,
                                     platforms=("cpu",)), tmp_path)
+
+
+def test_no_platform_is_refused(lenet):
+  """Accepting an empty --platforms= (an export for the host's platform
+  only) passed every test."""
+  model, variables, info = lenet
+  with pytest.raises(ValueError, match="platforms must be among"):
+    export.export_model(model, variables, info, platforms=())
 
 
 def _official_inputs(shared: Path):
@@ -181,6 +228,26 @@ def test_torch_checkpoint_must_fit_the_dataset(tmp_path):
   with pytest.raises(ValueError, match="training workdir: pass it with "
                      "--checkpoint"):
     export.load_variables(config, torch_checkpoint=tmp_path / "run")
+
+
+def test_load_variables_restores_the_checkpoint_asked(monkeypatch, lenet):
+  """load_variables must pass `which` on to the restore: dropping it
+  (--which=best exporting the latest checkpoint) passed every test."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _, variables, _ = lenet
+  asked = []
+
+  def restore(config, checkpoint, which="latest"):
+    del config, checkpoint
+    asked.append(which)
+    return {"params": variables["params"],
+            "batch_stats": variables["batch_stats"], "step": 3}
+  monkeypatch.setattr(train_lib, "restore_variables", restore)
+  config = _mnist_lenet_config()
+  config.update({"num_classes": 10, "conv": "adder"})
+  export.load_variables(config, checkpoint="unused", which="best",
+                        warn_running_statistics=False)
+  assert asked == ["best"]
 
 
 def test_output_that_would_harm_an_input_is_refused(tmp_path):
@@ -294,6 +361,36 @@ def test_cli_refuses_to_overwrite_its_inputs(tmp_path):
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert "Traceback" not in result.stderr
   assert {p: p.read_bytes() for p in before} == before
+
+
+# The export command with load_variables replaced by one that reports its
+# arguments (as the error the command prints last).
+_MAIN_WITH_A_FAKE_LOADER = r"""
+from absl import app
+from addernet_jax import cli, export
+def fake(config, **kwargs):
+  raise ValueError("asked " + repr(sorted(kwargs.items())))
+export.load_variables = fake
+export._define_flags()
+app.run(export.main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_cli_passes_which_and_batch_stats_to_the_loader(tmp_path):
+  """--which and --batch_stats must reach load_variables: dropping them
+  (the latest checkpoint exported with its running statistics) passed every
+  test."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  result = subprocess.run(
+      [sys.executable, "-c", _MAIN_WITH_A_FAKE_LOADER,
+       "--config=configs/mnist_lenet5.py", f"--checkpoint={tmp_path / 'run'}",
+       "--which=best", "--batch_stats=recalibrated",
+       f"--output={tmp_path / 'x.jaxexport'}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert "('which', 'best')" in last and (
+      "('batch_stats', 'recalibrated')" in last), last
 
 
 def test_a_short_run_exports_re_estimated_statistics_on_request(

@@ -122,6 +122,28 @@ def test_format_count():
   assert opcount.format_count(1_814_073_344) == "1.81G"
 
 
+def test_format_boundaries():
+  """A unit starts at its own size (1000 is "1.00K", not "1000"), energies
+  too: switching units only above it (> for >=) passed every test."""
+  assert opcount.format_count(1000) == "1.00K"
+  assert opcount.format_count(1_000_000) == "1.00M"
+  assert opcount.format_energy(2.5e9) == "2.50 mJ"
+  assert opcount.format_energy(2.5e8) == "250.00 uJ"
+  assert opcount.format_energy(1e3) == "1.00 nJ"
+  assert opcount.format_energy(999.0) == "999.0 pJ"
+
+
+def test_ops_table_columns():
+  """Each count in its own column (ANN #Mul, ANN #Add, CNN #Mul, CNN #Add):
+  only the per-model counts were tested, not the table that reports them."""
+  table = opcount.markdown_table()
+  assert "| lenet5_bn | 28x28x1 | 0 | 833.04K | 416.52K | 416.52K |" in table
+  # ResNet-20 at CIFAR size: stem + fc multiply (443,008), 40,370,176 adder
+  # MACs (test_resnet20_adder).
+  assert "| resnet20 | 32x32x3 | 443.01K | 81.18M | 40.81M | 40.81M |" in (
+      table), table
+
+
 # ------------------------------------------------------- energy, latency --
 
 def test_paper_latency_example_from_the_paper_counts():
@@ -163,7 +185,11 @@ def test_energy_table_has_every_model():
   table = opcount.markdown_energy_table()
   for name in opcount.models_lib.MODEL_NAMES:
     assert f"| {name} |" in table
-  assert "| lenet5_bn | 28x28x1 | 749.74 nJ | 1.92 uJ | 0.39 |" in table
+  # The whole row, latency columns included (a wrong ANN or CNN cycle count
+  # or ratio passed). LeNet-5-BN: 416,520 MACs; ANN 2 adds x 2 cycles, CNN
+  # 4 + 2 cycles.
+  assert ("| lenet5_bn | 28x28x1 | 749.74 nJ | 1.92 uJ | 0.39 | 1.67M | "
+          "2.50M | 0.67 |") in table, table
 
 
 def test_sr_sizes_and_config_counts_by_hand(capsys):

@@ -100,6 +100,15 @@ def test_adder_mask_on_flattened_dicts():
       ("adder_kernel", "scale")]
 
 
+def test_adder_mask_matches_the_whole_name_only():
+  """Taking a key that merely ends in "adder_kernel" ("my_adder_kernel") for
+  an adder filter passed every test: the whole last name must match."""
+  mask = optim.adder_mask({"a/my_adder_kernel": 1.0, "my_adder_kernel": 1.0,
+                           "a/adder_kernel": 1.0})
+  assert mask == {"a/my_adder_kernel": False, "my_adder_kernel": False,
+                  "a/adder_kernel": True}
+
+
 def test_adder_mask_on_flax_module():
   """Real Linen parameter names: only the AdderConv filter is masked."""
 
@@ -246,6 +255,43 @@ def test_make_optimizer_layer_axes_leave_unstacked_filters_whole():
       0.2 * math.sqrt(40), rel=1e-5)
 
 
+def test_make_optimizer_layer_axes_keep_each_unstacked_filters_direction():
+  """The test above compares norms only: a dense (rank-2) filter split into
+  per-row norms has the same total norm (rows of 0.2 sqrt(10) add up to
+  0.2 sqrt(40)) but another direction. The whole update is compared here."""
+  rng = np.random.default_rng(4)
+  grads = {"stack": {"adder_kernel": jnp.asarray(
+               rng.normal(size=(3, 3, 3, 4, 4)), jnp.float32)},
+           "plain": {"adder_kernel": jnp.asarray(
+               rng.normal(size=(3, 3, 4, 4)), jnp.float32)},
+           "fc": {"adder_kernel": jnp.asarray(
+               rng.normal(size=(4, 10)) * [[1.0], [3.0], [9.0], [0.1]],
+               jnp.float32)}}
+  config = _config(weight_decay=0.0, momentum=0.0)
+  lr = float(optim.learning_rate_schedule(config, 7)(0))
+  tx = optim.make_optimizer(config, grads, 7, layer_axes=0)
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  expected = lambda g: -lr * g / np.linalg.norm(g) * 0.2 * math.sqrt(g.size)
+  for name in ("plain", "fc"):
+    g = np.asarray(grads[name]["adder_kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(updates[name]["adder_kernel"]),
+                               expected(g), rtol=1e-5, atol=1e-7)
+  for i in range(3):
+    g = np.asarray(grads["stack"]["adder_kernel"][i], np.float64)
+    np.testing.assert_allclose(np.asarray(updates["stack"]["adder_kernel"][i]),
+                               expected(g), rtol=1e-5, atol=1e-7)
+
+
+def test_a_dense_adder_filter_draws_no_stacked_layer_warning(caplog):
+  """A rank-2 (dense) adder filter is a plain layer, not a scanned stack:
+  warning that it needs layer_axes passed every test."""
+  params = {"fc": {"adder_kernel": jnp.zeros((84, 10))},
+            "conv": {"adder_kernel": jnp.zeros((3, 3, 4, 4))}}
+  with caplog.at_level("WARNING", logger="addernet_jax.optim"):
+    optim.make_optimizer(_config(num_epochs=3), params, 7)
+  assert not caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("layer_axes", [True, 1.0, "0", (0, 1.5)])
 def test_layer_axes_of_the_wrong_type_are_refused_at_once(layer_axes):
   """Were accepted (True as axis 1) or failed at the first update with
@@ -286,6 +332,25 @@ def test_bfloat16_keeps_dtype():
   np.testing.assert_allclose(
       np.linalg.norm(np.asarray(out["adder_kernel"], np.float64)),
       0.2 * math.sqrt(30), rtol=1e-2)
+
+
+def test_bfloat16_norm_is_taken_in_float32():
+  """The norm must be taken in float32 whatever the gradient's dtype (the
+  dtype test above allows 1% off): each bfloat16 entry is the float32
+  rescaled value rounded once."""
+  rng = np.random.default_rng(0)
+  g32 = rng.normal(size=(64, 3, 3, 64)).astype(np.float32)
+  g = {"adder_kernel": jnp.asarray(g32, jnp.bfloat16)}
+  out, _ = optim.scale_by_adaptive_lr(0.2).update(
+      g, optim.ScaleByAdaptiveLRState())
+  gb = np.asarray(g["adder_kernel"], np.float64)
+  want = gb / np.linalg.norm(gb) * 0.2 * math.sqrt(gb.size)
+  got = np.asarray(out["adder_kernel"], np.float64)
+  # One bf16 rounding per entry (<= 2**-9 relative); on the norm it averages
+  # out far below the 2**-9 a bf16 factor would add to every entry.
+  np.testing.assert_allclose(np.linalg.norm(got), np.linalg.norm(want),
+                             rtol=2e-4)
+  np.testing.assert_allclose(got, want, rtol=2**-8, atol=0)
 
 
 def _official_lr(epoch: int, lr0: float = 0.1, total: float = 400) -> float:
@@ -521,6 +586,17 @@ def test_eta_through_inject_hyperparams_under_jit():
     np.testing.assert_allclose(
         updates["a"]["adder_kernel"],
         g / np.linalg.norm(g) * eta * math.sqrt(g.size), rtol=1e-5)
+
+
+def test_a_zero_gradient_stays_zero_with_a_scheduled_eta():
+  """Through optax.inject_hyperparams eta is traced: that branch must clamp
+  the norm too (without it an unused layer's zero gradient gives NaN, and
+  every test passed)."""
+  grads = {"adder_kernel": jnp.zeros((3, 3, 2, 4), jnp.float32)}
+  tx = optax.inject_hyperparams(optim.scale_by_adaptive_lr)(
+      eta=optax.linear_schedule(0.3, 0.1, 2))
+  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  np.testing.assert_array_equal(np.asarray(out["adder_kernel"]), 0.0)
 
 
 def test_bad_eta_raises_clear_error():

@@ -392,6 +392,36 @@ def test_mesh_is_auto_and_one_dimensional():
                                 np.arange(mesh.devices.size * 3.0))
 
 
+def test_make_mesh_orders_devices_by_process_and_id():
+  """make_mesh promises (process, id) order whatever order it is given (a
+  process's devices must form one block of the batch axis). Checked with 4
+  devices in a subprocess: with this process's one device any order passed."""
+  code = ("import jax\nfrom addernet_jax import parallel\n"
+          "m = parallel.make_mesh(jax.devices()[::-1])\n"
+          "print(' '.join(str(d.id) for d in m.devices.flat))\n")
+  result = subprocess.run([sys.executable, "-c", code], env=worker_env(4),
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  ids = [int(i) for i in result.stdout.strip().splitlines()[-1].split()]
+  assert ids == sorted(ids) and len(ids) == 4, ids
+
+
+def test_global_batch_shape_counts_every_process(monkeypatch):
+  """Each process passes its own rows: the global batch is process_count
+  times the local one (only the slow multi-process test saw a wrong count)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  n = mesh.devices.size
+  seen = []
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  monkeypatch.setattr(jax, "make_array_from_process_local_data",
+                      lambda sharding, value, shape: seen.append(shape))
+  parallel.global_batch_from_local({"x": np.zeros((4 * n, 5))}, mesh)
+  assert seen == [(12 * n, 5)]
+
+
 def test_initialize_distributed_single_process_is_a_noop(monkeypatch):
   from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
   for var in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS",
@@ -413,6 +443,43 @@ def test_initialize_distributed_single_process_is_a_noop(monkeypatch):
     parallel.initialize_distributed("localhost", 2, 0)
   with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
     parallel.initialize_distributed("localhost:1234", 2, 2)
+
+
+def test_a_fully_explicit_launch_turns_cluster_detection_off(monkeypatch):
+  """With address, count and id all given, JAX must not also apply a
+  detected SLURM cluster's one-GPU-per-process restriction (no test looked
+  at what jax.distributed.initialize gets); with some given inside a
+  cluster, JAX's detection fills in the rest."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(parallel, "_check_port_free", lambda address: None)
+  monkeypatch.setattr(parallel, "_enable_cpu_collectives", lambda: None)
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+  for var, value in (("SLURM_JOB_ID", "1"), ("SLURM_PROCID", "1"),
+                     ("SLURM_NTASKS", "2")):
+    monkeypatch.setenv(var, value)
+  assert parallel.initialize_distributed("localhost:1234", 2, 1) is True
+  assert calls[-1]["cluster_detection_method"] == "deactivate"
+  assert calls[-1]["process_id"] == 1 and calls[-1]["num_processes"] == 2
+  assert parallel.initialize_distributed(num_processes=2, process_id=1)
+  assert "cluster_detection_method" not in calls[-1]
+
+
+def test_a_single_tpu_host_is_not_a_cluster(monkeypatch):
+  """Taking TPU_WORKER_HOSTNAMES naming one host (a single TPU VM) for a pod
+  slice passed every test: only several hosts make a TPU cluster."""
+  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
+  for var in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_STEP_NUM_TASKS", "OMPI_MCA_orte_hnp_uri",
+              "PMIX_NAMESPACE", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+  assert parallel.detect_cluster() is None
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-a,host-b")
+  assert parallel.detect_cluster() == "tpu"
 
 
 if __name__ == "__main__":

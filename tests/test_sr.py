@@ -704,6 +704,21 @@ def test_export_runs_without_the_repo_at_any_size(skimage_folders,
     export.load_variables(config, checkpoint=workdir)
 
 
+def test_sr_export_lowers_for_the_platforms_asked():
+  """export_sr_model must lower for the platforms asked (the command's
+  --platforms), not for the default ones; no test looked."""
+  from addernet_jax import export  # pylint: disable=g-import-not-at-top
+  model = models.get_sr_model("edsr_baseline", scale=2, conv="adder",
+                              num_blocks=1, features=4)
+  # Zero variables of the right shapes: the values do not matter here, and
+  # model.init takes seconds.
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False))
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+  exported = export.export_sr_model(model, variables, 3, platforms=("cpu",))
+  assert exported.platforms == ("cpu",)
+
+
 def test_sr_config_errors(skimage_folders, tmp_path):
   config = _smoke_config(*skimage_folders)
   config.data_dir = str(tmp_path / "missing_hr")
