@@ -17,13 +17,14 @@ def shared_data() -> Path:
 
 
 # The longest test files (work seconds of a two-worker run on a 2-core CPU,
-# 2026-11-29). pytest-xdist's `--dist loadfile` hands files out in the order
+# 2026-12-01). pytest-xdist's `--dist loadfile` hands files out in the order
 # it is given, so the longest go first and the short ones fill in at the end
 # (its default order, most tests first, left two 130-160 s files for last).
-LONGEST_FIRST = ("test_train.py", "test_attacks.py", "test_distill.py",
-                 "test_fidelity.py", "test_kernels.py", "test_kernels_simt.py",
-                 "test_models.py", "test_multihost.py", "test_sr.py",
-                 "test_eval.py", "test_figures.py")
+LONGEST_FIRST = ("test_train.py", "test_sr.py", "test_models.py",
+                 "test_distill.py", "test_multihost.py", "test_configs.py",
+                 "test_figures.py", "test_export.py", "test_eval.py",
+                 "test_kernels_simt.py", "test_kernels.py",
+                 "test_init_from.py", "test_nnx_bridge.py")
 
 
 def pytest_configure(config):
