@@ -100,11 +100,13 @@ def test_laplace_beats_gaussian_on_the_official_resnet20_adder_layers(
     assert fits["loglik_difference"] > 0.05, (layer, fits)
 
 
-def _fake_workdir(root: Path, conv: str, seed: int) -> tuple[Path, dict]:
-  """A workdir with one checkpoint laid out as training saves it (a state
+def _fake_workdir(root: Path, conv: str, seed: int, steps=(390,),
+                  steps_per_epoch: int = 195) -> tuple[Path, dict]:
+  """A workdir with checkpoints laid out as training saves them (a state
   with step/params/batch_stats, and the meta), holding random LeNet-5-BN
   parameters: adder filters N(0, 1), CNN filters U(-1/sqrt(fan_in), ...) as
-  at initialisation (shapes from `jax.eval_shape`: nothing is compiled)."""
+  at initialisation (shapes from `jax.eval_shape`: nothing is compiled).
+  Every step holds the same parameters; its meta says its step."""
   model = models.get_model("lenet5_bn", num_classes=10, conv=conv)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))
@@ -117,15 +119,28 @@ def _fake_workdir(root: Path, conv: str, seed: int) -> tuple[Path, dict]:
     return rng.normal(0, 1, leaf.shape).astype(np.float32)
 
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
-  state = {"step": np.asarray(390, np.int32), **variables}
-  meta = {"step": 390, "epoch": 2.0, "steps_per_epoch": 195, "seed": seed,
-          "model": "lenet5_bn", "conv": conv, "dataset": "mnist"}
   workdir = root / conv
   with ckpt_lib.CheckpointManager(workdir / "checkpoints",
                                   best_metric=None) as mgr:
-    mgr.save(390, state, meta, force=True)
-    mgr.wait_until_finished()
+    for step in steps:
+      state = {"step": np.asarray(step, np.int32), **variables}
+      meta = {"step": step, "epoch": step / steps_per_epoch,
+              "steps_per_epoch": steps_per_epoch, "seed": seed,
+              "model": "lenet5_bn", "conv": conv, "dataset": "mnist"}
+      mgr.save(step, state, meta, force=True)
+      mgr.wait_until_finished()
   return workdir, variables["params"]
+
+
+def test_weights_read_the_newest_meta_and_a_fractional_epoch(tmp_path):
+  """The meta of the oldest checkpoint, or the epoch as `step //
+  steps_per_epoch`, passed every test: each fake workdir had one checkpoint
+  at a whole epoch."""
+  workdir, _ = _fake_workdir(tmp_path, "adder", 0, steps=(180, 390),
+                             steps_per_epoch=180)
+  assert figures.checkpoint_meta(workdir)["step"] == 390
+  loaded = figures.load_layer_weights(workdir, "conv1")
+  assert (loaded["step"], loaded["epoch"]) == (390, 2.17)
 
 
 def test_weights_command_reads_workdirs(tmp_path, capsys):
