@@ -393,6 +393,7 @@ def test_cli_passes_which_and_batch_stats_to_the_loader(tmp_path):
       "('batch_stats', 'recalibrated')" in last), last
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_a_short_run_exports_re_estimated_statistics_on_request(
     tmp_path, monkeypatch):
   """A 1-epoch MNIST run exported its running BatchNorm statistics (15%

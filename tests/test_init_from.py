@@ -63,6 +63,7 @@ def test_a_workdir_gives_its_weights_and_a_fresh_optimizer(trained_workdir):
   assert new.params["fc3"][KERNEL].sharding == rep
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_a_run_from_a_workdir_trains_from_it_and_resumes_without_it(
     trained_workdir, tmp_path, monkeypatch, caplog):
   config = smoke.get_config()

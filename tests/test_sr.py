@@ -639,6 +639,7 @@ def test_sigterm_during_start_up_stops_cleanly(skimage_folders, tmp_path,
       p.name.isdigit() for p in checkpoints.iterdir())
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_export_runs_without_the_repo_at_any_size(skimage_folders,
                                                   tmp_path):
   """`python -m addernet_jax.export` of an AdderSR workdir: one file that
