@@ -429,6 +429,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 @pytest.mark.slow  # about 20 s: a subprocess with 2 host devices
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_two_devices_equal_one_device(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH",

@@ -460,6 +460,7 @@ def _saved_state(workdir: Path, num_train_steps: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_pkkd_trains_on_two_devices_resumes_exactly_and_evaluates(
     jax_cache, tmp_path):
   full = _train(jax_cache, tmp_path / "full")  # 3 steps, saved at 2 and 3

@@ -102,6 +102,7 @@ def test_lenet_is_all_adders():
   assert len(kernels) == 5 and all("adder_kernel" in k for k in kernels)
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_forward_values_finite_and_train_differs_from_eval():
   model = get_model("resnet20", num_classes=10)
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
