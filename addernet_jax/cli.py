@@ -220,10 +220,11 @@ def _program() -> str:
 def _missing_flags_text(names: list[str]) -> str:
   """The error for required flags left out (absl: "flag --config=None: Flag
   --config must have a value other than None." for each), with their help."""
+  names = list(dict.fromkeys(names))
   described = "; ".join(
       f"--{n}: {flags.FLAGS[n].help.rstrip('.')}" if n in flags.FLAGS
       else f"--{n}"
-      for n in dict.fromkeys(names))
+      for n in names)
   return (f"{_program()} needs {' and '.join('--' + n for n in names)} "
           f"({described}); --help says more")
 

@@ -498,26 +498,27 @@ def test_data_dir_hints_archive_and_split_folder(tmp_path):
   with pytest.raises(ValueError, match=r'is not a directory\. It is an '
                      r'archive: extract it first'):
     data.load_arrays('cifar10', archive, 'train')
+
+  def refused_by_both_loaders(root, pattern):
+    with pytest.raises(ValueError, match=pattern):
+      data.load_arrays('cifar10', root, 'train')
+    with pytest.raises(ValueError, match=pattern):
+      data.streaming_iterator('cifar10', root, 'train', global_batch_size=2,
+                              train=True, worker_count=0)
+
   split = tmp_path / 'folder' / 'train'
   parent = re.escape(repr(str(split.parent)))
-  with pytest.raises(ValueError, match=r'single ImageFolder split .* pass '
-                     f'its parent {parent}'):
-    data.load_arrays('cifar10', split, 'train')
-  with pytest.raises(ValueError, match=f'pass its parent {parent}'):
-    data.streaming_iterator('cifar10', split, 'train', global_batch_size=2,
-                            train=True, worker_count=0)
+  refused_by_both_loaders(
+      split, f'single ImageFolder split .* pass its parent {parent}')
   # Extracted as the message says (tar xzf FILE -C DIR), then DIR passed.
   extracted = tmp_path / 'extracted'
   extracted.mkdir()
   with tarfile.open(archive) as tar:
     tar.extractall(extracted)
   inner = re.escape(repr(str(extracted / 'cifar10-jpeg')))
-  with pytest.raises(ValueError, match=r"sub-folder 'cifar10-jpeg' holds a "
-                     f'known layout: pass {inner}'):
-    data.load_arrays('cifar10', extracted, 'train')
-  with pytest.raises(ValueError, match=f'pass {inner}'):
-    data.streaming_iterator('cifar10', extracted, 'train', global_batch_size=2,
-                            train=True, worker_count=0)
+  refused_by_both_loaders(
+      extracted, f"sub-folder 'cifar10-jpeg' holds a known layout: pass "
+      f'{inner}')
   np.testing.assert_array_equal(
       data.load_arrays('cifar10', extracted / 'cifar10-jpeg', 'train')[1],
       data.load_arrays('cifar10', tmp_path / 'folder', 'train')[1])
