@@ -289,3 +289,50 @@ def test_a_nan_metric_is_never_the_best(tmp_path, mode, values):
       mgr.save(step, {"w": jnp.ones(2)}, metrics={"m": value})
     mgr.wait_until_finished()
     assert mgr.best_step() == 3
+
+
+def test_best_step_is_none_when_no_step_has_the_metric(tmp_path):
+  """Steps saved without the ranking metric (training passes its train
+  metrics at checkpoints between evaluations) are never "the best": with
+  none ranked, best_step is None and evaluation falls back to the latest,
+  saying so (a min-mode manager picked the OLDEST step)."""
+  for mode in ("max", "min"):
+    directory = tmp_path / mode
+    with ckpt.CheckpointManager(directory, max_to_keep=10, best_metric="m",
+                                best_mode=mode, async_save=False) as mgr:
+      for step in (1, 2, 3):
+        mgr.save(step, {"w": jnp.full(2, float(step))},
+                 metrics={"train_loss": float(step)})
+      assert mgr.best_step() is None, mode
+    got = ckpt.restore_for_eval(directory, {"w": jax.ShapeDtypeStruct(
+        (2,), jnp.float32)}, which="best", with_meta=True, best_metric="m")
+    assert got.which == "latest", mode
+    np.testing.assert_array_equal(np.asarray(got.state["w"]), [3.0, 3.0])
+
+
+def test_a_run_killed_in_its_first_save_can_start_over(tmp_path, base_state):
+  """A SIGKILL during the very first save leaves only an unfinished step
+  folder. It is moved aside as unfinished, which is not a damaged step: the
+  rerun (and the one after it) starts from step 0 instead of refusing to
+  "start over silently"."""
+  directory = tmp_path / "ck"
+  (directory / "4" / "state").mkdir(parents=True)  # no commit file
+  for _ in range(2):
+    with ckpt.CheckpointManager(directory) as mgr:
+      assert mgr.restore(abstract(base_state)) is None
+      assert mgr.quarantined_steps() == []
+  moved = list((tmp_path / "ck.corrupted").iterdir())
+  assert [p.name.split("-")[:2] for p in moved] == [["4", "unfinished"]]
+
+
+def test_latest_step_and_latest_meta_are_the_newest_step(tmp_path):
+  """With several steps, the newest (what latest_meta explains a mismatch
+  with), not the oldest."""
+  directory = tmp_path / "ck"
+  with ckpt.CheckpointManager(directory, max_to_keep=5,
+                              async_save=False) as mgr:
+    for step in (1, 2, 3):
+      mgr.save(step, {"w": jnp.full(2, float(step))}, {"step": step})
+    assert mgr.latest_step() == 3
+  assert ckpt.latest_meta(directory) == {"step": 3}
+  assert ckpt.latest_meta(tmp_path) == {}  # no checkpoints/ there

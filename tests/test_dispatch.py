@@ -474,3 +474,102 @@ def test_check_runs_once_per_signature_and_is_cheap_to_repeat(monkeypatch):
                          cols=WINDOW[1], reference=ops._REFERENCE)
   forwards = [c for c in module.calls if c[0] == "forward"]
   assert [c[2] for c in forwards] == [jnp.float32, jnp.bfloat16]
+
+
+def _forward_off_by(delta):
+  """A forward wrong at one output element by `delta`: under the tolerance
+  in relative L2 over the whole output, far over it as a max error."""
+  def forward(xp, w, strides):
+    return _naive_forward(xp, w, strides).at[0, 0, 0, 0].add(delta)
+  return forward
+
+
+def test_check_rejects_a_single_wrong_element_by_its_max_error():
+  """One output element off by 0.04 (of outputs near -30, L2 norm ~480):
+  relative L2 ~8e-5 passes the float32 tolerance 2e-4, relative max ~1e-3
+  does not. Without the max-error half of the comparison a kernel wrong at
+  one ragged-edge pixel of a large call would pass."""
+  reason = _check(family(forward=_forward_off_by(0.04)))
+  assert reason is not None and reason.startswith("computes wrong numbers"), (
+      reason)
+  errors = [float(e) for e in re.findall(r"(\d\.\de[-+]\d+)", reason)]
+  assert errors[0] < dispatch.TOLERANCE["float32"] < errors[1], reason
+
+
+def _clip_at_2(xp, w, g, strides):
+  """The input gradient with HardTanh's bound at 2 instead of 1."""
+  kh, kw = w.shape[:2]
+  ho, wo = g.shape[1:3]
+  dxp = jnp.zeros(xp.shape, jnp.float32)
+  for i in range(kh):
+    for j in range(kw):
+      sl = (slice(None), slice(i, i + strides[0] * (ho - 1) + 1, strides[0]),
+            slice(j, j + strides[1] * (wo - 1) + 1, strides[1]))
+      clipped = jnp.clip(w[i, j].astype(jnp.float32)
+                         - xp[sl].astype(jnp.float32)[..., None], -2, 2)
+      dxp = dxp.at[sl].add((clipped * g.astype(jnp.float32)[..., None, :]
+                            ).sum(-1))
+  return dxp
+
+
+def test_check_data_saturates_the_clip():
+  """The check's random data must reach |w - x| > 1, else an input gradient
+  with the wrong HardTanh bound (or none) passes it."""
+  reason = _check(family(input_grad=_clip_at_2))
+  assert reason is not None and re.search(
+      r"^computes wrong numbers: .*input gradient", reason), reason
+
+
+def test_check_is_redone_for_another_window_strides_and_varying(monkeypatch):
+  """A check holds for its exact call only: another input-gradient window,
+  other strides, or operands varying along other mesh axes are checked
+  again (each can change what the kernel computes or whether it runs)."""
+  seen = []
+
+  def forward(xp, w, strides):
+    seen.append((tuple(strides), layout.varying_axes(xp)))
+    return _naive_forward(xp, w, strides)
+  module = family(forward=forward)
+  _on_gpu(monkeypatch, "triton", triton=module)
+  other_window = ((2, 5), (1, 7))
+  for strides, window, varying in (
+      ((1, 1), WINDOW, ((), ())),
+      ((1, 1), other_window, ((), ())),      # another window
+      ((2, 2), WINDOW, ((), ())),            # other strides
+      ((1, 1), WINDOW, (("b",), ())),        # xp varying along "b"
+      ((1, 1), WINDOW, ((), ())),            # all seen: no new check
+  ):
+    assert dispatch.backend_for(
+        XP_SHAPE, W_SHAPE, strides, "float32", rows=window[0],
+        cols=window[1], reference=ops._REFERENCE,
+        varying=varying).name == "triton"
+  windows = [c[3:] for c in module.calls if c[0] == "input_grad"]
+  assert windows.count(((2, 5), (1, 7))) == 1, windows
+  assert seen == [((1, 1), frozenset()), ((1, 1), frozenset()),
+                  ((2, 2), frozenset()), ((1, 1), frozenset({"b"}))], seen
+
+
+def test_a_rejection_is_logged_for_each_dtype(monkeypatch, caplog):
+  """A family rejected for float32 and again for bfloat16 on the same shapes
+  says so twice: the second rejection names its dtype."""
+  _on_gpu(monkeypatch, "triton", triton=family(forward=_wrong_edge))
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    assert _backend("float32") is None
+    assert _backend("bfloat16") is None
+  lines = [r.getMessage() for r in caplog.records
+           if r.levelno == logging.WARNING and "rejected" in r.getMessage()]
+  assert len(lines) == 2, lines
+  assert ", float32, " in lines[0] and ", bfloat16, " in lines[1], lines
+
+
+def test_a_family_whose_unsupported_reason_raises_is_skipped(monkeypatch,
+                                                            caplog):
+  """`unsupported_reason` raising (a family's own bug) is a fallback to the
+  next family, logged, not an exception in the user's program."""
+  def refuses(*shapes):
+    raise ZeroDivisionError("integer division by zero (injected)")
+  _on_gpu(monkeypatch, mosaic_gpu=family("mosaic", unsupported_reason=refuses),
+          triton=family())
+  with caplog.at_level(logging.INFO, logger=LOGGER):
+    assert _backend().name == "triton"
+  assert "unsupported_reason raised ZeroDivisionError" in caplog.text

@@ -856,3 +856,39 @@ def test_eval_before_the_first_save_says_when_training_saves(tmp_path):
       r"no checkpoint found in .* \(training saves its first one at the end "
       r"of the first epoch, or every --config.checkpoint_every_steps steps")):
     ckpt.restore_for_eval(tmp_path / "checkpoints", ABSTRACT)
+
+
+@pytest.mark.parametrize("cause", [OSError(errno.EIO, "Input/output error"),
+                                   MemoryError("out of memory")],
+                         ids=["EIO", "MemoryError"])
+def test_an_io_error_is_not_damage_even_when_it_follows_a_missing_file(
+    tmp_path, monkeypatch, cause):
+  """An I/O error (or running out of memory) anywhere in the chain means
+  "could not read", not "damaged": even raised while handling a missing-file
+  error, the newest step is not moved aside and the run does not fall back
+  to an older one."""
+  directory = tmp_path / "ck"
+  save_two(directory)
+  real = ocp.CheckpointManager.restore
+
+  def failing_restore(self, step, *args, **kwargs):
+    if step != 2:
+      return real(self, step, *args, **kwargs)
+    try:
+      raise FileNotFoundError(errno.ENOENT, "No such file or directory",
+                              str(directory / "2" / "meta" / "metadata"))
+    except FileNotFoundError as missing:
+      raise cause from missing
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+  with ckpt.CheckpointManager(directory) as mgr:
+    with pytest.raises(ckpt.CheckpointError) as err:
+      mgr.restore(ABSTRACT)
+  assert not isinstance(err.value, ckpt.CheckpointCorruptedError)
+  assert "reading checkpoint step 2" in str(err.value)
+  assert "nothing was moved" in str(err.value)
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+  assert not (tmp_path / "ck.corrupted").exists()
+  monkeypatch.undo()
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert_state(mgr.restore(ABSTRACT)[0], 2)

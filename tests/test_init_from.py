@@ -1,8 +1,10 @@
 """config.init_from: a new run starting from trained weights (a workdir of
 this project or the official PyTorch checkpoint)."""
 
+import json
 from pathlib import Path
 import re
+import shutil
 import sys
 
 import chex
@@ -175,3 +177,84 @@ def test_the_official_checkpoint_initialises_resnet20(shared_data):
   with pytest.raises(ValueError, match="conv 'adder', the config has "
                      "config.conv='mult'"):
     train_lib.load_initial_weights(config)
+
+
+def test_init_from_reads_the_latest_step_not_the_best(trained_workdir,
+                                                      tmp_path):
+  """init_from takes a workdir's LATEST step, as documented, even when an
+  older step ranks better (here step 2 is made the best)."""
+  source = tmp_path / "source"
+  shutil.copytree(trained_workdir, source)
+  (source / "checkpoints" / "2" / "metrics" / "metrics").write_text(
+      json.dumps({"eval_top1": 1.0}))
+  config = smoke.get_config()
+  config.init_from = str(source)
+  initial = train_lib.load_initial_weights(config)
+  assert initial.step == 3
+  latest = jax.device_get(train_lib.restore_variables(config, source))
+  chex.assert_trees_all_equal(initial.variables["params"], latest["params"])
+
+
+def test_training_ranks_its_checkpoints_by_eval_top1(trained_workdir):
+  """Checkpoints saved at an evaluation carry its metrics (eval_top1 ranks
+  "best"); one saved between evaluations carries none of them."""
+  with ckpt_lib.CheckpointManager(trained_workdir / "checkpoints",
+                                  read_only=True) as mgr:
+    assert "eval_top1" in mgr.metrics(3), mgr.metrics(3)
+    assert "eval_top1" not in (mgr.metrics(2) or {}), mgr.metrics(2)
+    assert mgr.best_step() == 3
+  got = ckpt_lib.restore_for_eval(
+      trained_workdir, {"step": jax.ShapeDtypeStruct((), jax.numpy.int32)},
+      which="best", with_meta=True)
+  assert got.which == "best" and got.meta["step"] == 3
+
+
+def test_training_opens_its_checkpoints_as_configured(tmp_path, monkeypatch):
+  """The run's manager keeps config.max_checkpoints_to_keep steps and the
+  best by eval_top1 (higher is better)."""
+  made = []
+
+  class Stop(Exception):
+    pass
+
+  class Spy(ckpt_lib.CheckpointManager):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append((self.max_to_keep, self.best_metric, self.best_mode))
+      self.close()
+      raise Stop
+
+  monkeypatch.setattr(train_lib.ckpt_lib, "CheckpointManager", Spy)
+  config = smoke.get_config()
+  config.max_checkpoints_to_keep = 5
+  with pytest.raises(Stop):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert made == [(5, "eval_top1", "max")]
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
+def test_init_from_after_an_unfinished_first_save_then_a_resume(
+    trained_workdir, tmp_path):
+  """A run with init_from killed in its first save leaves only an unfinished
+  step folder: the rerun starts from init_from's weights (read only then),
+  and its own resume continues from its checkpoint, the meta still naming
+  where it started and metrics.jsonl marking the resume step."""
+  config = smoke.get_config()
+  config.num_train_steps = 1
+  config.init_from = str(trained_workdir)
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "5" / "state").mkdir(parents=True)
+  assert train_lib.train_and_evaluate(config, workdir)["step"] == 1
+  config.num_train_steps = 2
+  assert train_lib.train_and_evaluate(config, workdir)["step"] == 2
+  started = {"init_from": str(trained_workdir), "init_from_step": 3}
+  with ckpt_lib.CheckpointManager(workdir / "checkpoints",
+                                  read_only=True) as mgr:
+    assert mgr.all_steps() == [1, 2]
+    for step in (1, 2):
+      assert {k: mgr.meta(step)[k] for k in started} == started, step
+  records = [json.loads(line) for line in
+             (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {"step": 1, "resumed_from_step": 1} in records, records
+  assert not any(r.get("resumed_from_step") == 0 for r in records), records

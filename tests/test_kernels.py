@@ -918,3 +918,17 @@ def test_kernels_lower_inside_shard_map_with_check_vma(family, platform,
                        out_specs=(P("batch"), P("batch")), check_vma=True)
   text = _lower(step, platform, *avals, mesh=abstract)
   assert marker in text
+
+
+def test_gpu_input_grad_sums_several_output_channel_blocks():
+  """More output channels (37) than FORWARD_BLOCK: the input gradient sums
+  three blocks of partials (13, 13 and a shorter last 11). On JAX 0.10 no
+  other default test gives `kernels.gpu.input_grad` more than 16 output
+  channels (the Mosaic GPU class, whose input gradient this is, has one
+  case with 20, and runs from JAX 0.11 only)."""
+  case = Case(1, 6, 7, 3, 37, 3, 2)
+  xp, w, g = case.arrays(7)
+  assert gpu.forward_blocks(case.cout) == (3, 13)
+  dxp = gpu.input_grad(xp, w, g, (2, 2), interpret=True)
+  assert dxp.dtype == jnp.float32
+  assert rel_err(dxp, np_input_grad(xp, w, g, (2, 2))) < 2e-6

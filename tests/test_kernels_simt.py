@@ -373,3 +373,19 @@ def test_lowers_for_h100(xp_shape, w_shape, strides, dtype):
         xp, w, g).lower(lowering_platforms=("cuda",)).as_text()
   assert "__gpu$xla.gpu.triton" in fwd and "__gpu$xla.gpu.triton" in dx
   assert "adder_forward_simt" in fwd and "adder_input_grad_simt" in dx
+
+
+def test_unrolled_channels_and_vector_groups_across_warps_interpret():
+  """What a GPU tile does and no interpret test did: input channels (5) and
+  output channels (11) not multiples of `unroll` (4; padded to it), and a
+  register tile of G=2 filter vectors with 2 warps along channels (warp wc
+  owns channels wc*C + g*V + v: the C-stride of the warps only shows when
+  G > 1 and WC > 1). Interpret mode's own tiles have G = 1, unroll = 1."""
+  case = Case(1, 6, 7, 5, 11, 3, 1)
+  xp, w, g = case.arrays(6)
+  bs = BS(pix_per_thread=1, ch_per_thread=8, warps_pix=1, warps_ch=2,
+          unroll=4, chunk=4)
+  y = simt.forward(xp, w, (1, 1), block_sizes=bs, interpret=True)
+  assert rel_err(y, np_forward(xp, w, (1, 1))) < TOL
+  dxp = simt.input_grad(xp, w, g, (1, 1), block_sizes=bs, interpret=True)
+  assert rel_err(dxp, np_input_grad(xp, w, g, (1, 1))) < TOL

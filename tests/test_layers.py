@@ -231,3 +231,45 @@ def test_every_adder_layer_starts_from_the_official_normal_filters():
     assert w.size >= 24_000, name
     assert abs(w.mean()) < 0.03 and abs(w.std() - 1.0) < 0.03, (
         name, w.mean(), w.std())
+
+
+def test_nnx_layers_pass_strides_dtype_and_gradient_to_the_op():
+  """The NNX layers hand their own options to `ops.adder_conv`: unequal
+  strides in their order, `dtype`, and `gradient="exact"` (whose input
+  gradient differs from the official clipped one); every other test used
+  square strides, the default dtype and the official gradient."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
+  pads = ((1, 1), (1, 1))
+  conv = layers.AdderConvNNX(3, 4, 3, strides=(2, 1), padding=1,
+                             gradient="exact", rngs=nnx.Rngs(0))
+  w = conv.adder_kernel[...]
+
+  def op(x, gradient):
+    return ops.adder_conv(x, w, strides=(2, 1), padding=pads,
+                          gradient=gradient)
+  y = conv(x)
+  assert y.shape == (2, 4, 6, 4)
+  np.testing.assert_allclose(y, op(x, "exact"), rtol=1e-6)
+  loss = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x) / 3.0)))(x)
+  exact, official = loss(lambda x: op(x, "exact")), loss(
+      lambda x: op(x, "official"))
+  assert not np.allclose(exact, official, rtol=1e-3)
+  np.testing.assert_allclose(loss(conv), exact, rtol=1e-5, atol=1e-6)
+  bf16 = layers.AdderConvNNX(3, 4, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert bf16(x).dtype == jnp.bfloat16
+
+  x2 = jnp.asarray(rng.normal(size=(4, 11)), jnp.float32)
+  dense = layers.AdderDenseNNX(11, 6, gradient="exact", rngs=nnx.Rngs(1))
+  k = dense.adder_kernel[...]
+
+  def dense_op(x, gradient):
+    y = ops.adder_conv(x.reshape(4, 1, 1, 11), k[None, None],
+                       padding="VALID", gradient=gradient)
+    return y.reshape(4, 6)
+  exact = jax.grad(lambda x: jnp.sum(jnp.sin(dense_op(x, "exact"))))(x2)
+  official = jax.grad(lambda x: jnp.sum(jnp.sin(dense_op(x, "official"))))(x2)
+  assert not np.allclose(exact, official, rtol=1e-3)
+  np.testing.assert_allclose(
+      jax.grad(lambda x: jnp.sum(jnp.sin(dense(x))))(x2), exact, rtol=1e-5,
+      atol=1e-6)
