@@ -892,3 +892,24 @@ def test_an_io_error_is_not_damage_even_when_it_follows_a_missing_file(
   monkeypatch.undo()
   with ckpt.CheckpointManager(directory) as mgr:
     assert_state(mgr.restore(ABSTRACT)[0], 2)
+
+
+def test_a_step_moved_aside_again_in_the_same_second_gets_its_own_folder(
+    tmp_path, monkeypatch):
+  """Step 2 already moved aside twice within the same second (its folder
+  name and the "-1" one taken): the next damaged step 2 goes to "-2", never
+  inside an existing folder, where it would no longer count as damaged."""
+  monkeypatch.setattr(ckpt.time, "strftime", lambda fmt: "20261201-120000")
+  directory = tmp_path / "ck"
+  taken = ["2-20261201-120000", "2-20261201-120000-1"]
+  for name in taken:
+    (tmp_path / "ck.corrupted" / name).mkdir(parents=True)
+  save_two(directory)
+  _garble(directory / "2")
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert_state(mgr.restore(ABSTRACT)[0], 1)
+  moved = tmp_path / "ck.corrupted"
+  assert sorted(p.name for p in moved.iterdir()) == [
+      *taken, "2-20261201-120000-2"]
+  assert all(not any((moved / name).iterdir()) for name in taken)
+  assert (moved / "2-20261201-120000-2" / "state").is_dir()

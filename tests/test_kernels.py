@@ -932,3 +932,58 @@ def test_gpu_input_grad_sums_several_output_channel_blocks():
   dxp = gpu.input_grad(xp, w, g, (2, 2), interpret=True)
   assert dxp.dtype == jnp.float32
   assert rel_err(dxp, np_input_grad(xp, w, g, (2, 2))) < 2e-6
+
+
+def _pallas_operand_shapes(fn, *args) -> list[tuple[int, ...]]:
+  """The operand shapes of the first pallas_call `fn` traces to."""
+  def find(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        return [tuple(v.aval.shape) for v in eqn.invars]
+      for param in eqn.params.values():  # jit's inner jaxpr
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          found = find(inner)
+          if found:
+            return found
+    return None
+  return find(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("xp_shape,k,strides,block_pix", [
+    ((2, 5, 40, 3), 3, (1, 1), 16),    # 2-D tiles, ragged columns
+    ((1, 12, 7, 2), 3, (1, 1), 16),
+    ((1, 9, 21, 4), 3, (2, 2), 8),     # strided
+    ((1, 19, 19, 2), 3, (1, 1), 64),   # 17-wide: flat tiles
+    ((1, 35, 35, 2), 3, (2, 2), 32),   # 17-wide stride phases, flat
+    ((1, 8, 11, 2), 1, (2, 2), 8),     # 1x1 strided
+])
+def test_gpu_forward_reads_stay_inside_the_padded_input(xp_shape, k, strides,
+                                                        block_pix):
+  """Every (tile pixel + tap) position the forward kernel reads lies inside
+  the input it is given. Interpret mode clamps an out-of-bounds index (the
+  results of the cropped pixels that read it are dropped), so no numerical
+  test shows a short pad; on a GPU those are out-of-bounds loads."""
+  xp = jnp.zeros(xp_shape, jnp.float32)
+  w = jnp.zeros((k, k, xp_shape[3], 6), jnp.float32)
+  ho, wo = layout.output_hw(xp_shape, w.shape, strides)
+  _, wq, taps = layout.phase_split(xp, strides, k, k)
+  tiling = gpu.pixel_tiles(ho, wo, wq, block_pix)
+  p = np.arange(block_pix)
+  reads = []
+  for tile in range(tiling["tiles"]):
+    if tiling["flat"]:
+      reads.append(tile * block_pix + p)
+    else:
+      row0 = tile // tiling["col_tiles"] * tiling["tile_rows"]
+      col0 = tile % tiling["col_tiles"] * tiling["tile_cols"]
+      reads.append((row0 + p // tiling["tile_cols"]) * wq + col0
+                   + p % tiling["tile_cols"])
+  last_read = int(np.max(reads)) + max(off for _, off in taps)
+  shapes = _pallas_operand_shapes(
+      lambda xp, w: gpu.forward(
+          xp, w, strides, interpret=True,
+          block_sizes=gpu.BlockSizes(block_pix=block_pix, block_ch=4)),
+      xp, w)
+  length = shapes[0][2]  # [n, phases, flat length, cin]
+  assert last_read < length, (last_read, length, tiling)
