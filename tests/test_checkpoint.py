@@ -336,3 +336,16 @@ def test_latest_step_and_latest_meta_are_the_newest_step(tmp_path):
     assert mgr.latest_step() == 3
   assert ckpt.latest_meta(directory) == {"step": 3}
   assert ckpt.latest_meta(tmp_path) == {}  # no checkpoints/ there
+
+
+@pytest.mark.parametrize("bad", [None, "n/a", [0.9]])
+def test_a_metric_that_is_not_a_number_is_never_the_best(tmp_path, bad):
+  """A step whose ranking metric is null, a string or a list (a hand-edited
+  or foreign metrics file) ranks last, like a missing one: neither the save
+  (Orbax ranks the steps to rotate them) nor best_step fails, and it is
+  never picked."""
+  with ckpt.CheckpointManager(tmp_path / "ck", max_to_keep=10,
+                              best_metric="m", async_save=False) as mgr:
+    for step, value in enumerate([0.5, bad, 0.7, 0.6], start=1):
+      mgr.save(step, {"w": jnp.ones(2)}, metrics={"m": value})
+    assert mgr.best_step() == 3

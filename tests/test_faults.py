@@ -913,3 +913,111 @@ def test_a_step_moved_aside_again_in_the_same_second_gets_its_own_folder(
       *taken, "2-20261201-120000-2"]
   assert all(not any((moved / name).iterdir()) for name in taken)
   assert (moved / "2-20261201-120000-2" / "state").is_dir()
+
+
+def test_closing_after_a_failed_asynchronous_save_raises_it(tmp_path,
+                                                            monkeypatch):
+  """`close` (and so a `with` block's end) waits for the pending save and
+  raises its error as a CheckpointError that says what failed and what is
+  left, not as Orbax's bare OSError from its finalize thread."""
+  directory = tmp_path / "ck"
+  mgr = ckpt.CheckpointManager(directory)
+  mgr.save(1, make_state(1), {"step": 1}, force=True)
+  path_cls = type(epath.Path(directory))
+
+  def full(self, *args, **kwargs):
+    raise OSError(28, "No space left on device", str(self))
+  monkeypatch.setattr(path_cls, "write_text", full)
+  mgr.save(2, make_state(2), {"step": 2})  # asynchronous: no error yet
+  with pytest.raises(ckpt.CheckpointError, match="disk is full"):
+    mgr.close()
+  monkeypatch.undo()
+  with ckpt.CheckpointManager(directory) as again:
+    assert again.all_steps() == [1]
+
+
+def test_a_resume_after_a_fallback_still_names_the_damaged_newer_step(
+    tmp_path, caplog):
+  """Step 2 damaged, moved aside, the run resumed from step 1 and was
+  stopped before it saved step 2 again: the next resume from step 1 says
+  again that a newer, damaged step 2 is kept aside (not silently)."""
+  directory = tmp_path / "checkpoints"
+  save_two(directory)
+  _truncate(directory / "2")
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert_state(mgr.restore(ABSTRACT)[0], 1)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="addernet_jax.checkpoint"):
+    with ckpt.CheckpointManager(directory) as mgr:
+      assert_state(mgr.restore(ABSTRACT)[0], 1)
+  assert ("resuming from checkpoint step 1 although" in caplog.text
+          and "damaged newer step(s) 2" in caplog.text), caplog.text
+
+
+def test_a_read_only_manager_resumes_past_damage_without_moving_it(
+    tmp_path):
+  """`restore` of a manager opened read-only (a reader next to a running
+  training) falls back past a damaged or unfinished step as a writer does,
+  but moves nothing: the folder is not its to change."""
+  directory = tmp_path / "ck"
+  save_two(directory)
+  _truncate(directory / "2")
+  (directory / "3" / "state").mkdir(parents=True)  # unfinished: no commit
+  with ckpt.CheckpointManager(directory, read_only=True) as mgr:
+    state, meta = mgr.restore(ABSTRACT)
+  assert_state(state, 1)
+  assert meta == {"step": 1}
+  assert (directory / "2" / "state").is_dir()
+  assert (directory / "3" / "state").is_dir()
+  assert not (tmp_path / "ck.corrupted").exists()
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
+@pytest.mark.slow
+def test_a_resumed_run_that_blows_up_says_its_checkpoint_is_kept(
+    tmp_path, monkeypatch):
+  """After a resume from step 1, a state that is not finite after step 2
+  is not saved, and the error says the resumed-from checkpoint (step 1)
+  is kept: the run did not lose it, and did not write none."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from addernet_jax import optim, train_lib  # pylint: disable=g-import-not-at-top
+  make_optimizer = optim.make_optimizer
+  scale = [1.0]  # the same optimizer state in both runs; inf in the second
+  monkeypatch.setattr(optim, "make_optimizer", lambda *a, **k: optax.chain(
+      make_optimizer(*a, **k), optax.scale_by_schedule(lambda _: scale[0])))
+  config = _smoke_config(num_train_steps=1, checkpoint_every_steps=1)
+  train_lib.train_and_evaluate(config, tmp_path)
+  scale[0] = float("inf")
+  config.num_train_steps = 3
+  with pytest.raises(train_lib.NonFiniteStateError) as err:
+    train_lib.train_and_evaluate(config, tmp_path)
+  msg = str(err.value)
+  assert "not finite after step 2" in msg, msg
+  assert "the last checkpoint, step 1, is kept" in msg, msg
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["1"]
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
+@pytest.mark.slow
+def test_a_non_finite_optimizer_state_is_not_saved(tmp_path, monkeypatch):
+  """The optimizer state is checked too: momentum that is no longer finite
+  while the parameters still are would make the resumed run's first update
+  non-finite. (An optimizer whose own state overflows, patched in.)"""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from addernet_jax import optim, train_lib  # pylint: disable=g-import-not-at-top
+
+  def overflowing_state():
+    return optax.GradientTransformation(
+        lambda params: jnp.ones((), jnp.float32),
+        lambda updates, state, params=None: (updates, state * jnp.inf))
+  make_optimizer = optim.make_optimizer
+  monkeypatch.setattr(optim, "make_optimizer", lambda *a, **k: optax.chain(
+      make_optimizer(*a, **k), overflowing_state()))
+  config = _smoke_config(num_train_steps=2, checkpoint_every_steps=1)
+  with pytest.raises(train_lib.NonFiniteStateError) as err:
+    train_lib.train_and_evaluate(config, tmp_path)
+  msg = str(err.value)
+  assert "not finite after step 1" in msg and "'opt_state/" in msg, msg
+  assert not [p for p in (tmp_path / "checkpoints").iterdir()]

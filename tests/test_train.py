@@ -480,3 +480,33 @@ def test_cross_entropy_loss_is_the_batch_mean_in_float64():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   bf16 = jnp.asarray(logits, jnp.bfloat16)
   assert train_lib.cross_entropy_loss(bf16, labels).dtype == jnp.float32
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
+@pytest.mark.slow
+def test_streaming_resume_past_a_damaged_step_reopens_the_input_there(
+    jax_cache, tmp_path):
+  """A streaming run opens its input at the step it guesses from the step
+  folders before restoring; when the newest step is damaged and it resumes
+  from the one before, the input is reopened there: the run still equals a
+  straight run (not one that skipped the damaged step's batches)."""
+  write_random_imagefolder(tmp_path / "data", {"train": 6, "test": 2})
+  args = ("--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'data'}",
+          "--config.input_pipeline=streaming", "--config.num_workers=0",
+          "--config.eval_batch_size=16", "--config.recalibrate_bn_batches=0",
+          "--config.eval_max_examples=-1")
+  straight = run_train(jax_cache, SMOKE, tmp_path / "a", *args,
+                       "--config.num_train_steps=6")
+  run_train(jax_cache, SMOKE, tmp_path / "b", *args,
+            "--config.num_train_steps=4")  # checkpoints at steps 2 and 4
+  step_4 = tmp_path / "b" / "checkpoints" / "4" / "state"
+  data = max((p for p in step_4.rglob("*") if p.is_file() and "/d/" in str(p)),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  resumed = run_train(jax_cache, SMOKE, tmp_path / "b", *args,
+                      "--config.num_train_steps=6")
+  assert resumed["step"] == 6
+  assert resumed["train_loss"] == straight["train_loss"]
+  overrides = {"dataset": "cifar10", "num_train_steps": 6}
+  assert_trees_equal(read_variables(tmp_path / "b", overrides),
+                     read_variables(tmp_path / "a", overrides))
