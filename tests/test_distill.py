@@ -14,10 +14,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from addernet_jax import distill
 from addernet_jax import models
+from addernet_jax import train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "configs/smoke.py"
@@ -534,3 +536,83 @@ def test_student_distances_are_the_l1_distances_of_the_adder_layer():
       patch = x[:, i:i + 3, j:j + 3, :, None].astype(np.float64)
       want[:, i, j] = np.abs(patch - w).sum(axis=(1, 2, 3))
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
+def test_pkkd_step_weighs_its_losses_and_teaches_the_cnn_from_labels_only():
+  """One PKKD step on one device (no collectives): the student's total is
+  ce_w CE + ramp (kd_w KD + feat_w feature) with the ramp of warmup_epochs *
+  steps_per_epoch steps; the metrics are the student's CE and the teacher's
+  training-mode CE and accuracy; the CNN's parameters move by its optimizer's
+  update of the gradient of its cross-entropy alone (the KD and feature
+  terms reach only the student and the linear transformations), and its
+  BatchNorm statistics are those of its training-mode forward."""
+  from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.distill = "pkkd"
+  w_ce, w_kd, w_feat, temp = 0.7, 0.4, 2.0, 3.0
+  config.pkkd.ce_weight, config.pkkd.kd_weight = w_ce, w_kd
+  config.pkkd.feature_weight, config.pkkd.temperature = w_feat, temp
+  config.pkkd.warmup_epochs = 2.0
+  steps_per_epoch = 4
+  settings = distill.settings_from_config(config, steps_per_epoch)
+  assert settings.warmup_steps == 8  # 2 epochs of 4 steps
+  info = data_lib.dataset_info(config.dataset)
+  state = train_lib.create_train_state(config, jax.random.PRNGKey(0),
+                                       info.image_shape,
+                                       steps_per_epoch=steps_per_epoch)
+  # Both networks without a BatchNorm axis: the step runs outside shard_map.
+  state = state.replace(
+      apply_fn=train_lib.build_model(config, bn_axis_name=None).apply,
+      teacher_apply_fn=train_lib.build_model(
+          distill.teacher_config(config), bn_axis_name=None).apply)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((8, *info.image_shape)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+  new, m = jax.jit(distill.make_pkkd_core(settings, None))(state, x, y)
+  m = {k: float(v) for k, v in m.items()}
+
+  ramp = 1.0 / 8  # step 0 of an 8-step warm-up
+  assert m["distill_loss"] == pytest.approx(
+      w_ce * m["loss"] + ramp * (w_kd * m["kd_loss"]
+                                 + w_feat * m["feature_loss"]), rel=1e-5)
+  logits, _ = state.apply_fn({"params": state.params,
+                              "batch_stats": state.batch_stats}, x,
+                             train=True, mutable=["batch_stats"])
+  assert m["loss"] == pytest.approx(float(distill.cross_entropy(logits, y)),
+                                    rel=1e-5)
+
+  def teacher_ce(params):
+    t_logits, updates = state.teacher_apply_fn(
+        {"params": params, "batch_stats": state.teacher_batch_stats}, x,
+        train=True, mutable=["batch_stats"])
+    return distill.cross_entropy(t_logits, y), (t_logits, updates)
+
+  (t_ce, (t_logits, t_updates)), t_grad = jax.value_and_grad(
+      teacher_ce, has_aux=True)(state.teacher_params["model"])
+  assert m["teacher_loss"] == pytest.approx(float(t_ce), rel=1e-5)
+  assert m["teacher_top1"] == pytest.approx(
+      float(jnp.mean(jnp.argmax(t_logits, -1) == y)))
+  assert m["kd_loss"] == pytest.approx(float(
+      distill.soft_distillation_loss(logits, t_logits, temp)), rel=1e-4)
+  for a, b in zip(jax.tree.leaves(new.teacher_batch_stats),
+                  jax.tree.leaves(t_updates["batch_stats"]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
+  # The CNN moves by its optimizer's step on its own cross-entropy gradient
+  # (elementwise SGD: the transformations' gradients do not touch it); the
+  # transformations move too.
+  zero = jax.tree.map(jnp.zeros_like, state.teacher_params["transform"])
+  step, _ = state.teacher_tx.update({"model": t_grad, "transform": zero},
+                                    state.teacher_opt_state,
+                                    state.teacher_params)
+  want = optax.apply_updates(state.teacher_params["model"], step["model"])
+  for a, b in zip(jax.tree.leaves(new.teacher_params["model"]),
+                  jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-7)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(new.teacher_params["transform"]),
+      jax.tree.leaves(state.teacher_params["transform"])))

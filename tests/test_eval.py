@@ -274,3 +274,35 @@ def test_batch_norm_re_estimation_is_the_average_of_batch_statistics():
                              atol=1e-6)
   np.testing.assert_allclose(got["bn"]["var"], want_var, rtol=1e-5)
   assert jax.tree.structure(got) == jax.tree.structure(stale)
+
+
+def test_evaluate_stream_stops_after_the_batch_that_reaches_max_examples():
+  """evaluate_stream with max_examples: every example of the batches read
+  counts, and reading stops after the first batch that reaches the limit
+  (16 of 8-example batches: 2 batches; 17: 3; -1: all 5)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from addernet_jax import data, eval_lib, parallel  # pylint: disable=g-import-not-at-top
+
+  class Zeros(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return x.reshape(x.shape[0], -1)[:, :10] * 0.0
+
+  info = data.dataset_info("mnist")
+  mesh = parallel.make_mesh()
+  evaluator = eval_lib.Evaluator(Zeros(), info, mesh, 8)
+  read = []
+
+  def batches():
+    for i in range(5):
+      read.append(i)
+      yield {"image": np.zeros((8, *info.image_shape), np.float32),
+             "label": np.zeros(8, np.int32), "mask": np.ones(8, bool)}
+
+  for limit, want in ((16, 16), (17, 24), (-1, 40)):
+    read.clear()
+    got = evaluator.evaluate_stream({}, {}, batches(), max_examples=limit)
+    assert got["num_examples"] == want and len(read) == want // 8, (limit,
+                                                                  got)
