@@ -45,7 +45,7 @@ def _naive_forward(xp, w, strides):
   return y
 
 
-def _naive_input_grad(xp, w, g, strides):
+def _naive_input_grad(xp, w, g, strides, bound=1.0):
   kh, kw = w.shape[:2]
   ho, wo = g.shape[1:3]
   dxp = jnp.zeros(xp.shape, jnp.float32)
@@ -54,7 +54,8 @@ def _naive_input_grad(xp, w, g, strides):
       sl = (slice(None), slice(i, i + strides[0] * (ho - 1) + 1, strides[0]),
             slice(j, j + strides[1] * (wo - 1) + 1, strides[1]))
       clipped = jnp.clip(w[i, j].astype(jnp.float32)
-                         - xp[sl].astype(jnp.float32)[..., None], -1, 1)
+                         - xp[sl].astype(jnp.float32)[..., None], -bound,
+                         bound)
       dxp = dxp.at[sl].add((clipped * g.astype(jnp.float32)[..., None, :]
                             ).sum(-1))
   return dxp
@@ -498,18 +499,7 @@ def test_check_rejects_a_single_wrong_element_by_its_max_error():
 
 def _clip_at_2(xp, w, g, strides):
   """The input gradient with HardTanh's bound at 2 instead of 1."""
-  kh, kw = w.shape[:2]
-  ho, wo = g.shape[1:3]
-  dxp = jnp.zeros(xp.shape, jnp.float32)
-  for i in range(kh):
-    for j in range(kw):
-      sl = (slice(None), slice(i, i + strides[0] * (ho - 1) + 1, strides[0]),
-            slice(j, j + strides[1] * (wo - 1) + 1, strides[1]))
-      clipped = jnp.clip(w[i, j].astype(jnp.float32)
-                         - xp[sl].astype(jnp.float32)[..., None], -2, 2)
-      dxp = dxp.at[sl].add((clipped * g.astype(jnp.float32)[..., None, :]
-                            ).sum(-1))
-  return dxp
+  return _naive_input_grad(xp, w, g, strides, bound=2.0)
 
 
 def test_check_data_saturates_the_clip():

@@ -350,15 +350,21 @@ def write_random_imagefolder(root: Path, per_class: dict[str, int]) -> None:
                         ).save(folder / f"{i}.png")
 
 
+def _streaming_run_args(tmp_path: Path) -> tuple[str, ...]:
+  """A small random ImageFolder under `tmp_path` and the flags that train on
+  it through the streaming (Grain) pipeline."""
+  write_random_imagefolder(tmp_path / "data", {"train": 6, "test": 2})
+  return ("--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'data'}",
+          "--config.input_pipeline=streaming", "--config.num_workers=0",
+          "--config.eval_batch_size=16", "--config.recalibrate_bn_batches=0",
+          "--config.eval_max_examples=-1")
+
+
 @pytest.mark.slow
 def test_streaming_pipeline_trains_and_resumes(jax_cache, tmp_path):
   """The Grain path (forced on a small ImageFolder): trains, evaluates every
   test image once, and a run resumed at step 4 equals a straight run."""
-  write_random_imagefolder(tmp_path / "data", {"train": 6, "test": 2})
-  args = ("--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'data'}",
-          "--config.input_pipeline=streaming", "--config.num_workers=0",
-          "--config.eval_batch_size=16", "--config.recalibrate_bn_batches=0",
-          "--config.eval_max_examples=-1")
+  args = _streaming_run_args(tmp_path)
   straight = run_train(jax_cache, SMOKE, tmp_path / "a", *args,
                        "--config.num_train_steps=6")
   assert straight["step"] == 6 and straight["epoch"] == 2.0  # 60 // 16 = 3
@@ -490,11 +496,7 @@ def test_streaming_resume_past_a_damaged_step_reopens_the_input_there(
   folders before restoring; when the newest step is damaged and it resumes
   from the one before, the input is reopened there: the run still equals a
   straight run (not one that skipped the damaged step's batches)."""
-  write_random_imagefolder(tmp_path / "data", {"train": 6, "test": 2})
-  args = ("--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'data'}",
-          "--config.input_pipeline=streaming", "--config.num_workers=0",
-          "--config.eval_batch_size=16", "--config.recalibrate_bn_batches=0",
-          "--config.eval_max_examples=-1")
+  args = _streaming_run_args(tmp_path)
   straight = run_train(jax_cache, SMOKE, tmp_path / "a", *args,
                        "--config.num_train_steps=6")
   run_train(jax_cache, SMOKE, tmp_path / "b", *args,
