@@ -548,14 +548,10 @@ def test_pkkd_step_weighs_its_losses_and_teaches_the_cnn_from_labels_only():
   terms reach only the student and the linear transformations), and its
   BatchNorm statistics are those of its training-mode forward."""
   from addernet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(ROOT))
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-  config = smoke.get_config()
-  config.distill = "pkkd"
   w_ce, w_kd, w_feat, temp = 0.7, 0.4, 2.0, 3.0
-  config.pkkd.ce_weight, config.pkkd.kd_weight = w_ce, w_kd
-  config.pkkd.feature_weight, config.pkkd.temperature = w_feat, temp
-  config.pkkd.warmup_epochs = 2.0
+  config = _smoke(**{"pkkd.ce_weight": w_ce, "pkkd.kd_weight": w_kd,
+                     "pkkd.feature_weight": w_feat, "pkkd.temperature": temp,
+                     "pkkd.warmup_epochs": 2.0})
   steps_per_epoch = 4
   settings = distill.settings_from_config(config, steps_per_epoch)
   assert settings.warmup_steps == 8  # 2 epochs of 4 steps

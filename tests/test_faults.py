@@ -1004,7 +1004,6 @@ def test_a_non_finite_optimizer_state_is_not_saved(tmp_path, monkeypatch):
   """The optimizer state is checked too: momentum that is no longer finite
   while the parameters still are would make the resumed run's first update
   non-finite. (An optimizer whose own state overflows, patched in.)"""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from addernet_jax import optim, train_lib  # pylint: disable=g-import-not-at-top
 
