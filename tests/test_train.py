@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,6 +315,7 @@ def test_digits_config_reaches_95_percent(jax_cache, tmp_path):
   assert summary["eval_top1"] >= 0.95, summary
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
 def test_mnist_one_epoch_learns(jax_cache, tmp_path):
   mnist = SHARED_DATA / "mnist"
@@ -361,25 +363,15 @@ def _streaming_run_args(tmp_path: Path) -> tuple[str, ...]:
 
 
 @pytest.mark.slow
-def test_streaming_pipeline_trains_and_resumes(jax_cache, tmp_path):
-  """The Grain path (forced on a small ImageFolder): trains, evaluates every
-  test image once, and a run resumed at step 4 equals a straight run."""
-  args = _streaming_run_args(tmp_path)
-  straight = run_train(jax_cache, SMOKE, tmp_path / "a", *args,
+def test_streaming_pipeline_trains_and_evaluates_every_image(jax_cache,
+                                                             tmp_path):
+  """The Grain path (forced on a small ImageFolder): trains and evaluates
+  every test image once (its resume: the extended test below)."""
+  straight = run_train(jax_cache, SMOKE, tmp_path / "run",
+                       *_streaming_run_args(tmp_path),
                        "--config.num_train_steps=6")
   assert straight["step"] == 6 and straight["epoch"] == 2.0  # 60 // 16 = 3
   assert straight["eval_num_examples"] == 20  # 2 batches, the last padded
-  first = run_train(jax_cache, SMOKE, tmp_path / "b", *args,
-                    "--config.num_train_steps=4")
-  assert first["step"] == 4
-  resumed = run_train(jax_cache, SMOKE, tmp_path / "b", *args,
-                      "--config.num_train_steps=6")
-  assert resumed["step"] == 6
-  assert resumed["train_loss"] == straight["train_loss"]
-  assert resumed["eval_loss"] == straight["eval_loss"]
-  overrides = {"dataset": "cifar10", "num_train_steps": 6}
-  assert_trees_equal(read_variables(tmp_path / "b", overrides),
-                     read_variables(tmp_path / "a", overrides))
 
 
 def test_cli_log_leaves_out_jax_backend_probe_chatter(tmp_path):
@@ -490,25 +482,30 @@ def test_cross_entropy_loss_is_the_batch_mean_in_float64():
 
 @pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
-def test_streaming_resume_past_a_damaged_step_reopens_the_input_there(
-    jax_cache, tmp_path):
-  """A streaming run opens its input at the step it guesses from the step
-  folders before restoring; when the newest step is damaged and it resumes
-  from the one before, the input is reopened there: the run still equals a
-  straight run (not one that skipped the damaged step's batches)."""
+def test_streaming_resumes_exactly_also_past_a_damaged_step(jax_cache,
+                                                            tmp_path):
+  """A streaming run resumed at step 4 equals a straight run. It opens its
+  input at the step it guesses from the step folders before restoring; when
+  the newest step is damaged and it resumes from the one before, the input is
+  reopened there: that run too equals the straight run (not one that skipped
+  the damaged step's batches)."""
   args = _streaming_run_args(tmp_path)
   straight = run_train(jax_cache, SMOKE, tmp_path / "a", *args,
                        "--config.num_train_steps=6")
-  run_train(jax_cache, SMOKE, tmp_path / "b", *args,
-            "--config.num_train_steps=4")  # checkpoints at steps 2 and 4
-  step_4 = tmp_path / "b" / "checkpoints" / "4" / "state"
+  first = run_train(jax_cache, SMOKE, tmp_path / "b", *args,
+                    "--config.num_train_steps=4")  # checkpoints at 2 and 4
+  assert first["step"] == 4
+  shutil.copytree(tmp_path / "b", tmp_path / "c")
+  step_4 = tmp_path / "c" / "checkpoints" / "4" / "state"
   data = max((p for p in step_4.rglob("*") if p.is_file() and "/d/" in str(p)),
              key=lambda p: p.stat().st_size)
   data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-  resumed = run_train(jax_cache, SMOKE, tmp_path / "b", *args,
-                      "--config.num_train_steps=6")
-  assert resumed["step"] == 6
-  assert resumed["train_loss"] == straight["train_loss"]
   overrides = {"dataset": "cifar10", "num_train_steps": 6}
-  assert_trees_equal(read_variables(tmp_path / "b", overrides),
-                     read_variables(tmp_path / "a", overrides))
+  for workdir in ("b", "c"):
+    resumed = run_train(jax_cache, SMOKE, tmp_path / workdir, *args,
+                        "--config.num_train_steps=6")
+    assert resumed["step"] == 6
+    assert resumed["train_loss"] == straight["train_loss"], workdir
+    assert resumed["eval_loss"] == straight["eval_loss"], workdir
+    assert_trees_equal(read_variables(tmp_path / workdir, overrides),
+                       read_variables(tmp_path / "a", overrides))
