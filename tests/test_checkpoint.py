@@ -349,3 +349,23 @@ def test_a_metric_that_is_not_a_number_is_never_the_best(tmp_path, bad):
     for step, value in enumerate([0.5, bad, 0.7, 0.6], start=1):
       mgr.save(step, {"w": jnp.ones(2)}, metrics={"m": value})
     assert mgr.best_step() == 3
+
+
+def test_restore_right_after_an_asynchronous_save_waits_for_it(tmp_path):
+  """A restore issued while a background save is still writing returns that
+  step, whole: it waits for the save to commit. (Read at once, the step was
+  an unfinished directory that restore tried to move aside, and step 1 came
+  back; the 16 MB array keeps the write going long enough to tell.)"""
+  rng = np.random.default_rng(0)
+  states = [{"w": jnp.asarray(rng.standard_normal(4_000_000), jnp.float32),
+             "step": jnp.asarray(step)} for step in (1, 2)]
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        states[0])
+  with ckpt.CheckpointManager(tmp_path / "ck", async_save=True) as mgr:
+    assert mgr.save(1, states[0])
+    mgr.wait_until_finished()
+    assert mgr.save(2, states[1])
+    restored, _ = mgr.restore(target)
+    assert int(restored["step"]) == 2
+    np.testing.assert_array_equal(restored["w"], states[1]["w"])
+    assert mgr.all_steps() == [1, 2] and mgr.quarantined_steps() == []
