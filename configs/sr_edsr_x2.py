@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoints; EDSR's --test_every 1000).
   config.steps_per_epoch = 1000
   config.num_epochs = 300
-  # Evaluate every this many steps (0: every epoch) and at the end.
+  # Evaluate every this many steps (0 or -1: every epoch) and at the end.
   config.eval_every_steps = 0
   # > 0: evaluate on the first N images of eval_data_dir only.
   config.eval_max_images = -1

@@ -108,6 +108,11 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config.batch_size={config.batch_size} must be a "
                      f"multiple of the number of devices ({num_devices})")
   train_lib.check_checkpointing(config)
+  every = config.get("eval_every_steps")
+  if every is not None and (not isinstance(every, int)
+                            or isinstance(every, bool) or every < -1):
+    raise ValueError(f"config.eval_every_steps={every!r} must be a number of "
+                     f"steps > 0, or 0 or -1 (every epoch)")
   check_optimizer_config(config)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
@@ -334,7 +339,9 @@ def _train_sr(config: ml_collections.ConfigDict,
                  else config.num_epochs * steps_per_epoch)
   every = config.checkpoint_every_steps
   every = steps_per_epoch if every is None or every <= 0 else every
-  eval_every = int(config.get("eval_every_steps", 0) or 0) or steps_per_epoch
+  eval_every = config.get("eval_every_steps")
+  eval_every = (steps_per_epoch if eval_every is None or eval_every <= 0
+                else eval_every)
   colors = model_colors(config)
 
   mgr = ckpt_lib.CheckpointManager(
