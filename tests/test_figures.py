@@ -721,6 +721,7 @@ def test_gradient_norm_trace_steps_through_the_batches(monkeypatch):
   assert _rows(seen[1:]) == _rows([images])
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
 def test_gradient_norm_trace_adder_smaller_than_cnn():
   images, labels = local.load_digits("train")

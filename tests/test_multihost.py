@@ -116,6 +116,7 @@ def _final_json(stdout: str) -> dict:
   return json.loads(lines[-1])
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
 def test_train_py_with_two_processes(tmp_path):
   """train.py --coordinator_address ... on the smoke config, 2 processes.

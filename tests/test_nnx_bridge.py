@@ -79,6 +79,7 @@ def test_outputs_and_batch_statistics_match_the_linen_model():
                variables["params"])
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_a_training_step_matches_the_linen_step():
   """Three steps of the official optimiser (adaptive LR on the adder
   filters, weight decay, momentum) through `nnx.Optimizer` give the Linen
@@ -170,6 +171,7 @@ def test_mismatched_variables_are_named_and_nothing_is_loaded():
   jax.tree.map(np.testing.assert_array_equal, linen_variables(module), before)
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_official_checkpoint_runs_as_an_nnx_module():
   if not OFFICIAL.is_file():
     pytest.skip(f"{OFFICIAL} is absent (the shared real-data folder sits "

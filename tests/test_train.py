@@ -265,9 +265,9 @@ def write_random_cifar(folder: Path, num_train: int, num_test: int) -> None:
                    "labels": rng.integers(0, 10, n).tolist()}, f)
 
 
+@pytest.mark.extended  # .ci/run runs 8 (its extended step); 2: a subset of it
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [
-    2, pytest.param(8, marks=pytest.mark.extended)])  # 2: the default run
+@pytest.mark.parametrize("devices", [2, 8])
 def test_many_devices_equal_one_device(jax_cache, tmp_path, devices):
   """train_lib's step with the same global batch on N devices and on 1: the
   same step up to float32 reduction order (gradients and metrics pmean-ed
