@@ -19,12 +19,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from addernet_jax import checkpoint as ckpt_lib
 from addernet_jax import models
 from addernet_jax import opcount
+from addernet_jax import parallel
 from addernet_jax import train_lib
 from addernet_jax.models import sr as sr_models
 from addernet_jax.sr import data as sr_data
 from addernet_jax.sr import metrics
+from addernet_jax.sr import train as sr_train
 
 skimage = pytest.importorskip("skimage")
 from skimage import data as skdata  # pylint: disable=g-import-not-at-top
@@ -619,7 +622,6 @@ def test_sigterm_during_start_up_stops_cleanly(skimage_folders, tmp_path,
   stops before the first step, `preempted`, status 0, nothing saved."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   real_make_train_step = sr_train.make_train_step
 
   def make_train_step_then_preempted(*args, **kwargs):
@@ -646,7 +648,6 @@ def test_export_runs_without_the_repo_at_any_size(skimage_folders,
   runs with JAX alone at any batch, height and width and gives the
   network's output; classification-only flags are refused by name."""
   from addernet_jax import export  # pylint: disable=g-import-not-at-top
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   config = _smoke_config(*skimage_folders)
   workdir = tmp_path / "run"
   train_lib.train_and_evaluate(config, workdir)
@@ -891,7 +892,6 @@ def test_sr_validate_config_refuses_bad_values_and_accepts_edge_ones(
   the documented edges (lr_decay_factor 1, num_epochs 0 with
   num_train_steps > 0) accepted."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
 
   def config_with(**fields):
     # type_safe=False: a string where a bool belongs is what is tested.
@@ -931,7 +931,6 @@ def test_sr_learning_rate_schedule_and_optimizer():
   config's b1, b2, eps; the adaptive learning rate on the adder filters
   only (`optim.adder_mask`)."""
   import optax  # pylint: disable=g-import-not-at-top
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   config = _smoke_config("unused", "unused")
   config.learning_rate = 1e-3
   config.lr_decay_steps, config.lr_decay_factor = 10, 0.5
@@ -978,8 +977,6 @@ def test_sr_train_step_takes_the_mean_l1_loss_and_keeps_batch_statistics(
   """One step of make_train_step: the loss is mean |out - hr| of the
   training-mode output, and the new state holds that pass's BatchNorm
   statistics (what evaluation then uses)."""
-  from addernet_jax import parallel  # pylint: disable=g-import-not-at-top
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   config = _smoke_config(*skimage_folders)
   state = sr_train.create_train_state(config, jax.random.PRNGKey(0))
   rng = np.random.default_rng(11)
@@ -1012,7 +1009,6 @@ def test_sr_evaluator_scores_quantised_outputs_with_running_statistics(
   here far from any image's), quantised to 8 bits, Y-channel PSNR and SSIM
   averaged over the images; the bicubic baseline likewise from the LR
   image."""
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(12)
   for name, shape in (("a.png", (36, 42, 3)), ("b.png", (39, 33, 3))):
     _write_png(tmp_path / name, rng.integers(0, 256, shape))
@@ -1165,7 +1161,6 @@ def test_sr_image_size_limits_for_training_and_evaluation(
   """Evaluation images must leave the 11x11 SSIM window after the `scale`
   pixels cropped per border (refused when read, not by SSIM after the
   training); training images need only an LR side of `patch_size`."""
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   config = _smoke_config(*skimage_folders)
   for scale, fits, too_small in ((2, 16, 14), (4, 20, 16)):
     config.scale = scale
@@ -1211,8 +1206,6 @@ def test_sr_evaluate_checkpoint_reads_the_step_asked_for(skimage_folders,
   """--which=best is the step with the highest eval_psnr even when it is not
   the latest (in the end-to-end test the best step may be the latest one,
   and a `which` ignored went unseen)."""
-  from addernet_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from addernet_jax.sr import train as sr_train  # pylint: disable=g-import-not-at-top
   config = _smoke_config(*skimage_folders)
   state = sr_train.create_train_state(config, jax.random.PRNGKey(0))
   mgr = ckpt_lib.CheckpointManager(tmp_path / "checkpoints", max_to_keep=3,
