@@ -45,6 +45,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -443,6 +444,9 @@ def _count_non_finite(leaves: list[jax.Array]) -> list[jax.Array]:
 
 # TensorStore raises ValueError("<STATUS_CODE>: <message>").
 _TS_STATUS = re.compile(r"^([A-Z][A-Z_]+): ")
+# TensorStore errors without a status code (e.g. a b-tree node that fails to
+# decompress) still carry the spec of the store they came from.
+_TS_SPEC_MARK = "[tensorstore_spec="
 # Status codes that always mean the bytes on disk are wrong.
 _TS_DAMAGE = {"DATA_LOSS": "garbled", "OUT_OF_RANGE": "truncated",
               "NOT_FOUND": "missing"}
@@ -497,14 +501,15 @@ def _unparseable_json_files(step_dir: Path) -> list[tuple[str, str]]:
 def _tensorstore_damage(message: str, step_dir: Path) -> str | None:
   """What a TensorStore error says is damaged, or None if it is not damage."""
   status = _TS_STATUS.match(message)
-  if not status:
-    return None
-  code, text = status.group(1), _short(message, limit=10_000)
+  code, text = status.group(1) if status else "", _short(message, limit=10_000)
   if code in _TS_DAMAGE:
     kind = _TS_DAMAGE[code]
   elif (code in _TS_DAMAGE_IF_DECODING and
         any(w in text.lower() for w in _DECODING_WORDS)):
     kind = "undecodable"
+  elif (not code and _TS_SPEC_MARK in message and
+        "error decoding" in text.lower()):
+    kind = "garbled"  # seen with b-tree nodes that fail to decompress
   else:
     return None
   files = re.findall(r'local file "([^"]+)"', text)
@@ -520,11 +525,29 @@ def _tensorstore_damage(message: str, step_dir: Path) -> str | None:
       where += f" in {_relative(files[-1], step_dir)!r}"
   else:
     where = "a file"
+  if kind == "missing" and (where == "a file" or where.endswith("/'")):
+    where = _missing_ocdbt_manifest(step_dir) or where
   detail = text.rsplit(f'local file "{files[-1]}"', 1)[-1] if files else text
   detail = detail.lstrip(": ") or text
-  if not detail.startswith(code):
+  if code and not detail.startswith(code):
     detail = f"{code}: {detail}"
   return f"{where} is {kind} ({_short(detail, limit=300)})"
+
+
+def _missing_ocdbt_manifest(step_dir: Path) -> str | None:
+  """The first OCDBT database of `step_dir` (a folder of array data under
+  `d/` or `ocdbt.process_*/`) without its `manifest.ocdbt`, as "file
+  'state/manifest.ocdbt'"; None if none lacks it. TensorStore's error for a
+  missing manifest says only "does not exist"."""
+  try:
+    items = sorted(p for p in step_dir.iterdir() if p.is_dir())
+  except OSError:
+    return None
+  for item in items:
+    if (((item / "d").is_dir() or any(item.glob("ocdbt.process_*")))
+        and not (item / "manifest.ocdbt").is_file()):
+      return f"file {str((item / 'manifest.ocdbt').relative_to(step_dir))!r}"
+  return None
 
 
 def _missing_json_items(step_dir: Path, names: Iterable[str]) -> str | None:
@@ -585,7 +608,8 @@ def _is_orphaned_read_error(exc: BaseException | None) -> bool:
       return True
     if text.startswith("Encountered error while reading array index"):
       return True
-    if isinstance(link, ValueError) and _TS_STATUS.match(text):
+    if isinstance(link, ValueError) and (_TS_STATUS.match(text) or
+                                         _TS_SPEC_MARK in text):
       return True
   return False
 
@@ -606,7 +630,8 @@ def _install_error_aftermath_filters() -> None:
   traceback three times. A disk full at a save printed 400 lines around the
   one that says so. These say nothing new: the unraisable errors and asyncio
   logs go to DEBUG level, Orbax's error logs keep one shortened line without
-  the traceback. Any other unraisable error or log is kept whole.
+  the traceback, and the warning that a read it never started "was never
+  awaited" is hidden. Any other unraisable error or log is kept whole.
   """
   global _filters_installed
   if _filters_installed:
@@ -647,6 +672,10 @@ def _install_error_aftermath_filters() -> None:
 
   for name in ("absl", "orbax"):
     logging.getLogger(name).addFilter(_OrbaxTracebackFilter())
+  # The reads that Orbax's failed gather never started.
+  warnings.filterwarnings(
+      "ignore", message="coroutine '_read_array_index_and_device_put' was "
+      "never awaited", category=RuntimeWarning)
 
 
 class _OrbaxCheckpointManager(ocp.CheckpointManager):
