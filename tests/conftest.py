@@ -1,10 +1,24 @@
-"""Shared test helpers: the location of ../shared/data beside the checkout."""
+"""Shared test helpers: the location of ../shared/data beside the checkout,
+a walk over every equation of a jaxpr, the order of the test files."""
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def all_equations(jaxpr) -> Iterator:
+  """Every equation of `jaxpr` (a Jaxpr or ClosedJaxpr), also those inside
+  the bodies of jit calls, loops, conditionals and custom derivatives."""
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from all_equations(sub)
 
 
 @pytest.fixture

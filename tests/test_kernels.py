@@ -26,6 +26,7 @@ from addernet_jax import ops, reference
 from addernet_jax.kernels import (dispatch, gpu, layout, mosaic_gpu, tpu,
                                   tpu_batch)
 from addernet_jax.kernels import triton_simt as simt
+from conftest import all_equations
 
 
 # ------------------------------------------------------ float64 reference --
@@ -936,18 +937,10 @@ def test_gpu_input_grad_sums_several_output_channel_blocks():
 
 def _pallas_operand_shapes(fn, *args) -> list[tuple[int, ...]]:
   """The operand shapes of the first pallas_call `fn` traces to."""
-  def find(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        return [tuple(v.aval.shape) for v in eqn.invars]
-      for param in eqn.params.values():  # jit's inner jaxpr
-        inner = getattr(param, "jaxpr", param)
-        if hasattr(inner, "eqns"):
-          found = find(inner)
-          if found:
-            return found
-    return None
-  return find(jax.make_jaxpr(fn)(*args).jaxpr)
+  for eqn in all_equations(jax.make_jaxpr(fn)(*args)):
+    if eqn.primitive.name == "pallas_call":
+      return [tuple(v.aval.shape) for v in eqn.invars]
+  return None
 
 
 @pytest.mark.parametrize("xp_shape,k,strides,block_pix", [

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 from addernet_jax import ops, reference
+from conftest import all_equations
 
 # ---------------------------------------------------------------------------
 # float64 numpy reference
@@ -483,18 +484,8 @@ def test_filter_grad_asks_for_full_float32_products(method):
   g = jnp.ones((2, 4, 4, 4))
   jaxpr = jax.make_jaxpr(lambda a, b, c: reference.filter_grad(
       a, b, c, (1, 1), method=method))(xp, w, g)
-
-  def products(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-        yield eqn
-      for value in eqn.params.values():  # the bodies of loops, calls, ...
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-          if hasattr(sub, "eqns"):
-            yield from products(sub)
-
-  found = list(products(jaxpr.jaxpr))
+  found = [eqn for eqn in all_equations(jaxpr) if eqn.primitive.name in
+           ("dot_general", "conv_general_dilated")]
   assert found, jaxpr
   for eqn in found:
     precision = eqn.params["precision"]
