@@ -859,9 +859,13 @@ def test_flattening_models_match_pytorch(model_name, image_shape):
     for name, tensor in module.state_dict().items():
       if name.endswith("running_mean") or name.endswith("bias"):
         tensor.copy_(torch.from_numpy(rng.normal(0, 0.1, tensor.shape)))
-      elif name.endswith("running_var") or (
-          name.endswith("weight") and tensor.ndim == 1):
+      elif name.endswith("running_var"):
         tensor.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, tensor.shape)))
+      elif name.endswith("weight") and tensor.ndim == 1:
+        # Scales of both signs: with positive ones, VGG-small pooling after
+        # its BatchNorm-ReLU instead of before gave the same logits.
+        tensor.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, tensor.shape) *
+                                      rng.choice((-1, 1), tensor.shape)))
   state = {k: v.numpy().astype(np.float32)
            for k, v in module.state_dict().items()}
   variables = convert.convert_state_dict(state, model_name)
@@ -880,3 +884,26 @@ def test_flattening_models_match_pytorch(model_name, image_shape):
     np.testing.assert_array_equal(
         np.asarray(adder["params"]["fc1"]["adder_kernel"]),
         np.asarray(variables["params"]["fc1"]["kernel"]))
+
+
+def test_a_state_dict_with_and_without_the_module_prefix_is_refused():
+  """`conv1.weight` beside `module.conv1.weight`: once 'module.' is stripped
+  one would silently replace the other."""
+  weight = np.random.default_rng(12).normal(size=(6, 1, 5, 5))
+  state = {"conv1.weight": weight.astype(np.float32),
+           "module.conv1.weight": (weight + 1).astype(np.float32)}
+  with pytest.raises(ValueError, match="duplicate entry 'conv1.weight'"):
+    convert.convert_state_dict(state, "lenet5_bn")
+
+
+def test_the_official_adder_bias_b_maps_to_the_bias():
+  """The official adder2d keeps its optional bias as `b`; a BatchNorm weight
+  or a linear layer's bias are the other 1-D entries."""
+  rng = np.random.default_rng(13)
+  b = rng.normal(size=7).astype(np.float32)
+  for key, want in (("layer1.0.conv1.b", ("layer1_0", "conv1", "bias")),
+                    ("layer1.0.conv1.bias", ("layer1_0", "conv1", "bias")),
+                    ("layer1.0.bn1.weight", ("layer1_0", "bn1", "scale"))):
+    collection, path, value = convert.torch_key_to_flax(key, b)
+    assert (collection, path) == ("params", want), key
+    np.testing.assert_array_equal(value, b)

@@ -3,14 +3,17 @@ adder/mult twins, and the layer that the `conv` switch replaces."""
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import traverse_util
+
 from addernet_jax import layers
-from addernet_jax.models import MODEL_NAMES, get_model
+from addernet_jax.models import MODEL_NAMES, common, get_model
+from addernet_jax.models.resnet_imagenet import (BasicBlock, Bottleneck,
+                                                 ImageNetResNet)
 
 
 def _resnet20_count(num_classes):
@@ -226,6 +229,102 @@ def test_lenet_pads_each_side_towards_32():
   for shape in ((2, 28, 28, 1), (2, 28, 24, 1), (2, 24, 28, 1), (2, 8, 8, 1)):
     variables = _abstract_variables(model, shape)
     assert variables["params"]["fc1"]["adder_kernel"].shape == (400, 120), shape
+  # An odd side s gets (32 - s) // 2 zeros on each side: 27 and 29 become 31
+  # (4x4 features before fc1, as 31 itself), not 33 (5x5).
+  for shape, features in (((2, 27, 29, 1), 4 * 4 * 16),
+                          ((2, 31, 28, 1), 4 * 5 * 16)):
+    variables = _abstract_variables(model, shape)
+    assert variables["params"]["fc1"]["adder_kernel"].shape == (
+        features, 120), shape
+
+
+def _random_variables(model, shape, rng) -> dict:
+  """Flat float64 variables of `model` for inputs of `shape`: kernels
+  N(0, 1 / fan_in), BatchNorm statistics random, scales of both signs and
+  biases random (at init they are 0/1/1/0, where many structural mistakes
+  cancel out)."""
+  flat = {}
+  for path, leaf in traverse_util.flatten_dict(
+      _abstract_variables(model, shape)).items():
+    if path[-1] == "scale":
+      value = rng.uniform(0.5, 1.5, leaf.shape) * rng.choice((-1, 1),
+                                                              leaf.shape)
+    elif path[-1] in ("bias", "mean"):
+      value = rng.normal(0, 0.2, leaf.shape)
+    elif path[-1] == "var":
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      value = rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])),
+                         leaf.shape)
+    flat[path] = value
+  return flat
+
+
+def _torch_imagenet_resnet(torch, flat, x, stage_sizes, bottleneck):
+  """The official ImageNet ResNet (torchvision's layout, the stride on the
+  bottleneck's 3x3, a 1x1 convolution as classifier and a BatchNorm over the
+  logits) in float64 PyTorch, eval mode, NCHW, from the Flax names."""
+  F = torch.nn.functional
+  t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+
+  def conv(x, name, stride=1, padding=0):
+    kernel = t(flat[("params", *name, "kernel")].transpose(3, 2, 0, 1))
+    return F.conv2d(x, kernel, stride=stride, padding=padding)
+
+  def bn(x, *name):
+    get = lambda collection, leaf: t(flat[(collection, *name, leaf)])
+    return F.batch_norm(x, get("batch_stats", "mean"),
+                        get("batch_stats", "var"), get("params", "scale"),
+                        get("params", "bias"), False, 0.0, 1e-5)
+
+  x = F.max_pool2d(F.relu(bn(conv(x, ("conv1",), 2, 3), "bn1")), 3, 2, 1)
+  for stage, blocks in enumerate(stage_sizes):
+    for block in range(blocks):
+      name = f"layer{stage + 1}_{block}"
+      stride = 2 if stage > 0 and block == 0 else 1
+      if bottleneck:
+        y = F.relu(bn(conv(x, (name, "conv1")), name, "bn1"))
+        y = F.relu(bn(conv(y, (name, "conv2"), stride, 1), name, "bn2"))
+        y = bn(conv(y, (name, "conv3")), name, "bn3")
+      else:
+        y = F.relu(bn(conv(x, (name, "conv1"), stride, 1), name, "bn1"))
+        y = bn(conv(y, (name, "conv2"), 1, 1), name, "bn2")
+      if ("params", name, "downsample_conv", "kernel") in flat:
+        x = bn(conv(x, (name, "downsample_conv"), stride), name,
+               "downsample_bn")
+      x = F.relu(y + x)
+  x = conv(x.mean(dim=(2, 3), keepdim=True), ("fc",))
+  x = x + t(flat[("params", "fc", "bias")])[None, :, None, None]
+  return bn(x, "bn2").flatten(1)
+
+
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck],
+                         ids=["basic", "bottleneck"])
+def test_imagenet_resnet_matches_a_pytorch_reimplementation(block):
+  """The stem (7x7 stride 2 padding 3, max-pool 3/2/1), the stride on the
+  bottleneck's 3x3, the ReLUs and the shortcuts of the ImageNet ResNets (CNN
+  twin; one block per stage), with random BatchNorm statistics, against
+  float64 PyTorch on a 38x43 image (even and odd sides: the padding shows).
+  Parameter counts and output shapes see none of these."""
+  torch = pytest.importorskip("torch", reason="torch is not installed (CI "
+                              "installs it)")
+  stages = (1, 1, 1, 1)
+  model = ImageNetResNet(stages, block, num_classes=5,
+                         conv=common.conv_factory("mult"))
+  rng = np.random.default_rng(3)
+  images = rng.normal(size=(2, 38, 43, 3))
+  flat = _random_variables(model, (1, 38, 43, 3), rng)
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32)
+                                    for k, v in flat.items()}),
+      jnp.asarray(images, jnp.float32))
+  with torch.no_grad():
+    want = _torch_imagenet_resnet(
+        torch, flat, torch.from_numpy(images.transpose(0, 3, 1, 2)), stages,
+        block is Bottleneck).numpy()
+  assert got.shape == want.shape == (2, 5)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                             atol=1e-3 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("name,size,channels",

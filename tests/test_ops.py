@@ -491,3 +491,115 @@ def test_filter_grad_asks_for_full_float32_products(method):
     precision = eqn.params["precision"]
     precisions = precision if isinstance(precision, tuple) else (precision,)
     assert all(p == lax.Precision.HIGHEST for p in precisions), eqn
+
+
+@pytest.mark.parametrize("fn", ["forward", "input_grad", "filter_grad"])
+@pytest.mark.parametrize("xp_shape,strides,match", [
+    ((2, 7, 6, 3), 0, "strides must be a positive int"),
+    ((2, 7, 6, 3), (2, 0), "strides must be a positive int"),
+    ((2, 7, 2, 3), (1, 1), r"filters \(3, 3\) are larger than the padded "
+     r"input \(7, 2\)"),
+    ((2, 2, 7, 3), (1, 1), r"filters \(3, 3\) are larger than the padded "
+     r"input \(2, 7\)"),
+])
+def test_reference_functions_refuse_bad_strides_and_small_inputs(
+    fn, xp_shape, strides, match):
+  """The pure-jnp reference is called directly (the kernels' dispatch and
+  tests do): a zero stride or an input narrower than the filters on either
+  axis is a ValueError naming the problem, not a ZeroDivisionError or an
+  empty or garbled result."""
+  rng = np.random.default_rng(6)
+  xp = jnp.asarray(rng.normal(size=xp_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  args = (xp, w) if fn == "forward" else (
+      xp, w, jnp.asarray(rng.normal(size=(2, 5, 4, 4)), jnp.float32))
+  with pytest.raises(ValueError, match=match):
+    getattr(reference, fn)(*args, strides)
+
+
+def test_reference_refuses_a_cotangent_with_another_batch():
+  """A cotangent with a larger batch than the input was silently read up to
+  the input's batch by the input gradient (a wrong gradient, no error)."""
+  rng = np.random.default_rng(8)
+  xp = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 5, 4, 4)), jnp.float32)
+  for fn in (reference.input_grad, reference.filter_grad):
+    with pytest.raises(ValueError, match=r"g must have the output's shape "
+                       r"\(2, 5, 4, 4\)"):
+      fn(xp, w, g, (1, 1))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [
+    (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
+    (jnp.float16, jnp.bfloat16)])
+def test_mixed_dtypes_promote_as_jax_does(x_dtype, w_dtype):
+  """x and w of different dtypes compute in (and return) their promoted
+  dtype, as the docstring says, whichever of the two is the wider: the
+  result equals the float64 adder convolution of the promoted inputs."""
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 3)), x_dtype)
+  w = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), w_dtype)
+  want_dtype = jnp.promote_types(x_dtype, w_dtype)
+  y = ops.adder_conv(x, w, padding="VALID", implementation="xla")
+  assert y.dtype == want_dtype
+  xp = np.asarray(x.astype(want_dtype), np.float64)
+  wp = np.asarray(w.astype(want_dtype), np.float64)
+  want = np.zeros((2, 4, 4, 4))
+  for i in range(2):
+    for j in range(3):
+      want -= np.abs(xp[:, i:i + 4, j:j + 4, :, None] - wp[i, j]).sum(-2)
+  tol = float(jnp.finfo(want_dtype).eps) * np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=2 * tol)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,pads", [
+    ((2, 9, 7, 3), (3, 2, 3, 5), (2, 1), ((1, 0), (0, 1))),
+    ((1, 6, 11, 2), (2, 3, 2, 17), (1, 3), ((0, 1), (1, 1))),
+])
+def test_exact_gradient_with_unequal_strides_and_a_non_square_window(
+    x_shape, w_shape, strides, pads):
+  """gradient="exact" against the float64 derivative of -sum |x - w|
+  (sign(0) = 0) where the two strides, and the window's sides, differ: the
+  existing cases are all square with equal strides."""
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  w = rng.normal(size=w_shape).astype(np.float32)
+  y, vjp = jax.vjp(lambda a, b: ops.adder_conv(
+      a, b, strides=strides, padding=pads, gradient="exact",
+      implementation="xla"), x, w)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  dx, dw = vjp(g)
+  xp = np.pad(x.astype(np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+  (kh, kw), (sh, sw), (ho, wo) = w_shape[:2], strides, y.shape[1:3]
+  want_dxp, want_dw = np.zeros_like(xp), np.zeros(w_shape)
+  for i in range(kh):
+    for j in range(kw):
+      idx = (slice(None), slice(i, i + sh * (ho - 1) + 1, sh),
+             slice(j, j + sw * (wo - 1) + 1, sw))
+      s = np.sign(w[i, j].astype(np.float64) - xp[idx][..., None])
+      want_dxp[idx] += np.einsum("nhwco,nhwo->nhwc", s, g)
+      want_dw[i, j] = -np.einsum("nhwco,nhwo->co", s, g)
+  want_dx = want_dxp[:, pads[0][0]:pads[0][0] + x_shape[1],
+                     pads[1][0]:pads[1][0] + x_shape[2]]
+  tol = 1e-5 * np.abs(g).sum()
+  np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, atol=tol)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), want_dw, atol=tol)
+
+
+def test_general_dilated_honours_preferred_element_type():
+  """`adder_conv_general_dilated` stands in for `lax.conv_general_dilated`:
+  `preferred_element_type` sets the result's dtype (the values are
+  adder_conv's, rounded once to it)."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, 3, 6, 5)), jnp.float32)  # NCHW
+  w = jnp.asarray(rng.normal(size=(4, 3, 3, 2)), jnp.float32)  # OIHW
+  want = ops.adder_conv(x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0),
+                        strides=(1, 2), padding=((1, 1), (0, 1)),
+                        implementation="xla").transpose(0, 3, 1, 2)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    y = ops.adder_conv_general_dilated(
+        x, w, (1, 2), ((1, 1), (0, 1)), preferred_element_type=dtype,
+        implementation="xla")
+    assert y.dtype == dtype and y.shape == want.shape == (2, 4, 6, 3)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want.astype(dtype)))
