@@ -439,6 +439,27 @@ _DAMAGE_EVERY_FILE_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_a_garbled_index_node_is_damage_and_the_run_falls_back(tmp_path):
+  # The end of the step's merged b-tree node flipped: it fails to
+  # decompress, and TensorStore says so without a status code. That was
+  # taken for "does not show damage": the run refused to resume.
+  directory = tmp_path / "ck"
+  save_two(directory)
+  [node] = (directory / "2" / "state" / "d").iterdir()
+  data = bytearray(node.read_bytes())
+  for i in range(len(data) - 16, len(data)):
+    data[i] ^= 0xFF
+  node.write_bytes(bytes(data))
+  with ckpt.CheckpointManager(directory, read_only=True) as mgr:
+    with pytest.raises(ckpt.CheckpointCorruptedError,
+                       match=f"file 'state/d/{node.name}' is garbled"):
+      mgr.restore_step(2, ABSTRACT)
+  with ckpt.CheckpointManager(directory) as mgr:
+    assert_state(mgr.restore(ABSTRACT)[0], 1)
+  assert (tmp_path / "ck.corrupted").is_dir()
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_any_damaged_file_of_a_multi_device_step_is_named_or_unread(
     tmp_path):
   # An 8-device step is written as about 20 files, some of them (OCDBT's

@@ -194,8 +194,14 @@ def test_imagenet_resnet_init_is_the_official_one(conv):
   """The official ImageNet ResNet runs kaiming_normal_(mode="fan_out") over
   every nn.Conv2d: the stem, the 1x1 classifier (whose bias keeps PyTorch's
   default U(+-1/sqrt(fan_in))) and, in the CNN twin (torchvision's ResNet),
-  every layer; adder filters are N(0, 1)."""
-  params = _init_params("resnet18", conv, 1000, (1, 64, 64, 3))
+  every layer; adder filters are N(0, 1). One block per stage and the rbg
+  generator: the same layers, a quarter of the time of ResNet-18 with the
+  default one (14.7 s in CI)."""
+  model = get_model("resnet18", num_classes=1000, conv=conv).clone(
+      stage_sizes=(1, 1, 1, 1))
+  params = jax.jit(lambda x: model.init(
+      jax.random.key(1, impl="rbg"), x, train=False))(jnp.ones(
+          (1, 32, 32, 3)))["params"]
   fc = params["fc"]
   assert abs(np.std(fc["kernel"]) / np.sqrt(2 / 1000) - 1) < 0.03
   assert abs(np.mean(fc["kernel"])) < 0.01 * np.sqrt(2 / 1000)
@@ -204,7 +210,7 @@ def test_imagenet_resnet_init_is_the_official_one(conv):
   assert abs(np.std(fc["bias"]) / (bound / np.sqrt(3)) - 1) < 0.1
   stem = params["conv1"]["kernel"]
   assert abs(np.std(stem) / np.sqrt(2 / (7 * 7 * 64)) - 1) < 0.05
-  inner = params["layer3_1"]["conv2"]
+  inner = params["layer3_0"]["conv2"]
   if conv == "mult":
     assert abs(np.std(inner["kernel"]) / np.sqrt(2 / (3 * 3 * 256)) - 1) < 0.03
   else:
