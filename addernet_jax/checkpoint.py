@@ -615,6 +615,8 @@ def _is_orphaned_read_error(exc: BaseException | None) -> bool:
 
 
 _filters_installed = False
+_ORBAX_STEP_METADATA_ERRORS = ("Failed to read Metadata file: ",
+                               "Failed to json parse Metadata file: ")
 
 
 def _install_error_aftermath_filters() -> None:
@@ -631,7 +633,8 @@ def _install_error_aftermath_filters() -> None:
   one that says so. These say nothing new: the unraisable errors and asyncio
   logs go to DEBUG level, Orbax's error logs keep one shortened line without
   the traceback, and the warning that a read it never started "was never
-  awaited" is hidden. Any other unraisable error or log is kept whole.
+  awaited" is hidden. Orbax's errors for a damaged `_CHECKPOINT_METADATA`
+  become one warning. Any other unraisable error or log is kept whole.
   """
   global _filters_installed
   if _filters_installed:
@@ -670,8 +673,34 @@ def _install_error_aftermath_filters() -> None:
         record.args, record.exc_info, record.exc_text = None, None, None
       return True
 
+  class _OrbaxStepMetadataFilter(logging.Filter):
+    """Orbax logs a damaged `_CHECKPOINT_METADATA` as an ERROR holding the
+    whole file, at each of its reads; the file holds only the step's handler
+    names and times, which restoring does without. One warning per file."""
+
+    def __init__(self):
+      super().__init__()
+      self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+      if not (isinstance(record.msg, str) and record.args and
+              record.msg.startswith(_ORBAX_STEP_METADATA_ERRORS)):
+        return True
+      path = str(record.args[0])
+      if path in self._seen:
+        return False
+      self._seen.add(path)
+      record.msg = ("Orbax's step metadata file %s is damaged (%s); it holds "
+                    "only the step's handler names and times, which "
+                    "restoring does without")
+      record.args = (path, _short(str(record.args[-1]), limit=200))
+      record.levelno, record.levelname = logging.WARNING, "WARNING"
+      return True
+
+  metadata_filter = _OrbaxStepMetadataFilter()
   for name in ("absl", "orbax"):
     logging.getLogger(name).addFilter(_OrbaxTracebackFilter())
+    logging.getLogger(name).addFilter(metadata_filter)
   # The reads that Orbax's failed gather never started.
   warnings.filterwarnings(
       "ignore", message="coroutine '_read_array_index_and_device_put' was "

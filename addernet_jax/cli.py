@@ -82,7 +82,9 @@ def json_line(result: Any) -> str:
       return {k: strict(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
       return [strict(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
+    if isinstance(x, (np.ndarray, jax.Array)):
+      return strict(np.asarray(x).tolist())  # a 0-d array: its number
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
       x = x.item()
     return None if isinstance(x, float) and not math.isfinite(x) else x
   return json.dumps(strict(result), allow_nan=False)
@@ -167,9 +169,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [l.strip() for l in str(e.args[0] if e.args else e).splitlines()
              if l.strip()] or [""]
     key, hint = lines[0].strip("\"' "), " ".join(lines[1:])
-    overrides = [a for a in argv if a.startswith("--config.")]
-    culprits = [a for a in overrides
-                if f".{key}" in a.split("=")[0]] if key else []
+    culprits = _overrides_setting(argv, key) if key else []
     if not culprits:
       # Not an override's key: the file itself failed (no get_config, or
       # get_config read a missing field).
@@ -241,6 +241,24 @@ def _unknown_flag_text(name: str) -> str:
   return (f"unknown command line flag --{name}{hint} ({_program()} takes "
           f"{', '.join('--' + f for f in own)}; --help says what each "
           f"does)")
+
+
+def _overrides_setting(argv: list[str], key: str) -> list[str]:
+  """The `--config.*` overrides in `argv` whose key ends with the unknown
+  field `key`; of several (`--config.weight` beside a valid
+  `--config.pkkd.weight`), those the config file's own config lacks."""
+  culprits = [a for a in argv if a.startswith("--config.") and
+              a.split("=")[0].endswith(f".{key}")]
+  if len(culprits) < 2:
+    return culprits
+  try:  # the file's config as loaded before the overrides
+    config = flags.FLAGS["config"].parser.parse(_config_path(argv))
+    known = {path for path, _ in _field_paths(config)}
+  except Exception:  # pylint: disable=broad-except
+    return culprits
+  unknown = [a for a in culprits
+             if a.split("=")[0][len("--config."):] not in known]
+  return unknown or culprits
 
 
 def _config_path(argv: list[str]) -> str | None:

@@ -2,13 +2,24 @@
 command line rejects bad keys and values with one line and no traceback."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
+import re
+import shlex
 import subprocess
 import sys
+import types
 
+from absl import flags
+import jax
+import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
+import numpy as np
 import pytest
+
+from addernet_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -149,6 +160,100 @@ def assert_one_line_error(result, *needles: str):
   assert result.stdout.strip() == ""
 
 
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+  """(where, program, argv) of every `python train.py`, `python eval.py`,
+  `python -m addernet_jax.export` and `python -m addernet_jax.figures` line
+  in README.md and docs/, continuations joined and optional flags' brackets
+  dropped; lines with placeholders ("...", "<name>") left out."""
+  found = []
+  for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    lines = md.read_text(encoding="utf-8").splitlines()
+    index = 0
+    while index < len(lines):
+      start, line = index, lines[index]
+      while line.rstrip().endswith("\\") and index + 1 < len(lines):
+        index += 1
+        line = line.rstrip()[:-1] + " " + lines[index].strip()
+      index += 1
+      match = re.match(r"\s*(?:\$ )?(?:.*(?:&&|srun) )?python3? (?:-m )?"
+                       r"((?:train|eval)\.py|addernet_jax\.(?:export|figures))"
+                       r"(\s.*)?$", line)
+      if not match or "..." in line or "<" in line:
+        continue
+      args = (match.group(2) or "").split(" #", 1)[0]
+      if line[:match.start(1)].count('"') % 2:  # inside --command="..."
+        args = args.rsplit('"', 1)[0]
+      args = re.sub(r"\|[\w|]+", "", args)  # "latest|best": the first
+      found.append((f"{md.name}:{start + 1}", match.group(1), shlex.split(
+          args.replace("[", " ").replace("]", " "))))
+  return found
+
+
+_PARSE_DOCUMENTED = r"""
+import argparse, contextlib, copy, importlib, io, json, sys
+from absl import flags
+from ml_collections import config_flags
+program = sys.argv[1]
+module = importlib.import_module(program.removesuffix(".py"))
+if hasattr(module, "_define_flags"):
+  module._define_flags()
+own = [f for f in flags.FLAGS.get_key_flags_for_module(module)
+       if f.name != "config"]
+
+
+def parse_absl(argv):
+  # A fresh parser each time: ml_collections adds the --config.* flags of
+  # the file it loads, reading them from sys_argv.
+  parser = flags.FlagValues()
+  for flag in own:
+    parser[flag.name] = copy.deepcopy(flag)
+  config_flags.DEFINE_config_file("config", None, flag_values=parser,
+                                  lock_config=True,
+                                  sys_argv=[program, *argv])
+  parser([program, *argv])
+  if parser["config"].present:
+    parser.config.to_dict()  # loads the file and applies the overrides
+
+
+def parse_argparse(argv):
+  stderr = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(stderr):
+      module.build_parser().parse_args(argv)
+  except SystemExit:
+    raise ValueError(stderr.getvalue().strip()) from None
+
+
+parse = parse_argparse if hasattr(module, "build_parser") else parse_absl
+failures = []
+for where, argv in json.loads(sys.stdin.read()):
+  try:
+    parse(argv)
+  except Exception as e:
+    failures.append(f"{where}: {type(e).__name__}: {e}")
+print(json.dumps(failures))
+"""
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step): about 12 s
+@pytest.mark.parametrize("program", ["train.py", "eval.py",
+                                     "addernet_jax.export",
+                                     "addernet_jax.figures"])
+def test_documented_commands_parse(program):
+  """Every command of these programs in the README and docs names flags the
+  program has, config files that exist and config keys of that config."""
+  commands = [(where, argv) for where, name, argv in documented_commands()
+              if name == program]
+  assert len(commands) >= 3, commands
+  result = subprocess.run(
+      [sys.executable, "-c", _PARSE_DOCUMENTED, program],
+      input=json.dumps(commands), cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  failures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 def test_unknown_config_key_is_one_line_error(script, tmp_path):
   result = run_cli(script, "--config", "configs/smoke.py",
@@ -228,6 +333,8 @@ def test_broken_config_files_are_one_line_errors(script, tmp_path):
                      "  c = ml_collections.ConfigDict()\n"
                      "  c.model = 'lenet5_bn'\n  return c\n",
                      "the config has no field 'dataset'")}
+  if script == "eval.py":  # the same parse_flags: its own reads only
+    files = {"partial.py": files["partial.py"]}
   for name, (text, needle) in files.items():
     (tmp_path / name).write_text(text)
     where = "--workdir" if script == "train.py" else "--checkpoint"
@@ -238,10 +345,11 @@ def test_broken_config_files_are_one_line_errors(script, tmp_path):
 
 
 def test_config_files_whose_get_config_misbehaves_are_one_line_errors(
-    tmp_path):
+    tmp_path, monkeypatch, capsys):
   """get_config not a function, taking an argument, raising, returning a
   dict or None: ml_collections' folded traceback or a misleading "--config
-  must have a value other than None" before."""
+  must have a value other than None" before. (parse_flags in process; the
+  last case through train.py.)"""
   files = {
       "notfunc.py": ("get_config = 3\n",
                      "calling its get_config() failed: TypeError: 'int'"),
@@ -255,6 +363,14 @@ def test_config_files_whose_get_config_misbehaves_are_one_line_errors(
                   "returned None (a missing return statement?)")}
   for name, (text, needle) in files.items():
     (tmp_path / name).write_text(text)
+    if name != "none.py":
+      with pytest.raises(SystemExit) as e:
+        _parse(["p", f"--config={tmp_path / name}", "--workdir=w"],
+               monkeypatch)
+      err = capsys.readouterr().err
+      assert e.value.code == 2 and err.count("\n") == 1, err
+      assert err.startswith("error: ") and needle in err and name in err, err
+      continue
     result = run_cli("train.py", "--config", str(tmp_path / name),
                      f"--workdir={tmp_path / 'run'}")
     assert_one_line_error(result, needle)
@@ -459,3 +575,181 @@ def test_stdout_block_leaves_captured_stdout_alone(capsys):
     print_line("row")
     print("inside")
   assert capsys.readouterr().out == "row\ninside\n"
+
+
+# From a mutation audit: cli's helpers and parse_flags in process.
+
+
+def test_json_line_turns_numpy_integers_and_nested_non_finite_into_json():
+  line = cli.json_line({"n": np.int64(7), "rows": (np.int32(-3),
+                                                   np.float64("-inf")),
+                        "deep": {"x": [np.float16(0.5), float("nan")]}})
+  assert json.loads(line) == {"n": 7, "rows": [-3, None],
+                              "deep": {"x": [0.5, None]}}
+  line = cli.json_line({"ok": np.bool_(True), "top1": jnp.float32(0.25),
+                        "loss": jnp.asarray(np.inf), "per_class": np.array(
+                            [[0.5, np.nan], [1, 2]], np.float32)})
+  assert json.loads(line) == {"ok": True, "top1": 0.25, "loss": None,
+                              "per_class": [[0.5, None], [1.0, 2.0]]}
+
+
+def test_print_error_is_one_line_and_unwraps_key_errors(capsys):
+  assert cli.print_error(KeyError("dataset")) == 1
+  assert capsys.readouterr().err == "error: dataset\n"
+  assert cli.print_error(ValueError("bad  value\n  at\tline 3")) == 1
+  assert capsys.readouterr().err == "error: bad value at line 3\n"
+  assert cli.print_error(KeyError()) == 1  # no args: str() of the error
+  assert capsys.readouterr().err == "error: \n"
+
+
+def test_config_path_of_the_command_line():
+  assert cli._config_path(["p", "--config=runs/a=b.py:x", "--workdir=w"]) == (
+      "runs/a=b.py:x")
+  assert cli._config_path(["p", "--workdir", "w", "--config", "c.py"]) == (
+      "c.py")
+  assert cli._config_path(["p", "--workdir=w", "--config"]) is None
+  assert cli._config_path(["p", "--workdir=w"]) is None
+
+
+def test_missing_flags_are_named_once():
+  text = cli._missing_flags_text(["zz_nope_a", "zz_nope_b", "zz_nope_a"])
+  assert "needs --zz_nope_a and --zz_nope_b (--zz_nope_a; --zz_nope_b)" in (
+      text), text
+
+
+def test_a_failed_computation_in_a_single_process_is_raised_again(
+    monkeypatch, capsys):
+  """exit_if_peer_failed returns for one process (the caller raises), and
+  with several prints one line naming the process and leaves with 1."""
+  exits = []
+
+  def fake_exit(code):
+    exits.append(code)
+    raise SystemExit(code)
+  monkeypatch.setattr(cli.os, "_exit", fake_exit)
+  error = jax.errors.JaxRuntimeError("INTERNAL: boom\nsecond line")
+  assert cli.exit_if_peer_failed(error) is None
+  assert cli.exit_if_peer_failed(ValueError("x")) is None
+  assert exits == [] and capsys.readouterr().err == ""
+  monkeypatch.setattr(cli.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(cli.jax, "process_index", lambda: 1)
+  assert cli.exit_if_peer_failed(ValueError("x")) is None
+  with pytest.raises(SystemExit):
+    cli.exit_if_peer_failed(error)
+  assert exits == [1]
+  err = capsys.readouterr().err
+  assert err.startswith("error: process 1: a computation shared with the "
+                        "other processes failed (INTERNAL: boom):"), err
+  assert "second line" not in err
+
+
+def test_unknown_fields_are_matched_against_their_siblings_only():
+  """A nested typo is compared with the fields of its own section: the
+  closer top-level `opt_decay` is no suggestion for `opt.decay`."""
+  ref = ml_collections.ConfigDict({"opt_decay": 0.1, "seed": 1,
+                                   "opt": {"decay_rate": 0.9}})
+  config = ml_collections.ConfigDict({"opt_decay": 0.1, "sed": 2,
+                                      "opt": {"decay_rate": 0.9,
+                                              "decay": 0.5}})
+  assert sorted(cli.unknown_config_fields(config, [ref])) == [
+      "opt.decay (did you mean opt.decay_rate?)", "sed (did you mean seed?)"]
+
+
+_CONFIG = ("import ml_collections\n"
+           "def get_config():\n"
+           "  c = ml_collections.ConfigDict()\n"
+           "  c.model = 'lenet5'\n  c.seed = 4\n"
+           "  c.pkkd = ml_collections.ConfigDict({'tau': 1.0})\n"
+           "  return c\n")
+
+
+def _parse(argv, monkeypatch):
+  """cli.parse_flags(argv) on a private FlagValues with train.py's --config
+  and --workdir (in place of absl's global one for `cli`)."""
+  # ml_collections loads the file as module "config_config" with the
+  # deprecated load_module(), which reuses the module left in sys.modules:
+  # a file without get_config() found the previous file's.
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                  flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints.",
+                      flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+  monkeypatch.setattr(cli, "flags", types.SimpleNamespace(
+      FLAGS=fv, Error=flags.Error,
+      UnrecognizedFlagError=flags.UnrecognizedFlagError))
+  return cli.parse_flags(argv), fv
+
+
+def test_parse_flags_exits_2_naming_only_the_overrides_at_fault(
+    tmp_path, monkeypatch, capsys):
+  path = tmp_path / "cfg.py"
+  path.write_text(_CONFIG)
+  # An override whose *value* is the unknown key's name, or whose key only
+  # begins with it, is not the culprit.
+  with pytest.raises(SystemExit) as e:
+    _parse(["p", f"--config={path}", "--workdir=w", "--config.model=no_such",
+            "--config.no_such=1"], monkeypatch)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: unknown config key 'no_such' in "
+                        "--config.no_such=1 (not a field"), err
+  assert "--config.model" not in err
+  with pytest.raises(SystemExit):
+    _parse(["p", f"--config={path}", "--workdir=w", "--config.pkkd.tau=2",
+            "--config.pk=1"], monkeypatch)
+  err = capsys.readouterr().err
+  assert "in --config.pk=1 (not a field" in err and "tau" not in err, err
+  # An unknown top-level key named as a valid nested one: only it is named,
+  # in either order.
+  for pair in (["--config.pkkd.tau=2", "--config.tau=1"],
+               ["--config.tau=1", "--config.pkkd.tau=2"]):
+    with pytest.raises(SystemExit):
+      _parse(["p", f"--config={path}", "--workdir=w", *pair], monkeypatch)
+    err = capsys.readouterr().err
+    assert "key 'tau' in --config.tau=1 (not a field" in err, err
+    assert "pkkd" not in err, err
+  for argv, needle in (
+      ([f"--config={path}", "--workdir=w", "--config.seed=many"], "seed"),
+      ([], "needs --config and --workdir (--config: Training config file; "
+       "--workdir: Directory for checkpoints)"),
+      ([f"--config={path}", "--workdir=w", "--wrokdir=x"],
+       "unknown command line flag --wrokdir")):
+    with pytest.raises(SystemExit) as e:
+      _parse(["p", *argv], monkeypatch)
+    assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and needle in err, err
+  remaining, fv = _parse(["p", f"--config={path}", "--workdir=w",
+                          "--config.seed=9", "x"], monkeypatch)
+  assert remaining == ["p", "x"] and fv["config"].value.seed == 9
+
+
+def test_config_files_that_fail_while_loading_are_named_precisely(
+    tmp_path, monkeypatch, capsys):
+  """Only an AttributeError about get_config itself means "defines no
+  get_config()": a field read but unset, a NameError that mentions
+  get_config, another AttributeError keep their own words and line."""
+  files = {
+      "noget.py": ("x = 1\n", "it defines no get_config() function"),
+      "field.py": ("import ml_collections\ndef get_config():\n"
+                   "  c = ml_collections.ConfigDict({'a': 1})\n"
+                   "  c.b = c.nope\n  return c\n",
+                   "(line 4): it reads the field 'nope', which is not set"),
+      "name.py": ("x = get_config_helper()\ndef get_config():\n  pass\n",
+                  "(line 1): NameError: name 'get_config_helper' is not "
+                  "defined"),
+      "attr.py": ("import os\nos.no_such_thing\n",
+                  "(line 2): AttributeError: module 'os' has no attribute"),
+      "syntax.py": ("def get_config(:\n", "(line 1): SyntaxError")}
+  for name, (text, needle) in files.items():
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as e:
+      _parse(["p", f"--config={tmp_path / name}", "--workdir=w"],
+             monkeypatch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load the --config file "
+                          f"'{tmp_path / name}'"), err
+    assert needle in err and err.count("\n") == 1, err

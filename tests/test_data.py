@@ -24,6 +24,7 @@ from PIL import Image
 
 from addernet_jax import data
 from addernet_jax.data import arrays
+from addernet_jax.data import info as info_lib
 from addernet_jax.data import local
 from addernet_jax.data import streaming
 from addernet_jax.data import tfds_source
@@ -966,21 +967,10 @@ def _importable(mod: str) -> bool:
 
 
 def test_tfds_prepared_local_data_dir(monkeypatch, tmp_path):
-  version = tmp_path / 'cifar10' / '3.0.2'
-  version.mkdir(parents=True)
-  (version / 'dataset_info.json').write_text('{}')
+  _prepare_tfds(tmp_path, 'cifar10', '3.0.2')
   x = _rand_images(np.random.default_rng(10), 4, 32, 32, 3)
   y = np.array([1, 9, 0, 3])
-  calls = []
-  fake = types.ModuleType('tensorflow_datasets')
-
-  def fake_load(name, **kw):
-    calls.append((name, kw))
-    return (x, y)
-
-  fake.load = fake_load
-  fake.as_numpy = lambda t: t
-  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  calls = _fake_tfds(monkeypatch, x, y)
   gx, gy = data.load_arrays('cifar10', tmp_path, 'test')
   np.testing.assert_array_equal(gx, x)
   np.testing.assert_array_equal(gy, y)
@@ -1486,3 +1476,321 @@ def test_normalisation_constants_of_every_dataset():
   info = data.dataset_info("digits")
   assert abs(images.mean() - info.mean[0]) < 5e-5
   assert abs(images.std() - info.std[0]) < 5e-5
+
+
+# Gaps found by a mutation audit of the data modules (check_arrays, MNIST
+# IDX files, ImageFolder decoding, TFDS arguments, the in-memory cache).
+
+
+def _rand_uint8(rng, *shape):
+  return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def _fake_tfds(monkeypatch, images, labels):
+  """A stand-in tensorflow_datasets module recording tfds.load's calls."""
+  calls = []
+  fake = types.ModuleType('tensorflow_datasets')
+
+  def load(name, **kwargs):
+    calls.append((name, kwargs))
+    return images, labels
+
+  fake.load = load
+  fake.as_numpy = lambda t: t
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  return calls
+
+
+def _prepare_tfds(root: Path, name: str, *parts: str) -> Path:
+  version = root.joinpath(name, *parts)
+  version.mkdir(parents=True)
+  (version / 'dataset_info.json').write_text('{}')
+  return version
+
+
+# ------------------------------------------------------------ check_arrays --
+
+def test_check_arrays_refuses_negative_labels_empty_splits_and_counts():
+  """check_arrays is the only check of what TFDS returns:
+  negative labels, an empty split, a label count that differs from the
+  image count and the wrong channel count must be refused (mutants:
+  `labels.min() < 0` dropped, the empty-split check dropped, the
+  label-count check dropped, only H and W compared)."""
+  rng = np.random.default_rng(20)
+  info = data.dataset_info('cifar10')
+  x = _rand_uint8(rng, 5, 32, 32, 3)
+  ok_x, ok_y = local.check_arrays(x, np.array([0, 9, 3, 3, 7]), info, 'src')
+  np.testing.assert_array_equal(ok_x, x)
+  assert ok_y.dtype == np.int32
+  with pytest.raises(ValueError, match=r'src: labels range from -1 to 9, '
+                     r'outside 0\.\.9 for cifar10'):
+    local.check_arrays(x, np.array([0, 9, -1, 3, 7]), info, 'src')
+  with pytest.raises(ValueError, match=r'src: 5 images but labels of shape '
+                     r'\(4,\)'):
+    local.check_arrays(x, np.array([0, 9, 3, 7]), info, 'src')
+  with pytest.raises(ValueError, match=r'src: 5 images but labels of shape '
+                     r'\(6,\)'):
+    local.check_arrays(x, np.array([0, 9, 3, 7, 1, 2]), info, 'src')
+  with pytest.raises(ValueError, match='src: no images found'):
+    local.check_arrays(x[:0], np.array([], np.int64), info, 'src')
+  # Grey images for an RGB dataset (a TFDS copy of another dataset).
+  with pytest.raises(ValueError, match=r'src: images have shape '
+                     r'\(5, 32, 32, 1\), expected \[N, 32, 32, 3\]'):
+    local.check_arrays(x[..., :1], np.array([0, 9, 3, 3, 7]), info, 'src')
+
+
+def test_tfds_arrays_with_mismatched_labels_are_refused(monkeypatch,
+                                                        tmp_path):
+  """The same through load_arrays on a prepared TFDS
+  data_dir: more labels than images is an error naming the source."""
+  _prepare_tfds(tmp_path, 'mnist', '3.0.1')
+  rng = np.random.default_rng(21)
+  _fake_tfds(monkeypatch, _rand_uint8(rng, 3, 28, 28, 1),
+             rng.integers(0, 10, 4))
+  with pytest.raises(ValueError, match=r'mnist test \(tfds layout in .*\): '
+                     r'3 images but labels of shape \(4,\)'):
+    data.load_arrays('mnist', tmp_path, 'test')
+
+
+# ------------------------------------------------------------------- MNIST --
+
+def test_mnist_idx_with_trailing_bytes_or_wrong_rank_is_refused(tmp_path):
+  """A file with more data
+  than its header says (two files concatenated) and an images file passed
+  as a labels file are refused naming the file (mutants: the size check
+  made `<`, the rank check dropped)."""
+  rng = np.random.default_rng(22)
+  x = _rand_uint8(rng, 3, 28, 28)
+  y = rng.integers(0, 10, 3).astype(np.uint8)
+  labels = tmp_path / 't10k-labels-idx1-ubyte'
+  images = tmp_path / 't10k-images-idx3-ubyte'
+  images.write_bytes(_idx_bytes(x) + b'\x07' * 5)
+  labels.write_bytes(_idx_bytes(y))
+  with pytest.raises(ValueError, match=(
+      r"cannot read MNIST file '.*t10k-images-idx3-ubyte': header says "
+      r'shape \(3, 28, 28\) \(2352 bytes\) but the file has 2357 bytes')):
+    data.load_arrays('mnist', tmp_path, 'test')
+  images.write_bytes(_idx_bytes(x))
+  got, got_y = data.load_arrays('mnist', tmp_path, 'test')
+  np.testing.assert_array_equal(got[..., 0], x)
+  assert got.flags.writeable  # as every other loader's (it was a view)
+  np.testing.assert_array_equal(got_y, y)
+  # An IDX3 file under the labels name (the 3 bytes of dims 2 and 3 and
+  # the pixels would otherwise be read as labels).
+  labels.write_bytes(_idx_bytes(_rand_uint8(rng, 3, 1, 1)))
+  with pytest.raises(ValueError, match=(
+      r"cannot read MNIST file '.*t10k-labels-idx1-ubyte': not an "
+      r'unsigned-byte IDX file with 1 dimensions \(magic 00000803, '
+      r'expected 00000801\)')):
+    data.load_arrays('mnist', tmp_path, 'test')
+
+
+# ------------------------------------------------------------- ImageFolder --
+
+def test_imagefolder_test_class_unknown_to_train_is_refused(tmp_path):
+  """A class folder of test/ that train/ lacks has no class index: it must be
+  named, not crash with a KeyError or be given a wrong index (mutant: the
+  `not in index` check dropped)."""
+  rng = np.random.default_rng(23)
+  for c in range(10):
+    _save(_rand_uint8(rng, 32, 32, 3), tmp_path / 'train' / f'c{c}' / '0.png')
+  for c in (1, 4):
+    _save(_rand_uint8(rng, 32, 32, 3), tmp_path / 'test' / f'c{c}' / '0.png')
+  _save(_rand_uint8(rng, 32, 32, 3), tmp_path / 'test' / 'stray' / '0.png')
+  with pytest.raises(ValueError, match=(
+      r"stray: class folder 'stray' is not among the 10 classes of "
+      r'.*train')):
+    data.load_arrays('cifar10', tmp_path, 'test')
+
+
+def test_palette_and_cmyk_images_decode_to_rgb(tmp_path):
+  """Palette PNGs and
+  CMYK TIFFs are converted to RGB, not read as raw palette indices or
+  4-channel arrays (mutant: the convert('RGB') dropped)."""
+  rng = np.random.default_rng(24)
+  rgb = _rand_uint8(rng, 13, 7, 3)
+  pal = Image.fromarray(rgb).quantize(colors=17)
+  assert pal.mode == 'P'
+  pal.save(tmp_path / 'p.png')
+  want = np.asarray(pal.convert('RGB'))
+  got = local.decode_image(str(tmp_path / 'p.png'), (13, 7, 3))
+  assert got.dtype == np.uint8 and got.shape == (13, 7, 3)
+  np.testing.assert_array_equal(got, want)
+  cmyk = Image.fromarray(rgb).convert('CMYK')
+  cmyk.save(tmp_path / 'c.tiff')
+  got = local.decode_image(str(tmp_path / 'c.tiff'), (13, 7, 3))
+  np.testing.assert_array_equal(got, np.asarray(cmyk.convert('RGB')))
+
+
+def test_bilevel_image_decodes_to_0_and_255(tmp_path):
+  """A 1-bit
+  (PIL mode '1') PNG is converted to 8-bit grey, 0 and 255, not read as
+  0 and 1 (mutant: the convert('L') skipped for mode '1')."""
+  bits = np.random.default_rng(30).random((11, 6)) < 0.5
+  Image.fromarray(bits).save(tmp_path / 'b.png')
+  assert Image.open(tmp_path / 'b.png').mode == '1'
+  got = local.decode_image(str(tmp_path / 'b.png'), (11, 6, 1))
+  assert got.dtype == np.uint8
+  np.testing.assert_array_equal(got[..., 0], np.where(bits, 255, 0))
+
+
+def test_thirty_two_bit_integer_image_is_refused(tmp_path):
+  """A 32-bit integer image (PIL mode 'I') has no known 0..255 range: it is
+  refused naming the file, not clipped to 0/255 by convert('L') (mutant:
+  only mode 'F' refused)."""
+  wide = np.random.default_rng(31).integers(0, 70000, (9, 14),
+                                            dtype=np.int32)
+  Image.fromarray(wide).save(tmp_path / 'int.tiff')
+  assert Image.open(tmp_path / 'int.tiff').mode == 'I'
+  with pytest.raises(local.ImageDecodeError, match=(
+      r"int\.tiff: a 32-bit integer image \(PIL mode 'I'\) has no known "
+      r'0\.\.255 range')):
+    local.decode_image(str(tmp_path / 'int.tiff'), (9, 14, 1))
+
+
+# --------------------------------------------------------------- load_arrays --
+
+def test_eval_only_without_holdout_does_not_load_train(tmp_path,
+                                                       monkeypatch):
+  """with_train=False
+  returns None for training and never reads the training split, also
+  without holdout_examples (mutant: `if with_train:` ignored there; the
+  existing check covers only the holdout branch)."""
+  rng = np.random.default_rng(26)
+  x = _rand_uint8(rng, 4, 28, 28)
+  y = rng.integers(0, 10, 4).astype(np.uint8)
+  (tmp_path / 't10k-images-idx3-ubyte').write_bytes(_idx_bytes(x))
+  (tmp_path / 't10k-labels-idx1-ubyte').write_bytes(_idx_bytes(y))
+  train, (xe, ye) = data.load_in_memory_splits('mnist', tmp_path,
+                                               with_train=False,
+                                               eval_max_examples=3)
+  assert train is None
+  np.testing.assert_array_equal(xe[..., 0], x[:3])
+  np.testing.assert_array_equal(ye, y[:3])
+
+
+def test_empty_data_dir_string_means_tfds(monkeypatch, tmp_path, caplog):
+  """data_dir ''
+  (`--config.data_dir=`) means TFDS in its default data_dir, as None does,
+  not the current directory; for the bundled digits it is no data_dir, so
+  no warning (mutants: the `== ''` tests dropped)."""
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  _prepare_tfds(tmp_path / 'tfds', 'cifar10', '3.0.2')
+  rng = np.random.default_rng(27)
+  x, y = _rand_uint8(rng, 3, 32, 32, 3), np.array([4, 0, 9])
+  calls = _fake_tfds(monkeypatch, x, y)
+  monkeypatch.chdir(tmp_path)  # holds tfds/: no known layout
+  gx, gy = data.load_arrays('cifar10', '', 'train')
+  np.testing.assert_array_equal(gx, x)
+  np.testing.assert_array_equal(gy, y)
+  assert calls[0][1]['data_dir'] == str(tmp_path / 'tfds')
+  with caplog.at_level(logging.WARNING, logger='addernet_jax.data.arrays'):
+    data.load_arrays('digits', '', 'test')
+  assert 'is not read' not in caplog.text
+
+
+def test_cache_entry_of_another_dtype_or_shape_is_rebuilt(
+    tmp_path, monkeypatch, caplog):
+  """A cache entry of the right labels but not uint8 or of another
+  image shape (written by other code) is decoded again, not returned
+  (mutants: the dtype check dropped, only the image count checked)."""
+  rng = np.random.default_rng(28)
+  for c in range(10):
+    _save(_rand_uint8(rng, 32, 32, 3), tmp_path / 'd' / 'test' / f'c{c}' /
+              '0.png')
+  monkeypatch.setenv(arrays.CACHE_ENV, str(tmp_path / 'cache'))
+  x, y = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  [entry] = (tmp_path / 'cache').glob('*.npz')
+  np.savez(entry, images=x.astype(np.int16) + 300, labels=y)
+  with caplog.at_level(logging.WARNING):
+    x2, y2 = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  assert x2.dtype == np.uint8
+  np.testing.assert_array_equal(x2, x)
+  np.testing.assert_array_equal(y2, y)
+  assert 'damaged' in caplog.text
+  # Of the right labels but another image size: rebuilt too, never fatal.
+  np.savez(entry, images=x[:, :31, :, :], labels=y)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    x3, _ = data.load_arrays('cifar10', tmp_path / 'd', 'test')
+  np.testing.assert_array_equal(x3, x)
+  assert 'damaged' in caplog.text
+
+
+# -------------------------------------------------------------------- TFDS --
+
+def test_tfds_prepared_dir_layouts(tmp_path):
+  """A prepared
+  dataset is found as <name>/<version>/ and <name>/<config>/<version>/;
+  a name TFDS does not serve, or nothing prepared, is None (mutant: the
+  config/version glob dropped)."""
+  assert tfds_source.prepared_dir('cifar10', tmp_path) is None
+  (tmp_path / 'cifar10' / '3.0.2').mkdir(parents=True)  # no info file
+  assert tfds_source.prepared_dir('cifar10', tmp_path) is None
+  version = _prepare_tfds(tmp_path, 'mnist', 'plain', '3.0.1')
+  assert tfds_source.prepared_dir('mnist', tmp_path) == version
+  assert local.detect_layout(tmp_path, 'mnist') == 'tfds'
+  _prepare_tfds(tmp_path, 'digits', '1.0.0')
+  assert tfds_source.prepared_dir('digits', tmp_path) is None
+
+
+def test_load_tfds_arrays_arguments(monkeypatch, tmp_path):
+  """What TFDS is
+  asked for: the whole split as (image, label) pairs, ImageNet's test
+  split being 'validation'; an explicit data_dir without the prepared
+  dataset is a ValueError (no download, no network probe); a dataset TFDS
+  does not serve is refused (mutants: as_supervised, the ImageNet split,
+  the `data_dir is not None` and `not in TFDS_NAMES` checks)."""
+  rng = np.random.default_rng(29)
+  x, y = _rand_uint8(rng, 2, 8, 8, 3), np.array([3, 1])
+  calls = _fake_tfds(monkeypatch, x, y)
+  info = data.dataset_info('imagenet2012')
+  _prepare_tfds(tmp_path, 'imagenet2012', '5.1.0')
+  gx, gy = tfds_source.load_tfds_arrays('imagenet2012', str(tmp_path),
+                                        'test', info)
+  np.testing.assert_array_equal(gx, x)
+  np.testing.assert_array_equal(gy, y)
+  name, kw = calls[-1]
+  assert name == 'imagenet2012' and kw['split'] == 'validation'
+  assert kw['as_supervised'] is True and kw['batch_size'] == -1
+  assert kw['data_dir'] == str(tmp_path)
+  tfds_source.load_tfds_arrays('imagenet2012', str(tmp_path), 'train', info)
+  assert calls[-1][1]['split'] == 'train'
+
+  def no_probe(*args, **kwargs):
+    raise AssertionError('probed the network for an explicit data_dir')
+
+  monkeypatch.setattr(tfds_source, 'network_available', no_probe)
+  n = len(calls)
+  with pytest.raises(ValueError, match=r"cifar100 is not prepared in the "
+                     r"TFDS data_dir '.*empty'"):
+    tfds_source.load_tfds_arrays('cifar100', str(tmp_path / 'empty'), 'test',
+                                 data.dataset_info('cifar100'))
+  with pytest.raises(ValueError, match=r"'digits' is not available from "
+                     r'TensorFlow Datasets'):
+    tfds_source.load_tfds_arrays('digits', str(tmp_path), 'test',
+                                 data.dataset_info('digits'))
+  assert len(calls) == n
+
+
+# -------------------------------------------------------------------- info --
+
+def test_dataset_info_edge_cases():
+  """An unhashable name is
+  the same ValueError as an unknown one; cifar_augment needs 32x32 with
+  three channels (a 32x32 grey dataset is not cropped/flipped as CIFAR);
+  the ImageNet sizes (mutants: `except KeyError` only, cifar_augment on
+  H and W only, ImageNet test_size)."""
+  with pytest.raises(ValueError, match="Unknown dataset \\['cifar10'\\]"):
+    data.dataset_info(['cifar10'])
+  with pytest.raises(ValueError, match='Unknown dataset None'):
+    data.dataset_info(None)
+  grey32 = info_lib.DatasetInfo(
+      name='grey32', num_classes=3, image_shape=(32, 32, 1), mean=(0.5,),
+      std=(0.25,), train_size=None, test_size=None, in_memory=True)
+  assert not grey32.cifar_augment
+  assert [n for n in data.DATASET_NAMES
+          if data.dataset_info(n).cifar_augment] == ['cifar10', 'cifar100']
+  imagenet = data.dataset_info('imagenet2012')
+  assert (imagenet.train_size, imagenet.test_size) == (1_281_167, 50_000)
+  assert imagenet.num_classes == 1000

@@ -459,6 +459,30 @@ def test_a_garbled_index_node_is_damage_and_the_run_falls_back(tmp_path):
   assert (tmp_path / "ck.corrupted").is_dir()
 
 
+@pytest.mark.parametrize("flip", [0x5A, 0xFF], ids=["bad-json", "bad-utf8"])
+def test_a_damaged_step_metadata_file_is_one_warning(tmp_path, caplog, flip):
+  # Orbax's record of the step's handlers and times: restoring does without
+  # it, but Orbax logged two ERRORs holding the whole file at each resume.
+  directory = tmp_path / "ck"
+  save_two(directory)
+  path = directory / "2" / "_CHECKPOINT_METADATA"
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 3, len(data) // 3 + 16):
+    data[i] ^= flip
+  path.write_bytes(bytes(data))
+  with caplog.at_level(logging.WARNING):
+    with ckpt.CheckpointManager(directory) as mgr:
+      assert_state(mgr.restore(ABSTRACT)[0], 2)
+    with ckpt.CheckpointManager(directory, read_only=True) as mgr:
+      assert_state(mgr.restore_step(2, ABSTRACT)[0], 2)
+  named = [r for r in caplog.records if str(path) in r.getMessage()]
+  assert [r.levelno for r in named] == [logging.WARNING], caplog.text
+  assert "step metadata file" in named[0].getMessage()
+  assert len(named[0].getMessage()) < 400, named[0].getMessage()
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR], (
+      caplog.text)
+
+
 @pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_any_damaged_file_of_a_multi_device_step_is_named_or_unread(
     tmp_path):
@@ -484,15 +508,16 @@ def test_any_damaged_file_of_a_multi_device_step_is_named_or_unread(
       assert "checkpoint step 1 in" in r["text"], r
       assert re.search(r"(file|folder|array|chunk \S+ of array) '[^']+'",
                        r["text"]), r
-  # The largest data file holds arrays: damage inside it is named (its last
-  # bytes may be a superseded b-tree node: flipping them changed nothing).
-  largest = max((r for r in rows if "/d/" in r["file"]),
-                key=lambda r: r["size"])["file"]
-  on_largest = [r for r in rows if r["file"] == largest and
-                r["damage"] != "flip at the end"]
-  assert len(on_largest) == 3 and all(
-      r["outcome"] == "named" for r in on_largest), json.dumps(on_largest,
-                                                               indent=1)
+  # Some data file holds the arrays: its damage is named. Which file, and
+  # where in it, varies from run to run (the arrays may be split over two
+  # files, the second half of the larger one unread: cutting it changed
+  # nothing), so each damage must be named on some data file, not on one.
+  on_data = [r for r in rows if "ocdbt.process_0/d/" in r["file"]]
+  for damage, says in (("flip at 1/3", "does not match its CRC32"),
+                       ("truncate", "array"), ("delete", "array")):
+    assert any(r["damage"] == damage and r["outcome"] == "named" and
+               says in r["text"] for r in on_data), (
+                   damage, json.dumps(on_data, indent=1))
   for name in ("state/manifest.ocdbt", "meta/metadata", "checksums/metadata",
                "state/_METADATA"):
     deleted = [r for r in rows if r["file"] == name and

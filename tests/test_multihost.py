@@ -74,6 +74,7 @@ def multihost_runs(tmp_path_factory):
           "dir": d}
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
 def test_two_processes_equal_one_process(multihost_runs):
   two, one = multihost_runs["two"], multihost_runs["one"]
@@ -83,6 +84,7 @@ def test_two_processes_equal_one_process(multihost_runs):
     assert max(diffs.values()) < 1e-4, diffs
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
 def test_checkpoint_from_two_processes_restores_in_one(multihost_runs):
   two, one = multihost_runs["two"], multihost_runs["one"]

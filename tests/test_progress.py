@@ -7,16 +7,19 @@ import io
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from addernet_jax import data as data_lib
 from addernet_jax import eval_lib, parallel
 from addernet_jax.models import get_model
+from addernet_jax import progress as progress_lib
 from addernet_jax.progress import StepProgress
 
 
@@ -181,3 +184,82 @@ def test_bars_are_shown_on_a_terminal_only(monkeypatch):
     assert progress.shown({"progress_bar": setting}) is expected
   monkeypatch.setattr(sys, "stderr", None)
   assert progress.shown({}) is False
+
+
+# From a mutation audit: a failed or hung step, the default, counting's bar.
+
+
+class _Failing:
+  def block_until_ready(self):
+    raise RuntimeError("the step failed on the device")
+
+
+class _Never:
+  def __init__(self):
+    self.done = threading.Event()
+
+  def block_until_ready(self):
+    self.done.wait()
+    return self
+
+
+def test_a_failed_step_stops_the_count_without_a_thread_error(monkeypatch):
+  """The steps finished before a failed one are counted, none after it
+  (the loop reports the failure), and the failure does not escape the
+  counting thread."""
+  escaped = []
+  monkeypatch.setattr(threading, "excepthook", escaped.append)
+  bar = tqdm(total=7, file=io.StringIO())
+  progress = progress_lib.StepProgress(bar)
+  progress.dispatched({"loss": jnp.ones((3, 5)).sum()})
+  progress.dispatched({"loss": _Failing()})
+  for _ in range(3):
+    progress.dispatched({"loss": jnp.ones((2,))})
+  progress.close(timeout=5.0)
+  assert bar.n == 1 and not escaped, (bar.n, escaped)
+
+
+def test_a_second_close_after_a_hung_step_does_not_wait_again():
+  progress = progress_lib.StepProgress(tqdm(total=3, file=io.StringIO()))
+  step = _Never()
+  progress.dispatched({"loss": step})
+  progress.close(timeout=0.2)
+  start = time.monotonic()
+  progress.close(timeout=3.0)  # the thread was let go: nothing to join
+  took = time.monotonic() - start
+  step.done.set()
+  assert took < 1.0, took
+
+
+def test_bars_are_shown_by_default_on_a_terminal(monkeypatch):
+  """A config without `progress_bar` shows bars (the field defaults to
+  True), as a ConfigDict or a dict."""
+  class Tty:
+    def isatty(self):
+      return True
+  monkeypatch.setattr(sys, "stderr", Tty())
+  assert progress_lib.shown({}) is True
+  assert progress_lib.shown(ml_collections.ConfigDict({"seed": 3})) is True
+  assert progress_lib.shown({"progress_bar": 0}) is False
+
+
+def test_counting_removes_its_bar_and_counts_to_the_total(monkeypatch):
+  """The bar of `counting` has the total given, counts every finished step
+  at the end of the block and is removed (leave=False) when it ends."""
+  made = []
+  real = tqdm
+
+  def recording(*args, **kwargs):
+    kwargs["file"] = io.StringIO()
+    bar = real(*args, **kwargs)
+    made.append((bar, kwargs))
+    return bar
+  monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(
+      tqdm=recording))
+  with progress_lib.counting(5, "scoring", enabled=True, unit="img") as p:
+    for i in range(5):
+      p.dispatched({"x": jnp.full((3, 2), float(i)).sum()})
+  (bar, kwargs), = made
+  assert (bar.total, bar.desc, bar.unit) == (5, "scoring", "img")
+  assert kwargs["leave"] is False and kwargs["disable"] is False
+  assert bar.n == 5

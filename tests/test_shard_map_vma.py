@@ -1,8 +1,8 @@
 """adder_conv inside a user's `jax.shard_map` with the default check_vma=True,
 and under `jit` on a mesh with Explicit axes (sharding in types).
 
-Runs in a subprocess with 2 host devices (XLA_FLAGS must be set before JAX
-starts). The filter gradient of a replicated filter over a batch-sharded
+Runs in a subprocess with 2 or 4 host devices (XLA_FLAGS must be set before
+JAX starts). The filter gradient of a replicated filter over a batch-sharded
 input must be replicated (summed over shards, as JAX's autodiff does) and
 equal the single-device gradient.
 """
@@ -37,10 +37,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_on_two_devices(script: str) -> None:
-  """Runs `script` in a fresh interpreter with 2 host devices; it must print
-  OK."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+def _run_on_devices(script: str, devices: int = 2) -> None:
+  """Runs `script` in a fresh interpreter with `devices` host devices; it
+  must print OK."""
+  env = dict(os.environ,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=str(Path(__file__).resolve().parents[1]))
   result = subprocess.run([sys.executable, "-c", script], env=env,
@@ -49,7 +50,7 @@ def _run_on_two_devices(script: str) -> None:
 
 
 def test_gradients_inside_shard_map_with_check_vma():
-  _run_on_two_devices(SCRIPT)
+  _run_on_devices(SCRIPT)
 
 
 EXPLICIT_SCRIPT = textwrap.dedent("""
@@ -134,4 +135,46 @@ def test_explicit_sharding_in_types():
   batch or the output channels sharded, gradients raised ShardingTypeError
   from inside the per-tap backward (and the Pallas forward). Forward and both
   gradients now equal the unsharded ones and keep their inputs' shardings."""
-  _run_on_two_devices(EXPLICIT_SCRIPT)
+  _run_on_devices(EXPLICIT_SCRIPT)
+
+
+PARTIAL_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from addernet_jax.ops import adder_conv
+    explicit = jax.sharding.AxisType.Explicit
+    mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(explicit, explicit))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 6, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+    loss = lambda w, x: jnp.mean(adder_conv(x, w, strides=(2, 1)) ** 2)
+    ref_w, ref_x = jax.grad(loss, argnums=(0, 1))(w, x)
+    grad = jax.jit(jax.shard_map(
+        jax.grad(lambda w, x: jax.lax.pmean(loss(w, x), "a"), argnums=(0, 1)),
+        mesh=mesh, in_specs=(P(), P("a")), out_specs=(P(), P("a")),
+        axis_names={"a"}))
+    # Manual over "a"; "b" stays Explicit and shards the input's channels,
+    # rows or batch, or the filters' input or output channels.
+    for x_spec, w_spec in ((P("a", None, None, "b"), P()),
+                           (P(("a", "b")), P()), (P("a", "b"), P()),
+                           (P("a"), P(None, None, None, "b")),
+                           (P("a"), P(None, None, "b"))):
+      with jax.set_mesh(mesh):
+        gw, gx = grad(jax.device_put(w, NamedSharding(mesh, w_spec)),
+                      jax.device_put(x, NamedSharding(mesh, x_spec)))
+      full = lambda spec: tuple(spec) + (None,) * (4 - len(spec))
+      assert full(gw.sharding.spec) == full(w_spec), (x_spec, gw.sharding)
+      assert full(gx.sharding.spec) == full(x_spec), (x_spec, gx.sharding)
+      for got, want in ((gw, ref_w), (gx, ref_x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5,
+                                   atol=1e-5 * np.abs(want).max())
+    print("OK")
+""")
+
+
+@pytest.mark.extended  # .ci/run runs it (its extended step)
+def test_gradients_in_a_shard_map_over_some_axes_of_an_explicit_mesh():
+  """A `shard_map` manual over one axis of a mesh whose other axis stays
+  Explicit and shards the input or the filters: both gradients equal the
+  unsharded ones and keep their inputs' shardings."""
+  _run_on_devices(PARTIAL_SCRIPT, devices=4)

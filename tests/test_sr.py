@@ -13,6 +13,7 @@ from pathlib import Path
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,7 +137,8 @@ def _unit(self_shortcut=True, power=True, identity_init=False):
 def test_identity_init_starts_every_adder_unit_as_the_identity():
   x = jax.random.normal(jax.random.key(5), (2, 5, 4, 8))
   unit = _unit(identity_init=True)
-  variables = unit.init(jax.random.key(6), x, train=False)
+  variables = jax.jit(functools.partial(unit.init, train=False))(
+      jax.random.key(6, impl="rbg"), x)
   np.testing.assert_array_equal(variables["params"]["bn"]["scale"],
                                 np.zeros(8, np.float32))
   y, _ = jax.jit(lambda v, x: unit.apply(v, x, train=True,
@@ -157,8 +159,9 @@ def test_identity_init_starts_every_adder_unit_as_the_identity():
   for init in (True, False):
     net = models.get_sr_model("vdsr", scale=2, depth=4, features=8,
                               identity_init=init)
-    v = net.init(jax.random.key(8), lr, train=False)
-    outs.append(net.apply(v, lr, train=False))
+    key = jax.random.key(8, impl="rbg")  # compiles faster than threefry
+    outs.append(jax.jit(lambda lr, net=net: net.apply(
+        net.init(key, lr, train=False), lr, train=False))(lr))
   assert not np.allclose(outs[0], outs[1])
 
 
@@ -170,7 +173,7 @@ def test_identity_init_starts_the_edsr_body_as_the_identity():
   net = models.get_sr_model("edsr_baseline", scale=2, num_blocks=2,
                             features=4)
   variables = jax.jit(functools.partial(net.init, train=False))(
-      jax.random.key(10), lr)
+      jax.random.key(10, impl="rbg"), lr)
   params, stats = variables["params"], variables["batch_stats"]
   assert [float(params[f"block{b}_gate"]) for b in range(2)] == [0.0, 0.0]
   bare = models.get_sr_model("edsr_baseline", scale=2, num_blocks=0,
@@ -374,20 +377,24 @@ def test_sr_models_refuse_images_with_other_channels():
   """The mean subtraction (EDSR) and the residual (VDSR) broadcast: a grey
   image through an RGB EDSR returned RGB, an RGB one through a Y-channel
   VDSR returned 3 channels, without an error."""
-  key = jax.random.key(0)
+  def init(model, x):  # shapes only: the checks run while tracing
+    return model.init(jax.random.key(0), x, train=False)
+
   edsr = models.get_sr_model("edsr_baseline", scale=2, num_blocks=1,
                              features=4)
   with pytest.raises(ValueError, match=r"EDSR: input has 1 channels .* "
                      r"colors=3, got shape \(1, 6, 6, 1\)"):
-    edsr.init(key, jnp.ones((1, 6, 6, 1)), train=False)
-  variables = edsr.init(key, jnp.ones((1, 6, 6, 3)), train=False)
+    jax.eval_shape(functools.partial(init, edsr), jnp.ones((1, 6, 6, 1)))
+  variables = jax.eval_shape(functools.partial(init, edsr),
+                             jnp.ones((1, 6, 6, 3)))
   with pytest.raises(ValueError, match="it looks like NCHW"):
-    edsr.apply(variables, jnp.ones((1, 3, 6, 6)), train=False)
+    jax.eval_shape(functools.partial(edsr.apply, train=False), variables,
+                   jnp.ones((1, 3, 6, 6)))
   vdsr = models.get_sr_model("vdsr", scale=2, depth=3, features=4)
   with pytest.raises(ValueError, match="VDSR: input has 3 channels"):
-    vdsr.init(key, jnp.ones((1, 6, 6, 3)), train=False)
+    jax.eval_shape(functools.partial(init, vdsr), jnp.ones((1, 6, 6, 3)))
   with pytest.raises(ValueError, match=r"rank 4\), got shape \(6, 6, 1\)"):
-    vdsr.init(key, jnp.ones((6, 6, 1)), train=False)
+    jax.eval_shape(functools.partial(init, vdsr), jnp.ones((6, 6, 1)))
 
 
 # ---------------------------------------------------------------- data --
@@ -532,6 +539,7 @@ def _smoke_config(train_dir, test_dir):
   return config
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 def test_train_and_eval_end_to_end(skimage_folders, tmp_path):
   config = _smoke_config(*skimage_folders)
   workdir = tmp_path / "run"
@@ -1220,3 +1228,198 @@ def test_sr_evaluate_checkpoint_reads_the_step_asked_for(skimage_folders,
   for which, step in (("best", 2), ("latest", 4)):
     result = train_lib.evaluate_checkpoint(config, tmp_path, which=which)
     assert (result["which"], result["step"]) == (which, step)
+
+
+# From a mutation audit: the SR data pipeline's options and the models'
+# mean shift, skips and checks.
+
+
+def _png(path, array, mode=None):
+  Image.fromarray(np.asarray(array, np.uint8), mode).save(path)
+
+
+def test_bicubic_downscale_refuses_sides_that_do_not_divide():
+  rng = np.random.default_rng(3)
+  for shape in ((12, 13, 3), (13, 12, 3)):
+    with pytest.raises(ValueError, match=r"does not divide by scale 2"):
+      sr_data.bicubic_downscale(rng.integers(0, 256, shape, np.uint8), 2)
+
+
+def test_image_folder_options_and_file_kinds(tmp_path):
+  """max_images keeps the first files by name; upper-case suffixes count;
+  a grey or palette image is read as RGB; min_lr_size is inclusive; the
+  scale is 2, 3 or 4."""
+  rng = np.random.default_rng(4)
+  _png(tmp_path / "b.PNG", rng.integers(0, 256, (14, 19, 3)))
+  grey = rng.integers(0, 256, (17, 16))
+  _png(tmp_path / "a.png", grey, "L")
+  (tmp_path / "c.png").mkdir()  # a folder named like an image is skipped
+  ds = sr_data.ImageFolderSR(tmp_path, 2)
+  assert [p.name for p in ds.paths] == ["a.png", "b.PNG"]
+  assert ds.hr[0].shape == (16, 16, 3)
+  for channel in range(3):
+    np.testing.assert_array_equal(ds.hr[0][..., channel], grey[:16, :16])
+  one = sr_data.ImageFolderSR(tmp_path, 2, max_images=1)
+  assert [p.name for p in one.paths] == ["a.png"] and len(one) == 1
+  assert len(sr_data.ImageFolderSR(tmp_path, 2, min_lr_size=7)) == 2
+  with pytest.raises(ValueError, match=r"b\.PNG.*LR image is 7x9, smaller "
+                     r"than 8x8"):
+    sr_data.ImageFolderSR(tmp_path, 2, min_lr_size=8)
+  for scale in (1, 5):
+    with pytest.raises(ValueError, match="scale must be 2, 3 or 4"):
+      sr_data.ImageFolderSR(tmp_path, scale)
+
+
+def test_patches_come_from_every_image(tmp_path):
+  """Each image of the folder is drawn (told apart by HR values that only
+  it has)."""
+  rng = np.random.default_rng(5)
+  _png(tmp_path / "a.png", rng.integers(0, 100, (18, 22, 3)))
+  _png(tmp_path / "b.png", rng.integers(100, 180, (22, 18, 3)))
+  _png(tmp_path / "c.png", rng.integers(180, 256, (20, 20, 3)))
+  ds = sr_data.ImageFolderSR(tmp_path, 2, min_lr_size=3)
+  _, hr = sr_data.sample_batch(ds, 40, 3, seed=1, step=2)
+  source = {int(np.digitize(patch.mean(), [100, 180])) for patch in hr}
+  assert source == {0, 1, 2}, source
+
+
+def test_augment_pair_is_the_same_dihedral_transform_of_both():
+  """hflip (columns reversed), vflip (rows reversed), then transpose, on
+  the LR and HR patch alike: the 8 transforms are all different."""
+  rng = np.random.default_rng(14)
+  lr = rng.integers(0, 256, (4, 4, 3), np.uint8)
+  hr = rng.integers(0, 256, (12, 12, 3), np.uint8)
+  seen = set()
+  for h, v, t in itertools.product((False, True), repeat=3):
+    got_lr, got_hr = sr_data.augment_pair(lr, hr, h, v, t)
+    for got, x in ((got_lr, lr), (got_hr, hr)):
+      want = x[:, ::-1] if h else x
+      want = want[::-1] if v else want
+      want = want.transpose(1, 0, 2) if t else want
+      np.testing.assert_array_equal(got, want)
+    seen.add(got_lr.tobytes())
+  assert len(seen) == 8
+
+
+def test_model_input_scales_rgb_and_y_to_unit_range():
+  rng = np.random.default_rng(6)
+  rgb = rng.integers(0, 256, (2, 5, 7, 3), np.uint8)
+  x = sr_data.to_model_input(rgb, 3)
+  assert x.dtype == np.float32 and x.shape == rgb.shape
+  np.testing.assert_allclose(x, rgb / 255.0, rtol=1e-6)
+  y = sr_data.to_model_input(rgb, 1)
+  assert y.dtype == np.float32 and y.shape == (2, 5, 7, 1)
+  np.testing.assert_allclose(y[..., 0], metrics.rgb_to_y(rgb) / 255.0,
+                             rtol=1e-6)
+  assert np.all((y >= 16 / 255 - 1e-6) & (y <= 235 / 255 + 1e-6))
+  with pytest.raises(ValueError, match="colors must be 1 or 3"):
+    sr_data.to_model_input(rgb, 2)
+
+
+def _quick_variables(net, x, seed):
+  """Variables of `net` for `x` without running its init (seconds of
+  eager random-number ops): kernels N(0, 0.3^2), biases 0 as at init."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(lambda: net.init(jax.random.key(0), x,
+                                             train=False))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: (jnp.zeros(leaf.shape, leaf.dtype)
+                          if path[-1].key == "bias" else jnp.asarray(
+                              rng.normal(0, 0.3, leaf.shape), leaf.dtype)),
+      abstract)
+
+
+def test_edsr_subtracts_and_adds_back_the_mean():
+  """An image equal to the mean is 0 after the sub-mean, which every
+  bias-free-at-init mult convolution keeps at 0: the output is the mean
+  (RGB: DIV2K's; one channel: 0.5)."""
+  for colors, mean in ((3, sr_models.DIV2K_RGB_MEAN), (1, (0.5,))):
+    net = models.get_sr_model("edsr_baseline", scale=3, conv="mult",
+                              colors=colors, num_blocks=0, features=3)
+    x = jnp.broadcast_to(jnp.asarray(mean, jnp.float32), (2, 4, 6, colors))
+    v = _quick_variables(net, x, 7)
+    out = net.apply(v, x, train=False)
+    assert out.shape == (2, 12, 18, colors)
+    np.testing.assert_allclose(out, np.broadcast_to(mean, out.shape),
+                               atol=1e-6)
+    # ...and a random image is not mapped to the mean.
+    noisy = x + np.random.default_rng(8).normal(0, 0.1, x.shape).astype(
+        np.float32)
+    assert float(jnp.ptp(net.apply(v, noisy, train=False),
+                         axis=(0, 1, 2)).min()) > 1e-3
+
+
+def test_edsr_res_scale_and_the_long_skip():
+  """res_scale multiplies each block's branch (0: the network without
+  blocks); the body's output is added to the head's (with the body's last
+  convolution zeroed, the upsampler still sees the head's features)."""
+  net = models.get_sr_model("edsr_baseline", scale=2, conv="mult",
+                            num_blocks=1, features=4)
+  bare = models.get_sr_model("edsr_baseline", scale=2, conv="mult",
+                             num_blocks=0, features=4)
+  x = np.random.default_rng(9).uniform(size=(2, 5, 3, 3)).astype(np.float32)
+  v = _quick_variables(net, x, 10)
+  kept = {k: p for k, p in v["params"].items() if not k.startswith("block")}
+  want = bare.apply({"params": kept}, x, train=False)
+  got = net.clone(res_scale=0.0).apply(v, x, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(net.apply(v, x, train=False), want, atol=1e-4)
+  zeroed = dict(kept, body_end=jax.tree.map(jnp.zeros_like, kept["body_end"]))
+  out = bare.apply({"params": zeroed}, x, train=False)
+  # not the constant mean of a lost skip (per channel: the means differ)
+  assert float(jnp.ptp(out, axis=(0, 1, 2)).min()) > 1e-3
+
+
+def _keys_cubic(t, a=-0.5):
+  t = np.abs(t)
+  return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
+                  np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a,
+                           0.0))
+
+
+def test_vdsr_adds_its_output_to_the_bicubic_upscaled_input():
+  """With the tail zeroed VDSR returns the bicubic (Keys, a = -0.5)
+  upscaled input: checked against a NumPy interpolation away from the
+  borders."""
+  s = 3
+  net = models.get_sr_model("vdsr", scale=s, conv="mult", depth=3,
+                            features=4)
+  x = np.random.default_rng(11).uniform(size=(1, 9, 11, 1)).astype(
+      np.float32)
+  v = _quick_variables(net, x, 12)
+  params = dict(v["params"])
+  params["tail"] = jax.tree.map(jnp.zeros_like, params["tail"])
+  out = np.asarray(net.apply({"params": params}, x, train=False))[0, ..., 0]
+  xs = np.asarray(x[0, ..., 0], np.float64)
+
+  def weights(n_in, n_out):
+    w = np.zeros((n_out, n_in))
+    for o in range(n_out):
+      centre = (o + 0.5) / s - 0.5
+      for i in range(int(np.floor(centre)) - 1, int(np.floor(centre)) + 3):
+        if 0 <= i < n_in:
+          w[o, i] = _keys_cubic(centre - i)
+    return w
+  want = weights(9, 27) @ xs @ weights(11, 33).T
+  inner = np.s_[2 * s:-2 * s, 2 * s:-2 * s]
+  np.testing.assert_allclose(out[inner], want[inner], atol=1e-5)
+  assert out.shape == (27, 33)
+
+
+def test_sr_unit_and_depth_checks():
+  # (A multiplication layer in the adder unit's slot: the checks are the
+  # unit's, and it initialises in a fraction of the adder layer's time.)
+  conv = functools.partial(nn.Conv, use_bias=False)
+  x = np.random.default_rng(13).normal(size=(1, 4, 5, 6)).astype(np.float32)
+  with pytest.raises(ValueError, match=r"self-shortcut needs equal input and "
+                     r"output widths, got 6 -> 8"):
+    sr_models.AdderUnit(8, conv, adder=True).init(jax.random.key(0), x,
+                                                  train=False)
+  # identity_init needs the self-shortcut: without it BN starts at scale 1.
+  unit = sr_models.AdderUnit(8, conv, adder=True, self_shortcut=False,
+                             identity_init=True)
+  v = unit.init(jax.random.key(0), x, train=False)
+  np.testing.assert_array_equal(v["params"]["bn"]["scale"], np.ones(8))
+  with pytest.raises(ValueError, match="VDSR depth must be >= 3, got 2"):
+    models.get_sr_model("vdsr", scale=2, depth=2, features=4).init(
+        jax.random.key(0), jnp.ones((1, 4, 4, 1)), train=False)

@@ -362,6 +362,7 @@ def _streaming_run_args(tmp_path: Path) -> tuple[str, ...]:
           "--config.eval_max_examples=-1")
 
 
+@pytest.mark.extended  # .ci/run runs it (its extended step)
 @pytest.mark.slow
 def test_streaming_pipeline_trains_and_evaluates_every_image(jax_cache,
                                                              tmp_path):

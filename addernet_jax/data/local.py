@@ -412,7 +412,8 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
   if len(raw) - header != size:
     raise _mnist_error(path, f'header says shape {dims} ({size} bytes) but '
                        f'the file has {len(raw) - header} bytes of data')
-  return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+  # A copy: a view of `raw` would be read-only, unlike every other loader's.
+  return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def load_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,8 @@ def load_variables(module: nnx.Module, variables: Mapping[str, Any]) -> None:
   """Copies Linen `variables` into `module` (a `to_nnx` module), in place.
 
   Raises a ValueError naming the first parameter that the module lacks,
-  that the variables lack, or whose shape differs; nothing is changed then.
+  that the variables lack or hold in two collections, or whose shape
+  differs; nothing is changed then.
   """
   if not isinstance(variables, Mapping):
     raise ValueError(f"variables must be a mapping of collections such as "
@@ -76,6 +77,10 @@ def load_variables(module: nnx.Module, variables: Mapping[str, Any]) -> None:
       raise ValueError(f"unknown variable collection {collection!r}; "
                        f"expected {sorted(_VARIABLE_TYPES)}")
     for path, value in traverse_util.flatten_dict(dict(tree)).items():
+      if path in given:
+        raise ValueError(f"variables hold {'/'.join(map(str, path))!r} in "
+                         f"both {given[path][0]!r} and {collection!r}; the "
+                         f"model has one such variable")
       given[path] = (collection, value)
   for path, variable in have.items():
     name = "/".join(map(str, path))
