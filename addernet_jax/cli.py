@@ -244,11 +244,15 @@ def _unknown_flag_text(name: str) -> str:
 
 
 def _overrides_setting(argv: list[str], key: str) -> list[str]:
-  """The `--config.*` overrides in `argv` whose key ends with the unknown
-  field `key`; of several (`--config.weight` beside a valid
-  `--config.pkkd.weight`), those the config file's own config lacks."""
-  culprits = [a for a in argv if a.startswith("--config.") and
-              a.split("=")[0].endswith(f".{key}")]
+  """The `--config.*` overrides in `argv` whose key path passes through the
+  unknown field `key` (`--config.optim.lr` for `optim`); of several
+  (`--config.weight` beside a valid `--config.pkkd.weight`), those whose path
+  up to `key` the config file's own config lacks."""
+  def prefixes(arg: str) -> list[str]:  # "a.key" of "--config.a.key.b=1"
+    parts = arg.split("=")[0][len("--config."):].split(".")
+    return [".".join(parts[:i + 1]) for i, part in enumerate(parts)
+            if part == key]
+  culprits = [a for a in argv if a.startswith("--config.") and prefixes(a)]
   if len(culprits) < 2:
     return culprits
   try:  # the file's config as loaded before the overrides
@@ -257,7 +261,7 @@ def _overrides_setting(argv: list[str], key: str) -> list[str]:
   except Exception:  # pylint: disable=broad-except
     return culprits
   unknown = [a for a in culprits
-             if a.split("=")[0][len("--config."):] not in known]
+             if any(p not in known for p in prefixes(a))]
   return unknown or culprits
 
 

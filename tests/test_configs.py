@@ -710,6 +710,20 @@ def test_parse_flags_exits_2_naming_only_the_overrides_at_fault(
     err = capsys.readouterr().err
     assert "key 'tau' in --config.tau=1 (not a field" in err, err
     assert "pkkd" not in err, err
+  # An unknown key inside the path (a group the config lacks), alone or
+  # beside a valid override of a field of that name.
+  for pair, culprit in (
+      (["--config.seed=3", "--config.optim.lr=0.1"], "--config.optim.lr=0.1"),
+      (["--config.tau.x=1", "--config.pkkd.tau=2"], "--config.tau.x=1")):
+    with pytest.raises(SystemExit) as e:
+      _parse(["p", f"--config={path}", "--workdir=w", *pair], monkeypatch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    key = culprit.split(".")[1]
+    assert err.startswith(f"error: unknown config key '{key}' in {culprit} "
+                          f"(not a field"), err
+    assert "cannot load" not in err and pair[0] not in err.replace(
+        culprit, ""), err
   for argv, needle in (
       ([f"--config={path}", "--workdir=w", "--config.seed=many"], "seed"),
       ([], "needs --config and --workdir (--config: Training config file; "
