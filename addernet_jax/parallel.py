@@ -340,6 +340,15 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXIS))
 
 
+def nearest_multiples(value: Any, num_devices: int) -> list[int]:
+  """The positive multiples of `num_devices` next to `value` (one or two), to
+  suggest in place of a batch size the devices cannot share evenly."""
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    return [num_devices]
+  below = value // num_devices * num_devices
+  return [m for m in (below, below + num_devices) if m >= 1]
+
+
 def _check_divisible(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
   n = mesh.devices.size
   if (not isinstance(global_batch_size, (int, np.integer))
@@ -350,7 +359,7 @@ def _check_divisible(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
     raise ValueError(
         f"global batch size {global_batch_size} is not divisible by the "
         f"number of devices {n}; choose a multiple of {n} (e.g. "
-        f"{max(n, global_batch_size // n * n)})")
+        f"{' or '.join(map(str, nearest_multiples(global_batch_size, n)))})")
   return n
 
 

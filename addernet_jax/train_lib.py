@@ -431,9 +431,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int
   for key in ("batch_size", "eval_batch_size"):
     value = config.get(key)
     if not isinstance(value, int) or value <= 0 or value % num_devices:
+      choices = " or ".join(f"--config.{key}={m}" for m in
+                            parallel.nearest_multiples(value, num_devices))
       raise ValueError(
           f"config.{key}={value!r} must be a positive multiple of the number "
-          f"of devices ({num_devices})")
+          f"of devices ({num_devices}), e.g. {choices}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_epochs > 0 or config.num_train_steps > 0"
                      f" (got {config.num_epochs} and {config.num_train_steps})")

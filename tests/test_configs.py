@@ -472,6 +472,24 @@ def test_optimizer_values_out_of_range_are_refused(key, value):
   train_lib.validate_config(config, 1)
 
 
+def test_a_batch_the_devices_cannot_share_names_the_multiples_next_to_it():
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  _, config = load(CONFIG_DIR / "smoke.py")
+  config.batch_size, config.eval_batch_size = 64, 30
+  with pytest.raises(ValueError, match=r"config.batch_size=64 must be a "
+                     r"positive multiple of the number of devices \(3\), "
+                     r"e.g. --config.batch_size=63 or --config.batch_size=66$"):
+    train_lib.validate_config(config, 3)
+  config.batch_size = 2
+  with pytest.raises(ValueError, match=r"e.g. --config.batch_size=3$"):
+    train_lib.validate_config(config, 3)
+  config.batch_size = 12
+  with pytest.raises(ValueError, match=r"config.eval_batch_size=30 .* \(4\), "
+                     r"e.g. --config.eval_batch_size=28 or "
+                     r"--config.eval_batch_size=32$"):
+    train_lib.validate_config(config, 4)
+
+
 def test_eta_that_would_switch_the_adaptive_rate_off_is_refused():
   import ml_collections  # pylint: disable=g-import-not-at-top
   from addernet_jax import optim  # pylint: disable=g-import-not-at-top

@@ -929,9 +929,10 @@ def test_sr_validate_config_refuses_bad_values_and_accepts_edge_ones(
       ({"eval_every_steps": 1.5}, r"config.eval_every_steps=1.5 must be")):
     with pytest.raises(ValueError, match=message):
       sr_train.validate_config(config_with(**fields), 1)
-  with pytest.raises(ValueError, match=r"multiple of the number of devices "
-                     r"\(3\)"):
-    sr_train.validate_config(config_with(), 3)
+  with pytest.raises(ValueError, match=r"batch_size=4 must be a multiple of "
+                     r"the number of devices \(3\), e.g. "
+                     r"--config.batch_size=3 or --config.batch_size=6$"):
+    sr_train.validate_config(config_with(batch_size=4), 3)
 
 
 def test_sr_learning_rate_schedule_and_optimizer():

@@ -105,8 +105,12 @@ def validate_config(config: ml_collections.ConfigDict,
     if not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{key} must be a positive int, got {value!r}")
   if config.batch_size % num_devices:
+    choices = " or ".join(
+        f"--config.batch_size={m}"
+        for m in parallel.nearest_multiples(config.batch_size, num_devices))
     raise ValueError(f"config.batch_size={config.batch_size} must be a "
-                     f"multiple of the number of devices ({num_devices})")
+                     f"multiple of the number of devices ({num_devices}), "
+                     f"e.g. {choices}")
   train_lib.check_checkpointing(config)
   every = config.get("eval_every_steps")
   if every is not None and (not isinstance(every, int)
