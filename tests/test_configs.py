@@ -472,6 +472,21 @@ def test_optimizer_values_out_of_range_are_refused(key, value):
   train_lib.validate_config(config, 1)
 
 
+def test_no_length_or_no_logging_interval_is_refused_before_the_run():
+  """Both lengths 0 failed only after the data loaded (naming num_epochs
+  alone), and log_every_steps=0 as a ZeroDivisionError inside the loop."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  for fields, message in (
+      ({"num_epochs": 0, "num_train_steps": 0},
+       r"set config.num_epochs > 0 or config.num_train_steps > 0 \(got 0 "
+       r"and 0\)"),
+      ({"log_every_steps": 0}, r"config.log_every_steps must be > 0, got 0")):
+    _, config = load(CONFIG_DIR / "smoke.py")
+    config.update(fields)
+    with pytest.raises(ValueError, match=message):
+      train_lib.validate_config(config, 1)
+
+
 def test_a_batch_the_devices_cannot_share_names_the_multiples_next_to_it():
   from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
   _, config = load(CONFIG_DIR / "smoke.py")

@@ -1016,6 +1016,7 @@ def test_sigterm_during_start_up_stops_cleanly(tmp_path, monkeypatch):
   before = signal.getsignal(signal.SIGTERM)
   summary = train_lib.train_and_evaluate(smoke.get_config(), tmp_path)
   assert summary["preempted"] is True and summary["step"] == 0
+  assert summary["eval_top1"] is None, summary  # never evaluated
   assert signal.getsignal(signal.SIGTERM) is before
   checkpoints = tmp_path / "checkpoints"
   assert not checkpoints.exists() or not any(

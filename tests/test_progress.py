@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from tqdm import tqdm
 
 from addernet_jax import data as data_lib
@@ -131,6 +133,60 @@ def test_images_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
   # follows the first epoch's evaluation.
   assert summary["step"] == 44
   assert summary["images_per_sec"] > 22 * 64 / 100, summary
+
+
+def test_a_two_epoch_run_passes_its_settings_to_each_part(tmp_path,
+                                                         monkeypatch):
+  """What no other default test saw (a mutation audit of train_lib): the
+  evaluation cadence (`eval_every_epochs`), held-out examples, the epoch
+  whose batches re-estimate BatchNorm, the optimizer's steps per epoch, the
+  batch images/s counts and the logged rate at an epoch's last step."""
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from configs import digits_lenet5  # pylint: disable=g-import-not-at-top
+  from addernet_jax import optim, step_loop, train_lib  # pylint: disable=g-import-not-at-top
+  seen = {"steps_per_epoch": [], "recalibration_epochs": [], "batches": []}
+  make_optimizer = optim.make_optimizer
+  recalibrated_stats = train_lib._recalibrated_stats  # pylint: disable=protected-access
+  take = step_loop.Throughput.take
+
+  def spy_make_optimizer(config, params, steps_per_epoch, **kwargs):
+    seen["steps_per_epoch"].append(steps_per_epoch)
+    return make_optimizer(config, params, steps_per_epoch=steps_per_epoch,
+                          **kwargs)
+
+  def spy_recalibrated_stats(config, evaluator, params, batch_stats, data,
+                             epoch):
+    seen["recalibration_epochs"].append(epoch)
+    return recalibrated_stats(config, evaluator, params, batch_stats, data,
+                              epoch)
+
+  def spy_take(self, step, batch_size):
+    seen["batches"].append(batch_size)
+    return take(self, step, batch_size)
+
+  monkeypatch.setattr(optim, "make_optimizer", spy_make_optimizer)
+  monkeypatch.setattr(train_lib, "_recalibrated_stats", spy_recalibrated_stats)
+  monkeypatch.setattr(step_loop.Throughput, "take", spy_take)
+  config = digits_lenet5.get_config()
+  # 1438 training images less 40 held out: 21 steps of 64 an epoch.
+  config.update(conv="mult", num_epochs=2, log_every_steps=7,
+                eval_every_epochs=2, holdout_examples=40, eval_max_examples=-1,
+                recalibrate_bn_batches=1, progress_bar=False)
+  summary = train_lib.train_and_evaluate(config.copy_and_resolve_references(),
+                                         tmp_path)
+  assert summary["step"] == 42 and summary["eval_num_examples"] == 40, summary
+  lines = [json.loads(l) for l in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "eval_top1" in l] == [42], lines
+  assert seen["recalibration_epochs"] == [1], seen
+  assert seen["steps_per_epoch"] == [21], seen
+  assert seen["batches"] and set(seen["batches"]) == {64}, seen
+  rate = optim.learning_rate_schedule(config, 21)
+  logged = {l["step"]: l["lr"] for l in lines if "lr" in l}
+  assert sorted(logged) == [7, 14, 21, 28, 35, 42], logged
+  for step, lr in logged.items():  # the rate of the interval's last step
+    assert lr == pytest.approx(float(rate(step - 1)), rel=1e-6), (step, lr)
+  assert logged[21] != pytest.approx(float(rate(21)), rel=1e-6)
 
 
 def test_evaluation_shows_its_batches(capsys, monkeypatch):

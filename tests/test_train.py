@@ -154,6 +154,23 @@ def test_non_finite_loss_stops_without_saving(jax_cache, tmp_path):
   assert all(s < bad_step for s in steps), (steps, bad_step)
 
 
+def test_fetched_metrics_average_each_field_and_refuse_an_infinite_loss():
+  """`_fetch_metrics`: the loss and top-1 averaged each from its own field
+  (train_top1 once could have come from the loss unnoticed); an infinite
+  loss stops the run like a NaN, naming its step."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  fetched = train_lib._fetch_metrics(  # pylint: disable=protected-access
+      [{"loss": np.float32(1.0), "top1": np.float32(0.25)},
+       {"loss": np.float32(3.0), "top1": np.float32(0.75)}], 0)
+  assert fetched == {"train_loss": 2.0, "train_top1": 0.5}, fetched
+  for bad in (np.inf, -np.inf, np.nan):
+    with pytest.raises(train_lib.NonFiniteLossError,
+                       match=rf"training loss is {bad} at step 6;"):
+      train_lib._fetch_metrics(  # pylint: disable=protected-access
+          [{"loss": np.float32(1.0), "top1": np.float32(0.0)},
+           {"loss": np.float32(bad), "top1": np.float32(0.0)}], 4)
+
+
 # ------------------------------------------------------------------ slow --
 
 
