@@ -251,8 +251,9 @@ class StreamingIterator(Iterator[dict]):
       return next(self._it)
     except RuntimeError as e:
       # Grain's message when a worker process died (the OOM killer, kill -9):
-      # "Worker process was ..." (Grain 0.2.18), "Grain worker process 0
-      # was ..." (0.2.13).
+      # "Worker process was ..." (Grain 0.2.16 on), "Grain worker process 0
+      # was ..." (older ones, whose pool could also hang for good when the
+      # worker died holding a lock it shares with the main process).
       died = re.search(r'[Ww]orker process (?:\d+ )?was terminated '
                        r'unexpectedly with exit code (-?\d+)', str(e))
       if died is None:
