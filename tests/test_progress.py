@@ -250,15 +250,6 @@ class _Failing:
     raise RuntimeError("the step failed on the device")
 
 
-class _Never:
-  def __init__(self):
-    self.done = threading.Event()
-
-  def block_until_ready(self):
-    self.done.wait()
-    return self
-
-
 def test_a_failed_step_stops_the_count_without_a_thread_error(monkeypatch):
   """The steps finished before a failed one are counted, none after it
   (the loop reports the failure), and the failure does not escape the
@@ -277,7 +268,7 @@ def test_a_failed_step_stops_the_count_without_a_thread_error(monkeypatch):
 
 def test_a_second_close_after_a_hung_step_does_not_wait_again():
   progress = progress_lib.StepProgress(tqdm(total=3, file=io.StringIO()))
-  step = _Never()
+  step = _Step()
   progress.dispatched({"loss": step})
   progress.close(timeout=0.2)
   start = time.monotonic()
