@@ -146,6 +146,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser for `app.run`: a bad flag, an unknown config key or a
   wrong value type becomes one `error: ...` line and exit status 2."""
   quiet_library_logs()
+  _make_config_package_importable(_config_path(argv))
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS:
@@ -263,6 +264,21 @@ def _overrides_setting(argv: list[str], key: str) -> list[str]:
   unknown = [a for a in culprits
              if any(p not in known for p in prefixes(a))]
   return unknown or culprits
+
+
+def _make_config_package_importable(path: str | None) -> None:
+  """The shipped configs import their siblings as `configs.<name>`, which
+  works from the checkout root (or `python train.py`, whose folder is on
+  sys.path) but not for `python -m ...` run elsewhere: put the folder above
+  a config package on sys.path, after everything already there."""
+  if not path:
+    return
+  file = path if os.path.exists(path) else path.split(":", 1)[0]  # path:arg
+  folder = os.path.dirname(os.path.abspath(file))
+  root = os.path.dirname(folder)
+  if (os.path.isfile(os.path.join(folder, "__init__.py"))
+      and root not in sys.path):
+    sys.path.append(root)
 
 
 def _config_path(argv: list[str]) -> str | None:

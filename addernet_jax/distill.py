@@ -324,15 +324,18 @@ def settings_from_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config.pkkd.layers must be a non-empty string of "
                      f"comma-separated layer patterns, got {patterns!r}")
   warmup = p.get("warmup_epochs", 0.0) or 0.0
-  if not isinstance(warmup, (int, float)) or warmup < 0:
-    raise ValueError(f"config.pkkd.warmup_epochs must be >= 0, got "
-                     f"{warmup!r}")
-  for name in ("teacher_learning_rate", "teacher_weight_decay"):
+  if (not isinstance(warmup, (int, float)) or warmup < 0
+      or not math.isfinite(warmup)):
+    raise ValueError(f"config.pkkd.warmup_epochs must be a finite number >= "
+                     f"0, got {warmup!r}")
+  for name, least in (("teacher_learning_rate", "> 0"),
+                      ("teacher_weight_decay", ">= 0")):
     value = p.get(name)
-    if value is not None and (not isinstance(value, (int, float))
-                              or value < 0):
-      raise ValueError(f"config.pkkd.{name} must be None or a number >= 0, "
-                       f"got {value!r}")
+    if value is not None and (
+        not isinstance(value, (int, float)) or not math.isfinite(value)
+        or value < 0 or (least == "> 0" and value == 0)):
+      raise ValueError(f"config.pkkd.{name} must be None (the student's) or "
+                       f"a finite number {least}, got {value!r}")
   return PKKDSettings(
       layers=tuple(s.strip() for s in patterns.split(",") if s.strip()),
       warmup_steps=int(round(warmup * steps_per_epoch)), **values)

@@ -631,7 +631,14 @@ def _train_classifier(config: ml_collections.ConfigDict,
       guess = _latest_step_dir(workdir / "checkpoints")
       train_iter = _streaming_train(config, info, guess)
       steps_per_epoch = train_iter.steps_per_epoch
+    # Abstractly, before anything is written: the model, the optimizers and
+    # PKKD's layer patterns are checked here.
+    create = lambda key: create_train_state(
+        config, key, info.image_shape, steps_per_epoch=steps_per_epoch)
+    abstract_state = _abstract(jax.eval_shape(create, init_rng), rep)
   except BaseException:
+    if train_iter is not None:
+      train_iter.close()
     ckpt_lib.remove_if_empty(created)
     raise
   try:
@@ -646,9 +653,6 @@ def _train_classifier(config: ml_collections.ConfigDict,
     total_steps = (config.num_train_steps if config.num_train_steps > 0
                    else config.num_epochs * steps_per_epoch)
 
-    create = lambda key: create_train_state(
-        config, key, info.image_shape, steps_per_epoch=steps_per_epoch)
-    abstract_state = _abstract(jax.eval_shape(create, init_rng), rep)
     expected_meta = {**run_identity(config), "steps_per_epoch": steps_per_epoch}
     with explained_by_meta(workdir / "checkpoints", expected_meta,
                            _RESUME_KEYS, RESUME_ADVICE):

@@ -278,6 +278,14 @@ def _smoke(**overrides):
     ({"pkkd.kd_weight": -1.0}, "config.pkkd.kd_weight"),
     ({"pkkd.layers": " "}, "config.pkkd.layers"),
     ({"pkkd.warmup_epochs": -2.0}, "config.pkkd.warmup_epochs"),
+    ({"pkkd.warmup_epochs": float("nan")}, "config.pkkd.warmup_epochs"),
+    # A teacher rate of 0 or NaN was named as config.learning_rate.
+    ({"pkkd.teacher_learning_rate": 0.0}, "config.pkkd.teacher_learning_rate"),
+    ({"pkkd.teacher_learning_rate": float("nan")},
+     "config.pkkd.teacher_learning_rate"),
+    ({"pkkd.teacher_weight_decay": float("inf")},
+     "config.pkkd.teacher_weight_decay"),
+    ({"pkkd.teacher_weight_decay": -1e-4}, "config.pkkd.teacher_weight_decay"),
     ({"pkkd.ce_weight": 0.0, "pkkd.kd_weight": 0.0,
       "pkkd.feature_weight": 0.0}, "are all 0: the student would learn"),
 ])

@@ -472,3 +472,20 @@ def test_symbolic_batch_with_its_gradient():
     got = jax.grad(lambda x: jnp.sum(restored.call(x) * r))(x)
     want = jax.grad(lambda x: jnp.sum(fn(x) * r))(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_loads_a_shipped_config_from_another_folder(tmp_path):
+  """`python -m addernet_jax.export --config <checkout>/configs/x.py` run
+  outside the checkout failed with "No module named 'configs'" (the shipped
+  configs import configs.default), although train.py ran from there."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["JAX_PLATFORMS"] = "cpu"
+  result = subprocess.run(
+      [sys.executable, "-m", "addernet_jax.export",
+       f"--config={ROOT / 'configs' / 'cifar10_resnet20.py'}",
+       f"--torch_checkpoint={tmp_path / 'no.pth'}",
+       f"--output={tmp_path / 'y.jaxexport'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert "no.pth': no such file" in last, last

@@ -691,6 +691,18 @@ def test_bad_data_dir_leaves_no_empty_workdir(tmp_path):
   assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
+def test_an_error_building_the_model_leaves_no_empty_workdir(tmp_path):
+  """A PKKD layer pattern that matches no layer (found when the model is
+  built) left an empty checkpoints/ and checkpoints.lock behind."""
+  from addernet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(distill="pkkd")
+  config.conv = "adder"
+  config.pkkd.layers = "nomatch*"
+  with pytest.raises(ValueError, match="nomatch.* matches no adder layer"):
+    train_lib.train_and_evaluate(config, tmp_path / "run")
+  assert list(tmp_path.iterdir()) == []
+
+
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
          "JAX_COMPILATION_CACHE_DIR": str(cache)}

@@ -100,7 +100,7 @@ def import_tfds(name: str):
     raise DataUnavailableError(
         f'config.data_dir is unset, so {name} would come from TensorFlow '
         f'Datasets, which is not installed ({e}). Install it with\n  '
-        f'{INSTALL_HELP}\nOr: {local_help(name)}') from None
+        f'{INSTALL_HELP}.\nOr: {local_help(name)}') from None
   return tfds
 
 
