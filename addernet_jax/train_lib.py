@@ -398,7 +398,8 @@ def check_meta(meta: Any, expected: dict[str, Any], keys: tuple[str, ...],
 
 RESUME_ADVICE = ("Resuming would mix two runs: rerun with the values it was "
                  "trained with, or give a new --workdir")
-EVAL_ADVICE = "Evaluate it with the config it was trained with"
+EVAL_ADVICE = ("Read it (evaluate, export, attack) with the config it was "
+               "trained with")
 INIT_ADVICE = ("config.init_from takes weights of the config's model, conv "
                "kind and dataset")
 

@@ -21,9 +21,10 @@ TFDS_NAMES = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'mnist': 'mnist',
 TFDS_SPLITS = {'train': 'train', 'test': 'test'}
 TFDS_SPLITS_IMAGENET = {'train': 'train', 'test': 'validation'}
 
-INSTALL_HELP = ('pip install tensorflow-datasets importlib_resources '
-                'tensorflow-cpu  (TFDS needs importlib_resources for any '
-                'download and TensorFlow to prepare and read image datasets)')
+INSTALL_HELP = ('pip install -e ".[tfds]" in the checkout, or pip install '
+                'tensorflow-datasets importlib_resources tensorflow-cpu  (TFDS '
+                'needs importlib_resources for any download and TensorFlow to '
+                'prepare and read image datasets)')
 
 
 
