@@ -913,7 +913,14 @@ def test_sr_validate_config_refuses_bad_values_and_accepts_edge_ones(
   sr_train.validate_config(config_with(num_epochs=0, num_train_steps=4), 1)
   sr_train.validate_config(config_with(num_epochs=2, num_train_steps=0), 1)
   sr_train.validate_config(config_with(eval_every_steps=-1), 1)
+  sr_train.validate_config(config_with(num_blocks=0, features=None), 1)
   for fields, message in (
+      # Named "features" without "config.", after the workdir was made.
+      ({"features": 0}, r"config.features must be None \(the published "
+       r"size\) or an int >= 1, got 0"),
+      ({"num_blocks": -1}, r"config.num_blocks must be .* >= 0, got -1"),
+      ({"depth": 2}, r"config.depth must be .* >= 3, got 2"),
+      ({"features": True}, r"config.features must be .* got True"),
       ({"batch_size": 0}, r"config.batch_size must be a positive int, got 0"),
       ({"steps_per_epoch": 0}, r"config.steps_per_epoch must be a positive"),
       ({"num_epochs": 0, "num_train_steps": 0}, r"num_epochs > 0 or"),
@@ -933,6 +940,20 @@ def test_sr_validate_config_refuses_bad_values_and_accepts_edge_ones(
                      r"the number of devices \(3\), e.g. "
                      r"--config.batch_size=3 or --config.batch_size=6$"):
     sr_train.validate_config(config_with(batch_size=4), 3)
+
+
+def test_an_error_building_the_sr_model_leaves_no_empty_workdir(
+    skimage_folders, tmp_path, monkeypatch):
+  """A model that failed to build left an empty checkpoints/ and
+  checkpoints.lock behind: it is now built (abstractly) before the
+  checkpoint manager, and the folders this run made are removed."""
+  def broken(config, rng):
+    raise ValueError("cannot build this model")
+  monkeypatch.setattr(sr_train, "create_train_state", broken)
+  with pytest.raises(ValueError, match="cannot build this model"):
+    sr_train.train_and_evaluate(_smoke_config(*skimage_folders),
+                                tmp_path / "runs" / "first")
+  assert not (tmp_path / "runs").exists()
 
 
 def test_sr_learning_rate_schedule_and_optimizer():

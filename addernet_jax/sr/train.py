@@ -92,6 +92,12 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
                      f"got {config.get('scale')!r}")
   if model_colors(config) not in (1, 3):
     raise ValueError(f"config.colors must be 1 or 3, got {config.colors!r}")
+  for key, least in (("num_blocks", 0), ("depth", 3), ("features", 1)):
+    value = config.get(key)  # None: the published size
+    if value is not None and (not isinstance(value, int)
+                              or isinstance(value, bool) or value < least):
+      raise ValueError(f"config.{key} must be None (the published size) or "
+                       f"an int >= {least}, got {value!r}")
   train_lib.get_dtype(config.dtype)
 
 
@@ -334,6 +340,7 @@ def _train_sr(config: ml_collections.ConfigDict,
       max_images=int(config.get("train_max_images", -1) or -1),
       min_lr_size=config.patch_size)
   eval_images = load_eval_images(config)
+  created = ckpt_lib.missing_directories(workdir)
   workdir = ckpt_lib.check_workdir(workdir)
   parallel.check_processes_agree(config.to_dict(), workdir)
   is_main = jax.process_index() == 0
@@ -347,17 +354,21 @@ def _train_sr(config: ml_collections.ConfigDict,
   eval_every = (steps_per_epoch if eval_every is None or eval_every <= 0
                 else eval_every)
   colors = model_colors(config)
+  init_rng = jax.random.PRNGKey(config.seed)
+  create = lambda key: create_train_state(config, key)
+  try:  # abstractly, before anything is written
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+        jax.eval_shape(create, init_rng))
+  except BaseException:
+    ckpt_lib.remove_if_empty(created)
+    raise
 
   mgr = ckpt_lib.CheckpointManager(
       workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
       best_metric=BEST_METRIC)
   writer = None
   try:
-    init_rng = jax.random.PRNGKey(config.seed)
-    create = lambda key: create_train_state(config, key)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-        jax.eval_shape(create, init_rng))
     with _explained(config, workdir / "checkpoints",
                     tuple(run_identity(config)), train_lib.RESUME_ADVICE):
       restored = mgr.restore(abstract)
