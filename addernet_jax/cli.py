@@ -84,7 +84,7 @@ def json_line(result: Any) -> str:
       return [strict(v) for v in x]
     if isinstance(x, (np.ndarray, jax.Array)):
       return strict(np.asarray(x).tolist())  # a 0-d array: its number
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
+    if isinstance(x, np.generic):  # bfloat16 (ml_dtypes) included
       x = x.item()
     return None if isinstance(x, float) and not math.isfinite(x) else x
   return json.dumps(strict(result), allow_nan=False)

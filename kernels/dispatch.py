@@ -78,6 +78,7 @@ import importlib
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -262,9 +263,13 @@ def probe_enabled(interpret: bool = False, varying: bool = False) -> bool:
 
 
 def _probe_budget_bytes() -> int:
+  """`ADDERNET_KERNEL_PROBE_MAX_MB` in bytes; "inf": no cap; unreadable or
+  NaN: the default 1024."""
   try:
     return int(float(os.environ.get("ADDERNET_KERNEL_PROBE_MAX_MB", "1024"))
                * 2**20)
+  except OverflowError:  # inf
+    return sys.maxsize
   except ValueError:
     return 1024 * 2**20
 

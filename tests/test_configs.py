@@ -624,6 +624,10 @@ def test_json_line_turns_numpy_integers_and_nested_non_finite_into_json():
                             [[0.5, np.nan], [1, 2]], np.float32)})
   assert json.loads(line) == {"ok": True, "top1": 0.25, "loss": None,
                               "per_class": [[0.5, None], [1.0, 2.0]]}
+  # A bfloat16 NumPy scalar (ml_dtypes, not under np.floating) was a
+  # TypeError.
+  scalar = np.asarray(jnp.bfloat16(1.5))[()]
+  assert json.loads(cli.json_line({"lr": scalar})) == {"lr": 1.5}
 
 
 def test_print_error_is_one_line_and_unwraps_key_errors(capsys):
@@ -800,3 +804,78 @@ def test_config_files_that_fail_while_loading_are_named_precisely(
     assert err.startswith(f"error: cannot load the --config file "
                           f"'{tmp_path / name}'"), err
     assert needle in err and err.count("\n") == 1, err
+
+
+# From a second mutation audit (cli): the paths no test reached.
+
+
+def test_missing_config_fields_named_leaves_other_attribute_errors_alone():
+  """Only a ConfigDict's missing field becomes the "no field" ValueError;
+  another AttributeError (a bug in the code) is raised as it was, not
+  reported as "the config has no field None"."""
+  config = ml_collections.ConfigDict({"a": 1})
+  with pytest.raises(ValueError, match=r"^the config has no field 'nope'"):
+    with cli.missing_config_fields_named():
+      _ = config.nope
+  with pytest.raises(AttributeError, match="no_such_thing"):
+    with cli.missing_config_fields_named():
+      _ = os.no_such_thing
+
+
+def test_unknown_config_fields_warning_only_when_there_are_some(caplog):
+  ref = ml_collections.ConfigDict({"seed": 1, "pkkd": {"tau": 1.0}})
+  with caplog.at_level("WARNING"):
+    cli.warn_unknown_config_fields(ref, [ref])
+    assert not caplog.records, caplog.text
+    cli.warn_unknown_config_fields(
+        ml_collections.ConfigDict({"sed": 1, "pkkd": {"tau": 1.0}}), [ref])
+  assert "not read: sed (did you mean seed?)" in caplog.text
+
+
+def test_parse_flags_exits_2_for_a_config_file_that_does_not_exist(
+    tmp_path, monkeypatch, capsys):
+  """Exit status 2 for every command-line error, a missing file included."""
+  with pytest.raises(SystemExit) as e:
+    _parse(["p", f"--config={tmp_path / 'nowhere.py'}", "--workdir=w"],
+           monkeypatch)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: cannot load the --config file: ") and (
+      "nowhere.py" in err and err.count("\n") == 1), err
+
+
+def test_stdout_block_keeps_a_late_print_out_of_the_result(capfd,
+                                                           monkeypatch):
+  """A print after the block's last print_line sat in sys.stdout's buffer
+  when file descriptor 1 was restored: it must reach stderr, not the
+  result. (sys.stdout a block-buffered file on descriptor 1, as when
+  `train.py > result.json`.)"""
+  stdout = open(1, "w", closefd=False)  # pylint: disable=consider-using-with
+  monkeypatch.setattr(sys, "stdout", stdout)
+  with cli.stdout_kept_for_the_result() as print_line:
+    print_line("row")
+    print("late")
+  print("result")
+  stdout.flush()
+  out, err = capfd.readouterr()
+  assert out == "row\nresult\n" and "late" in err, (out, err)
+
+
+def test_overrides_at_fault_are_all_named_when_the_file_has_each_path(
+    tmp_path, monkeypatch):
+  """Of two overrides through the unknown key, the one whose path the
+  config file lacks; where the file has both paths, both (not none, which
+  turned the line into a misleading "cannot load the --config file")."""
+  for text, culprits in (
+      (_CONFIG, ["--config.tau=1"]),
+      (_CONFIG.replace("  return c", "  c.tau = 0.5\n  return c"),
+       ["--config.tau=1", "--config.pkkd.tau=2"])):
+    path = tmp_path / "cfg.py"
+    path.write_text(text)
+    argv = ["p", f"--config={path}", "--config.tau=1", "--config.pkkd.tau=2"]
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv,
+                                    sys_argv=argv)
+    monkeypatch.setattr(cli, "flags", types.SimpleNamespace(FLAGS=fv))
+    assert cli._overrides_setting(argv, "tau") == culprits

@@ -186,6 +186,15 @@ def test_large_calls_are_checked_on_fewer_images(monkeypatch):
   monkeypatch.delenv("ADDERNET_KERNEL_PROBE_MAX_MB")
   assert dispatch.probe_batch((256, 34, 34, 16), (3, 3, 16, 16), (1, 1),
                               "float32") == 256
+  # 4096 images (1.6 GiB) exceed the default 1024 MB; "inf" is no cap (it
+  # raised OverflowError, which turned every kernel off), NaN the default.
+  big = ((4096, 34, 34, 16), (3, 3, 16, 16), (1, 1), "float32")
+  capped = dispatch.probe_batch(*big)
+  assert 1 <= capped < 4096
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE_MAX_MB", "inf")
+  assert dispatch.probe_batch(*big) == 4096
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE_MAX_MB", "nan")
+  assert dispatch.probe_batch(*big) == capped
 
 
 def test_fallback_chain_mosaic_then_triton_then_xla(monkeypatch, caplog):
@@ -563,3 +572,72 @@ def test_a_family_whose_unsupported_reason_raises_is_skipped(monkeypatch,
   with caplog.at_level(logging.INFO, logger=LOGGER):
     assert _backend().name == "triton"
   assert "unsupported_reason raised ZeroDivisionError" in caplog.text
+
+
+# From a second mutation audit: chain parsing, the interpret-mode device
+# limit, the probe's batch floor, and the check's less common outcomes.
+
+
+def test_chain_variables_empty_or_repeating_names(monkeypatch):
+  """An empty variable is the default chain (not "no kernels"); a family
+  named twice (an alias and its name) is tried once: twice, its rejection
+  read "triton kernels rejected ...; using triton"."""
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", " ")
+  assert dispatch.chain_for("gpu") == (("triton",), False)
+  monkeypatch.setenv("ADDERNET_CPU_KERNELS", "")
+  assert dispatch.chain_for("cpu") == (("triton",), True)
+  monkeypatch.setenv("ADDERNET_GPU_KERNELS", "mosaic, Triton,mosaic_gpu")
+  assert dispatch.chain_for("gpu") == (("mosaic_gpu", "triton"), False)
+
+
+def test_interpret_device_limit_leaves_compiled_kernels_alone(monkeypatch):
+  """`INTERPRET_MAX_DEVICES` bounds a family's interpret mode only: compiled
+  (on a TPU) it runs inside a shard_map over any number of devices."""
+  monkeypatch.setattr(dispatch, "_manual_devices", lambda: 8)
+  module = family(INTERPRET_MAX_DEVICES=1)
+  shapes = (XP_SHAPE, W_SHAPE, (1, 1))
+  assert dispatch._family_refuses(module, *shapes, interpret=False) is None
+  why = dispatch._family_refuses(module, *shapes, interpret=True)
+  assert why is not None and "at most 1 device(s), this one has 8" in why
+
+
+def test_probe_runs_at_least_one_image_under_any_budget(monkeypatch):
+  monkeypatch.setenv("ADDERNET_KERNEL_PROBE_MAX_MB", "0")
+  assert dispatch.probe_batch((8, 34, 34, 16), (3, 3, 16, 16), (1, 1),
+                              "float32") == 1
+
+
+def test_check_names_a_wrong_input_gradient_shape_and_nan():
+  """The input gradient's own failures are named as such: another shape
+  (not "could not be compared with XLA"), a NaN inside the window (not
+  "computes wrong numbers")."""
+  crop = family(takes_window=False, input_grad=lambda *a: _naive_input_grad(
+      *a)[:, :-1])
+  reason = _check(crop)
+  assert reason is not None and reason.startswith(
+      "returns shapes (2, 5, 6, 4) and (2, 6, 8, 3), expected"), reason
+  nan = family(input_grad=lambda *a: _naive_input_grad(*a).at[0, 3, 3, 0].set(
+      jnp.nan))
+  reason = _check(nan)
+  assert reason == ("computes non-finite values (input gradient) on finite "
+                    "random data"), reason
+
+
+def test_float16_calls_are_held_to_the_float16_tolerance():
+  """A forward 2% off is rejected for float16 (tolerance 5e-3)."""
+  reason = _check(family(forward=lambda *a: 1.02 * _naive_forward(*a)),
+                  "float16")
+  assert reason is not None and reason.startswith(
+      "computes wrong numbers") and "(tolerance 0.005 for float16)" in (
+          reason), reason
+
+
+def test_a_check_without_reference_is_not_reused_with_one():
+  """kernel_failure without a reference checks building, running and
+  finite outputs only; the same call with a reference is checked again."""
+  args = ("fake", family(forward=_wrong_edge), XP_SHAPE, W_SHAPE, (1, 1),
+          "float32")
+  window = dict(rows=WINDOW[0], cols=WINDOW[1])
+  assert dispatch.kernel_failure(*args, **window) is None
+  reason = dispatch.kernel_failure(*args, **window, reference=ops._REFERENCE)
+  assert reason is not None and reason.startswith("computes wrong numbers")

@@ -980,3 +980,83 @@ def test_gpu_forward_reads_stay_inside_the_padded_input(xp_shape, k, strides,
       xp, w)
   length = shapes[0][2]  # [n, phases, flat length, cin]
   assert last_read < length, (last_read, length, tiling)
+
+
+# From a mutation audit of `layout`: its helpers against their definitions,
+# on small arrays (no Pallas; the kernel tests above go through them only
+# with the strides and sizes the kernels happen to use).
+
+
+def test_layout_integer_helpers():
+  assert [layout.next_pow2(a) for a in (0, 1, 2, 3, 4, 5, 17)] == [
+      1, 1, 2, 4, 4, 8, 32]
+  assert [a for a in range(-2, 9) if layout.is_pow2(a)] == [1, 2, 4, 8]
+  assert [layout.cdiv(a, 4) for a in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+  assert [layout.round_up(a, 4) for a in (0, 1, 4, 5)] == [0, 4, 4, 8]
+  assert layout.output_hw((1, 9, 8, 3), (3, 2, 3, 4), (3, 2)) == (3, 4)
+  assert layout.output_hw((1, 9, 8, 3), (3, 2, 3, 4), (2, 3)) == (4, 3)
+
+
+@pytest.mark.parametrize("xp_shape,w_shape,strides,g_shape,match", [
+    ((2, 7, 8, 3), (3, 3, 3, 4), (1, 0), None, "strides must be two positive"),
+    ((2, 7, 8, 3), (3, 3, 3, 4), (0, 1), None, "strides must be two positive"),
+    ((2, 7, 2, 3), (3, 3, 3, 4), (1, 1), None, r"filters \(3, 3\) larger"),
+    ((2, 2, 8, 3), (3, 3, 3, 4), (1, 1), None, r"filters \(3, 3\) larger"),
+    ((2, 7, 8, 3), (3, 3, 3, 4), (1, 1), (2, 5, 6, 5), "output gradient"),
+    ((2, 7, 8, 3), (3, 3, 3, 4), (2, 1), (2, 5, 6, 4), "output gradient"),
+])
+def test_check_shapes_refuses_each_misfit(xp_shape, w_shape, strides, g_shape,
+                                          match):
+  layout.check_shapes("k", (2, 7, 8, 3), (3, 3, 3, 4), (2, 1), (2, 3, 6, 4))
+  with pytest.raises(ValueError, match=f"^k: {match}"):
+    layout.check_shapes("k", xp_shape, w_shape, strides, g_shape)
+
+
+@pytest.mark.parametrize("strides", [(2, 1), (3, 1), (2, 3)])
+def test_phase_split_and_patches_match_their_definitions(strides):
+  """phase_split's taps read, at output (p, q), xp[p*sh + i, q*sw + j];
+  patches_t's rows are those values, tap-major; fold_patches_t adds each
+  row back where it came from. Interpret mode
+  clamps an out-of-range phase index, so a kernel test with strides (2, 1)
+  did not see a wrong phase (on a GPU: a read out of bounds)."""
+  sh, sw = strides
+  kh, kw, n, c = 3, 2, 2, 3
+  xp = np.arange(n * 10 * 9 * c, dtype=np.float32).reshape(n, 10, 9, c)
+  ho, wo = layout.output_hw(xp.shape, (kh, kw, c, 1), strides)
+  xs, wq, taps = layout.phase_split(jnp.asarray(xp), strides, kh, kw)
+  xs = np.asarray(xs)
+  assert xs.shape[1] == sh * sw and len(taps) == kh * kw
+  pt = np.asarray(layout.patches_t(jnp.asarray(xp), kh, kw, strides,
+                                   (ho, wo)))
+  assert pt.shape == (kh * kw * c, n * ho * wo)
+  for i in range(kh):
+    for j in range(kw):
+      want = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+      phase, offset = taps[i * kw + j]
+      f = (np.arange(ho)[:, None] * wq + np.arange(wo)[None, :]).ravel()
+      got = xs[:, phase, f + offset].reshape(n, ho, wo, c)
+      np.testing.assert_array_equal(got, want, err_msg=str((i, j)))
+      t = i * kw + j
+      np.testing.assert_array_equal(
+          pt[t * c:(t + 1) * c], want.transpose(3, 0, 1, 2).reshape(c, -1))
+  d = np.random.default_rng(0).integers(-3, 4, pt.shape).astype(np.float32)
+  want = np.zeros(xp.shape, np.float32)  # integers: every sum exact
+  for t in range(kh * kw):
+    i, j = divmod(t, kw)
+    want[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += d[
+        t * c:(t + 1) * c].reshape(c, n, ho, wo).transpose(1, 2, 3, 0)
+  np.testing.assert_array_equal(np.asarray(layout.fold_patches_t(
+      jnp.asarray(d), xp.shape, kh, kw, strides, (ho, wo))), want)
+
+
+def test_block_offsets_are_summed_in_the_partials_order():
+  """`m` is the sequential float32 sum over the terms, bit for bit (the
+  order the kernels' block partials add |0 - w|, so that a zero input
+  contributes exactly 0); XLA's own reduction differs in the last bits."""
+  w = 3.0 * np.random.default_rng(1).standard_normal((4, 36, 8))
+  w = w.astype(np.float32)
+  want = np.abs(w[:, 0])
+  for c in range(1, w.shape[1]):
+    want = want + np.abs(w[:, c])
+  m, _ = layout.block_offsets(jnp.asarray(w))
+  np.testing.assert_array_equal(np.asarray(m), want)
